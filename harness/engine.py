@@ -1,0 +1,285 @@
+"""The functional MAML engine: where variant flags become behaviour, in one place.
+
+Fast weights are an explicit ``dict[str, Tensor]`` bound with
+``torch.func.functional_call``; inner gradients come from
+``torch.autograd.grad(..., create_graph=not first_order)``.  Nothing here
+reads or writes ``.grad`` or calls ``.backward()``: that is the whole fix for
+the seed's version-counter error (its inner loop wrote fast weights into
+``_parameters`` and read ``param.grad``, which the outer backward then found
+modified).
+
+The four axes, all composable:
+
+* ``first_order`` -- inner gradients are constants (FOMAML), but the outer
+  gradient still reaches the initial weights through ``w - lr * g`` and the
+  learnable LRs through ``lr * g``.
+* ``learn_lr`` -- softplus-parameterised inner LRs (:class:`InnerLRs`),
+  per layer (default, as the seed), per parameter tensor or per element
+  (Meta-SGD), optionally per inner step (MAML++ LSLR).
+* ``layer_ckpt`` -- :func:`harness.checkpoint` calls inside the model become
+  non-reentrant checkpoints with the fast weights as explicit inputs.
+* ``step_ckpt`` -- every segment of ``step_ckpt`` inner steps (forward,
+  ``autograd.grad``, update) runs inside one non-reentrant checkpoint, so
+  only the segment's input weights are kept for the outer backward.
+
+Library use, in one's own loop::
+
+    learner = MetaLearner(model, MetaConfig(inner_steps=2, learn_lr=True, layer_ckpt=True), loss_fn)
+    opt = torch.optim.Adam(learner.parameters(), 1e-3)
+    loss = learner.step(tasks)          # per-task outer backward, fills .grad
+    opt.step(); opt.zero_grad()
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from harness.checkpoint import checkpoint_function, layer_checkpointing
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Weights = dict[str, Tensor]
+LR_GRANULARITIES = ("layer", "tensor", "element")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names the valid choices."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One episode: support set for the inner loop, query set for the outer loss."""
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Task":
+        def move(t: Tensor) -> Tensor:
+            return t.to(device, dtype) if (dtype is not None and t.is_floating_point()) else t.to(device)
+        return Task(*(move(t) for t in (self.support_x, self.support_y, self.query_x, self.query_y)))
+
+
+@dataclass(frozen=True)
+class MetaConfig:
+    """Everything that decides what one meta-step computes."""
+
+    inner_steps: int = 1
+    inner_lr: float = 0.01
+    first_order: bool = False
+    learn_lr: bool = False
+    lr_granularity: str = "layer"  # layer | tensor | element
+    lr_per_step: bool = False  # MAML++ LSLR: a separate LR for every inner step
+    layer_ckpt: bool = False
+    step_ckpt: int = 0  # 0: off; n: checkpoint segments of n inner steps
+    adapt_last: int | None = None  # adapt only the last N parameter-owning modules; None: all
+
+    def __post_init__(self) -> None:
+        if self.inner_steps < 0:
+            raise ConfigError(f"inner_steps must be >= 0, got {self.inner_steps}")
+        if not (self.inner_lr > 0 and math.isfinite(self.inner_lr)):
+            raise ConfigError(f"inner_lr must be a positive number, got {self.inner_lr}")
+        if self.lr_granularity not in LR_GRANULARITIES:
+            raise ConfigError(f"lr_granularity must be one of {', '.join(LR_GRANULARITIES)}; got {self.lr_granularity!r}")
+        if self.step_ckpt < 0:
+            raise ConfigError(f"step_ckpt must be >= 0 (0 = off), got {self.step_ckpt}")
+        if self.adapt_last is not None and self.adapt_last < 1:
+            raise ConfigError(f"adapt_last must be >= 1 or None (all), got {self.adapt_last}")
+
+    def reference(self) -> "MetaConfig":
+        """The same computation without any checkpointing: the agreement oracle."""
+        return replace(self, layer_ckpt=False, step_ckpt=0)
+
+
+def owner(name: str) -> str:
+    """The module path that owns parameter ``name`` ('' for the root)."""
+    return name.rpartition(".")[0]
+
+
+def adapted_names(model: nn.Module, adapt_last: int | None) -> list[str]:
+    """Parameters adapted in the inner loop: all, or those of the last N owning modules."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if adapt_last is None:
+        return names
+    owners: list[str] = []
+    for n in names:
+        if owner(n) not in owners:
+            owners.append(owner(n))
+    keep = set(owners[-adapt_last:])
+    return [n for n in names if owner(n) in keep]
+
+
+def _inv_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+class InnerLRs(nn.Module):
+    """Learnable inner learning rates, ``softplus(raw)``, initialised to ``inner_lr``.
+
+    Granularity ``layer`` groups parameters by owning module (the seed's
+    ``inner_lrs[idx]`` per module), ``tensor`` gives one per parameter tensor,
+    ``element`` one per weight entry (Meta-SGD); ``per_step`` adds a leading
+    inner-step axis (MAML++ LSLR).
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str], cfg: MetaConfig) -> None:
+        super().__init__()
+        self.granularity, self.per_step = cfg.lr_granularity, cfg.lr_per_step
+        shapes = dict(model.named_parameters())
+        steps = (max(cfg.inner_steps, 1),) if cfg.lr_per_step else ()
+        self.key_of: dict[str, str] = {}
+        raw: dict[str, nn.Parameter] = {}
+        init = _inv_softplus(cfg.inner_lr)
+        for n in names:
+            group = {"layer": owner(n) or "<root>", "tensor": n, "element": n}[cfg.lr_granularity]
+            key = group.replace(".", "__")
+            self.key_of[n] = key
+            if key not in raw:
+                shape = steps + (tuple(shapes[n].shape) if cfg.lr_granularity == "element" else ())
+                p = shapes[n]
+                raw[key] = nn.Parameter(torch.full(shape, init, dtype=p.dtype, device=p.device))
+        self.raw = nn.ParameterDict(raw)
+
+    def values(self) -> dict[str, Tensor]:
+        """softplus of every raw LR, once per meta-step (explicit inputs for step checkpoints)."""
+        return {k: F.softplus(v) for k, v in self.raw.items()}
+
+    def lookup(self, lrs: Mapping[str, Tensor], name: str, step: int) -> Tensor:
+        lr = lrs[self.key_of[name]]
+        return lr[step] if self.per_step else lr
+
+
+class MetaLearner(nn.Module):
+    """Initial weights (the model) + learnable LRs, and the functional inner/outer loop."""
+
+    def __init__(self, model: nn.Module, cfg: MetaConfig, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model, self.cfg, self.loss_fn = model, cfg, loss_fn
+        self.adapted = adapted_names(model, cfg.adapt_last)
+        self.lrs = InnerLRs(model, self.adapted, cfg) if cfg.learn_lr else None
+
+    # -- pieces -------------------------------------------------------------
+    def initial_weights(self) -> Weights:
+        return dict(self.model.named_parameters())
+
+    def forward_with(self, weights: Mapping[str, Tensor], x: Tensor, *, recompute: bool = False) -> Tensor:
+        """The model's forward with ``weights`` bound; per-layer checkpointing per the config.
+
+        A recomputation (inside a step checkpoint) runs on clones of the buffers.
+        """
+        bound: dict[str, Tensor] = dict(weights)
+        if recompute:
+            bound.update({n: b.clone() for n, b in self.model.named_buffers()})
+        with layer_checkpointing(self.cfg.layer_ckpt):
+            return functional_call(self.model, bound, (x,), strict=False)
+
+    def _lr_values(self) -> dict[str, Tensor] | None:
+        return self.lrs.values() if self.lrs is not None else None
+
+    def _inner_steps(self, weights: Weights, lrs: Mapping[str, Tensor] | None, x: Tensor, y: Tensor,
+                     steps: range, *, recompute: bool = False) -> Weights:
+        """Plain SGD on the support set for ``steps``; the one place the update rule lives."""
+        create_graph = not self.cfg.first_order
+        for k in steps:
+            loss = self.loss_fn(self.forward_with(weights, x, recompute=recompute), y)
+            grads = torch.autograd.grad(loss, [weights[n] for n in self.adapted], create_graph=create_graph)
+            weights = dict(weights)
+            for n, g in zip(self.adapted, grads):
+                lr = self.lrs.lookup(lrs, n, k) if (self.lrs is not None and lrs is not None) else self.cfg.inner_lr
+                weights[n] = weights[n] - lr * g
+        return weights
+
+    def adapt(self, support_x: Tensor, support_y: Tensor, weights: Weights | None = None,
+              lrs: Mapping[str, Tensor] | None = None) -> Weights:
+        """K inner steps from ``weights`` (default: the initial weights); returns fast weights."""
+        weights = self.initial_weights() if weights is None else dict(weights)
+        lrs = self._lr_values() if lrs is None else lrs
+        K, seg = self.cfg.inner_steps, self.cfg.step_ckpt
+        if seg == 0 or K == 0:
+            return self._inner_steps(weights, lrs, support_x, support_y, range(K))
+        names = list(weights)
+        lr_keys = list(lrs) if lrs is not None else []
+        for start in range(0, K, seg):
+            steps = range(start, min(start + seg, K))
+
+            def segment(*flat: Tensor, recompute: bool, steps: range = steps) -> tuple[Tensor, ...]:
+                w = dict(zip(names, flat[: len(names)]))
+                lr = dict(zip(lr_keys, flat[len(names):])) if lr_keys else None
+                with torch.enable_grad():
+                    out = self._inner_steps(w, lr, support_x, support_y, steps, recompute=recompute)
+                return tuple(out[n] for n in names)
+
+            flat_in = [weights[n] for n in names] + [lrs[k] for k in lr_keys]
+            weights = dict(zip(names, checkpoint_function(segment, *flat_in)))
+        return weights
+
+    def task_loss(self, task: Task) -> Tensor:
+        """Query loss after adapting on the support set: one task's meta-loss."""
+        lrs = self._lr_values()
+        fast = self.adapt(task.support_x, task.support_y, lrs=lrs)
+        return self.loss_fn(self.forward_with(fast, task.query_x), task.query_y)
+
+    def meta_parameters(self) -> dict[str, Tensor]:
+        """What the outer step updates: initial weights, then ``lr.<key>`` for learnable LRs."""
+        out = {f"w.{n}": p for n, p in self.model.named_parameters() if p.requires_grad}
+        if self.lrs is not None:
+            out.update({f"lr.{k}": p for k, p in self.lrs.raw.items()})
+        return out
+
+    def meta_gradients(self, tasks: Iterable[Task]) -> tuple[dict[str, Tensor], float]:
+        """Mean-over-tasks meta-gradients (one outer backward per task, to bound memory) and mean query loss.
+
+        Uses ``torch.autograd.grad`` so nothing is accumulated into ``.grad``.
+        """
+        params = self.meta_parameters()
+        total: dict[str, Tensor] = {k: torch.zeros_like(p) for k, p in params.items()}
+        losses: list[float] = []
+        tasks = list(tasks)
+        for task in tasks:
+            loss = self.task_loss(task) / len(tasks)
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            for k, g in zip(params, grads):
+                if g is not None:
+                    total[k] += g
+            losses.append(loss.detach().item() * len(tasks))
+        return total, sum(losses) / len(losses)
+
+    def step(self, tasks: Iterable[Task]) -> float:
+        """Fill ``.grad`` of the meta-parameters for one outer step; returns the mean query loss."""
+        grads, loss = self.meta_gradients(tasks)
+        for (k, p), g in zip(self.meta_parameters().items(), grads.values()):
+            p.grad = g if p.grad is None else p.grad + g
+        return loss
+
+
+def split_grads(grads: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(initial-weight gradients, LR gradients) from :meth:`MetaLearner.meta_gradients`."""
+    w = {k: v for k, v in grads.items() if k.startswith("w.")}
+    lr = {k: v for k, v in grads.items() if k.startswith("lr.")}
+    return w, lr
+
+
+def _flat(ts: Mapping[str, Tensor]) -> Tensor:
+    return torch.cat([t.detach().reshape(-1).double() for t in ts.values()]) if ts else torch.zeros(0, dtype=torch.float64)
+
+
+def agreement(grads: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> dict[str, float | None]:
+    """Relative error ``|g - g_ref| / |g_ref|`` and cosine, for weights and LRs separately."""
+    out: dict[str, float | None] = {}
+    (w, lr), (w_ref, lr_ref) = split_grads(grads), split_grads(reference)
+    for part, a, b in (("w", w, w_ref), ("lr", lr, lr_ref)):
+        if not b:
+            out[f"{part}_rel_err"] = out[f"{part}_cosine"] = None
+            continue
+        fa, fb = _flat(a), _flat(b)
+        ref_norm, diff = fb.norm().item(), (fa - fb).norm().item()
+        out[f"{part}_rel_err"] = diff / ref_norm if ref_norm > 0 else diff
+        denom = fa.norm().item() * ref_norm
+        out[f"{part}_cosine"] = (fa @ fb).item() / denom if denom > 0 else (1.0 if diff == 0 else 0.0)
+    return out

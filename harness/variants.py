@@ -1,0 +1,119 @@
+"""Variant registry, discovered by convention (like TorchBench's models).
+
+A variant is a declaration: a module in the ``variants/`` package with a
+top-level ``VARIANT = Variant(...)``, or an object published under the
+entry-point group ``maml_harness.variants`` by a third-party package::
+
+    [project.entry-points."maml_harness.variants"]
+    my_variant = "my_pkg.my_module:VARIANT"
+
+A duplicate name or a plugin that fails to import raises
+:class:`RegistryError`; nothing is skipped silently.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from importlib.metadata import entry_points
+
+from harness.engine import ConfigError, MetaConfig
+
+ENTRY_POINT_GROUP = "maml_harness.variants"
+
+
+class RegistryError(RuntimeError):
+    """A variant plugin is broken (import error, duplicate name, wrong type)."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The flags that define a variant; the engine turns them into behaviour."""
+
+    name: str
+    layer_ckpt: bool = False
+    learn_lr: bool = False
+    first_order: bool = False
+    step_ckpt: int = 0  # segments of n inner steps; 0 = off
+    lr_per_step: bool = False
+    description: str = ""
+
+    @property
+    def flags(self) -> dict[str, bool | int]:
+        return {"layer_ckpt": self.layer_ckpt, "learn_lr": self.learn_lr, "first_order": self.first_order,
+                "step_ckpt": self.step_ckpt, "lr_per_step": self.lr_per_step}
+
+    @property
+    def checkpointed(self) -> bool:
+        return self.layer_ckpt or self.step_ckpt > 0
+
+    def config(self, **kwargs: object) -> MetaConfig:
+        """A :class:`MetaConfig` with this variant's flags over the given sizes."""
+        return MetaConfig(**{**kwargs, **self.flags})  # type: ignore[arg-type]
+
+    def reference(self) -> "Variant":
+        """The same variant without checkpointing (the agreement oracle)."""
+        return replace(self, name=self.name + "/ref", layer_ckpt=False, step_ckpt=0)
+
+
+def canonical_name(layer_ckpt: bool, learn_lr: bool, first_order: bool) -> str:
+    """`ckpt`, `lr`, `fo` in that order, `maml` when none is set."""
+    parts = [p for p, on in (("ckpt", layer_ckpt), ("lr", learn_lr), ("fo", first_order)) if on]
+    return "_".join(parts) or "maml"
+
+
+def _collect() -> list[Variant]:
+    found: list[Variant] = []
+    import variants as pkg
+
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        try:
+            mod = importlib.import_module(f"variants.{info.name}")
+        except Exception as exc:  # a broken plugin is an error, not a skip
+            raise RegistryError(f"variant plugin variants.{info.name} failed to import: {exc}") from exc
+        found.extend(_declared(getattr(mod, "VARIANT", None), f"variants.{info.name}"))
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+        except Exception as exc:
+            raise RegistryError(f"variant entry point {ep.name!r} ({ep.value}) failed to import: {exc}") from exc
+        found.extend(_declared(obj, f"entry point {ep.name!r}"))
+    return found
+
+
+def _declared(obj: object, where: str) -> list[Variant]:
+    items = obj if isinstance(obj, (list, tuple)) else [obj]
+    for v in items:
+        if not isinstance(v, Variant):
+            raise RegistryError(f"{where} must define VARIANT = Variant(...) (or a list of them); got {type(v).__name__}")
+    return list(items)  # type: ignore[arg-type]
+
+
+def build_registry(found: list[Variant]) -> dict[str, Variant]:
+    registry: dict[str, Variant] = {}
+    for v in found:
+        if v.name in registry:
+            raise RegistryError(f"duplicate variant name {v.name!r}")
+        registry[v.name] = v
+    return registry
+
+
+@lru_cache(maxsize=1)
+def registry() -> dict[str, Variant]:
+    """All variants, the eight canonical ones first in the documented order."""
+    reg = build_registry(_collect())
+    order = {n: i for i, n in enumerate(CANONICAL)}
+    return dict(sorted(reg.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+
+
+def get_variant(name: str) -> Variant:
+    reg = registry()
+    if name not in reg:
+        raise ConfigError(f"unknown variant {name!r}; valid variants: {', '.join(reg)}")
+    return reg[name]
+
+
+CANONICAL = ("maml", "fo", "lr", "lr_fo", "ckpt", "ckpt_fo", "ckpt_lr", "ckpt_lr_fo")

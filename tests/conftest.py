@@ -1,0 +1,27 @@
+"""Shared fixtures: small float64 cells built from the shipped presets, on the CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.loop import Experiment, RunSpec
+
+
+def small_experiment(variant: str, preset: str = "quick", dtype: str = "float64", inner_steps: int | None = None,
+                     seed: int = 0, **model_overrides) -> Experiment:
+    task_overrides = {}
+    if preset == "conv4":
+        model_overrides = {"channels": 8, "image_size": 16, **model_overrides}
+        task_overrides = {"size": 16, "query": 2}
+    if preset == "cpu-bench":
+        model_overrides = {"width": 16, "depth": 2, **model_overrides}
+        task_overrides = {"sequences": 2, "tokens": 4}
+    spec = RunSpec(variant=variant, preset=preset, device="cpu", dtype=dtype, inner_steps=inner_steps,
+                   meta_batch=2, seed=seed)
+    return Experiment(spec, task_overrides=task_overrides, model_overrides=model_overrides)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
