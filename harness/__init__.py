@@ -6,7 +6,7 @@ Public surface (the rest is the harness):
 * :func:`checkpoint` -- drop-in for ``torch.utils.checkpoint.checkpoint(module, x)`` inside a model's forward;
 * :func:`agreement` -- relative error and cosine between two sets of meta-gradients.
 """
-from harness.checkpoint import checkpoint
+from harness.ckpt import checkpoint
 from harness.engine import MetaConfig, MetaLearner, Task, agreement
 
 __all__ = ["MetaLearner", "MetaConfig", "Task", "checkpoint", "agreement"]

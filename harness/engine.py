@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from harness.checkpoint import checkpoint_function, layer_checkpointing
+from harness.ckpt import checkpoint_function, layer_checkpointing
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Weights = dict[str, Tensor]

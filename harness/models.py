@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.checkpoint import checkpoint
+from harness.ckpt import checkpoint
 
 NORMS = ("batch", "group", "none")
 
