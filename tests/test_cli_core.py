@@ -1,0 +1,98 @@
+"""Claims about `python -m harness list` and `run`, including every bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.variants import CANONICAL
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def harness(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_list_shows_the_eight_variants_with_their_flags() -> None:
+    out = harness("list")
+    assert out.returncode == 0
+    lines = {line.split()[0]: line for line in out.stdout.splitlines() if line.strip()}
+    for name in CANONICAL:
+        assert name in lines
+    assert lines["ckpt_lr"].split()[1:4] == ["yes", "yes", "second"]
+    assert lines["fo"].split()[1:4] == ["-", "-", "first"]
+
+
+def test_run_quick_writes_a_result_with_agreement_and_provenance(tmp_path: Path) -> None:
+    out = harness("run", "--variant", "ckpt_lr", "--preset", "quick", "--device", "cpu",
+                  "--meta-steps", "3", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1
+    result = json.loads(files[0].read_text())
+    assert result["status"] == "ok"
+    assert result["agreement"]["w_rel_err"] <= 1e-6 and result["agreement"]["lr_rel_err"] <= 1e-6
+    assert len(result["query_loss"]) == 3
+    for key in ("python", "torch", "cuda", "gpu", "driver", "git_commit", "git_dirty", "utc"):
+        assert key in result["env"]
+    assert "ckpt_lr on quick" in out.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["run", "--variant", "nope"], "valid variants: maml, fo, lr"),
+    (["run", "--variant", "maml", "--preset", "nope"], "valid presets: quick"),
+    (["run", "--variant", "maml", "--inner-steps", "-1"], "inner steps must be >= 0"),
+    (["run", "--variant", "maml", "--meta-batch", "0"], "meta-batch must be >= 1"),
+    (["run", "--variant", "maml", "--dtype", "float16"], "valid dtypes: float32, float64"),
+    (["run", "--variant", "maml", "--device", "tpu"], "valid devices: cpu, cuda"),
+    (["run", "--variant", "maml", "--inner-steps", "x"], "invalid int value"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, args: list[str], needle: str) -> None:
+    out = harness(*args, "--out", str(tmp_path)) if args[0] == "run" else harness(*args)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and needle in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_cuda_without_cuda_is_a_one_line_error(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = harness("run", "--variant", "maml", "--device", "cuda", "--out", str(tmp_path))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "CUDA is not available" in out.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_zero_shots_and_more_ways_than_classes_are_rejected() -> None:
+    from harness.engine import ConfigError
+    from harness.tasks import Sinusoid, SyntheticImages
+
+    with pytest.raises(ConfigError, match="more ways than"):
+        SyntheticImages(n_way=10, num_classes=5)
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        SyntheticImages(k_shot=0)
+    with pytest.raises(ConfigError, match="shots and query must be >= 1"):
+        Sinusoid(shots=0)
+
+
+def test_a_diverging_run_is_recorded_as_diverged(tmp_path: Path) -> None:
+    from harness.commands.run import run as run_cmd
+    import argparse
+    from unittest import mock
+
+    args = argparse.Namespace(variant="maml", preset="quick", device="cpu", dtype="float32", inner_steps=None,
+                              meta_batch=None, meta_steps=3, seed=0, out=tmp_path)
+    with mock.patch("harness.engine.MetaLearner.step", return_value=float("nan")):
+        assert run_cmd(args) == 1
+    result = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert result["status"] == "diverged" and "nan" in result["message"]
