@@ -1,0 +1,241 @@
+"""Peers: the same MAML meta-step written with ``higher`` (0.2.1) and ``torchopt`` (0.7.3).
+
+A peer is what a user would run instead of this harness.  :func:`build_peer`
+returns an object with the measurement interface of
+:class:`~harness.engine.MetaLearner` -- ``meta_gradients(tasks)``,
+``step(tasks)``, ``parameters()`` -- that shares the initial weights, the
+learnable LRs and the BatchNorm buffers of ``exp.learner``, so a peer cell
+and our cell start from the same state and their meta-gradients carry the
+same keys (``w.<name>``, ``lr.<key>``).  Both peers need the optional extra
+``pip install .[peers]``; they are imported lazily.
+
+What each peer can express (:func:`supports` says why not, per cell):
+
+* ``higher`` -- ``innerloop_ctx(model, SGD, copy_initial_weights=False,
+  track_higher_grads=True)``.  Second order as is.  First order (FOMAML:
+  inner gradients are constants, the outer gradient still reaches the initial
+  weights through ``w - lr * g`` and the LRs through ``lr * g``) via the
+  differentiable optimiser's ``grad_callback`` that detaches the inner
+  gradients.  (``track_higher_grads=False`` is *not* FOMAML: it detaches the
+  fast weights themselves, so no gradient reaches the initial weights.)
+  Learnable inner LRs through ``override={'lr': [...]}`` with one parameter
+  group per adapted tensor, fed ``softplus(raw)`` from the learner's
+  :class:`~harness.engine.InnerLRs` -- any granularity (layer, tensor,
+  element), and per-step LRs by overriding at every ``diffopt.step``.
+  No gradient checkpointing.
+* ``torchopt`` -- the functional API: ``torchopt.sgd(lr)`` as a
+  ``GradientTransformation``; second order through
+  ``torchopt.FuncOptimizer.step`` (which differentiates with
+  ``create_graph=True``), first order through ``impl.update`` on inner
+  gradients taken without a graph, then ``torchopt.apply_updates(...,
+  inplace=False)``.  The model runs with the fast weights bound by
+  ``torch.func.functional_call`` on the real module (buffers updated in place,
+  as with the engine).  Fixed inner LR only: ``torchopt.sgd`` takes one
+  scalar LR (float or schedule) per transformation, so there is no per-layer
+  learnable LR.  No gradient checkpointing.
+
+Mixed precision: neither peer has an AMP mode of its own; both run in the
+dtype of the model (as does the engine).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import replace
+from typing import TYPE_CHECKING, Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from harness.ckpt import layer_checkpointing
+from harness.engine import ConfigError, MetaConfig, MetaLearner, Task
+
+if TYPE_CHECKING:  # pragma: no cover
+    from harness.loop import Experiment
+    from harness.variants import Variant
+
+PEERS = ("higher", "torchopt")
+VERSIONS = {"higher": "0.2.1", "torchopt": "0.7.3"}
+NO_CKPT = "no gradient checkpointing"
+NO_LEARN_LR = "no learnable inner LR (torchopt.sgd takes one fixed scalar LR per transformation)"
+
+
+def _check_peer(peer: str) -> None:
+    if peer not in PEERS:
+        raise ConfigError(f"unknown peer {peer!r}; valid peers: {', '.join(PEERS)}")
+
+
+def available(peer: str) -> tuple[bool, str]:
+    """Is the peer's package importable?  ``(False, reason)`` names the extra to install."""
+    _check_peer(peer)
+    try:
+        importlib.import_module(peer)
+    except Exception as exc:  # ImportError, or a peer that breaks on this torch
+        return False, f"{peer} is not importable ({type(exc).__name__}: {exc}); pip install '.[peers]'"
+    return True, ""
+
+
+def supports(peer: str, variant: "Variant") -> tuple[bool, str]:
+    """Can ``peer`` express ``variant`` exactly?  ``(False, reason)`` when not."""
+    _check_peer(peer)
+    if variant.layer_ckpt or variant.step_ckpt:
+        return False, NO_CKPT
+    if peer == "torchopt" and (variant.learn_lr or variant.lr_per_step):
+        return False, NO_LEARN_LR
+    return True, ""
+
+
+def cell_name(peer: str, variant: "Variant | str") -> str:
+    """``higher:<variant>`` / ``torchopt:<variant>``."""
+    _check_peer(peer)
+    return f"{peer}:{variant if isinstance(variant, str) else variant.name}"
+
+
+def cells(variants: Iterable["Variant"]) -> list[dict[str, object]]:
+    """Every (peer, variant) cell with ``supported`` and ``reason``; unsupported ones are listed, not dropped."""
+    out = []
+    for v in variants:
+        for peer in PEERS:
+            ok, reason = supports(peer, v)
+            if ok:
+                present, why = available(peer)
+                if not present:
+                    ok, reason = False, why
+            out.append({"cell": cell_name(peer, v), "peer": peer, "variant": v.name,
+                        "supported": ok, "reason": reason})
+    return out
+
+
+class _Peer(nn.Module):
+    """Shared plumbing: the meta-parameters are those of the reference learner (shared, not copied)."""
+
+    name = ""
+
+    def __init__(self, learner: MetaLearner, cfg: MetaConfig) -> None:
+        super().__init__()
+        self.learner = learner  # registered submodule: parameters() are the learner's own tensors
+        self.cfg = cfg
+        self.model, self.loss_fn, self.adapted = learner.model, learner.loss_fn, learner.adapted
+
+    def meta_parameters(self) -> dict[str, Tensor]:
+        return self.learner.meta_parameters()
+
+    def _lr_values(self) -> dict[str, Tensor] | None:
+        return self.learner.lrs.values() if (self.cfg.learn_lr and self.learner.lrs is not None) else None
+
+    def task_loss(self, task: Task) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def meta_gradients(self, tasks: Iterable[Task]) -> tuple[dict[str, Tensor], float]:
+        """Mean-over-tasks meta-gradients, one outer backward per task (as the engine), and mean query loss."""
+        params = self.meta_parameters()
+        total: dict[str, Tensor] = {k: torch.zeros_like(p) for k, p in params.items()}
+        losses: list[float] = []
+        tasks = list(tasks)
+        for task in tasks:
+            with layer_checkpointing(False):  # harness.checkpoint in the models: plain calls for peers
+                loss = self.task_loss(task) / len(tasks)
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            for k, g in zip(params, grads):
+                if g is not None:
+                    total[k] += g
+            losses.append(loss.detach().item() * len(tasks))
+        return total, sum(losses) / len(losses)
+
+    def step(self, tasks: Iterable[Task]) -> float:
+        """Fill ``.grad`` of the meta-parameters for one outer step; returns the mean query loss."""
+        grads, loss = self.meta_gradients(tasks)
+        for (k, p), g in zip(self.meta_parameters().items(), grads.values()):
+            p.grad = g if p.grad is None else p.grad + g
+        return loss
+
+
+def _detach_all(grads: Iterable[Tensor | None]) -> list[Tensor | None]:
+    return [None if g is None else g.detach() for g in grads]
+
+
+class HigherPeer(_Peer):
+    """MAML with ``higher.innerloop_ctx``: SGD, one parameter group per adapted tensor."""
+
+    name = "higher"
+
+    def __init__(self, learner: MetaLearner, cfg: MetaConfig) -> None:
+        super().__init__(learner, cfg)
+        self._higher = importlib.import_module("higher")
+
+    def _override(self, lrs: Mapping[str, Tensor] | None, k: int) -> dict[str, list] | None:
+        if lrs is None:
+            return None
+        assert self.learner.lrs is not None
+        return {"lr": [self.learner.lrs.lookup(lrs, n, k) for n in self.adapted]}
+
+    def task_loss(self, task: Task) -> Tensor:
+        named = dict(self.model.named_parameters())
+        opt = torch.optim.SGD([{"params": [named[n]]} for n in self.adapted], lr=self.cfg.inner_lr)
+        lrs = self._lr_values()
+        per_step = lrs is not None and self.learner.lrs is not None and self.learner.lrs.per_step
+        callback = _detach_all if self.cfg.first_order else None
+        with self._higher.innerloop_ctx(self.model, opt, copy_initial_weights=False, track_higher_grads=True,
+                                        override=self._override(lrs, 0)) as (fmodel, diffopt):
+            for k in range(self.cfg.inner_steps):
+                support = self.loss_fn(fmodel(task.support_x), task.support_y)
+                diffopt.step(support, override=self._override(lrs, k) if per_step else None,
+                             grad_callback=callback)
+            return self.loss_fn(fmodel(task.query_x), task.query_y)
+
+
+class TorchoptPeer(_Peer):
+    """MAML with torchopt's functional API: ``torchopt.sgd`` + ``apply_updates`` on a dict of fast weights."""
+
+    name = "torchopt"
+
+    def __init__(self, learner: MetaLearner, cfg: MetaConfig) -> None:
+        super().__init__(learner, cfg)
+        self._torchopt = importlib.import_module("torchopt")
+
+    def task_loss(self, task: Task) -> Tensor:
+        to = self._torchopt
+        weights: dict[str, Tensor] = dict(self.model.named_parameters())
+        fast = tuple(weights[n] for n in self.adapted)
+        if self.cfg.first_order:
+            impl = to.sgd(lr=self.cfg.inner_lr)
+            state = impl.init(fast)
+        else:
+            inner = to.FuncOptimizer(to.sgd(lr=self.cfg.inner_lr), inplace=False)
+        for _ in range(self.cfg.inner_steps):
+            bound = {**weights, **dict(zip(self.adapted, fast))}
+            support = self.loss_fn(functional_call(self.model, bound, (task.support_x,), strict=False), task.support_y)
+            if self.cfg.first_order:
+                grads = torch.autograd.grad(support, fast, create_graph=False, allow_unused=True)
+                updates, state = impl.update(grads, state, params=fast, inplace=False)
+                fast = tuple(to.apply_updates(fast, updates, inplace=False))
+            else:
+                fast = tuple(inner.step(support, fast))
+        bound = {**weights, **dict(zip(self.adapted, fast))}
+        return self.loss_fn(functional_call(self.model, bound, (task.query_x,), strict=False), task.query_y)
+
+
+_CLASSES = {"higher": HigherPeer, "torchopt": TorchoptPeer}
+
+
+def build_peer(peer: str, variant: "Variant", exp: "Experiment") -> _Peer:
+    """The peer's learner for ``variant``, sharing weights, LRs and buffers with ``exp.learner``.
+
+    Raises :class:`ConfigError` with the reason when the peer cannot express the
+    variant or is not installed.
+    """
+    ok, reason = supports(peer, variant)
+    if not ok:
+        raise ConfigError(f"{cell_name(peer, variant)} is unsupported: {reason}")
+    present, why = available(peer)
+    if not present:
+        raise ConfigError(why)
+    learner = exp.learner
+    if variant.learn_lr and learner.lrs is None:
+        raise ConfigError(f"{cell_name(peer, variant)} needs learnable LRs but the reference learner has none")
+    if variant.learn_lr and variant.lr_per_step != learner.cfg.lr_per_step:
+        raise ConfigError(f"{cell_name(peer, variant)}: lr_per_step={variant.lr_per_step} but the reference "
+                          f"learner has lr_per_step={learner.cfg.lr_per_step}")
+    cfg = replace(learner.cfg, first_order=variant.first_order, learn_lr=variant.learn_lr,
+                  layer_ckpt=False, step_ckpt=0)
+    return _CLASSES[peer](learner, cfg)
