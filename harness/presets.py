@@ -12,6 +12,8 @@ from torch import nn
 from harness.engine import ConfigError
 from harness.models import MLP, Conv4, ResMLP
 from harness.tasks import SequenceRegression, Sinusoid, SyntheticImages
+from harness.omniglot import Omniglot
+from harness.resnet import ResNet18
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,12 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("seed", "the seed's model: 12 pre-norm residual blocks, width 768, 16x256 tokens per task (one GPU)",
            SequenceRegression, ResMLP, meta_batch=1, inner_steps=3, inner_lr=0.01, meta_steps=5,
            task_kwargs=dict(sequences=16, tokens=256), model_kwargs=dict(width=768, depth=12)),
+    Preset("resnet18", "synthetic 5-way 1-shot 3x84x84 images, torchvision ResNet-18 checkpointed per residual stage",
+           SyntheticImages, ResNet18, meta_batch=2, inner_steps=1, inner_lr=0.01, meta_steps=10,
+           task_kwargs=dict(n_way=5, k_shot=1, channels=3, size=84), model_kwargs=dict(n_way=5)),
+    Preset("omniglot", "real Omniglot 5-way 1-shot (needs --data-root), MAML conv4 with BatchNorm",
+           Omniglot, Conv4, meta_batch=32, inner_steps=1, inner_lr=0.4, meta_steps=1000,
+           task_kwargs=dict(n_way=5, k_shot=1), model_kwargs=dict(n_way=5)),
 ]}
 
 
