@@ -45,6 +45,7 @@ from harness.ckpt import checkpoint_function, layer_checkpointing
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Weights = dict[str, Tensor]
 LR_GRANULARITIES = ("layer", "tensor", "element")
+AMP_MODES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class ConfigError(ValueError):
@@ -79,6 +80,7 @@ class MetaConfig:
     layer_ckpt: bool = False
     step_ckpt: int = 0  # 0: off; n: checkpoint segments of n inner steps
     adapt_last: int | None = None  # adapt only the last N parameter-owning modules; None: all
+    amp: str = "off"  # off | fp16 | bf16: autocast over forward and loss
 
     def __post_init__(self) -> None:
         if self.inner_steps < 0:
@@ -89,6 +91,8 @@ class MetaConfig:
             raise ConfigError(f"lr_granularity must be one of {', '.join(LR_GRANULARITIES)}; got {self.lr_granularity!r}")
         if self.step_ckpt < 0:
             raise ConfigError(f"step_ckpt must be >= 0 (0 = off), got {self.step_ckpt}")
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"unknown precision {self.amp!r}; valid choices: {', '.join(AMP_MODES)}")
         if self.adapt_last is not None and self.adapt_last < 1:
             raise ConfigError(f"adapt_last must be >= 1 or None (all), got {self.adapt_last}")
 
@@ -179,16 +183,29 @@ class MetaLearner(nn.Module):
         with layer_checkpointing(self.cfg.layer_ckpt):
             return functional_call(self.model, bound, (x,), strict=False)
 
+    def loss_with(self, weights: Mapping[str, Tensor], x: Tensor, y: Tensor, *, recompute: bool = False) -> Tensor:
+        """Forward and loss under the configured autocast (checkpoint recomputation replays it)."""
+        amp_dtype = AMP_MODES[self.cfg.amp]
+        with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            return self.loss_fn(self.forward_with(weights, x, recompute=recompute), y)
+
     def _lr_values(self) -> dict[str, Tensor] | None:
         return self.lrs.values() if self.lrs is not None else None
 
     def _inner_steps(self, weights: Weights, lrs: Mapping[str, Tensor] | None, x: Tensor, y: Tensor,
-                     steps: range, *, recompute: bool = False) -> Weights:
-        """Plain SGD on the support set for ``steps``; the one place the update rule lives."""
+                     steps: range, *, loss_scale: float = 1.0, recompute: bool = False) -> Weights:
+        """Plain SGD on the support set for ``steps``; the one place the update rule lives.
+
+        With a loss scale (fp16), the inner gradient is taken on the scaled loss and
+        unscaled by hand (PyTorch's gradient-penalty recipe for GradScaler).
+        """
         create_graph = not self.cfg.first_order
         for k in steps:
-            loss = self.loss_fn(self.forward_with(weights, x, recompute=recompute), y)
-            grads = torch.autograd.grad(loss, [weights[n] for n in self.adapted], create_graph=create_graph)
+            loss = self.loss_with(weights, x, y, recompute=recompute)
+            grads = torch.autograd.grad(loss * loss_scale if loss_scale != 1.0 else loss,
+                                        [weights[n] for n in self.adapted], create_graph=create_graph)
+            if loss_scale != 1.0:
+                grads = tuple(g / loss_scale for g in grads)
             weights = dict(weights)
             for n, g in zip(self.adapted, grads):
                 lr = self.lrs.lookup(lrs, n, k) if (self.lrs is not None and lrs is not None) else self.cfg.inner_lr
@@ -196,13 +213,13 @@ class MetaLearner(nn.Module):
         return weights
 
     def adapt(self, support_x: Tensor, support_y: Tensor, weights: Weights | None = None,
-              lrs: Mapping[str, Tensor] | None = None) -> Weights:
+              lrs: Mapping[str, Tensor] | None = None, loss_scale: float = 1.0) -> Weights:
         """K inner steps from ``weights`` (default: the initial weights); returns fast weights."""
         weights = self.initial_weights() if weights is None else dict(weights)
         lrs = self._lr_values() if lrs is None else lrs
         K, seg = self.cfg.inner_steps, self.cfg.step_ckpt
         if seg == 0 or K == 0:
-            return self._inner_steps(weights, lrs, support_x, support_y, range(K))
+            return self._inner_steps(weights, lrs, support_x, support_y, range(K), loss_scale=loss_scale)
         names = list(weights)
         lr_keys = list(lrs) if lrs is not None else []
         for start in range(0, K, seg):
@@ -212,18 +229,18 @@ class MetaLearner(nn.Module):
                 w = dict(zip(names, flat[: len(names)]))
                 lr = dict(zip(lr_keys, flat[len(names):])) if lr_keys else None
                 with torch.enable_grad():
-                    out = self._inner_steps(w, lr, support_x, support_y, steps, recompute=recompute)
+                    out = self._inner_steps(w, lr, support_x, support_y, steps, loss_scale=loss_scale,
+                                            recompute=recompute)
                 return tuple(out[n] for n in names)
 
             flat_in = [weights[n] for n in names] + [lrs[k] for k in lr_keys]
             weights = dict(zip(names, checkpoint_function(segment, *flat_in)))
         return weights
 
-    def task_loss(self, task: Task) -> Tensor:
+    def task_loss(self, task: Task, loss_scale: float = 1.0) -> Tensor:
         """Query loss after adapting on the support set: one task's meta-loss."""
-        lrs = self._lr_values()
-        fast = self.adapt(task.support_x, task.support_y, lrs=lrs)
-        return self.loss_fn(self.forward_with(fast, task.query_x), task.query_y)
+        fast = self.adapt(task.support_x, task.support_y, lrs=self._lr_values(), loss_scale=loss_scale)
+        return self.loss_with(fast, task.query_x, task.query_y)
 
     def meta_parameters(self) -> dict[str, Tensor]:
         """What the outer step updates: initial weights, then ``lr.<key>`` for learnable LRs."""
@@ -232,27 +249,33 @@ class MetaLearner(nn.Module):
             out.update({f"lr.{k}": p for k, p in self.lrs.raw.items()})
         return out
 
-    def meta_gradients(self, tasks: Iterable[Task]) -> tuple[dict[str, Tensor], float]:
+    def meta_gradients(self, tasks: Iterable[Task], loss_scale: float = 1.0) -> tuple[dict[str, Tensor], float]:
         """Mean-over-tasks meta-gradients (one outer backward per task, to bound memory) and mean query loss.
 
-        Uses ``torch.autograd.grad`` so nothing is accumulated into ``.grad``.
+        Uses ``torch.autograd.grad`` so nothing is accumulated into ``.grad``.  With a
+        ``loss_scale`` (fp16) the returned gradients are those of the *scaled* loss,
+        ready for ``GradScaler.step``; divide by the scale to compare them.
         """
         params = self.meta_parameters()
         total: dict[str, Tensor] = {k: torch.zeros_like(p) for k, p in params.items()}
         losses: list[float] = []
         tasks = list(tasks)
         for task in tasks:
-            loss = self.task_loss(task) / len(tasks)
-            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            loss = self.task_loss(task, loss_scale) / len(tasks)
+            grads = torch.autograd.grad(loss * loss_scale if loss_scale != 1.0 else loss, list(params.values()),
+                                        allow_unused=True)
             for k, g in zip(params, grads):
                 if g is not None:
                     total[k] += g
             losses.append(loss.detach().item() * len(tasks))
         return total, sum(losses) / len(losses)
 
-    def step(self, tasks: Iterable[Task]) -> float:
-        """Fill ``.grad`` of the meta-parameters for one outer step; returns the mean query loss."""
-        grads, loss = self.meta_gradients(tasks)
+    def step(self, tasks: Iterable[Task], loss_scale: float = 1.0) -> float:
+        """Fill ``.grad`` of the meta-parameters for one outer step; returns the mean query loss.
+
+        With fp16, pass ``scaler.get_scale()`` and finish with ``scaler.step(opt); scaler.update()``.
+        """
+        grads, loss = self.meta_gradients(tasks, loss_scale)
         for (k, p), g in zip(self.meta_parameters().items(), grads.values()):
             p.grad = g if p.grad is None else p.grad + g
         return loss

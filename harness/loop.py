@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
 
-from harness.engine import ConfigError, MetaLearner, Task, agreement
+from harness.engine import AMP_MODES, ConfigError, MetaLearner, Task, agreement
 from harness.presets import Preset, get_preset
 from harness.variants import Variant, get_variant
 
@@ -39,6 +39,7 @@ class RunSpec:
     meta_batch: int | None = None
     meta_steps: int | None = None
     seed: int = 0
+    amp: str = "off"  # off | fp16 | bf16
 
     def __post_init__(self) -> None:
         get_variant(self.variant), get_preset(self.preset)  # raise ConfigError listing valid names
@@ -48,6 +49,15 @@ class RunSpec:
             raise ConfigError("--device cuda requested but CUDA is not available on this machine; use --device cpu")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; valid dtypes: {', '.join(DTYPES)}")
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"unknown precision {self.amp!r}; valid choices: {', '.join(AMP_MODES)}")
+        if self.amp == "fp16" and self.device != "cuda":
+            raise ConfigError(f"--amp fp16 needs a CUDA device (GradScaler fp16 training); on {self.device} "
+                              "valid choices: off, bf16")
+        if self.amp == "bf16" and self.device == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("--amp bf16 is not supported by this GPU; valid choices: off, fp16")
+        if self.amp != "off" and self.dtype != "float32":
+            raise ConfigError(f"--amp {self.amp} runs float32 weights under autocast; use --dtype float32")
         if self.inner_steps is not None and self.inner_steps < 0:
             raise ConfigError(f"inner steps must be >= 0, got {self.inner_steps}")
         if self.meta_batch is not None and self.meta_batch < 1:
@@ -88,46 +98,88 @@ class Experiment:
         self.task = spec.preset_obj.task(**(task_overrides or {}))
         torch.manual_seed(spec.seed)
         model = spec.preset_obj.model(**(model_overrides or {})).to(self.device, spec.torch_dtype)
-        cfg = self.variant.config(inner_steps=r["inner_steps"], inner_lr=r["inner_lr"], adapt_last=r["adapt_last"])
+        cfg = self.variant.config(inner_steps=r["inner_steps"], inner_lr=r["inner_lr"], adapt_last=r["adapt_last"],
+                                  amp=spec.amp)
         self.learner = MetaLearner(model, cfg, self.task.loss_fn).to(self.device)
         self.gen = torch.Generator().manual_seed(spec.seed + 1)
 
     def sample(self) -> list[Task]:
         return [t.to(self.device, self.spec.torch_dtype) for t in self.task.sample(self.sizes["meta_batch"], self.gen)]
 
-    def reference_learner(self) -> MetaLearner:
-        """Same initial weights, LRs and buffers; no checkpointing."""
+    def reference_learner(self, amp: str | None = None) -> MetaLearner:
+        """Same initial weights, LRs and buffers; no checkpointing (and optionally another precision)."""
         ref = copy.deepcopy(self.learner)
-        ref.cfg = self.learner.cfg.reference()
+        ref.cfg = replace(self.learner.cfg.reference(), amp=self.learner.cfg.amp if amp is None else amp)
         return ref
+
+    def new_scaler(self) -> torch.amp.GradScaler | None:
+        return torch.amp.GradScaler(self.device.type) if self.spec.amp == "fp16" else None
+
+
+def unscaled_meta_gradients(learner: MetaLearner, tasks: list[Task]) -> dict[str, torch.Tensor]:
+    """Meta-gradients of the unscaled loss; fp16 takes them on a GradScaler-sized scaled loss."""
+    scale = 2.0 ** 16 if learner.cfg.amp == "fp16" else 1.0
+    grads, _ = learner.meta_gradients(tasks, loss_scale=scale)
+    return {k: g / scale for k, g in grads.items()} if scale != 1.0 else grads
 
 
 def check_agreement(exp: Experiment, tasks: list[Task]) -> dict[str, float | None]:
     """Meta-gradients of ``exp`` vs its non-checkpointed reference on the same weights and tasks.
 
-    Buffers are restored in between, so both see the same running statistics.
+    Buffers are restored before each computation, so all see the same running
+    statistics.  Under mixed precision the cell is also compared with the fp32
+    non-checkpointed reference (keys prefixed ``fp32_``).
     """
-    ref = exp.reference_learner()
     buffers = {n: b.clone() for n, b in exp.learner.named_buffers()}
-    grads, _ = exp.learner.meta_gradients(tasks)
-    with torch.no_grad():
-        for n, b in exp.learner.named_buffers():
-            b.copy_(buffers[n])
-    ref_grads, _ = ref.meta_gradients(tasks)
-    return agreement(grads, ref_grads)
+    refs = {"": exp.reference_learner()}
+    if exp.learner.cfg.amp != "off":
+        refs["fp32_"] = exp.reference_learner(amp="off")
+    grads = unscaled_meta_gradients(exp.learner, tasks)
+    out: dict[str, float | None] = {}
+    for prefix, ref in refs.items():
+        with torch.no_grad():
+            for n, b in ref.named_buffers():
+                b.copy_(buffers[n])
+        out.update({prefix + k: v for k, v in agreement(grads, unscaled_meta_gradients(ref, tasks)).items()})
+    return out
 
 
-def train(exp: Experiment, meta_steps: int, on_step: Callable[[int, float], None] | None = None) -> list[float]:
+@dataclass
+class TrainLog:
+    losses: list[float]
+    skipped_steps: int = 0  # fp16: meta-steps skipped by the GradScaler (inf/NaN gradients)
+
+
+MAX_CONSECUTIVE_SKIPS = 50
+
+
+def meta_step(exp: Experiment, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> tuple[float, bool]:
+    """One outer step; returns (mean query loss, whether the GradScaler skipped it)."""
+    opt.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss = exp.learner.step(exp.sample())
+        opt.step()
+        return loss, False
+    scale = scaler.scale(torch.ones((), device=exp.device)).item()  # also initialises the scaler's state
+    loss = exp.learner.step(exp.sample(), loss_scale=scale)
+    finite = all(torch.isfinite(p.grad).all() for p in exp.learner.parameters() if p.grad is not None)
+    scaler.step(opt)  # unscales, and skips the update when any gradient is inf/NaN
+    scaler.update()
+    return loss, not finite
+
+
+def train(exp: Experiment, meta_steps: int, on_step: Callable[[int, float], None] | None = None) -> TrainLog:
     """Meta-train with Adam over the initial weights and LRs; returns the query loss per step."""
     opt = torch.optim.Adam(exp.learner.parameters(), lr=exp.sizes["outer_lr"])
-    losses: list[float] = []
+    scaler = exp.new_scaler()
+    log, run_of_skips = TrainLog([]), 0
     for step in range(meta_steps):
-        opt.zero_grad(set_to_none=True)
-        loss = exp.learner.step(exp.sample())
-        if not math.isfinite(loss):
+        loss, skipped = meta_step(exp, opt, scaler)
+        run_of_skips = run_of_skips + 1 if skipped else 0
+        log.skipped_steps += skipped
+        if (scaler is None and not math.isfinite(loss)) or run_of_skips > MAX_CONSECUTIVE_SKIPS:
             raise Diverged(f"meta-loss became {loss} at meta-step {step}")
-        opt.step()
-        losses.append(loss)
+        log.losses.append(loss)
         if on_step is not None:
             on_step(step, loss)
-    return losses
+    return log

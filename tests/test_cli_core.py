@@ -91,7 +91,7 @@ def test_a_diverging_run_is_recorded_as_diverged(tmp_path: Path) -> None:
     from unittest import mock
 
     args = argparse.Namespace(variant="maml", preset="quick", device="cpu", dtype="float32", inner_steps=None,
-                              meta_batch=None, meta_steps=3, seed=0, out=tmp_path)
+                              meta_batch=None, meta_steps=3, seed=0, out=tmp_path, amp="off")
     with mock.patch("harness.engine.MetaLearner.step", return_value=float("nan")):
         assert run_cmd(args) == 1
     result = json.loads(next(tmp_path.glob("*.json")).read_text())
