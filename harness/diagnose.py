@@ -1,0 +1,455 @@
+"""The answer to the seed report, as an experiment: ``python -m harness diagnose``.
+
+Two parts:
+
+* :func:`run_table` -- the eight variants (checkpointing x learnable LR x
+  order) under three engines: the report's stateful engine
+  (:mod:`harness.seed_engine`) with reentrant checkpointing, the same with
+  non-reentrant checkpointing, and the functional engine
+  (:class:`harness.engine.MetaLearner`).  Every cell is ``ok``, ``raises
+  <Exception: first line>`` or ``wrong meta-gradient`` with the weight and LR
+  relative errors against the functional float64 non-checkpointed reference
+  of the same variant.
+* :func:`run_probes` -- small experiments that *measure* the mechanism behind
+  each failure (which tensor is saved, which backward modifies it in place,
+  which tensors a reentrant checkpoint's recomputation reads), so the
+  explanation in ``docs/diagnosis.md`` is checked on every run rather than
+  asserted.
+"""
+from __future__ import annotations
+
+import copy
+import traceback
+import warnings
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as tuc
+from torch import Tensor, nn
+
+from harness.engine import MetaConfig, MetaLearner, Task, agreement, split_grads
+from harness.seed_engine import SeedConfig, SeedLearner, SeedModel, adapted_modules, lr_key
+from harness.tasks import Sinusoid, mse
+from harness.variants import CANONICAL
+
+ENGINES = ("seed_reentrant", "seed_non_reentrant", "functional")
+ENGINE_TITLES = {"seed_reentrant": "seed + reentrant ckpt", "seed_non_reentrant": "seed + non-reentrant ckpt",
+                 "functional": "functional engine"}
+TOL = 1e-12
+INPLACE = "one of the variables needed for gradient computation has been modified by an inplace operation"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The small float64 problem every cell runs on."""
+
+    inner_steps: int = 2  # the report's inner loop; >= 2 so fast-weight bugs show
+    inner_lr: float = 0.1
+    width: int = 16
+    depth: int = 2
+    meta_batch: int = 2
+    shots: int = 5
+    seed: int = 0
+
+    def model(self, device: torch.device) -> SeedModel:
+        torch.manual_seed(self.seed)
+        return SeedModel(width=self.width, depth=self.depth, ckpt="harness").to(device, torch.float64)
+
+    def tasks(self, device: torch.device) -> list[Task]:
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        return [t.to(device, torch.float64) for t in Sinusoid(shots=self.shots, query=self.shots).sample(self.meta_batch, gen)]
+
+
+def flags(variant: str) -> dict[str, bool]:
+    return {"layer_ckpt": "ckpt" in variant, "learn_lr": "lr" in variant, "first_order": variant.endswith("fo")}
+
+
+def _functional(model: nn.Module, setup: Setup, variant: str, *, reference: bool = False) -> MetaLearner:
+    f = flags(variant)
+    if reference:
+        f["layer_ckpt"] = False
+    cfg = MetaConfig(inner_steps=setup.inner_steps, inner_lr=setup.inner_lr, **f)
+    return MetaLearner(copy.deepcopy(model), cfg, mse)
+
+
+def _seed(model: nn.Module, setup: Setup, variant: str, reentrant: bool) -> SeedLearner:
+    cfg = SeedConfig(inner_steps=setup.inner_steps, inner_lr=setup.inner_lr, reentrant=reentrant, **flags(variant))
+    return SeedLearner(copy.deepcopy(model), cfg, mse)
+
+
+def first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def classify(grads: dict[str, Tensor], ref: dict[str, Tensor]) -> dict[str, Any]:
+    if set(grads) != set(ref):
+        raise KeyError(f"meta-gradient names differ from the reference: {sorted(set(grads) ^ set(ref))}")
+    # agreement() pairs tensors by dict order (the functional engine's ParameterDict sorts LR keys)
+    agree = agreement({k: grads[k] for k in ref}, ref)
+    w, lr = agree["w_rel_err"], agree["lr_rel_err"]
+    ok = w <= TOL and (lr is None or lr <= TOL)
+    errs = f"w rel err {w:.3g}" + (f", lr rel err {lr:.3g}" if lr is not None else "")
+    return {"status": "ok" if ok else "wrong", "w_rel_err": w, "lr_rel_err": lr,
+            "text": "ok" if ok else f"wrong meta-gradient ({errs})"}
+
+
+def run_cell(engine: str, variant: str, setup: Setup, model: nn.Module, tasks: list[Task],
+             ref: dict[str, Tensor]) -> dict[str, Any]:
+    if engine == "functional":
+        learner: Any = _functional(model, setup, variant)
+    else:
+        learner = _seed(model, setup, variant, reentrant=engine == "seed_reentrant")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # retain_grad / .grad-of-non-leaf chatter
+            grads, _ = learner.meta_gradients(tasks)
+    except Exception as exc:  # the point of the table: report it, don't stop
+        msg = f"{type(exc).__name__}: {first_line(exc).split(' Hint:')[0]}"
+        return {"status": "raises", "exception": type(exc).__name__, "message": first_line(exc),
+                "w_rel_err": None, "lr_rel_err": None, "text": f"raises {msg}"}
+    return classify(grads, ref)
+
+
+def run_table(setup: Setup, device: torch.device) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{variant: {engine: cell}}`` for the eight canonical variants."""
+    model, tasks = setup.model(device), setup.tasks(device)
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for variant in CANONICAL:
+        ref, _ = _functional(model, setup, variant, reference=True).meta_gradients(tasks)
+        table[variant] = {e: run_cell(e, variant, setup, model, tasks, ref) for e in ENGINES}
+    return table
+
+
+# -- probes: measure the mechanism -------------------------------------------------------------------
+
+def _fast_leaves(fast: nn.Module) -> dict[str, Tensor]:
+    """The copy's original leaf parameters, by name, before the inner loop rebinds them."""
+    return dict(fast.named_parameters())
+
+
+def _blocks(names: list[str]) -> list[str]:
+    return [n for n in names if n.startswith("blocks.")]
+
+
+def probe_saved_tensor(setup: Setup, device: torch.device) -> dict[str, Any]:
+    """Which op saves ``param.grad``: ``softplus(raw) * param.grad`` does, ``inner_lr * param.grad`` does not."""
+    g = torch.randn(3, dtype=torch.float64, device=device)
+    raw = nn.Parameter(torch.zeros((), dtype=torch.float64, device=device))
+    learnable = F.softplus(raw) * g
+    w = torch.randn(3, dtype=torch.float64, device=device, requires_grad=True)
+    fixed = w - setup.inner_lr * g
+    const_mul = fixed.grad_fn.next_functions[1][0]  # SubBackward0 -> MulBackward (lr * g) or None
+    saved_fixed = None
+    if const_mul is not None:
+        saved_fixed = [a for a in ("_saved_self", "_saved_other") if getattr(const_mul, a, None) is g]
+    return {
+        "learnable_lr_node": type(learnable.grad_fn).__name__,
+        "learnable_lr_saves_param_grad": learnable.grad_fn._saved_other is g,
+        "fixed_lr_graph_node_for_mul": None if const_mul is None else type(const_mul).__name__,
+        "fixed_lr_saves_param_grad": bool(saved_fixed),
+        "holds": learnable.grad_fn._saved_other is g and not saved_fixed,
+    }
+
+
+def _trace_versions(setup: Setup, device: torch.device, variant: str, reentrant: bool) -> dict[str, Any]:
+    """Run the seed engine on one task under anomaly mode, keeping each copy leaf's ``.grad`` after the
+    first inner step and its ``_version``; afterwards: which of those tensors were modified in place,
+    where the error (if any) surfaced, and which forward op anomaly mode blames."""
+    model, task = setup.model(device), setup.tasks(device)[0]
+    learner = _seed(model, setup, variant, reentrant)
+    fast = learner.context()
+    leaves = _fast_leaves(fast)
+    phase, error, nodes, forward_lines = "inner step 1", None, [], []
+    with warnings.catch_warnings(record=True) as caught, torch.autograd.detect_anomaly(check_nan=False):
+        warnings.simplefilter("always")
+        learner.inner_step(fast, mse(fast(task.support_x), task.support_y))
+        g1 = {n: p.grad for n, p in leaves.items()}
+        v1 = {n: g._version for n, g in g1.items()}
+        graph = sorted(n for n, g in g1.items() if g.grad_fn is not None)
+        try:
+            for k in range(1, setup.inner_steps):
+                phase = f"inner step {k + 1} backward"
+                learner.inner_step(fast, mse(fast(task.support_x), task.support_y))
+            phase = "outer backward"
+            learner.outer_backward(fast, mse(fast(task.query_x), task.query_y))
+        except RuntimeError as exc:
+            error = first_line(exc)
+    for w in caught:
+        text = str(w.message)
+        if text.startswith("Error detected in"):
+            nodes.append(text.split()[3].rstrip("."))
+            forward_lines += [ln.strip() for ln in text.splitlines() if "* param.grad" in ln]
+    in_place = sorted(n for n, g in g1.items() if g._version > v1[n])
+    return {"grad_accumulated_in_place": in_place, "grad_has_graph_after_step1": graph,
+            "error_in": phase if error else None, "error": error,
+            "anomaly_nodes": nodes, "anomaly_forward_lines": sorted(set(forward_lines))}
+
+
+def probe_inplace(setup: Setup, device: torch.device) -> dict[str, Any]:
+    """Which first-step ``param.grad`` tensors the later backwards modify in place, with and without a
+    learnable LR, and where the version-counter error surfaces."""
+    names = sorted(dict(setup.model(device).named_parameters()))
+    blocks = _blocks(names)
+    cases = {
+        "ckpt_reentrant_fixed_lr": _trace_versions(setup, device, "ckpt", reentrant=True),
+        "ckpt_lr_reentrant": _trace_versions(setup, device, "ckpt_lr", reentrant=True),
+        "ckpt_lr_reentrant_1_step": _trace_versions(replace(setup, inner_steps=1), device, "ckpt_lr", reentrant=True),
+        "ckpt_lr_non_reentrant": _trace_versions(setup, device, "ckpt_lr", reentrant=False),
+        "lr_1_step": _trace_versions(replace(setup, inner_steps=1), device, "lr", reentrant=True),
+        "fo_fixed_lr": _trace_versions(setup, device, "fo", reentrant=True),
+        "lr_fo": _trace_versions(setup, device, "lr_fo", reentrant=True),
+    }
+    c = cases
+
+    def raised(case: dict[str, Any]) -> bool:
+        return INPLACE in (case["error"] or "") and "MulBackward0" in case["anomaly_nodes"] \
+            and any("lr * param.grad" in ln for ln in case["anomaly_forward_lines"])
+
+    holds = (c["ckpt_reentrant_fixed_lr"]["grad_accumulated_in_place"] == blocks and not c["ckpt_reentrant_fixed_lr"]["error"]
+             and raised(c["ckpt_lr_reentrant"]) and set(c["ckpt_lr_reentrant"]["grad_accumulated_in_place"]) <= set(blocks)
+             and raised(c["ckpt_lr_reentrant_1_step"]) and c["ckpt_lr_reentrant_1_step"]["error_in"] == "outer backward"
+             and c["ckpt_lr_non_reentrant"]["grad_accumulated_in_place"] == [] and not c["ckpt_lr_non_reentrant"]["error"]
+             and c["lr_1_step"]["grad_accumulated_in_place"] == names and not c["lr_1_step"]["error"]
+             and c["fo_fixed_lr"]["grad_accumulated_in_place"] == names and not c["fo_fixed_lr"]["error"]
+             and raised(c["lr_fo"]))
+    return {**cases, "holds": holds}
+
+
+def probe_reentrant_edges(device: torch.device) -> dict[str, Any]:
+    """A reentrant checkpoint's node has an edge to its input only; its backward differentiates
+    whatever parameters the module holds *at backward time*."""
+    lin = nn.Linear(3, 3).to(device, torch.float64)
+    x = torch.randn(2, 3, dtype=torch.float64, device=device, requires_grad=True)
+    out = tuc.checkpoint(lin, x, use_reentrant=True)
+    edges = len(out.grad_fn.next_functions)
+    used = lin.weight
+    swapped = nn.Parameter(torch.randn_like(used))
+    vars(lin)["_parameters"]["weight"] = swapped  # rebind after the forward, like an inner step does
+    out.sum().backward()
+    return {"checkpoint_node": type(out.grad_fn).__name__, "edges": edges,
+            "forward_weight_got_grad": used.grad is not None, "backward_time_weight_got_grad": swapped.grad is not None,
+            "holds": edges == 1 and used.grad is None and swapped.grad is not None}
+
+
+def probe_hook_routes(setup: Setup, device: torch.device) -> dict[str, Any]:
+    """In the seed's outer backward (reentrant ckpt), the hooks on the copy's checkpointed leaves fire
+    from inside the checkpoint's nested ``torch.autograd.backward``; which weights did the recomputation read?"""
+    model, task = setup.model(device), setup.tasks(device)[0]
+    learner = _seed(model, setup, "ckpt", reentrant=True)
+    fast = learner.context()
+    leaves = _fast_leaves(fast)
+    fired: dict[str, list[bool]] = {n: [] for n in leaves}
+    for n, p in leaves.items():
+        def record(grad: Tensor, n: str = n) -> None:
+            if fast.seed_propagate:
+                fired[n].append(any(f.name == "backward" and f.filename.endswith("checkpoint.py")
+                                    for f in traceback.extract_stack()))
+        p.register_hook(record)
+    labels: dict[int, str] = {}
+    seen: list[tuple[str, str]] = []
+    linears = {path: m for path, m in adapted_modules(fast) if path.startswith("blocks.")}
+    for path, m in linears.items():
+        m.register_forward_pre_hook(lambda m, a, path=path: seen.append((path, labels.get(id(m.weight), "?"))))
+    phase = "w0"
+    for path, m in linears.items():
+        labels[id(m.weight)] = "w0"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k in range(setup.inner_steps):
+            learner.inner_step(fast, mse(fast(task.support_x), task.support_y))
+            phase = f"w{k + 1}"
+            for path, m in linears.items():
+                labels[id(m.weight)] = phase
+        loss = mse(fast(task.query_x), task.query_y)
+        start = len(seen)
+        learner.outer_backward(fast, loss)
+    recomputed = sorted({lab for _, lab in seen[start:]})
+    blocks = _blocks(list(leaves))
+    nested = all(fired[n] and all(fired[n]) for n in blocks)
+    return {"block_leaf_hooks_fired_inside_checkpoint_backward": nested,
+            "outer_backward_recomputation_read": recomputed, "final_fast_weights": phase,
+            "holds": nested and recomputed == [phase]}
+
+
+def probe_vanishing_second_order(setup: Setup, device: torch.device) -> dict[str, Any]:
+    """Reentrant: after the first inner ``.backward(create_graph=True)`` the checkpointed layers' ``.grad``
+    has no graph (the nested backward ran without ``create_graph``), so second-order terms through them vanish."""
+    t = _trace_versions(setup, device, "ckpt", reentrant=True)
+    names = sorted(dict(setup.model(device).named_parameters()))
+    constant = sorted(set(names) - set(t["grad_has_graph_after_step1"]))
+    return {"grad_without_graph_after_step1": constant, "holds": constant == _blocks(names)}
+
+
+def probe_non_reentrant_recompute(setup: Setup, device: torch.device) -> dict[str, Any]:
+    """Non-reentrant, second order: during the outer backward the checkpoint recomputes the inner steps'
+    forwards again, reading the module's *current* parameters (the final fast weights)."""
+    model, task = setup.model(device), setup.tasks(device)[0]
+    learner = _seed(model, setup, "ckpt", reentrant=False)
+    fast = learner.context()
+    labels: dict[int, str] = {}
+    seen: list[str] = []
+    linears = {path: m for path, m in adapted_modules(fast) if path.startswith("blocks.")}
+    for m in linears.values():
+        m.register_forward_pre_hook(lambda m, a: seen.append(labels.get(id(m.weight), "?")))
+        labels[id(m.weight)] = "w0"
+    final = "w0"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k in range(setup.inner_steps):
+            learner.inner_step(fast, mse(fast(task.support_x), task.support_y))
+            final = f"w{k + 1}"
+            for m in linears.values():
+                labels[id(m.weight)] = final
+        fwd = len(seen)
+        loss = mse(fast(task.query_x), task.query_y)
+        start = len(seen)
+        learner.outer_backward(fast, loss)
+    recomputes = len(seen) - start
+    expected = len(linears) * (setup.inner_steps + 1)  # one recompute per checkpointed forward, query included
+    return {"block_forwards_during_outer_backward": recomputes, "forwards_before_outer": fwd,
+            "weights_read_during_outer_backward": sorted(set(seen[start:])),
+            "holds": recomputes > len(linears) and set(seen[start:]) == {final} and recomputes == expected}
+
+
+def probe_lr_pollution(setup: Setup, device: torch.device) -> dict[str, Any]:
+    """Seed, learnable LR, second order, no checkpointing: its LR gradient minus the reference equals the
+    gradient of the inner support losses w.r.t. the raw LRs (steps 2..K), accumulated by the inner ``.backward()``."""
+    model, tasks = setup.model(device), setup.tasks(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        seed, _ = _seed(model, setup, "lr", reentrant=True).meta_gradients(tasks)
+    ref_learner = _functional(model, setup, "lr", reference=True)
+    ref, _ = ref_learner.meta_gradients(tasks)
+    lrs = ref_learner.lrs
+    keys = list(lrs.raw)
+    inner = {k: torch.zeros_like(v) for k, v in lrs.raw.items()}
+    for task in tasks:
+        w = ref_learner.initial_weights()
+        values = lrs.values()
+        for k in range(setup.inner_steps):
+            loss = mse(ref_learner.forward_with(w, task.support_x), task.support_y)
+            if k > 0:
+                for key, g in zip(keys, torch.autograd.grad(loss, [lrs.raw[k_] for k_ in keys], retain_graph=True)):
+                    inner[key] += g
+            w = ref_learner._inner_steps(w, values, task.support_x, task.support_y, range(k, k + 1))
+    _, seed_lr = split_grads(seed)
+    _, ref_lr = split_grads(ref)
+
+    def rel(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
+        fa, fb = (torch.cat([t[k].reshape(-1) for k in sorted(a)]) for t in (a, b))
+        return ((fa - fb).norm() / fb.norm()).item()
+
+    explained = {f"lr.{k}": ref_lr[f"lr.{k}"] + inner[k] for k in keys}
+    before, after = rel(seed_lr, ref_lr), rel(seed_lr, explained)
+    return {"lr_rel_err": before, "lr_rel_err_after_adding_inner_loss_grads": after,
+            "holds": before > 1e-3 and after <= 1e-10}
+
+
+PROBES: dict[str, Callable[[Setup, torch.device], dict[str, Any]]] = {
+    "saved_tensor": probe_saved_tensor,
+    "inplace": probe_inplace,
+    "reentrant_edges": lambda s, d: probe_reentrant_edges(d),
+    "hook_routes": probe_hook_routes,
+    "vanishing_second_order": probe_vanishing_second_order,
+    "non_reentrant_recompute": probe_non_reentrant_recompute,
+    "lr_pollution": probe_lr_pollution,
+}
+
+
+def run_probes(setup: Setup, device: torch.device) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name, fn in PROBES.items():
+        try:
+            out[name] = fn(setup, device)
+        except Exception as exc:  # a probe that breaks is a finding too; never hide it
+            out[name] = {"holds": False, "error": f"{type(exc).__name__}: {first_line(exc)}"}
+    return out
+
+
+# -- expectations and text -----------------------------------------------------------------------------
+
+def expected(engine: str, variant: str) -> str:
+    """The classification the team measured (torch 2.11/2.13, CPU and H100)."""
+    f = flags(variant)
+    if engine == "functional":
+        return "ok"
+    reentrant = engine == "seed_reentrant"
+    if f["learn_lr"] and f["first_order"]:
+        return "raises"  # inner .backward() bumps param.grad that lr * param.grad saved
+    if f["learn_lr"] and f["layer_ckpt"] and reentrant:
+        return "raises"  # the reentrant nested backward bumps it
+    if f["first_order"]:
+        return "ok"
+    if f["layer_ckpt"] or f["learn_lr"]:
+        return "wrong"
+    return "ok"
+
+
+def check_expectations(table: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """Cells that differ from :func:`expected` (empty when the table reproduces the team's)."""
+    out = []
+    for variant, row in table.items():
+        for engine, cell in row.items():
+            want = expected(engine, variant)
+            if cell["status"] != want or (cell["status"] == "raises" and INPLACE not in cell["message"]):
+                out.append(f"{variant} / {engine}: expected {want}, got {cell['text']}")
+    return out
+
+
+SHORT_EXPLANATION = """\
+Why it breaks only with checkpointing + learnable LR (measured above, probes `saved_tensor`, `inplace`):
+  `softplus(raw) * param.grad` saves `param.grad` itself for the LR's gradient (MulBackward0); with a
+  constant LR the multiply saves only the constant. The next inner `.backward()` then adds into the same
+  `param.grad` *in place* when it runs with grad mode off -- and with reentrant checkpointing it does: the
+  checkpoint's backward calls `torch.autograd.backward(...)` without create_graph for the checkpointed layers,
+  so their leaf `.grad` is bumped from version 0 to 1. The outer backward reaches MulBackward0, finds its
+  saved tensor at version 1, and raises. Without checkpointing the second-order inner backward runs with
+  create_graph=True, which accumulates out of place (new tensor, old one untouched); in first order it runs
+  with grad mode off everywhere, so `lr_fo` raises even without checkpointing.
+Why gradients reach the fast weights (probes `reentrant_edges`, `hook_routes`):
+  they don't, through the outer graph: a reentrant checkpoint's node has an edge to its input x only. Its
+  backward re-runs the layer with whatever tensors sit in the module's `_parameters` *at backward time* --
+  the final fast weights -- and calls `torch.autograd.backward` on them; that nested backward walks the fast
+  weights' own graph (w_k = w_{k-1} - lr * g) down to the copy's leaves, whose hooks copy it to the original.
+  The same mechanism makes it wrong: the nested backward has no create_graph (second-order terms through
+  checkpointed layers vanish, `ckpt` is off by tens of percent), and non-reentrant checkpointing recomputes
+  the inner steps' forwards during the outer backward with the *final* fast weights (silently wrong).
+  The inner `.backward()` also accumulates the support losses' gradients into the LRs' `.grad` (`lr` wrong).
+Fix: the functional engine (fast weights as explicit inputs, torch.autograd.grad, harness.checkpoint with the
+  weights as checkpoint inputs) -- ok in all eight cells, rel err <= 1e-12."""
+
+
+def markdown(result: dict[str, Any]) -> str:
+    table = result["table"]
+    lines = ["# Diagnosis: the seed's stateful MAML vs the functional engine", "",
+             f"Command: `{result['command']}`  ", f"Device: {result['device']}, float64, "
+             f"{result['setup']['inner_steps']} inner steps, inner LR {result['setup']['inner_lr']}, "
+             f"meta-batch {result['setup']['meta_batch']}; torch {result['env']['torch']}", "",
+             "Cells: meta-gradients (initial weights `w`, raw LRs `lr`) against the functional float64 "
+             "non-checkpointed reference of the same variant.", "",
+             "| variant | " + " | ".join(ENGINE_TITLES[e] for e in ENGINES) + " |",
+             "|---|" + "---|" * len(ENGINES)]
+    for variant, row in table.items():
+        lines.append(f"| `{variant}` | " + " | ".join(row[e]["text"].replace("|", "\\|") for e in ENGINES) + " |")
+    lines += ["", "Differences from the team's table (torch 2.11/2.13): "
+              + ("none." if not result["differences"] else ""), *[f"- {d}" for d in result["differences"]], "",
+              "## Probes (each measured on this run)", ""]
+    for name, p in result["probes"].items():
+        body = ", ".join(f"{k}={v}" for k, v in p.items() if k != "holds")
+        lines.append(f"- `{name}`: {'holds' if p.get('holds') else 'DOES NOT HOLD'} -- {body}")
+    lines += ["", "## Explanation (short; full version in docs/diagnosis.md)", "", "```", SHORT_EXPLANATION, "```", "",
+              "## Provenance", "", "```"]
+    lines += [f"{k}: {v}" for k, v in result["env"].items()]
+    lines += ["```", ""]
+    return "\n".join(lines)
+
+
+def diagnose(device: torch.device, setup: Setup | None = None) -> dict[str, Any]:
+    setup = setup or Setup()
+    table = run_table(setup, device)
+    return {"setup": setup.__dict__, "device": str(device), "table": table,
+            "expected": {v: {e: expected(e, v) for e in ENGINES} for v in CANONICAL},
+            "differences": check_expectations(table), "probes": run_probes(setup, device)}

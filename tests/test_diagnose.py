@@ -1,0 +1,105 @@
+"""Claim: ``python -m harness diagnose`` reproduces the seed report's failures with the stateful engine
+(the categories the team measured), the functional engine is ok everywhere, the probes behind the
+explanation hold, and the command writes its two files / rejects bad input with one line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from harness.cli import main
+from harness.diagnose import ENGINES, INPLACE, Setup, check_expectations, run_probes, run_table
+from harness.variants import CANONICAL
+
+
+@pytest.fixture(scope="module")
+def table() -> dict:
+    return run_table(Setup(), torch.device("cpu"))
+
+
+def test_table_covers_eight_variants_three_engines(table: dict) -> None:
+    assert list(table) == list(CANONICAL)
+    assert all(list(row) == list(ENGINES) for row in table.values())
+
+
+def test_functional_engine_ok_everywhere(table: dict) -> None:
+    for variant, row in table.items():
+        cell = row["functional"]
+        assert cell["status"] == "ok", (variant, cell)
+        assert cell["w_rel_err"] <= 1e-12 and (cell["lr_rel_err"] is None or cell["lr_rel_err"] <= 1e-12)
+
+
+@pytest.mark.parametrize("engine", ["seed_reentrant", "seed_non_reentrant"])
+@pytest.mark.parametrize("variant", ["lr_fo", "ckpt_lr_fo"])
+def test_learnable_lr_first_order_raises_inplace_error(table: dict, engine: str, variant: str) -> None:
+    cell = table[variant][engine]
+    assert cell["status"] == "raises" and cell["exception"] == "RuntimeError" and INPLACE in cell["message"]
+
+
+def test_reentrant_ckpt_lr_raises_in_both_orders(table: dict) -> None:
+    for variant in ("ckpt_lr", "ckpt_lr_fo"):
+        cell = table[variant]["seed_reentrant"]
+        assert cell["status"] == "raises" and INPLACE in cell["message"]
+
+
+def test_reentrant_ckpt_second_order_loses_second_order_terms(table: dict) -> None:
+    cell = table["ckpt"]["seed_reentrant"]
+    assert cell["status"] == "wrong" and cell["w_rel_err"] > 0.05
+
+
+def test_learnable_lr_second_order_without_ckpt_has_wrong_lr_gradient(table: dict) -> None:
+    for engine in ("seed_reentrant", "seed_non_reentrant"):
+        cell = table["lr"][engine]
+        assert cell["status"] == "wrong" and cell["w_rel_err"] <= 1e-12 and cell["lr_rel_err"] > 0.05
+
+
+def test_non_reentrant_ckpt_second_order_is_silently_wrong(table: dict) -> None:
+    for variant in ("ckpt", "ckpt_lr"):
+        cell = table[variant]["seed_non_reentrant"]
+        assert cell["status"] == "wrong" and cell["w_rel_err"] > 0.01
+
+
+def test_seed_without_checkpointing_or_learnable_lr_is_correct(table: dict) -> None:
+    for variant in ("maml", "fo", "ckpt_fo"):
+        for engine in ("seed_reentrant", "seed_non_reentrant"):
+            assert table[variant][engine]["status"] == "ok", (variant, engine)
+
+
+def test_table_matches_the_teams_expectations(table: dict) -> None:
+    assert check_expectations(table) == []
+
+
+def test_every_probe_behind_the_explanation_holds() -> None:
+    probes = run_probes(Setup(), torch.device("cpu"))
+    assert {n: p.get("holds") for n, p in probes.items()} == {n: True for n in probes}
+    inplace = probes["inplace"]
+    assert inplace["ckpt_lr_reentrant_1_step"]["error_in"] == "outer backward"
+    assert inplace["ckpt_reentrant_fixed_lr"]["grad_accumulated_in_place"]  # bumped, but nothing saved it
+
+
+def test_cli_writes_both_files(tmp_path, capsys) -> None:
+    assert main(["diagnose", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "reproduces the team's table" in out and "version" in out
+    data = json.loads((tmp_path / "diagnosis.json").read_text())
+    assert data["kind"] == "diagnosis" and data["env"]["torch"] == torch.__version__
+    assert set(data["table"]) == set(CANONICAL)
+    md = (tmp_path / "diagnosis.md").read_text()
+    assert "| `ckpt_lr` |" in md and "functional engine" in md
+
+
+@pytest.mark.parametrize("argv", [["diagnose", "--device", "tpu"], ["diagnose", "--amp", "fp8"],
+                                  ["diagnose", "--bogus"]])
+def test_bad_input_exits_2_with_one_line(argv, tmp_path, capsys) -> None:
+    assert main(argv + ["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_exits_2(tmp_path, capsys) -> None:
+    assert main(["diagnose", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "CUDA is not available" in err and len(err.strip().splitlines()) == 1
