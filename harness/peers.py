@@ -22,7 +22,9 @@ What each peer can express (:func:`supports` says why not, per cell):
   group per adapted tensor, fed ``softplus(raw)`` from the learner's
   :class:`~harness.engine.InnerLRs` -- any granularity (layer, tensor,
   element), and per-step LRs by overriding at every ``diffopt.step``.
-  No gradient checkpointing.
+  higher clones the buffers on entry and updates only its copies; the
+  adapter copies them back after each task, so BatchNorm running statistics
+  evolve as under the engine.  No gradient checkpointing.
 * ``torchopt`` -- the functional API: ``torchopt.sgd(lr)`` as a
   ``GradientTransformation``; second order through
   ``torchopt.FuncOptimizer.step`` (which differentiates with
@@ -181,7 +183,18 @@ class HigherPeer(_Peer):
                 support = self.loss_fn(fmodel(task.support_x), task.support_y)
                 diffopt.step(support, override=self._override(lrs, k) if per_step else None,
                              grad_callback=callback)
-            return self.loss_fn(fmodel(task.query_x), task.query_y)
+            query = self.loss_fn(fmodel(task.query_x), task.query_y)
+            self._write_back_buffers(fmodel)
+            return query
+
+    def _write_back_buffers(self, fmodel: nn.Module) -> None:
+        """higher runs on private copies of the buffers (``buffer_sync`` clones them on entry); copy the
+        updated running statistics back so the model's state evolves exactly as under the engine."""
+        theirs = dict(fmodel.named_buffers())
+        with torch.no_grad():
+            for n, b in self.model.named_buffers():
+                if n in theirs and theirs[n] is not b:
+                    b.copy_(theirs[n])
 
 
 class TorchoptPeer(_Peer):
