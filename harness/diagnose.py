@@ -142,15 +142,15 @@ def probe_saved_tensor(setup: Setup, device: torch.device) -> dict[str, Any]:
     w = torch.randn(3, dtype=torch.float64, device=device, requires_grad=True)
     fixed = w - setup.inner_lr * g
     const_mul = fixed.grad_fn.next_functions[1][0]  # SubBackward0 -> MulBackward (lr * g) or None
-    saved_fixed = None
-    if const_mul is not None:
-        saved_fixed = [a for a in ("_saved_self", "_saved_other") if getattr(const_mul, a, None) is g]
+    g_graph = g.clone().requires_grad_()  # second order without ckpt: param.grad has a graph
+    fixed_graph = (setup.inner_lr * g_graph).grad_fn
+    saves_g = any(getattr(fixed_graph, a, None) is g_graph for a in ("_saved_self", "_saved_other"))
     return {
         "learnable_lr_node": type(learnable.grad_fn).__name__,
         "learnable_lr_saves_param_grad": learnable.grad_fn._saved_other is g,
-        "fixed_lr_graph_node_for_mul": None if const_mul is None else type(const_mul).__name__,
-        "fixed_lr_saves_param_grad": bool(saved_fixed),
-        "holds": learnable.grad_fn._saved_other is g and not saved_fixed,
+        "fixed_lr_mul_in_graph_when_grad_has_no_graph": const_mul is not None,
+        "fixed_lr_mul_saves_param_grad_when_grad_has_graph": saves_g,
+        "holds": learnable.grad_fn._saved_other is g and const_mul is None and not saves_g,
     }
 
 
@@ -400,26 +400,34 @@ def check_expectations(table: dict[str, dict[str, dict[str, Any]]]) -> list[str]
 
 
 SHORT_EXPLANATION = """\
-Why it breaks only with checkpointing + learnable LR (measured above, probes `saved_tensor`, `inplace`):
-  `softplus(raw) * param.grad` saves `param.grad` itself for the LR's gradient (MulBackward0); with a
-  constant LR the multiply saves only the constant. The next inner `.backward()` then adds into the same
-  `param.grad` *in place* when it runs with grad mode off -- and with reentrant checkpointing it does: the
-  checkpoint's backward calls `torch.autograd.backward(...)` without create_graph for the checkpointed layers,
-  so their leaf `.grad` is bumped from version 0 to 1. The outer backward reaches MulBackward0, finds its
-  saved tensor at version 1, and raises. Without checkpointing the second-order inner backward runs with
-  create_graph=True, which accumulates out of place (new tensor, old one untouched); in first order it runs
-  with grad mode off everywhere, so `lr_fo` raises even without checkpointing.
-Why gradients reach the fast weights (probes `reentrant_edges`, `hook_routes`):
-  they don't, through the outer graph: a reentrant checkpoint's node has an edge to its input x only. Its
-  backward re-runs the layer with whatever tensors sit in the module's `_parameters` *at backward time* --
-  the final fast weights -- and calls `torch.autograd.backward` on them; that nested backward walks the fast
-  weights' own graph (w_k = w_{k-1} - lr * g) down to the copy's leaves, whose hooks copy it to the original.
-  The same mechanism makes it wrong: the nested backward has no create_graph (second-order terms through
-  checkpointed layers vanish, `ckpt` is off by tens of percent), and non-reentrant checkpointing recomputes
-  the inner steps' forwards during the outer backward with the *final* fast weights (silently wrong).
-  The inner `.backward()` also accumulates the support losses' gradients into the LRs' `.grad` (`lr` wrong).
-Fix: the functional engine (fast weights as explicit inputs, torch.autograd.grad, harness.checkpoint with the
-  weights as checkpoint inputs) -- ok in all eight cells, rel err <= 1e-12."""
+(1) Why multiplying by a learnable LR breaks the backward only with checkpointing (probes `saved_tensor`, `inplace`):
+  `softplus(raw) * param.grad` is MulBackward0, which saves `param.grad` itself (the LR's gradient needs it);
+  `0.1 * param.grad` saves only the constant. The next backward that reaches the copy's leaf parameter adds
+  into that same `param.grad` tensor: AccumulateGrad does `grad += new` IN PLACE when the backward runs with
+  grad mode off (no create_graph), out of place (a new tensor) when it runs with create_graph=True.
+  - reentrant checkpoint: its backward re-runs the layer and calls `torch.autograd.backward(...)` WITHOUT
+    create_graph, even inside `.backward(create_graph=True)`; so the checkpointed layers' first-step `.grad`
+    goes from version 0 to 1 (measured: exactly the block parameters, embed/head untouched). MulBackward0 then
+    finds its saved tensor at version 1 -> the error (anomaly mode blames `new_param = param - lr * param.grad`).
+    It surfaces in the 2nd inner step's backward (the outer backward with 1 inner step).
+  - no checkpoint, second order: the inner backward has create_graph=True (out of place); the outer backward
+    does bump it in place (measured, 1 inner step) but only after MulBackward0 used it: `.grad` has a graph back
+    to the parameter, so the parameter's AccumulateGrad waits for that path. No error.
+  - first order: every backward runs with grad mode off, `.grad` has no graph -> `lr_fo` raises even without
+    checkpointing. With a constant LR the same in-place bumps happen, but nothing saved the tensor.
+(2) Why gradients reach the fast weights at all (probes `reentrant_edges`, `hook_routes`):
+  not through the outer graph: the reentrant checkpoint's node has one edge, to its input x. Its backward
+  re-runs the layer with whatever tensors are in the module's `_parameters` AT BACKWARD TIME (the final fast
+  weights; a weight rebound after the forward gets the gradient, the one used gets none) and runs a nested
+  `torch.autograd.backward`, which walks the fast weights' own graph (w_k = w_{k-1} - lr * g) down to the
+  copy's leaves; their hooks copy it to the original model (measured: fired inside the checkpoint's backward).
+  The same mechanism makes results wrong: the nested backward has no create_graph, so inner gradients of
+  checkpointed layers are constants and second-order terms through them vanish (`ckpt`, tens of percent);
+  non-reentrant checkpointing recomputes every inner step's forward again during the outer backward, reading
+  the FINAL fast weights (silently wrong); and the inner `.backward()` also accumulates the support losses'
+  gradients into the LRs' `.grad` (`lr`: the excess equals d(support loss of steps 2..K)/d raw to 1e-16).
+Fix: the functional engine (fast weights as an explicit dict, torch.autograd.grad, harness.checkpoint with the
+  weights as checkpoint inputs): ok in all eight cells, rel err <= 1e-12."""
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -437,9 +445,18 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", "Differences from the team's table (torch 2.11/2.13): "
               + ("none." if not result["differences"] else ""), *[f"- {d}" for d in result["differences"]], "",
               "## Probes (each measured on this run)", ""]
+    def fmt(v: Any) -> str:
+        if isinstance(v, str) and len(v) > 60:
+            return v[:60] + "..."
+        return str(v)
+
     for name, p in result["probes"].items():
-        body = ", ".join(f"{k}={v}" for k, v in p.items() if k != "holds")
-        lines.append(f"- `{name}`: {'holds' if p.get('holds') else 'DOES NOT HOLD'} -- {body}")
+        flat = {k: v for k, v in p.items() if k != "holds" and not isinstance(v, dict)}
+        lines.append(f"- `{name}`: {'holds' if p.get('holds') else 'DOES NOT HOLD'}"
+                     + (" -- " + ", ".join(f"{k}={fmt(v)}" for k, v in flat.items()) if flat else ""))
+        for k, v in p.items():
+            if isinstance(v, dict):
+                lines.append(f"  - {k}: " + ", ".join(f"{kk}={fmt(vv)}" for kk, vv in v.items()))
     lines += ["", "## Explanation (short; full version in docs/diagnosis.md)", "", "```", SHORT_EXPLANATION, "```", "",
               "## Provenance", "", "```"]
     lines += [f"{k}: {v}" for k, v in result["env"].items()]
