@@ -69,6 +69,7 @@ class AblationSpec:
     meta_batch: int | None = None
     inner_steps: int | None = None
     task_overrides: dict[str, Any] = field(default_factory=dict)
+    model_overrides: dict[str, Any] = field(default_factory=dict)
     run_id: str = ""
     threads: int | None = None  # None: 1 for small models on the CPU, torch's default otherwise
 
@@ -96,9 +97,12 @@ class AblationSpec:
     def fingerprint(self) -> dict[str, Any]:
         """What a stored cell must match to be reused."""
         overrides = {k: str(v) for k, v in self.task_overrides.items() if k != "download"}
-        return {"preset": self.preset, "meta_steps": self.meta_steps, "eval_tasks": self.eval_tasks,
-                "eval_every": self.eval_every, "device": self.device, "dtype": self.dtype,
-                "meta_batch": self.meta_batch, "inner_steps": self.inner_steps, "task_overrides": overrides}
+        out = {"preset": self.preset, "meta_steps": self.meta_steps, "eval_tasks": self.eval_tasks,
+               "eval_every": self.eval_every, "device": self.device, "dtype": self.dtype,
+               "meta_batch": self.meta_batch, "inner_steps": self.inner_steps, "task_overrides": overrides}
+        if self.model_overrides:
+            out["model_overrides"] = {k: str(v) for k, v in self.model_overrides.items()}
+        return out
 
 
 # -- statistics --------------------------------------------------------------
@@ -173,7 +177,8 @@ def run_cell(spec: AblationSpec, variant: Variant, seed: int,
     """Meta-train one (variant, seed) with Adam and evaluate it on the held-out tasks."""
     run_spec = RunSpec(variant=spec.variants[0], preset=spec.preset, device=spec.device, dtype=spec.dtype,
                        inner_steps=spec.inner_steps, meta_batch=spec.meta_batch, meta_steps=spec.meta_steps, seed=seed)
-    exp = Experiment(run_spec, variant=variant, task_overrides=spec.task_overrides)
+    exp = Experiment(run_spec, variant=variant, task_overrides=spec.task_overrides,
+                     model_overrides=spec.model_overrides)
     heldout = heldout_sampler(exp.task)
     gen = torch.Generator().manual_seed(HELDOUT_SEED + seed)
     eval_tasks = [t.to(exp.device, run_spec.torch_dtype) for t in heldout.sample(spec.eval_tasks, gen)]

@@ -123,3 +123,15 @@ def test_cli_bad_input_one_line_exit_2(tmp_path: Path, capsys, argv, words) -> N
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and words in err
     assert not (tmp_path / "r").exists()
+
+
+def test_ways_and_shots_reach_task_and_model(tmp_path: Path, capsys) -> None:
+    from harness.cli import build_parser
+    from harness.commands.ablate import canonical_command, spec_from_args
+
+    args = build_parser().parse_args(["ablate", "--preset", "conv4", "--ways", "3", "--shots", "2"])
+    s = spec_from_args(args)
+    assert s.task_overrides == {"n_way": 3, "k_shot": 2} and s.model_overrides == {"n_way": 3}
+    assert "--ways 3 --shots 2" in canonical_command(s, args)
+    assert main(["ablate", *TINY, "--ways", "3", "--results-dir", str(tmp_path / "r")]) == 2
+    assert "--ways" in capsys.readouterr().err

@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every", type=int, default=None, help="meta-test curve every E meta-steps")
     p.add_argument("--meta-batch", type=int, default=None, help="tasks per meta-step (default per preset)")
     p.add_argument("--inner-steps", type=int, default=None, help="inner steps K (default: the preset's)")
+    p.add_argument("--ways", type=int, default=None, help="N of N-way episodes for image presets (task and model head)")
+    p.add_argument("--shots", type=int, default=None, help="K of K-shot episodes for image presets")
     p.add_argument("--device", default="cpu", help=f"one of {', '.join(DEVICES)}; default cpu")
     p.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
     p.add_argument("--threads", type=int, default=None,
@@ -61,6 +63,16 @@ def spec_from_args(args: argparse.Namespace) -> AblationSpec:
             overrides["download"] = True
     elif takes_root:
         raise UsageError(f"preset {args.preset!r} reads real data: pass --data-root DIR (and --download to fetch it)")
+    model_overrides = {}
+    task_params = inspect.signature(preset.make_task).parameters
+    for flag, value, key in (("--ways", args.ways, "n_way"), ("--shots", args.shots, "k_shot")):
+        if value is None:
+            continue
+        if key not in task_params:
+            raise UsageError(f"{flag} is for N-way K-shot image presets; preset {args.preset!r} has no {key}")
+        overrides[key] = value
+        if key == "n_way":
+            model_overrides["n_way"] = value
     meta_steps = args.meta_steps if args.meta_steps is not None else d["meta_steps"]
     eval_every = args.eval_every or d["eval_every"] or max(1, meta_steps // 10)
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
@@ -69,7 +81,7 @@ def spec_from_args(args: argparse.Namespace) -> AblationSpec:
                         eval_tasks=args.eval_tasks if args.eval_tasks is not None else d["eval_tasks"],
                         eval_every=eval_every, device=args.device, dtype=args.dtype,
                         meta_batch=args.meta_batch if args.meta_batch is not None else d.get("meta_batch"),
-                        inner_steps=args.inner_steps, task_overrides=overrides,
+                        inner_steps=args.inner_steps, task_overrides=overrides, model_overrides=model_overrides,
                         run_id=args.run_id or f"ablation-{args.preset}", threads=args.threads)
 
 
@@ -81,7 +93,9 @@ def canonical_command(spec: AblationSpec, args: argparse.Namespace) -> str:
     parts += [f"--meta-steps {spec.meta_steps}", f"--seeds {spec.seeds}", f"--eval-tasks {spec.eval_tasks}",
               f"--eval-every {spec.eval_every}"]
     for flag, value in (("--meta-batch", spec.meta_batch), ("--inner-steps", spec.inner_steps),
-                        ("--threads", spec.threads), ("--data-root", spec.task_overrides.get("data_root"))):
+                        ("--threads", spec.threads), ("--ways", spec.task_overrides.get("n_way")),
+                        ("--shots", spec.task_overrides.get("k_shot")),
+                        ("--data-root", spec.task_overrides.get("data_root"))):
         if value is not None:
             parts.append(f"{flag} {shlex.quote(str(value))}")
     if spec.device != "cpu" or spec.dtype != "float32":
