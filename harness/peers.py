@@ -36,21 +36,25 @@ What each peer can express (:func:`supports` says why not, per cell):
   scalar LR (float or schedule) per transformation, so there is no per-layer
   learnable LR.  No gradient checkpointing.
 
-Mixed precision: neither peer has an AMP mode of its own; both run in the
-dtype of the model (as does the engine).
+Mixed precision: neither peer has an AMP mode of its own.  A bf16 cell
+wraps each forward and loss in ``torch.autocast`` exactly as the engine does
+(what a user of the peer would write).  fp16 needs the inner loss scaled and
+the inner gradients unscaled inside the peer's own ``autograd.grad`` call
+(higher: a ``grad_callback``; torchopt: a custom transformation); that is not
+wired here, so fp16 peer cells are listed unsupported.
 """
 from __future__ import annotations
 
 import importlib
 from dataclasses import replace
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from harness.ckpt import layer_checkpointing
-from harness.engine import ConfigError, MetaConfig, MetaLearner, Task
+from harness.engine import AMP_MODES, ConfigError, MetaConfig, MetaLearner, Task
 
 if TYPE_CHECKING:  # pragma: no cover
     from harness.loop import Experiment
@@ -60,6 +64,8 @@ PEERS = ("higher", "torchopt")
 VERSIONS = {"higher": "0.2.1", "torchopt": "0.7.3"}
 NO_CKPT = "no gradient checkpointing"
 NO_LEARN_LR = "no learnable inner LR (torchopt.sgd takes one fixed scalar LR per transformation)"
+NO_FP16 = ("fp16 loss scaling through the peer's inner loop is not wired (higher could via grad_callback, "
+           "torchopt via a custom transformation); bf16 autocast only")
 
 
 def _check_peer(peer: str) -> None:
@@ -77,13 +83,17 @@ def available(peer: str) -> tuple[bool, str]:
     return True, ""
 
 
-def supports(peer: str, variant: "Variant") -> tuple[bool, str]:
-    """Can ``peer`` express ``variant`` exactly?  ``(False, reason)`` when not."""
+def supports(peer: str, variant: "Variant", amp: str = "off") -> tuple[bool, str]:
+    """Can ``peer`` express ``variant`` (under precision ``amp``) exactly?  ``(False, reason)`` when not."""
     _check_peer(peer)
+    if amp not in AMP_MODES:
+        raise ConfigError(f"unknown precision {amp!r}; valid choices: {', '.join(AMP_MODES)}")
     if variant.layer_ckpt or variant.step_ckpt:
         return False, NO_CKPT
     if peer == "torchopt" and (variant.learn_lr or variant.lr_per_step):
         return False, NO_LEARN_LR
+    if amp == "fp16":
+        return False, NO_FP16
     return True, ""
 
 
@@ -93,12 +103,12 @@ def cell_name(peer: str, variant: "Variant | str") -> str:
     return f"{peer}:{variant if isinstance(variant, str) else variant.name}"
 
 
-def cells(variants: Iterable["Variant"]) -> list[dict[str, object]]:
+def cells(variants: Iterable["Variant"], amp: str = "off") -> list[dict[str, object]]:
     """Every (peer, variant) cell with ``supported`` and ``reason``; unsupported ones are listed, not dropped."""
     out = []
     for v in variants:
         for peer in PEERS:
-            ok, reason = supports(peer, v)
+            ok, reason = supports(peer, v, amp)
             if ok:
                 present, why = available(peer)
                 if not present:
@@ -128,8 +138,16 @@ class _Peer(nn.Module):
     def task_loss(self, task: Task) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def meta_gradients(self, tasks: Iterable[Task]) -> tuple[dict[str, Tensor], float]:
+    def _loss(self, forward: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> Tensor:
+        """Forward and loss under the cell's autocast (bf16), as a user of the peer would wrap them."""
+        amp_dtype = AMP_MODES[self.cfg.amp]
+        with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            return self.loss_fn(forward(x), y)
+
+    def meta_gradients(self, tasks: Iterable[Task], loss_scale: float = 1.0) -> tuple[dict[str, Tensor], float]:
         """Mean-over-tasks meta-gradients, one outer backward per task (as the engine), and mean query loss."""
+        if loss_scale != 1.0:
+            raise ConfigError(f"{self.name}: {NO_FP16}")
         params = self.meta_parameters()
         total: dict[str, Tensor] = {k: torch.zeros_like(p) for k, p in params.items()}
         losses: list[float] = []
@@ -144,9 +162,9 @@ class _Peer(nn.Module):
             losses.append(loss.detach().item() * len(tasks))
         return total, sum(losses) / len(losses)
 
-    def step(self, tasks: Iterable[Task]) -> float:
+    def step(self, tasks: Iterable[Task], loss_scale: float = 1.0) -> float:
         """Fill ``.grad`` of the meta-parameters for one outer step; returns the mean query loss."""
-        grads, loss = self.meta_gradients(tasks)
+        grads, loss = self.meta_gradients(tasks, loss_scale)
         for (k, p), g in zip(self.meta_parameters().items(), grads.values()):
             p.grad = g if p.grad is None else p.grad + g
         return loss
@@ -180,10 +198,10 @@ class HigherPeer(_Peer):
         with self._higher.innerloop_ctx(self.model, opt, copy_initial_weights=False, track_higher_grads=True,
                                         override=self._override(lrs, 0)) as (fmodel, diffopt):
             for k in range(self.cfg.inner_steps):
-                support = self.loss_fn(fmodel(task.support_x), task.support_y)
+                support = self._loss(fmodel, task.support_x, task.support_y)
                 diffopt.step(support, override=self._override(lrs, k) if per_step else None,
                              grad_callback=callback)
-            query = self.loss_fn(fmodel(task.query_x), task.query_y)
+            query = self._loss(fmodel, task.query_x, task.query_y)
             self._write_back_buffers(fmodel)
             return query
 
@@ -216,16 +234,18 @@ class TorchoptPeer(_Peer):
         else:
             inner = to.FuncOptimizer(to.sgd(lr=self.cfg.inner_lr), inplace=False)
         for _ in range(self.cfg.inner_steps):
-            bound = {**weights, **dict(zip(self.adapted, fast))}
-            support = self.loss_fn(functional_call(self.model, bound, (task.support_x,), strict=False), task.support_y)
+            support = self._loss(self._bind(weights, fast), task.support_x, task.support_y)
             if self.cfg.first_order:
                 grads = torch.autograd.grad(support, fast, create_graph=False, allow_unused=True)
                 updates, state = impl.update(grads, state, params=fast, inplace=False)
                 fast = tuple(to.apply_updates(fast, updates, inplace=False))
             else:
                 fast = tuple(inner.step(support, fast))
+        return self._loss(self._bind(weights, fast), task.query_x, task.query_y)
+
+    def _bind(self, weights: Mapping[str, Tensor], fast: tuple[Tensor, ...]) -> Callable[[Tensor], Tensor]:
         bound = {**weights, **dict(zip(self.adapted, fast))}
-        return self.loss_fn(functional_call(self.model, bound, (task.query_x,), strict=False), task.query_y)
+        return lambda x: functional_call(self.model, bound, (x,), strict=False)
 
 
 _CLASSES = {"higher": HigherPeer, "torchopt": TorchoptPeer}
@@ -237,7 +257,7 @@ def build_peer(peer: str, variant: "Variant", exp: "Experiment") -> _Peer:
     Raises :class:`ConfigError` with the reason when the peer cannot express the
     variant or is not installed.
     """
-    ok, reason = supports(peer, variant)
+    ok, reason = supports(peer, variant, exp.learner.cfg.amp)
     if not ok:
         raise ConfigError(f"{cell_name(peer, variant)} is unsupported: {reason}")
     present, why = available(peer)

@@ -237,3 +237,23 @@ def test_peer_agreement_against_our_reference_leaves_buffers(peer: str) -> None:
     agree = peer_agreement(build_peer(peer, registry()["fo"], exp), exp, tasks)
     assert agree["w_rel_err"] <= TOL and agree["lr_rel_err"] is None
     assert all(torch.equal(b, before[n]) for n, b in exp.learner.named_buffers())
+
+
+@pytest.mark.parametrize("peer", PEERS)
+def test_bf16_peer_cell_matches_ours_and_fp16_is_unsupported(peer: str) -> None:
+    _need(peer)
+    assert supports(peer, registry()["maml"], "fp16")[0] is False
+    exp = _exp("fo", "resmlp", inner_steps=2)
+    exp.learner.cfg = replace(exp.learner.cfg, amp="bf16")
+    exp.learner.float()
+    tasks = [t.to("cpu", torch.float32) for t in exp.sample()]
+    buffers = {n: b.clone() for n, b in exp.learner.named_buffers()}
+    ours, _ = exp.learner.meta_gradients(tasks)
+    _restore(exp, buffers)
+    theirs, _ = build_peer(peer, registry()["fo"], exp).meta_gradients(tasks)
+    assert agreement(ours, theirs)["w_rel_err"] <= 1e-6
+    fp32, _ = exp.reference_learner(amp="off").meta_gradients(tasks)
+    assert agreement(theirs, fp32)["w_rel_err"] > 1e-6  # bf16 really ran in bf16
+    exp.learner.cfg = replace(exp.learner.cfg, amp="fp16")
+    with pytest.raises(ConfigError, match="fp16"):
+        build_peer(peer, registry()["fo"], exp)
