@@ -310,6 +310,7 @@ def run_ablation(spec: AblationSpec, results_root: Path = Path("results"), plots
             torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
     train_s = time.perf_counter() - start
     summary = summarise(spec, cells_plan, cells)
+    summary["cells_wall_s"] = sum(c["wall_s"] for c in cells.values())
     summary.update({"schema": SCHEMA_VERSION, "kind": "ablation", "run_id": spec.run_id, "command": command,
                     "config": {**asdict(spec), "variants": list(spec.variants),
                                "task_overrides": spec.fingerprint()["task_overrides"], "threads": threads},
@@ -475,8 +476,9 @@ def write_report(summary: dict[str, Any], out: Path, plots: Path) -> None:
             "Curves: " + ", ".join(f"[{p.name}]({Path(os.path.relpath(p, out)).as_posix()})" for p in plot_paths), "",
             f"Environment: torch {env['torch']}, {env['cpu']}, {env['host']}, commit {env['git_commit']}"
             f"{' (dirty)' if env['git_dirty'] else ''}, {env['utc']}; "
-            f"{summary['trained_cells']} cells trained in {summary['train_wall_s']:.1f} s, "
-            f"{summary['reused_cells']} reused.", ""]
+            f"this invocation trained {summary['trained_cells']} cells in {summary['train_wall_s']:.1f} s "
+            f"and reused {summary['reused_cells']}; the cells' own training + evaluation time sums to "
+            f"{summary['cells_wall_s']:.1f} s.", ""]
     write_text_atomic(out / "table.md", "\n".join(text))
     write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "curves"})
 
