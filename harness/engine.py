@@ -300,7 +300,9 @@ def agreement(grads: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> d
         if not b:
             out[f"{part}_rel_err"] = out[f"{part}_cosine"] = None
             continue
-        fa, fb = _flat(a), _flat(b)
+        if set(a) != set(b):
+            raise ValueError(f"agreement: gradient keys differ: {sorted(set(a) ^ set(b))}")
+        fa, fb = _flat({k: a[k] for k in b}), _flat(b)  # pair by name, not by dict order
         ref_norm, diff = fb.norm().item(), (fa - fb).norm().item()
         out[f"{part}_rel_err"] = diff / ref_norm if ref_norm > 0 else diff
         denom = fa.norm().item() * ref_norm
