@@ -1,0 +1,118 @@
+"""Claims: every cell runs isolated with a status (ok/oom/error/timeout/unsupported), the matrix goes on
+after a fault, results carry provenance, and re-running resumes (skips finished cells unless --force)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import cells as C
+from harness.cells import Cell, MeasureOptions, load_rows, run_cell, run_cell_inline, run_matrix
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = {"width": 16, "depth": 2, "task.sequences": 2, "task.tokens": 4}
+FAST = MeasureOptions(warmup=0, repeats=1, timeout_s=120, nvml=False, threads=1)
+
+
+def harness(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+
+
+def bench_args(out: Path, variants: str, *extra: str) -> list[str]:
+    sets = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
+    return ["bench", "--device", "cpu", "--variants", variants, *sets, "--warmup", "0", "--repeats", "1",
+            "--threads", "1", "--out", str(out), "--run-id", "r", "--no-plots", *extra]
+
+
+def test_oom_cell_is_recorded_and_the_matrix_goes_on_then_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    r = harness(*bench_args(out, "maml,ckpt_fo", "--cpu-mem-cap", "maml=0.001"))
+    assert r.returncode == 0, r.stderr
+    rows = {row["variant"]: row for row in load_rows(out / "r")}
+    assert rows["maml"]["status"] == "oom" and "MemoryError" in rows["maml"]["message"]
+    ok = rows["ckpt_fo"]
+    assert ok["status"] == "ok" and ok["memory"]["cpu_peak_alloc_mib"] > 0 and ok["time"]["count"] == 1
+    assert ok["agreement"]["w_rel_err"] == 0.0 and ok["agreement"]["lr_rel_err"] is None
+    assert ok["flags"]["layer_ckpt"] and ok["final_query_loss"] is not None
+    for key in ("python", "torch", "cuda", "cudnn", "gpu", "driver", "host", "git_commit", "git_dirty", "utc"):
+        assert key in ok["env"]
+    for name in ("summary.csv", "table.md"):
+        assert (out / "r" / name).is_file()
+
+    # an interrupted run: one finished row is missing; the re-run completes only that cell
+    path = out / "r" / "cells.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text(lines[1] + "\n")
+    r = harness(*bench_args(out, "maml,ckpt_fo", "--cpu-mem-cap", "maml=0.001"))
+    assert r.returncode == 0, r.stderr
+    assert "skipping 1 finished cell(s), running 1" in r.stderr
+    again = {row["variant"]: row for row in load_rows(out / "r")}
+    assert again["ckpt_fo"]["env"]["utc"] == ok["env"]["utc"]  # untouched
+    assert again["maml"]["status"] == "oom"
+    assert [row["variant"] for row in load_rows(out / "r")] == ["maml", "ckpt_fo"]  # matrix order kept
+
+
+def test_resume_and_force_with_a_fake_cell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[str] = []
+
+    def fake(cell: Cell, opts: MeasureOptions) -> dict:
+        ran.append(cell.variant)
+        row = C.base_row(cell)
+        row.update(status="ok", env={})
+        return row
+
+    monkeypatch.setattr(C, "run_cell", fake)
+    cells = [Cell(v, "quick") for v in ("maml", "fo", "lr")]
+    run_matrix(cells[:2], tmp_path / "x", FAST, progress=False)
+    run_matrix(cells, tmp_path / "x", FAST, progress=False)
+    assert ran == ["maml", "fo", "lr"]
+    run_matrix(cells, tmp_path / "x", FAST, progress=False, force=True)
+    assert ran[3:] == ["maml", "fo", "lr"]
+    assert [r["variant"] for r in load_rows(tmp_path / "x")] == ["maml", "fo", "lr"]
+    assert not list((tmp_path / "x").glob(".*tmp"))  # atomic writes leave no temporary files
+
+
+def test_timeout_marks_the_cell(tmp_path: Path) -> None:
+    row = run_cell(Cell("maml", "quick"), MeasureOptions(timeout_s=0.2))
+    assert row["status"] == "timeout" and "0.2 s" in row["message"] and row["env"]["git_commit"] is not None
+
+
+def test_exception_is_an_error_with_its_message() -> None:
+    row = run_cell_inline(Cell("maml", "cpu-bench", settings={**TINY, "model.bogus": 1}), FAST)
+    assert row["status"] == "error" and "TypeError" in row["message"] and "bogus" in row["message"]
+
+
+def test_inline_cell_ok_and_unknown_peer_unsupported() -> None:
+    row = run_cell_inline(Cell("ckpt_lr", "cpu-bench", settings={**TINY, "inner_steps": 1}), FAST)
+    assert row["status"] == "ok", row["message"]
+    assert row["sizes"]["inner_steps"] == 1 and row["agreement"]["lr_rel_err"] is not None
+    row = run_cell_inline(Cell("nopeer:maml", "quick"), FAST)
+    assert row["status"] == "unsupported" and "nopeer" in row["message"]
+
+
+def test_pluggable_builder(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = {}
+
+    def build(peer, variant, exp):
+        seen["args"] = (peer, variant.name)
+        return exp.learner  # any object with meta_gradients/step/parameters
+
+    monkeypatch.setitem(C.BUILDERS, "mine", build)
+    row = run_cell_inline(Cell("mine:fo", "cpu-bench", settings=TINY), FAST)
+    assert row["status"] == "ok" and seen["args"] == ("mine", "fo") and row["agreement"]["w_rel_err"] == 0.0
+
+
+def test_cells_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(C.ResultsError, match="no such results file"):
+        load_rows(tmp_path / "missing")
+    bad = tmp_path / "cells.jsonl"
+    bad.write_text(json.dumps({"schema": 1, "key": "k", "variant": "maml", "status": "ok"}) + "\n{\"schema\": 1, \"ke")
+    with pytest.raises(C.ResultsError, match="truncated"):
+        load_rows(bad)
+    bad.write_text(json.dumps({"schema": 99, "key": "k", "variant": "maml", "status": "ok"}) + "\n")
+    with pytest.raises(C.ResultsError, match="schema version 99"):
+        load_rows(tmp_path)
