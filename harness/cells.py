@@ -289,7 +289,7 @@ def _env(cell: Cell) -> dict[str, Any]:
 def load_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a ``cells.jsonl`` (or a run directory); :class:`ResultsError` naming the file on bad input."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() or path.suffix != ".jsonl":
         path = path / "cells.jsonl"
     if not path.is_file():
         raise ResultsError(f"{path}: no such results file (expected a run directory with cells.jsonl)")

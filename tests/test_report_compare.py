@@ -1,0 +1,152 @@
+"""Claims: report writes summary.csv, table.md (ratios vs maml) and PNG plots; compare exits 1 with a
+per-cell diff when the CPU memory figure rises by more than 5% or the gradient error crosses its
+threshold, 0 otherwise, warns on different environments; bad input is one line, exit 2."""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import report
+from harness.cells import Cell, base_row
+from harness.compare import Thresholds, compare, parse_fail
+from harness.engine import ConfigError
+from harness.results import write_jsonl
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {"python": "3.x", "torch": "2.x", "cuda": None, "cudnn": None, "gpu": None, "driver": None, "cpu": "x86_64",
+       "threads": 2, "platform": "linux", "host": "h", "git_commit": "abc", "git_dirty": False, "utc": "now"}
+
+
+def rows(mem: dict[str, float] | None = None, err: float = 0.0) -> list[dict]:
+    out = []
+    for i, (v, m) in enumerate((mem or {"maml": 2.0, "fo": 1.0, "ckpt_fo": 0.8, "lr": 2.2}).items()):
+        r = base_row(Cell(v, "cpu-bench", settings={"width": 16}))
+        r.update(status="ok", memory={"cpu_peak_alloc_mib": m}, env=dict(ENV), final_query_loss=0.5,
+                 time={"median_ms": 10.0 + i, "iqr_ms": 0.5, "min_ms": 9.0, "count": 3, "noisy": False},
+                 agreement={"w_rel_err": err, "w_cosine": 1.0, "lr_rel_err": err if "lr" in v else None,
+                            "lr_cosine": 1.0 if "lr" in v else None})
+        out.append(r)
+    return out
+
+
+def write_run(d: Path, rs: list[dict]) -> Path:
+    write_jsonl(d / "cells.jsonl", rs)
+    return d
+
+
+def harness(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_report_tables_and_plots(tmp_path: Path) -> None:
+    rs = rows()
+    rs.append(base_row(Cell("ckpt", "cpu-bench", settings={"width": 16})))
+    rs[-1].update(status="oom", message="MemoryError: cap", env=dict(ENV))
+    run = write_run(tmp_path / "results" / "r1", rs)
+    out = report.build(run)
+    table = list(csv.DictReader(out["summary"].open()))
+    by = {t["variant"]: t for t in table}
+    assert float(by["fo"]["mem_vs_maml"]) == pytest.approx(0.5) and float(by["maml"]["time_vs_maml"]) == 1.0
+    assert by["ckpt"]["status"] == "oom" and by["ckpt"]["mem_vs_maml"] == ""
+    md = out["table"].read_text()
+    assert "| fo |" in md and "0.500x" in md and "MemoryError" in md
+    names = sorted(p.name for p in out["plots"])
+    assert names == ["grad_error.png", "memory.png", "pareto.png", "time.png"]
+    assert all((tmp_path / "plots" / "r1" / n).read_bytes()[:4] == b"\x89PNG" for n in names)
+
+
+def test_sweep_plots(tmp_path: Path) -> None:
+    rs = []
+    for k in (1, 2, 4):
+        for r in rows({"lr": 1.0 * k, "sckpt_lr": 0.5 * k}):
+            r["settings"] = {"inner_steps": k}
+            r["key"] = Cell(r["variant"], "cpu-bench", settings={"inner_steps": k}).key()
+            r["sweep_param"] = "inner_steps"
+            rs.append(r)
+    out = report.build(write_run(tmp_path / "results" / "s", rs))
+    assert sorted(p.name for p in out["plots"]) == ["sweep_memory.png", "sweep_time.png"]
+
+
+def test_compare_passes_on_identical_and_small_changes(tmp_path: Path) -> None:
+    base = write_run(tmp_path / "base", rows())
+    new = write_run(tmp_path / "new", rows({"maml": 2.09, "fo": 1.0, "ckpt_fo": 0.8, "lr": 2.2}, err=5e-7))
+    regressions, warnings, lines = compare(base, new, parse_fail(["mem:5%", "grad:1e-6"]))
+    assert regressions == [] and warnings == [] and any("+4.50%" in ln for ln in lines)
+
+
+def test_compare_fails_when_memory_rises_more_than_5_percent(tmp_path: Path) -> None:
+    base = write_run(tmp_path / "base", rows())
+    new = write_run(tmp_path / "new", rows({"maml": 2.0, "fo": 1.06, "ckpt_fo": 0.8, "lr": 2.2}))
+    r = harness("compare", str(base), str(new), "--fail", "mem:5%", "--fail", "grad:1e-6")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "FAIL fo on cpu-bench [width=16]" in r.stdout and "memory rose +6.00% > 5.00%" in r.stdout
+    assert "ckpt_fo" not in r.stdout.split("REGRESSION")[1]
+
+
+def test_compare_fails_when_the_gradient_error_crosses_its_threshold(tmp_path: Path) -> None:
+    base = write_run(tmp_path / "base", rows())
+    new_rows = rows()
+    new_rows[3]["agreement"]["lr_rel_err"] = 2e-6  # lr: LR meta-gradients off
+    new = write_run(tmp_path / "new", new_rows)
+    regressions, _, _ = compare(base, new, parse_fail(["mem:5%", "grad:1e-6"]))
+    assert regressions == ["lr on cpu-bench [width=16]: lr meta-gradient rel. error 2e-06 > 1e-06"]
+    new_rows[3]["agreement"]["lr_rel_err"] = "nan"  # NaN stored as a string by results._clean
+    regressions, _, _ = compare(base, write_run(tmp_path / "new2", new_rows), parse_fail(["grad:1e-6"]))
+    assert len(regressions) == 1
+
+
+def test_compare_status_change_missing_cell_and_env_warning(tmp_path: Path) -> None:
+    base = write_run(tmp_path / "base", rows())
+    new_rows = rows()
+    new_rows[0].update(status="oom", message="MemoryError")
+    del new_rows[1]
+    for r in new_rows:
+        r["env"]["torch"] = "9.9"
+    regressions, warnings, _ = compare(base, write_run(tmp_path / "new", new_rows), Thresholds(mem=0.05))
+    assert any("status ok -> oom" in r for r in regressions) and any("missing" in r for r in regressions)
+    assert warnings == ["environments differ: torch: 2.x -> 9.9"]
+
+
+@pytest.mark.parametrize("expr", ["mem", "mem:x", "speed:5%", "grad:1e-6%", "mem:-1%"])
+def test_malformed_fail_lists_accepted(expr: str) -> None:
+    with pytest.raises(ConfigError, match="accepted --fail expressions: mem:"):
+        parse_fail([expr])
+
+
+def test_parse_fail() -> None:
+    assert parse_fail(["mem:5%", "grad:1e-6", "time:0.2"]) == Thresholds(mem=0.05, grad=1e-6, time=0.2)
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
+    good = write_run(tmp_path / "good", rows())
+    trunc = tmp_path / "trunc"
+    trunc.mkdir()
+    text = (good / "cells.jsonl").read_text()
+    (trunc / "cells.jsonl").write_text(text[: len(text) // 2])
+    other = write_run(tmp_path / "other", [{**r, "schema": 0} for r in rows()])
+    cases = [
+        (["compare", str(tmp_path / "missing"), str(good)], "missing/cells.jsonl"),
+        (["compare", str(good), str(trunc)], "trunc/cells.jsonl"),
+        (["compare", str(other), str(good), "--fail", "mem:5%"], "other/cells.jsonl: line 1 has schema version 0"),
+        (["report", str(trunc)], "trunc/cells.jsonl"),
+        (["compare", str(good), str(good), "--fail", "mem=5"], "accepted --fail expressions"),
+        (["sweep", "--variant", "fo", "--param", "heads=1,2"], "accepted: inner_steps, meta_batch, depth, width"),
+    ]
+    for args, needle in cases:
+        r = harness(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_report_command_rebuilds(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "results" / "r2", rows())
+    r = harness("report", str(run), "--no-plots")
+    assert r.returncode == 0, r.stderr
+    assert "| maml |" in r.stdout and (run / "summary.csv").is_file()
