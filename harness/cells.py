@@ -108,6 +108,8 @@ class Cell:
         for k, v in self.settings.items():
             if k in SPEC_SETTINGS:
                 spec[k] = int(v)
+            elif k == "amp":
+                spec[k] = str(v)
             elif k in MODEL_SETTINGS:
                 model[k] = v
             elif k.startswith("model."):
@@ -185,7 +187,8 @@ def run_cell_inline(cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
         tasks = exp.sample()
         row["agreement"] = (loop.check_agreement(exp, tasks) if cell.peer is None
                             else _agreement(learner, exp, tasks))
-        step = measure.StepRunner(learner, exp.sizes["outer_lr"], exp.sample)
+        scaler = exp.new_scaler() if hasattr(exp, "new_scaler") else None
+        step = measure.StepRunner(learner, exp.sizes["outer_lr"], exp.sample, scaler=scaler)
         cap = int(opts.cpu_mem_cap_mib * measure.MIB) if opts.cpu_mem_cap_mib is not None else None
         m = measure.measure(step, cell.device, warmup=opts.warmup, repeats=opts.repeats, nvml=opts.nvml,
                             cap_bytes=cap)

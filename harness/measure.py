@@ -216,6 +216,7 @@ class StepRunner:
     learner: Any
     outer_lr: float
     sample: Callable[[], list[Task]]
+    scaler: Any = None  # torch.amp.GradScaler for fp16 autocast (as loop.meta_step)
     losses: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -223,10 +224,19 @@ class StepRunner:
 
     def __call__(self, tasks: list[Task]) -> float:
         self.opt.zero_grad(set_to_none=True)
-        loss = float(self.learner.step(tasks))
+        if self.scaler is None:
+            loss = float(self.learner.step(tasks))
+        else:
+            dev = next(iter(self.learner.parameters())).device
+            scale = self.scaler.scale(torch.ones((), device=dev)).item()
+            loss = float(self.learner.step(tasks, loss_scale=scale))
         if not math.isfinite(loss):
             raise Diverged(f"meta-loss became {loss} at meta-step {len(self.losses)}")
-        self.opt.step()
+        if self.scaler is None:
+            self.opt.step()
+        else:
+            self.scaler.step(self.opt)
+            self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
         self.losses.append(loss)
         return loss

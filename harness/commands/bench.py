@@ -30,7 +30,7 @@ def add_matrix_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="re-run cells that already have a result")
     p.add_argument("--timeout", type=float, default=300.0, help="per-cell time limit in seconds (default 300)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up meta-steps per cell (default 1)")
-    p.add_argument("--repeats", type=int, default=5, help="timed meta-steps per cell (default 5)")
+    p.add_argument("--repeats", type=int, default=None, help="timed meta-steps per cell (default 5 on CUDA, 3 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per cell (default: torch's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=f"cell setting: {', '.join(SPEC_SETTINGS + MODEL_SETTINGS)}, model.<kw> or task.<kw>")
@@ -100,6 +100,10 @@ def matrix_common(args: argparse.Namespace) -> tuple[str, str, dict[str, Any], M
         settings["inner_steps"] = args.inner_steps
     if args.meta_batch is not None:
         settings["meta_batch"] = args.meta_batch
+    if getattr(args, "amp", "off") != "off":
+        settings["amp"] = args.amp
+    if args.repeats is None:
+        args.repeats = 5 if device == "cuda" else 3
     if args.timeout <= 0 or args.repeats < 1 or args.warmup < 0:
         raise ConfigError("--timeout must be > 0, --repeats >= 1, --warmup >= 0")
     opts = MeasureOptions(warmup=args.warmup, repeats=args.repeats, timeout_s=args.timeout,

@@ -16,6 +16,8 @@ import torch
 from tqdm import tqdm
 
 from harness.loop import DEVICES, DTYPES, Diverged, Experiment, RunSpec, TrainLog, check_agreement, train
+from harness.engine import ConfigError
+from harness.measure import MIB, StepRunner, measure_cpu_memory, noise_warning, snapshot_meta_step, time_stats
 from harness.provenance import environment
 from harness.results import SCHEMA_VERSION, write_json
 
@@ -44,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_spec_arguments(p)
     p.add_argument("--meta-steps", type=int, default=None, help="meta-training steps (default: the preset's)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument("--memory-snapshot", type=Path, default=None, metavar="PATH",
+                   help="CUDA only: record the allocator history over one meta-step and dump a snapshot "
+                        "(open it at https://pytorch.org/memory_viz)")
     p.set_defaults(handler=run)
 
 
@@ -51,26 +56,43 @@ def run(args: argparse.Namespace) -> int:
     spec = RunSpec(variant=args.variant, preset=args.preset or "quick", device=args.device or default_device(),
                    dtype=args.dtype, inner_steps=args.inner_steps, meta_batch=args.meta_batch,
                    meta_steps=args.meta_steps, seed=args.seed, amp=args.amp)
+    if args.memory_snapshot is not None and spec.device != "cuda":
+        raise ConfigError("--memory-snapshot needs CUDA (it records the CUDA allocator history); "
+                          f"this run is on {spec.device}")
     exp = Experiment(spec)
     steps = exp.sizes["meta_steps"]
     agree = check_agreement(exp, exp.sample())
+    memory = side_measurements(exp, args.memory_snapshot)
     status, message, log = "ok", None, TrainLog([])
     start = time.perf_counter()
+    stamps = [start]
+    if spec.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        cuda_base = torch.cuda.memory_allocated()
     bar = tqdm(total=steps, desc=f"{spec.variant} on {spec.preset}", unit="step", file=sys.stderr,
                disable=None, leave=False)
     try:
-        log = train(exp, steps, on_step=lambda i, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.4g}")))
+        log = train(exp, steps, on_step=lambda i, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.4g}"),
+                                                         stamps.append(_now(spec.device))))
     except Diverged as exc:
         status, message = "diverged", str(exc)
     finally:
         bar.close()
     wall_s = time.perf_counter() - start
+    if spec.device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+        memory.update(cuda_peak_alloc_mib=peak / MIB, cuda_peak_alloc_above_base_mib=(peak - cuda_base) / MIB,
+                      cuda_peak_reserved_mib=torch.cuda.max_memory_reserved() / MIB)
+    step_s = [b - a for a, b in zip(stamps, stamps[1:])][1:]  # the first meta-step is the warm-up
+    timing = time_stats(step_s)
     losses = log.losses
     result = {
         "schema": SCHEMA_VERSION, "kind": "run", "status": status, "message": message,
         "spec": {**spec.__dict__, **exp.sizes}, "variant": {"name": exp.variant.name, **exp.variant.flags},
         "agreement": agree, "query_loss": losses, "final_query_loss": losses[-1] if losses else None,
-        "skipped_steps": log.skipped_steps, "wall_s": wall_s, "env": environment(spec.device),
+        "skipped_steps": log.skipped_steps, "wall_s": wall_s, "memory": memory, "time": timing,
+        "env": environment(spec.device),
     }
     path = write_json(args.out / f"{spec.variant}_{spec.preset}_{spec.device}_{spec.dtype}{'' if spec.amp == 'off' else '_' + spec.amp}_s{spec.seed}.json", result)
     w, lr = agree["w_rel_err"], agree["lr_rel_err"]
@@ -82,7 +104,48 @@ def run(args: argparse.Namespace) -> int:
               f"cosine {agree['fp32_w_cosine']:.6f}; skipped meta-steps {log.skipped_steps}")
     if losses:
         print(f"  query loss {losses[0]:.4g} -> {losses[-1]:.4g} over {len(losses)} meta-steps in {wall_s:.2f} s")
+    mem_line = f"  memory: CPU peak live {memory['cpu_peak_alloc_mib']:.4g} MiB per meta-step (deterministic)"
+    if "cuda_peak_alloc_mib" in memory:
+        mem_line += (f"; CUDA peak allocated {memory['cuda_peak_alloc_mib']:.1f} MiB "
+                     f"({memory['cuda_peak_alloc_above_base_mib']:.1f} above base)")
+    print(mem_line)
+    if timing["count"]:
+        print(f"  time per meta-step: median {timing['median_ms']:.2f} ms, IQR {timing['iqr_ms']:.2f} ms, "
+              f"min {timing['min_ms']:.2f} ms over {timing['count']} steps (after 1 warm-up)")
+        warn = noise_warning(timing, spec.variant)
+        if warn:
+            print(f"  {warn}")
+    if memory.get("snapshot"):
+        print(f"  wrote CUDA memory snapshot {memory['snapshot']}")
     if message:
         print(f"  {message}")
     print(f"  wrote {path}")
     return 0 if status == "ok" else 1
+
+
+def _now(device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def side_measurements(exp: Experiment, snapshot: Path | None) -> dict:
+    """The deterministic CPU memory figure of one meta-step (and the CUDA snapshot), on a copy of the
+    learner and of the task stream, so the training run itself is unchanged."""
+    import copy
+
+    learner = copy.deepcopy(exp.learner)
+    gen = torch.Generator().manual_seed(0)
+    gen.set_state(exp.gen.get_state())
+
+    def sample() -> list:
+        return [t.to(exp.device, exp.spec.torch_dtype) for t in exp.task.sample(exp.sizes["meta_batch"], gen)]
+
+    state = torch.get_rng_state()
+    scaler = exp.new_scaler() if hasattr(exp, "new_scaler") else None
+    step = StepRunner(learner, exp.sizes["outer_lr"], sample, scaler=scaler)
+    out: dict = measure_cpu_memory(step, sample())
+    if snapshot is not None:
+        out["snapshot"] = snapshot_meta_step(step, snapshot, exp.device)
+    torch.set_rng_state(state)
+    return out
