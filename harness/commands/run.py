@@ -56,13 +56,14 @@ def run(args: argparse.Namespace) -> int:
     spec = RunSpec(variant=args.variant, preset=args.preset or "quick", device=args.device or default_device(),
                    dtype=args.dtype, inner_steps=args.inner_steps, meta_batch=args.meta_batch,
                    meta_steps=args.meta_steps, seed=args.seed, amp=args.amp)
-    if args.memory_snapshot is not None and spec.device != "cuda":
+    snapshot = getattr(args, "memory_snapshot", None)
+    if snapshot is not None and spec.device != "cuda":
         raise ConfigError("--memory-snapshot needs CUDA (it records the CUDA allocator history); "
                           f"this run is on {spec.device}")
     exp = Experiment(spec)
     steps = exp.sizes["meta_steps"]
     agree = check_agreement(exp, exp.sample())
-    memory = side_measurements(exp, args.memory_snapshot)
+    memory = side_measurements(exp, snapshot)
     status, message, log = "ok", None, TrainLog([])
     start = time.perf_counter()
     stamps = [start]
@@ -143,7 +144,7 @@ def side_measurements(exp: Experiment, snapshot: Path | None) -> dict:
 
     state = torch.get_rng_state()
     scaler = exp.new_scaler() if hasattr(exp, "new_scaler") else None
-    step = StepRunner(learner, exp.sizes["outer_lr"], sample, scaler=scaler)
+    step = StepRunner(learner, exp.sizes["outer_lr"], sample, scaler=scaler, check_finite=False)
     out: dict = measure_cpu_memory(step, sample())
     if snapshot is not None:
         out["snapshot"] = snapshot_meta_step(step, snapshot, exp.device)
