@@ -55,7 +55,9 @@ def test_checkpointing_lowers_the_cpu_figure(plain: str, ckpt: str) -> None:
 
 def test_step_checkpointing_order_at_more_inner_steps() -> None:
     figs = {v: cpu_figure(v, inner_steps=3) for v in ("lr", "ckpt_lr", "sckpt_lr", "ckpt_sckpt_lr")}
-    assert figs["lr"] > figs["ckpt_lr"] > figs["sckpt_lr"] >= figs["ckpt_sckpt_lr"], figs
+    # layer checkpoints inside step checkpoints change the peak by < 1% either way (measured)
+    assert figs["lr"] > figs["ckpt_lr"] > figs["sckpt_lr"] and figs["ckpt_sckpt_lr"] <= 1.01 * figs["sckpt_lr"], figs
+    assert figs["sckpt_lr"] < 0.9 * figs["ckpt_lr"], figs
 
 
 def test_time_stats_and_noise_warning() -> None:

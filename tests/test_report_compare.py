@@ -150,3 +150,15 @@ def test_report_command_rebuilds(tmp_path: Path) -> None:
     r = harness("report", str(run), "--no-plots")
     assert r.returncode == 0, r.stderr
     assert "| maml |" in r.stdout and (run / "summary.csv").is_file()
+
+
+def test_sweep_command_writes_scaling_curves(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    r = harness("sweep", "--variant", "sckpt_lr", "--param", "inner_steps=1,3", "--device", "cpu", "--set", "width=16",
+                "--set", "depth=2", "--set", "task.sequences=2", "--set", "task.tokens=8", "--warmup", "0",
+                "--repeats", "1", "--threads", "1", "--out", str(out), "--run-id", "sw")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (out / "sw" / "cells.jsonl").read_text().splitlines()]
+    assert [row["settings"]["inner_steps"] for row in rows] == [1, 3] and all(x["status"] == "ok" for x in rows)
+    assert rows[1]["memory"]["cpu_peak_alloc_mib"] > rows[0]["memory"]["cpu_peak_alloc_mib"]
+    assert (tmp_path / "plots" / "sw" / "sweep_memory.png").is_file() and (tmp_path / "plots" / "sw" / "sweep_time.png").is_file()
