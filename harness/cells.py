@@ -359,5 +359,7 @@ def run_matrix(cells: Iterable[Cell], run_dir: Path, opts: MeasureOptions | Call
     return [rows[k] for k in order if k in rows]
 
 
-if __name__ == "__main__":
-    raise SystemExit(_child_main(sys.argv[1:]))
+if __name__ == "__main__":  # run in the importable module, so BUILDERS registered by plugins are the ones used
+    from harness.cells import _child_main as _main
+
+    raise SystemExit(_main(sys.argv[1:]))
