@@ -159,7 +159,51 @@ class InnerLRs(nn.Module):
         return lr[step] if self.per_step else lr
 
 
-class MetaLearner(nn.Module):
+class OuterLoop:
+    """Outer-loop plumbing shared by :class:`MetaLearner` and the peers (``harness.peers``).
+
+    Subclasses provide ``meta_parameters()`` and ``task_loss(task, loss_scale)``.
+    """
+
+    def meta_parameters(self) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def task_loss(self, task: Task, loss_scale: float = 1.0) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def meta_gradients(self, tasks: Iterable[Task], loss_scale: float = 1.0) -> tuple[dict[str, Tensor], float]:
+        """Mean-over-tasks meta-gradients (one outer backward per task, to bound memory) and mean query loss.
+
+        Uses ``torch.autograd.grad`` so nothing is accumulated into ``.grad``.  With a
+        ``loss_scale`` (fp16) the returned gradients are those of the *scaled* loss,
+        ready for ``GradScaler.step``; divide by the scale to compare them.
+        """
+        params = self.meta_parameters()
+        total: dict[str, Tensor] = {k: torch.zeros_like(p) for k, p in params.items()}
+        losses: list[float] = []
+        tasks = list(tasks)
+        for task in tasks:
+            loss = self.task_loss(task, loss_scale) / len(tasks)
+            grads = torch.autograd.grad(loss * loss_scale if loss_scale != 1.0 else loss, list(params.values()),
+                                        allow_unused=True)
+            for k, g in zip(params, grads):
+                if g is not None:
+                    total[k] += g
+            losses.append(loss.detach().item() * len(tasks))
+        return total, sum(losses) / len(losses)
+
+    def step(self, tasks: Iterable[Task], loss_scale: float = 1.0) -> float:
+        """Fill ``.grad`` of the meta-parameters for one outer step; returns the mean query loss.
+
+        With fp16, pass ``scaler.get_scale()`` and finish with ``scaler.step(opt); scaler.update()``.
+        """
+        grads, loss = self.meta_gradients(tasks, loss_scale)
+        for (k, p), g in zip(self.meta_parameters().items(), grads.values()):
+            p.grad = g if p.grad is None else p.grad + g
+        return loss
+
+
+class MetaLearner(OuterLoop, nn.Module):
     """Initial weights (the model) + learnable LRs, and the functional inner/outer loop."""
 
     def __init__(self, model: nn.Module, cfg: MetaConfig, loss_fn: LossFn) -> None:
@@ -248,37 +292,6 @@ class MetaLearner(nn.Module):
         if self.lrs is not None:
             out.update({f"lr.{k}": p for k, p in self.lrs.raw.items()})
         return out
-
-    def meta_gradients(self, tasks: Iterable[Task], loss_scale: float = 1.0) -> tuple[dict[str, Tensor], float]:
-        """Mean-over-tasks meta-gradients (one outer backward per task, to bound memory) and mean query loss.
-
-        Uses ``torch.autograd.grad`` so nothing is accumulated into ``.grad``.  With a
-        ``loss_scale`` (fp16) the returned gradients are those of the *scaled* loss,
-        ready for ``GradScaler.step``; divide by the scale to compare them.
-        """
-        params = self.meta_parameters()
-        total: dict[str, Tensor] = {k: torch.zeros_like(p) for k, p in params.items()}
-        losses: list[float] = []
-        tasks = list(tasks)
-        for task in tasks:
-            loss = self.task_loss(task, loss_scale) / len(tasks)
-            grads = torch.autograd.grad(loss * loss_scale if loss_scale != 1.0 else loss, list(params.values()),
-                                        allow_unused=True)
-            for k, g in zip(params, grads):
-                if g is not None:
-                    total[k] += g
-            losses.append(loss.detach().item() * len(tasks))
-        return total, sum(losses) / len(losses)
-
-    def step(self, tasks: Iterable[Task], loss_scale: float = 1.0) -> float:
-        """Fill ``.grad`` of the meta-parameters for one outer step; returns the mean query loss.
-
-        With fp16, pass ``scaler.get_scale()`` and finish with ``scaler.step(opt); scaler.update()``.
-        """
-        grads, loss = self.meta_gradients(tasks, loss_scale)
-        for (k, p), g in zip(self.meta_parameters().items(), grads.values()):
-            p.grad = g if p.grad is None else p.grad + g
-        return loss
 
 
 def split_grads(grads: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from harness.ckpt import layer_checkpointing
-from harness.engine import AMP_MODES, ConfigError, MetaConfig, MetaLearner, Task
+from harness.engine import AMP_MODES, ConfigError, MetaConfig, MetaLearner, OuterLoop, Task
 
 if TYPE_CHECKING:  # pragma: no cover
     from harness.loop import Experiment
@@ -118,7 +118,7 @@ def cells(variants: Iterable["Variant"], amp: str = "off") -> list[dict[str, obj
     return out
 
 
-class _Peer(nn.Module):
+class _Peer(OuterLoop, nn.Module):
     """Shared plumbing: the meta-parameters are those of the reference learner (shared, not copied)."""
 
     name = ""
@@ -135,7 +135,7 @@ class _Peer(nn.Module):
     def _lr_values(self) -> dict[str, Tensor] | None:
         return self.learner.lrs.values() if (self.cfg.learn_lr and self.learner.lrs is not None) else None
 
-    def task_loss(self, task: Task) -> Tensor:  # pragma: no cover - abstract
+    def _task_loss(self, task: Task) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _loss(self, forward: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> Tensor:
@@ -144,30 +144,11 @@ class _Peer(nn.Module):
         with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             return self.loss_fn(forward(x), y)
 
-    def meta_gradients(self, tasks: Iterable[Task], loss_scale: float = 1.0) -> tuple[dict[str, Tensor], float]:
-        """Mean-over-tasks meta-gradients, one outer backward per task (as the engine), and mean query loss."""
+    def task_loss(self, task: Task, loss_scale: float = 1.0) -> Tensor:
         if loss_scale != 1.0:
             raise ConfigError(f"{self.name}: {NO_FP16}")
-        params = self.meta_parameters()
-        total: dict[str, Tensor] = {k: torch.zeros_like(p) for k, p in params.items()}
-        losses: list[float] = []
-        tasks = list(tasks)
-        for task in tasks:
-            with layer_checkpointing(False):  # harness.checkpoint in the models: plain calls for peers
-                loss = self.task_loss(task) / len(tasks)
-            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-            for k, g in zip(params, grads):
-                if g is not None:
-                    total[k] += g
-            losses.append(loss.detach().item() * len(tasks))
-        return total, sum(losses) / len(losses)
-
-    def step(self, tasks: Iterable[Task], loss_scale: float = 1.0) -> float:
-        """Fill ``.grad`` of the meta-parameters for one outer step; returns the mean query loss."""
-        grads, loss = self.meta_gradients(tasks, loss_scale)
-        for (k, p), g in zip(self.meta_parameters().items(), grads.values()):
-            p.grad = g if p.grad is None else p.grad + g
-        return loss
+        with layer_checkpointing(False):  # harness.checkpoint in the models: plain calls for peers
+            return self._task_loss(task)
 
 
 def _detach_all(grads: Iterable[Tensor | None]) -> list[Tensor | None]:
@@ -189,7 +170,7 @@ class HigherPeer(_Peer):
         assert self.learner.lrs is not None
         return {"lr": [self.learner.lrs.lookup(lrs, n, k) for n in self.adapted]}
 
-    def task_loss(self, task: Task) -> Tensor:
+    def _task_loss(self, task: Task) -> Tensor:
         named = dict(self.model.named_parameters())
         opt = torch.optim.SGD([{"params": [named[n]]} for n in self.adapted], lr=self.cfg.inner_lr)
         lrs = self._lr_values()
@@ -224,7 +205,7 @@ class TorchoptPeer(_Peer):
         super().__init__(learner, cfg)
         self._torchopt = importlib.import_module("torchopt")
 
-    def task_loss(self, task: Task) -> Tensor:
+    def _task_loss(self, task: Task) -> Tensor:
         to = self._torchopt
         weights: dict[str, Tensor] = dict(self.model.named_parameters())
         fast = tuple(weights[n] for n in self.adapted)
