@@ -195,7 +195,8 @@ class OuterLoop:
     def step(self, tasks: Iterable[Task], loss_scale: float = 1.0) -> float:
         """Fill ``.grad`` of the meta-parameters for one outer step; returns the mean query loss.
 
-        With fp16, pass ``scaler.get_scale()`` and finish with ``scaler.step(opt); scaler.update()``.
+        With fp16, pass the GradScaler's current scale and finish with ``scaler.step(opt); scaler.update()``
+        (``harness.loop.meta_step`` does exactly that).
         """
         grads, loss = self.meta_gradients(tasks, loss_scale)
         for (k, p), g in zip(self.meta_parameters().items(), grads.values()):
