@@ -9,7 +9,11 @@ Two parts:
   (:class:`harness.engine.MetaLearner`).  Every cell is ``ok``, ``raises
   <Exception: first line>`` or ``wrong meta-gradient`` with the weight and LR
   relative errors against the functional float64 non-checkpointed reference
-  of the same variant.
+  of the same variant.  Under mixed precision (``Setup(amp="fp16"|"bf16")``:
+  float32 model and data, autocast, a GradScaler for fp16) the reference is
+  the functional engine's non-checkpointed run *at the same precision*, with
+  the tolerance :data:`AMP_TOL`, and each cell also reports its relative error
+  against the float64 reference.
 * :func:`run_probes` -- small experiments that *measure* the mechanism behind
   each failure (which tensor is saved, which backward modifies it in place,
   which tensors a reentrant checkpoint's recomputation reads), so the
@@ -29,7 +33,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as tuc
 from torch import Tensor, nn
 
-from harness.engine import MetaConfig, MetaLearner, Task, agreement, split_grads
+from harness.engine import AMP_MODES, MetaConfig, MetaLearner, Task, agreement, split_grads
 from harness.seed_engine import SeedConfig, SeedLearner, SeedModel, adapted_modules, lr_key
 from harness.tasks import Sinusoid, mse
 from harness.variants import CANONICAL
@@ -38,6 +42,18 @@ ENGINES = ("seed_reentrant", "seed_non_reentrant", "functional")
 ENGINE_TITLES = {"seed_reentrant": "seed + reentrant ckpt", "seed_non_reentrant": "seed + non-reentrant ckpt",
                  "functional": "functional engine"}
 TOL = 1e-12
+# Under mixed precision, `ok` means: within this relative error of the functional engine's non-checkpointed
+# meta-gradients at the same precision.  Measured on torch 2.14.1 CPU (see docs/diagnosis.md): the correct cells
+# (functional with/without checkpointing, seed maml/fo/ckpt_fo) agree with it exactly (rel err 0: the same ops in
+# the same dtypes, the loss scale a power of two), the wrong seed cells are off by >= 0.12 (w) / 0.83 (lr), as in
+# float64.  1e-3 sits between with three decades of room either way (for kernels that are not bitwise
+# reproducible across calls on a GPU), and it is not the precision's own error: against float64 even the correct
+# cells are off by ~1e-2 (bf16) / ~1e-3 (fp16), which is why the comparison is made at the same precision.
+AMP_TOL = {"fp16": 1e-3, "bf16": 1e-3}
+# fp16 loss scale: GradScaler starts at 2**16 and halves on every step whose gradients overflow (the step is
+# skipped); the diagnosis uses the scale it settles at, the largest power of two <= 2**16 at which the functional
+# non-checkpointed reference is finite (measured: 2**14 on this setup, 2**15 and 2**16 overflow fp16).
+MAX_LOSS_SCALE_EXP, MIN_LOSS_SCALE_EXP = 16, 0
 INPLACE = "one of the variables needed for gradient computation has been modified by an inplace operation"
 
 
@@ -52,14 +68,28 @@ class Setup:
     meta_batch: int = 2
     shots: int = 5
     seed: int = 0
+    amp: str = "off"  # off: float64; fp16 / bf16: float32 model and data under autocast (+ GradScaler for fp16)
+
+    def __post_init__(self) -> None:
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"unknown precision {self.amp!r}; valid choices: {', '.join(AMP_MODES)}")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """float64 without AMP; float32 with it (autocast does not apply to float64)."""
+        return torch.float64 if self.amp == "off" else torch.float32
+
+    @property
+    def tol(self) -> float:
+        return TOL if self.amp == "off" else AMP_TOL[self.amp]
 
     def model(self, device: torch.device) -> SeedModel:
-        torch.manual_seed(self.seed)
-        return SeedModel(width=self.width, depth=self.depth, ckpt="harness").to(device, torch.float64)
+        torch.manual_seed(self.seed)  # same initial weights at every precision (created in float32, then cast)
+        return SeedModel(width=self.width, depth=self.depth, ckpt="harness").to(device, self.dtype)
 
     def tasks(self, device: torch.device) -> list[Task]:
-        gen = torch.Generator().manual_seed(self.seed + 1)
-        return [t.to(device, torch.float64) for t in Sinusoid(shots=self.shots, query=self.shots).sample(self.meta_batch, gen)]
+        gen = torch.Generator().manual_seed(self.seed + 1)  # float32 samples, cast: the same tasks at every precision
+        return [t.to(device, self.dtype) for t in Sinusoid(shots=self.shots, query=self.shots).sample(self.meta_batch, gen)]
 
 
 def flags(variant: str) -> dict[str, bool]:
@@ -70,13 +100,42 @@ def _functional(model: nn.Module, setup: Setup, variant: str, *, reference: bool
     f = flags(variant)
     if reference:
         f["layer_ckpt"] = False
-    cfg = MetaConfig(inner_steps=setup.inner_steps, inner_lr=setup.inner_lr, **f)
+    cfg = MetaConfig(inner_steps=setup.inner_steps, inner_lr=setup.inner_lr, amp=setup.amp, **f)
     return MetaLearner(copy.deepcopy(model), cfg, mse)
 
 
-def _seed(model: nn.Module, setup: Setup, variant: str, reentrant: bool) -> SeedLearner:
-    cfg = SeedConfig(inner_steps=setup.inner_steps, inner_lr=setup.inner_lr, reentrant=reentrant, **flags(variant))
+def _seed(model: nn.Module, setup: Setup, variant: str, reentrant: bool, scale: float = 2.0 ** 16) -> SeedLearner:
+    cfg = SeedConfig(inner_steps=setup.inner_steps, inner_lr=setup.inner_lr, reentrant=reentrant, amp=setup.amp,
+                     init_scale=scale, **flags(variant))
     return SeedLearner(copy.deepcopy(model), cfg, mse)
+
+
+def _functional_grads(learner: MetaLearner, tasks: list[Task], scale: float = 1.0) -> dict[str, Tensor]:
+    """Meta-gradients of the unscaled loss (fp16: taken on the loss scaled by ``scale``, then divided by it)."""
+    if learner.cfg.amp != "fp16":
+        return learner.meta_gradients(tasks)[0]
+    grads, _ = learner.meta_gradients(tasks, loss_scale=scale)
+    return {k: g / scale for k, g in grads.items()}
+
+
+def _finite(grads: dict[str, Tensor]) -> bool:
+    return all(bool(torch.isfinite(g).all()) for g in grads.values())
+
+
+def reference(setup: Setup, variant: str, model: nn.Module, tasks: list[Task]) -> tuple[dict[str, Tensor], float]:
+    """The functional non-checkpointed meta-gradients at the setup's precision, and the loss scale used.
+
+    fp16: the largest power of two <= 2**16 that gives finite gradients -- where a GradScaler settles after
+    backing off (it halves the scale and skips the step on overflow).  Other precisions: scale 1.
+    """
+    learner = _functional(model, setup, variant, reference=True)
+    if setup.amp != "fp16":
+        return _functional_grads(learner, tasks), 1.0
+    for e in range(MAX_LOSS_SCALE_EXP, MIN_LOSS_SCALE_EXP - 1, -1):
+        grads = _functional_grads(learner, tasks, 2.0 ** e)
+        if _finite(grads):
+            return grads, 2.0 ** e
+    return grads, 2.0 ** MIN_LOSS_SCALE_EXP  # non-finite even unscaled: every cell will say so
 
 
 def first_line(exc: BaseException) -> str:
@@ -84,42 +143,64 @@ def first_line(exc: BaseException) -> str:
     return lines[0] if lines else ""
 
 
-def classify(grads: dict[str, Tensor], ref: dict[str, Tensor]) -> dict[str, Any]:
+def _rel_errs(grads: dict[str, Tensor], ref: dict[str, Tensor]) -> tuple[float, float | None]:
     if set(grads) != set(ref):
         raise KeyError(f"meta-gradient names differ from the reference: {sorted(set(grads) ^ set(ref))}")
     # agreement() pairs tensors by dict order (the functional engine's ParameterDict sorts LR keys)
     agree = agreement({k: grads[k] for k in ref}, ref)
-    w, lr = agree["w_rel_err"], agree["lr_rel_err"]
-    ok = w <= TOL and (lr is None or lr <= TOL)
+    return agree["w_rel_err"], agree["lr_rel_err"]
+
+
+def classify(grads: dict[str, Tensor], ref: dict[str, Tensor], tol: float = TOL,
+             ref64: dict[str, Tensor] | None = None) -> dict[str, Any]:
+    """``ok`` / ``wrong`` against ``ref`` (same precision) within ``tol``; with ``ref64`` (mixed precision)
+    also the relative errors against the float64 reference (``f64_w_rel_err``, ``f64_lr_rel_err``)."""
+    w, lr = _rel_errs(grads, ref)
+    ok = w <= tol and (lr is None or lr <= tol)  # NaN (a non-finite fp16 gradient) is never ok
     errs = f"w rel err {w:.3g}" + (f", lr rel err {lr:.3g}" if lr is not None else "")
-    return {"status": "ok" if ok else "wrong", "w_rel_err": w, "lr_rel_err": lr,
-            "text": "ok" if ok else f"wrong meta-gradient ({errs})"}
+    cell: dict[str, Any] = {"status": "ok" if ok else "wrong", "w_rel_err": w, "lr_rel_err": lr,
+                            "text": "ok" if ok else f"wrong meta-gradient ({errs})"}
+    if ref64 is not None:
+        w64, lr64 = _rel_errs({k: g.double() for k, g in grads.items()}, ref64)
+        cell.update(f64_w_rel_err=w64, f64_lr_rel_err=lr64)
+        cell["text"] += f" [vs float64: w {w64:.2g}" + (f", lr {lr64:.2g}" if lr64 is not None else "") + "]"
+    return cell
 
 
 def run_cell(engine: str, variant: str, setup: Setup, model: nn.Module, tasks: list[Task],
-             ref: dict[str, Tensor]) -> dict[str, Any]:
-    if engine == "functional":
-        learner: Any = _functional(model, setup, variant)
-    else:
-        learner = _seed(model, setup, variant, reentrant=engine == "seed_reentrant")
+             ref: dict[str, Tensor], ref64: dict[str, Tensor] | None = None, scale: float = 1.0) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # retain_grad / .grad-of-non-leaf chatter
-            grads, _ = learner.meta_gradients(tasks)
+            if engine == "functional":
+                grads = _functional_grads(_functional(model, setup, variant), tasks, scale)
+            else:
+                seed = _seed(model, setup, variant, reentrant=engine == "seed_reentrant", scale=scale)
+                grads, _ = seed.meta_gradients(tasks)
     except Exception as exc:  # the point of the table: report it, don't stop
         msg = f"{type(exc).__name__}: {first_line(exc).split(' Hint:')[0]}"
         return {"status": "raises", "exception": type(exc).__name__, "message": first_line(exc),
                 "w_rel_err": None, "lr_rel_err": None, "text": f"raises {msg}"}
-    return classify(grads, ref)
+    return classify(grads, ref, setup.tol, ref64)
 
 
 def run_table(setup: Setup, device: torch.device) -> dict[str, dict[str, dict[str, Any]]]:
-    """``{variant: {engine: cell}}`` for the eight canonical variants."""
+    """``{variant: {engine: cell}}`` for the eight canonical variants.
+
+    Without AMP: against the functional float64 non-checkpointed reference.  With AMP: against the functional
+    non-checkpointed reference at the same precision (float32 + autocast, fp16 with a loss scale), and
+    additionally against the float64 one (the same initial weights and tasks, cast).
+    """
     model, tasks = setup.model(device), setup.tasks(device)
+    f64 = replace(setup, amp="off") if setup.amp != "off" else None
     table: dict[str, dict[str, dict[str, Any]]] = {}
     for variant in CANONICAL:
-        ref, _ = _functional(model, setup, variant, reference=True).meta_gradients(tasks)
-        table[variant] = {e: run_cell(e, variant, setup, model, tasks, ref) for e in ENGINES}
+        ref, scale = reference(setup, variant, model, tasks)
+        ref64 = reference(f64, variant, f64.model(device), f64.tasks(device))[0] if f64 is not None else None
+        table[variant] = {e: run_cell(e, variant, setup, model, tasks, ref, ref64, scale) for e in ENGINES}
+        if setup.amp == "fp16":
+            for cell in table[variant].values():
+                cell["loss_scale"] = scale
     return table
 
 
@@ -432,12 +513,27 @@ Fix: the functional engine (fast weights as an explicit dict, torch.autograd.gra
 
 def markdown(result: dict[str, Any]) -> str:
     table = result["table"]
-    lines = ["# Diagnosis: the seed's stateful MAML vs the functional engine", "",
-             f"Command: `{result['command']}`  ", f"Device: {result['device']}, float64, "
+    amp = result.get("amp", "off")
+    if amp == "off":
+        precision = "float64"
+        cells = ("Cells: meta-gradients (initial weights `w`, raw LRs `lr`) against the functional float64 "
+                 "non-checkpointed reference of the same variant.")
+    else:
+        scales = sorted({c["loss_scale"] for row in table.values() for c in row.values() if "loss_scale" in c})
+        precision = f"float32 weights and data, autocast {amp}" + (
+            " + GradScaler (loss scale " + ", ".join(f"2^{int(s).bit_length() - 1}" for s in scales) + ")"
+            if amp == "fp16" else "")
+        cells = (f"Cells: meta-gradients (initial weights `w`, raw LRs `lr`) against the functional engine's "
+                 f"non-checkpointed reference of the same variant at the same precision ({amp}"
+                 + (", gradients unscaled" if amp == "fp16" else "") + f"); `ok` = rel err <= {result['tolerance']:g}. "
+                 "[vs float64: ...] is the relative error against the functional float64 reference (same initial "
+                 "weights and tasks): the precision's own error, for comparison.")
+    lines = ["# Diagnosis: the seed's stateful MAML vs the functional engine"
+             + (f" (mixed precision: {amp})" if amp != "off" else ""), "",
+             f"Command: `{result['command']}`  ", f"Device: {result['device']}, {precision}, "
              f"{result['setup']['inner_steps']} inner steps, inner LR {result['setup']['inner_lr']}, "
              f"meta-batch {result['setup']['meta_batch']}; torch {result['env']['torch']}", "",
-             "Cells: meta-gradients (initial weights `w`, raw LRs `lr`) against the functional float64 "
-             "non-checkpointed reference of the same variant.", "",
+             cells, "",
              "| variant | " + " | ".join(ENGINE_TITLES[e] for e in ENGINES) + " |",
              "|---|" + "---|" * len(ENGINES)]
     for variant, row in table.items():
@@ -445,6 +541,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", "Differences from the team's table (torch 2.11/2.13): "
               + ("none." if not result["differences"] else ""), *[f"- {d}" for d in result["differences"]], "",
               "## Probes (each measured on this run)", ""]
+    if not result["probes"]:
+        lines.append("Not run under mixed precision: the probes measure the mechanism in float64 "
+                     "(`python -m harness diagnose`, results/diagnosis.md).")
     def fmt(v: Any) -> str:
         if isinstance(v, str) and len(v) > 60:
             return v[:60] + "..."
@@ -465,8 +564,11 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def diagnose(device: torch.device, setup: Setup | None = None) -> dict[str, Any]:
+    """The table, its differences from the team's, and (float64 only) the probes."""
     setup = setup or Setup()
     table = run_table(setup, device)
-    return {"setup": setup.__dict__, "device": str(device), "table": table,
+    return {"setup": setup.__dict__, "device": str(device), "dtype": str(setup.dtype).replace("torch.", ""),
+            "tolerance": setup.tol, "table": table,
             "expected": {v: {e: expected(e, v) for e in ENGINES} for v in CANONICAL},
-            "differences": check_expectations(table), "probes": run_probes(setup, device)}
+            "differences": check_expectations(table),
+            "probes": run_probes(setup, device) if setup.amp == "off" else {}}

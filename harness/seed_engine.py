@@ -27,6 +27,17 @@ second step (the fast weights are non-leaf tensors) and stop with a
 ``TypeError`` before reaching the failures the user asks about, so this engine
 retains the gradient in both orders.  Nothing else changes.
 
+Mixed precision (``SeedConfig.amp``), the report's GradScaler path: ``fp16`` or
+``bf16`` autocast around every forward and loss (the report's ``with
+autocast(enabled=half)`` at the call sites) and around the update (its
+``mml_inner``); for ``fp16`` a ``torch.amp.GradScaler``: the inner loss is
+``scaler.scale(loss)`` before ``backward(create_graph=...)``, the update is
+``lr * (1 / scaler.get_scale()) * param.grad``, the outer backward is
+``scaler.scale(outer_loss).backward()`` and ``scaler.unscale_(opt)`` (as in
+``mml_outer_step``) unscales the meta-gradients, so they come back as gradients
+of the unscaled loss and compare with other engines.  The model and data must be
+float32 (autocast does not apply to float64).
+
 Meta-gradients come back in :meth:`harness.engine.MetaLearner.meta_gradients`'s
 naming (``w.<param>``, ``lr.<key>`` with the per-layer key of
 :class:`harness.engine.InnerLRs`) so :func:`harness.engine.agreement` compares
@@ -44,7 +55,7 @@ import torch.utils.checkpoint as tuc
 from torch import Tensor, nn
 
 from harness.ckpt import checkpoint as harness_checkpoint
-from harness.engine import Task, _inv_softplus, owner
+from harness.engine import AMP_MODES, Task, _inv_softplus, owner
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 CKPT_MODES = ("off", "reentrant", "non_reentrant", "harness")
@@ -105,6 +116,12 @@ class SeedConfig:
     learn_lr: bool = False
     layer_ckpt: bool = False
     reentrant: bool = True  # the report's torch.utils.checkpoint default
+    amp: str = "off"  # off | fp16 (autocast + GradScaler, the report's `half`) | bf16 (autocast only)
+    init_scale: float = 2.0 ** 16  # fp16: the GradScaler's initial scale (torch's default)
+
+    def __post_init__(self) -> None:
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"unknown precision {self.amp!r}; valid choices: {', '.join(AMP_MODES)}")
 
     @property
     def ckpt_mode(self) -> str:
@@ -155,24 +172,47 @@ class SeedLearner:
             fast.seed_hooks.append(p_.register_hook(hook))
         return fast
 
-    def inner_step(self, fast: nn.Module, loss: Tensor) -> None:
-        """``loss.backward``, then fast weights from ``.grad`` written into ``_parameters``."""
+    def autocast(self, device: torch.device) -> torch.autocast:
+        """The report's ``autocast(enabled=half)``, for ``fp16`` or ``bf16``; disabled for ``off``."""
+        dtype = AMP_MODES[self.cfg.amp]
+        return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    def new_scaler(self, device: torch.device) -> torch.amp.GradScaler | None:
+        """A fresh GradScaler for ``fp16`` (the report's ``scaler``), else None."""
+        if self.cfg.amp != "fp16":
+            return None
+        return torch.amp.GradScaler(device.type, init_scale=self.cfg.init_scale)
+
+    def inner_step(self, fast: nn.Module, loss: Tensor, scaler: torch.amp.GradScaler | None = None) -> None:
+        """``loss.backward``, then fast weights from ``.grad`` written into ``_parameters``.
+
+        With a ``scaler``: ``scaler.scale(loss).backward(...)`` and ``lr * (1/scale) * param.grad``, the
+        update under autocast, as the report's ``mml_inner``.
+        """
+        if scaler is not None:
+            loss = scaler.scale(loss)
         loss.backward(create_graph=not self.cfg.first_order)
         fast.seed_touched.extend(fast.parameters())
-        for path, module in adapted_modules(fast):
-            params = vars(module)["_parameters"]
-            for name, param in params.items():
-                if param is None:
-                    continue
-                lr = F.softplus(self.lr_raw[lr_key(path)]) if self.cfg.learn_lr else self.cfg.inner_lr
-                new_param = param - lr * param.grad
-                new_param.retain_grad()  # see the module docstring: the report does this in second order only
-                params[name] = new_param
+        grad_scale_inv = 1.0 / scaler.get_scale() if scaler is not None else 1.0
+        with self.autocast(loss.device):
+            for path, module in adapted_modules(fast):
+                params = vars(module)["_parameters"]
+                for name, param in params.items():
+                    if param is None:
+                        continue
+                    lr = F.softplus(self.lr_raw[lr_key(path)]) if self.cfg.learn_lr else self.cfg.inner_lr
+                    if scaler is not None:
+                        update = lr * grad_scale_inv * param.grad  # the report's line, scaled path
+                    else:
+                        update = lr * param.grad
+                    new_param = param - update
+                    new_param.retain_grad()  # see the module docstring: the report does this in second order only
+                    params[name] = new_param
 
-    def outer_backward(self, fast: nn.Module, loss: Tensor) -> None:
+    def outer_backward(self, fast: nn.Module, loss: Tensor, scaler: torch.amp.GradScaler | None = None) -> None:
         fast.seed_propagate = True
         try:
-            loss.backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         finally:
             for h in fast.seed_hooks:
                 h.remove()
@@ -186,19 +226,34 @@ class SeedLearner:
         return out
 
     def meta_gradients(self, tasks: Iterable[Task]) -> tuple[dict[str, Tensor], float]:
-        """The report's meta-gradients: whatever ends up in ``.grad`` after the per-task outer backwards."""
+        """The report's meta-gradients: whatever ends up in ``.grad`` after the per-task outer backwards.
+
+        Under ``fp16`` they are unscaled with ``scaler.unscale_(opt)`` (the report's ``mml_outer_step``,
+        minus the clip and the step), so they are gradients of the unscaled loss; a non-finite scaled
+        gradient (which would make ``scaler.step`` skip) stays inf/NaN after unscaling.
+        """
         params = self.meta_parameters()
         for p in params.values():
             p.grad = None
         tasks = list(tasks)
+        if not tasks:
+            raise ValueError("meta_gradients needs at least one task")
+        device = tasks[0].support_x.device
+        scaler = self.new_scaler(device)
         losses: list[float] = []
         for task in tasks:
             fast = self.context()
             for _ in range(self.cfg.inner_steps):
-                self.inner_step(fast, self.loss_fn(fast(task.support_x), task.support_y))
-            loss = self.loss_fn(fast(task.query_x), task.query_y) / len(tasks)
-            self.outer_backward(fast, loss)
-            losses.append(loss.detach().item() * len(tasks))
+                with self.autocast(device):
+                    inner_loss = self.loss_fn(fast(task.support_x), task.support_y)
+                self.inner_step(fast, inner_loss, scaler)
+            with self.autocast(device):
+                loss = self.loss_fn(fast(task.query_x), task.query_y) / len(tasks)
+            self.outer_backward(fast, loss, scaler)
+            losses.append(loss.detach().float().item() * len(tasks))
+        if scaler is not None:
+            opt = torch.optim.SGD([p for p in params.values() if p.grad is not None], lr=0.0)
+            scaler.unscale_(opt)  # divides every .grad by the scale, in place
         grads = {k: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)) for k, p in params.items()}
         for p in params.values():
             p.grad = None

@@ -4,12 +4,15 @@ explanation hold, and the command writes its two files / rejects bad input with 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
 from harness.cli import main
-from harness.diagnose import ENGINES, INPLACE, Setup, check_expectations, run_probes, run_table
+from harness.diagnose import AMP_TOL, ENGINES, INPLACE, Setup, check_expectations, run_probes, run_table
+from harness.seed_engine import SeedConfig, SeedLearner
+from harness.tasks import mse
 from harness.variants import CANONICAL
 
 
@@ -103,3 +106,76 @@ def test_cuda_without_cuda_exits_2(tmp_path, capsys) -> None:
     assert main(["diagnose", "--device", "cuda", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "CUDA is not available" in err and len(err.strip().splitlines()) == 1
+
+
+# -- mixed precision: the report's GradScaler path (fp16) and bf16 autocast, on CPU -------------------------------
+
+@pytest.fixture(scope="module", params=["bf16", "fp16"])
+def amp_table(request) -> tuple[str, dict]:
+    return request.param, run_table(Setup(amp=request.param), torch.device("cpu"))
+
+
+def test_amp_reproduces_the_float64_failure_categories(amp_table) -> None:
+    amp, table = amp_table
+    assert check_expectations(table) == [], amp  # same ok / raises (in-place error) / wrong cells as float64
+    assert table["ckpt_lr"]["seed_reentrant"]["status"] == "raises"
+    assert "FloatTensor" in table["ckpt_lr"]["seed_reentrant"]["message"]  # float32 weights, not float64
+    assert table["ckpt_lr"]["seed_non_reentrant"]["status"] == "wrong"
+    assert table["ckpt"]["seed_reentrant"]["w_rel_err"] > 100 * AMP_TOL[amp]  # far outside the tolerance
+
+
+def test_amp_functional_engine_ok_and_close_to_float64(amp_table) -> None:
+    amp, table = amp_table
+    for variant, row in table.items():
+        cell = row["functional"]
+        assert cell["status"] == "ok", (amp, variant, cell)
+        # the precision's own error against float64: non-zero (autocast really applied) but small
+        assert 0 < cell["f64_w_rel_err"] < 0.05, (amp, variant, cell)
+
+
+def test_amp_seed_correct_cells_agree_with_same_precision_reference(amp_table) -> None:
+    amp, table = amp_table
+    for variant in ("maml", "fo", "ckpt_fo"):
+        for engine in ("seed_reentrant", "seed_non_reentrant"):
+            cell = table[variant][engine]
+            assert cell["status"] == "ok" and cell["w_rel_err"] <= AMP_TOL[amp], (amp, variant, engine, cell)
+
+
+def test_fp16_uses_a_finite_gradscaler_scale(amp_table) -> None:
+    amp, table = amp_table
+    if amp != "fp16":
+        pytest.skip("GradScaler is fp16 only")
+    scales = {c["loss_scale"] for row in table.values() for c in row.values()}
+    assert all(s <= 2.0 ** 16 and math.log2(s).is_integer() for s in scales)
+
+
+def test_seed_fp16_takes_the_gradscaler_path(monkeypatch) -> None:
+    calls: list[str] = []
+    real_scale, real_unscale = torch.amp.GradScaler.scale, torch.amp.GradScaler.unscale_
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", lambda self, x: calls.append("scale") or real_scale(self, x))
+    monkeypatch.setattr(torch.amp.GradScaler, "unscale_",
+                        lambda self, opt: calls.append("unscale_") or real_unscale(self, opt))
+    setup = Setup(amp="fp16", meta_batch=1)
+    cfg = SeedConfig(inner_steps=2, inner_lr=setup.inner_lr, amp="fp16", init_scale=2.0 ** 10)
+    grads, _ = SeedLearner(setup.model(torch.device("cpu")), cfg, mse).meta_gradients(setup.tasks(torch.device("cpu")))
+    assert calls == ["scale", "scale", "scale", "unscale_"]  # 2 inner losses, the outer loss, then unscale_
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_cli_amp_writes_its_own_files(tmp_path, capsys) -> None:
+    assert main(["diagnose", "--device", "cpu", "--amp", "fp16", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "reproduces the team's table" in out and "GradScaler" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diagnosis-fp16.json", "diagnosis-fp16.md"]
+    data = json.loads((tmp_path / "diagnosis-fp16.json").read_text())
+    assert data["amp"] == "fp16" and data["dtype"] == "float32" and data["probes"] == {}
+    assert "--amp fp16" in data["command"]
+    assert "| `ckpt_lr` |" in (tmp_path / "diagnosis-fp16.md").read_text()
+
+
+def test_bad_amp_lists_valid_choices(tmp_path, capsys) -> None:
+    assert main(["diagnose", "--amp", "fp8", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "off, fp16, bf16" in err
+    with pytest.raises(ValueError, match="valid choices"):
+        Setup(amp="fp8")

@@ -1,9 +1,15 @@
-"""``python -m harness diagnose [--device cpu|cuda] [--out DIR]``: the answer to the seed report.
+"""``python -m harness diagnose [--device cpu|cuda] [--amp off|fp16|bf16] [--out DIR]``: the answer to the seed report.
 
 Runs the eight variants under the report's stateful engine (reentrant and
 non-reentrant checkpointing) and the functional engine on a small float64
 model, measures the mechanism behind each failure, prints the table and a
 short explanation, and writes ``diagnosis.md`` and ``diagnosis.json``.
+
+``--amp fp16|bf16`` runs the same table in float32 under autocast -- for fp16
+with the report's GradScaler path (on CUDA that is the user's exact setting;
+on CPU it exercises the same code, CPU autocast supporting float16) -- against
+the functional engine's reference at the same precision, and writes
+``diagnosis-<amp>.md`` / ``.json``; the probes run in float64 only.
 Full explanation: ``docs/diagnosis.md``.
 """
 from __future__ import annotations
@@ -15,13 +21,13 @@ from pathlib import Path
 import torch
 
 from harness.cli import UsageError
-from harness.diagnose import ENGINE_TITLES, ENGINES, SHORT_EXPLANATION, diagnose, markdown
+from harness.diagnose import ENGINE_TITLES, ENGINES, SHORT_EXPLANATION, Setup, diagnose, markdown
 from harness.provenance import environment
 from harness.results import SCHEMA_VERSION, write_json, write_text_atomic
 
 DEFAULT_OUT = Path("results")
 DEVICES = ("cpu", "cuda")
-AMP_MODES = ("off",)  # fp16 / bf16 come with the mixed-precision work
+AMP_MODES = ("off", "fp16", "bf16")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,19 +45,30 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--device cuda requested but CUDA is not available on this machine; use --device cpu")
     if args.amp not in AMP_MODES:
         raise UsageError(f"unknown --amp {args.amp!r}; valid: {', '.join(AMP_MODES)}")
+    if args.amp == "bf16" and args.device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError("--amp bf16 is not supported by this GPU; valid: off, fp16")
     device = torch.device(args.device)
     argv = ["python -m harness diagnose", f"--device {args.device}"]
+    if args.amp != "off":
+        argv.append(f"--amp {args.amp}")
     if args.out != DEFAULT_OUT:
         argv.append(f"--out {args.out}")
     result = {"schema": SCHEMA_VERSION, "kind": "diagnosis", "command": " ".join(argv), "amp": args.amp,
-              **diagnose(device), "env": environment(device)}
+              **diagnose(device, Setup(amp=args.amp)), "env": environment(device)}
     md = markdown(result)
-    json_path = write_json(args.out / "diagnosis.json", result)
-    md_path = write_text_atomic(args.out / "diagnosis.md", md)
+    stem = "diagnosis" if args.amp == "off" else f"diagnosis-{args.amp}"
+    json_path = write_json(args.out / f"{stem}.json", result)
+    md_path = write_text_atomic(args.out / f"{stem}.md", md)
 
     width = max(len(v) for v in result["table"])
-    print(f"diagnosis on {device} (float64, torch {result['env']['torch']}): meta-gradients vs the functional "
-          "non-checkpointed reference")
+    if args.amp == "off":
+        print(f"diagnosis on {device} (float64, torch {result['env']['torch']}): meta-gradients vs the functional "
+              "non-checkpointed reference")
+    else:
+        print(f"diagnosis on {device} (float32 + autocast {args.amp}"
+              + (" + GradScaler" if args.amp == "fp16" else "") + f", torch {result['env']['torch']}): "
+              f"meta-gradients vs the functional non-checkpointed reference at the same precision "
+              f"(ok: rel err <= {result['tolerance']:g}); [vs float64: ...] against the float64 reference")
     for engine in ENGINES:
         print(f"\n  {ENGINE_TITLES[engine]}:")
         for variant, row in result["table"].items():
@@ -61,8 +78,11 @@ def run(args: argparse.Namespace) -> int:
     for d in diffs:
         print(f"  {d}")
     failed = [n for n, p in result["probes"].items() if not p.get("holds")]
-    print(f"probes: {len(result['probes']) - len(failed)}/{len(result['probes'])} hold"
-          + (f"; NOT holding: {', '.join(failed)}" if failed else ""))
+    if result["probes"]:
+        print(f"probes: {len(result['probes']) - len(failed)}/{len(result['probes'])} hold"
+              + (f"; NOT holding: {', '.join(failed)}" if failed else ""))
+    else:
+        print("probes: float64 only (run without --amp)")
     print()
     print(SHORT_EXPLANATION)
     print(f"\nwrote {md_path} and {json_path}; full explanation in docs/diagnosis.md")
