@@ -31,7 +31,7 @@ baseline: $(STAMP)
 	$(PY) -m harness bench $(REGRESS_MATRIX) --out results --run-id baseline --force
 
 bench: $(STAMP)
-	$(PY) -m harness bench
+	$(PY) -m harness bench --peers
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -141,19 +141,58 @@ def _builder(peer: str) -> Builder:
 
 
 def _agreement(learner: Any, exp: Any, tasks: list) -> dict[str, float | None]:
-    """A built learner's meta-gradients against the non-checkpointed reference (loop.check_agreement, generalised)."""
+    """A built learner's meta-gradients against the non-checkpointed reference (loop.check_agreement, generalised).
+
+    Under mixed precision also against the fp32 non-checkpointed reference (keys prefixed ``fp32_``), as
+    :func:`harness.loop.check_agreement` does for our cells.
+    """
     import torch
 
     from harness.engine import agreement
 
-    ref = exp.reference_learner()
     buffers = {n: b.clone() for n, b in exp.learner.named_buffers()}
+
+    def restore() -> None:
+        with torch.no_grad():
+            for n, b in exp.learner.named_buffers():
+                b.copy_(buffers[n])
+
+    refs = {"": exp.reference_learner()}
+    if getattr(exp.learner.cfg, "amp", "off") != "off":
+        refs["fp32_"] = exp.reference_learner(amp="off")
     grads, _ = learner.meta_gradients(tasks)
-    with torch.no_grad():
-        for n, b in exp.learner.named_buffers():
-            b.copy_(buffers[n])
-    ref_grads, _ = ref.meta_gradients(tasks)
-    return agreement(grads, ref_grads)
+    out: dict[str, float | None] = {}
+    for prefix, ref in refs.items():
+        restore()
+        ref_grads, _ = ref.meta_gradients(tasks)
+        out.update({prefix + k: v for k, v in agreement(grads, ref_grads).items()})
+    restore()
+    return out
+
+
+def peer_precheck(cell: Cell) -> str | None:
+    """Why a ``higher:``/``torchopt:`` cell cannot run (peer not installed, or it cannot express the variant
+    at the cell's precision), decided in the parent without a subprocess; ``None`` when it may run.
+
+    Not installed wins (the reason names ``pip install '.[peers]'``).  Cells of other prefixes, or any cell
+    when plugins are named in ``HARNESS_CELL_PLUGINS`` (a plugin may replace a peer's builder), return
+    ``None``: the cell's own process decides.
+    """
+    if cell.peer is None or os.environ.get(PLUGIN_ENV) or cell.peer in BUILDERS:
+        return None
+    try:
+        peers = importlib.import_module("harness.peers")
+    except ImportError:
+        return None
+    if cell.peer not in peers.PEERS:
+        return None
+    from harness.variants import get_variant
+
+    present, why = peers.available(cell.peer)
+    if not present:
+        return why
+    ok, reason = peers.supports(cell.peer, get_variant(cell.base_variant), str(cell.settings.get("amp", "off")))
+    return None if ok else f"{peers.cell_name(cell.peer, cell.base_variant)} is unsupported: {reason}"
 
 
 def run_cell_inline(cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
@@ -229,6 +268,7 @@ def base_row(cell: Cell) -> dict[str, Any]:
     return {"schema": SCHEMA_VERSION, "kind": "cell", "key": cell.key(), "variant": cell.variant,
             "base_variant": cell.base_variant, "peer": cell.peer, "flags": None, "preset": cell.preset,
             "device": cell.device, "dtype": cell.dtype, "settings": dict(cell.settings), "seed": cell.seed,
+            "amp": str(cell.settings.get("amp", "off")),
             "status": "error", "message": None, "memory": {}, "time": {}, "agreement": {},
             "final_query_loss": None, "warnings": []}
 
@@ -247,7 +287,25 @@ def _child_main(argv: list[str]) -> int:
 
 # -- in the parent ------------------------------------------------------------------
 def run_cell(cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
-    """Run one cell in a fresh subprocess with a time limit; always returns a row."""
+    """Run one cell in a fresh subprocess with a time limit; always returns a row.
+
+    A peer cell that cannot run (:func:`peer_precheck`) is recorded ``unsupported`` with its reason
+    without starting a process.
+    """
+    try:
+        why = peer_precheck(cell)
+    except Exception:  # noqa: BLE001 -- e.g. an unknown variant: the cell's own process reports it
+        why = None
+    if why is not None:
+        row = base_row(cell)
+        try:
+            from harness.variants import get_variant
+
+            row["flags"] = get_variant(cell.base_variant).flags
+        except Exception:  # noqa: BLE001
+            pass
+        row.update(status="unsupported", message=why, wall_s=0.0, env=_env(cell))
+        return row
     with tempfile.TemporaryDirectory(prefix="harness-cell-") as tmp:
         tmpd = Path(tmp)
         (tmpd / "cell.json").write_text(json.dumps(asdict(cell)))

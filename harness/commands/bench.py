@@ -3,6 +3,12 @@
 GPU: preset ``seed``; CPU: ``cpu-bench``.  Writes ``results/<run-id>/cells.jsonl``,
 ``summary.csv``, ``table.md`` and ``plots/<run-id>/*.png``.  Re-running the same
 run-id resumes (finished cells are skipped) unless ``--force``.
+
+``--peers`` adds ``higher:<v>`` and ``torchopt:<v>`` for every canonical variant
+``v`` in the matrix (those a peer cannot express, or all of them when the
+``peers`` extra is absent, are recorded ``unsupported`` with the reason).
+``--amp off,bf16[,fp16]`` makes precision a dimension: each variant runs at each
+precision (fp16 needs CUDA; checked up front, exit 2).
 """
 from __future__ import annotations
 
@@ -44,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_matrix_arguments(p)
     p.add_argument("--variants", default=None, help="comma-separated variants (default: all registered); "
                                                     "peer cells as peer:variant, e.g. higher:maml")
+    p.add_argument("--peers", action="store_true",
+                   help="add higher:<v> and torchopt:<v> for every canonical variant v in the matrix "
+                        "(unsupported ones are listed with the reason)")
     p.set_defaults(handler=run)
 
 
@@ -84,7 +93,43 @@ def resolve_variants(text: str | None) -> list[str]:
     return names
 
 
-def matrix_common(args: argparse.Namespace) -> tuple[str, str, dict[str, Any], MeasureOptions]:
+def parse_amps(text: str, device: str) -> list[str]:
+    """``off,bf16[,fp16]`` -> precisions, validated for ``device`` (ConfigError naming the valid choices)."""
+    import torch
+
+    from harness.engine import AMP_MODES
+
+    if device == "cuda":
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        valid = ["off", *(["bf16"] if bf16 else []), "fp16"]
+    else:
+        valid = ["off", "bf16"]
+    names = [a.strip() for a in str(text).split(",") if a.strip()]
+    if not names:
+        raise ConfigError(f"empty --amp; valid choices on {device}: {', '.join(valid)}")
+    for a in names:
+        if a not in AMP_MODES:
+            raise ConfigError(f"unknown precision {a!r} in --amp; valid choices on {device}: {', '.join(valid)}")
+        if a not in valid:
+            why = "fp16 needs a CUDA device (GradScaler)" if a == "fp16" else f"{a} is not supported by this device"
+            raise ConfigError(f"--amp {a} is not available on {device} ({why}); valid choices on {device}: "
+                              f"{', '.join(valid)}")
+    return list(dict.fromkeys(names))
+
+
+def add_peer_cells(variants: list[str]) -> list[str]:
+    """``variants`` plus ``higher:<v>``, ``torchopt:<v>`` for every canonical ``v`` among them (not duplicated)."""
+    from harness.peers import PEERS
+    from harness.variants import CANONICAL
+
+    out = list(variants)
+    for v in variants:
+        if v in CANONICAL:
+            out += [f"{p}:{v}" for p in PEERS if f"{p}:{v}" not in out]
+    return out
+
+
+def matrix_common(args: argparse.Namespace, multi_amp: bool = False) -> tuple[str, str, dict[str, Any], MeasureOptions]:
     device = args.device or default_device()
     if device not in DEVICES:
         raise ConfigError(f"unknown device {device!r}; valid devices: {', '.join(DEVICES)}")
@@ -100,8 +145,12 @@ def matrix_common(args: argparse.Namespace) -> tuple[str, str, dict[str, Any], M
         settings["inner_steps"] = args.inner_steps
     if args.meta_batch is not None:
         settings["meta_batch"] = args.meta_batch
-    if getattr(args, "amp", "off") != "off":
-        settings["amp"] = args.amp
+    amps = parse_amps(getattr(args, "amp", None) or "off", device)
+    if len(amps) > 1 and not multi_amp:
+        raise ConfigError(f"--amp takes one precision here, got {args.amp!r} (bench takes a list)")
+    args.amps = amps
+    if amps != ["off"]:
+        settings["amp"] = ",".join(amps)
     if args.repeats is None:
         args.repeats = 5 if device == "cuda" else 3
     if args.timeout <= 0 or args.repeats < 1 or args.warmup < 0:
@@ -112,19 +161,23 @@ def matrix_common(args: argparse.Namespace) -> tuple[str, str, dict[str, Any], M
 
 
 def default_run_id(preset: str, device: str, settings: dict[str, Any]) -> str:
-    suffix = "".join(f"-{k.replace('.', '_')}{v}" for k, v in sorted(settings.items()))
+    suffix = "".join(f"-{k.replace('.', '_')}{str(v).replace(',', '+')}" for k, v in sorted(settings.items()))
     return f"{preset}-{device}{suffix}"
 
 
 def run(args: argparse.Namespace) -> int:
     from harness import report
 
-    device, preset, settings, opts = matrix_common(args)
+    device, preset, settings, opts = matrix_common(args, multi_amp=True)
     variants = resolve_variants(args.variants)
+    if args.peers:
+        variants = add_peer_cells(variants)
     caps = parse_caps(args.cpu_mem_cap)
-    run_id = args.run_id or default_run_id(preset, device, settings)
+    run_id = args.run_id or default_run_id(preset, device, settings) + ("-peers" if args.peers else "")
     run_dir = args.out / run_id
-    cells = [Cell(v, preset, device, args.dtype, dict(settings), args.seed) for v in variants]
+    base = {k: v for k, v in settings.items() if k != "amp"}
+    cells = [Cell(v, preset, device, args.dtype, {**base, **({"amp": a} if a != "off" else {})}, args.seed)
+             for a in args.amps for v in variants]
     t0 = time.perf_counter()
     rows = run_matrix(cells, run_dir, lambda c: replace(opts, cpu_mem_cap_mib=caps.get(c.variant)), force=args.force)
     out = report.build(run_dir, plots=not args.no_plots)
