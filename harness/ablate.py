@@ -38,6 +38,7 @@ import torch
 
 from harness.engine import ConfigError, MetaLearner, Task
 from harness.loop import Experiment, RunSpec
+from harness.loop import default_threads as loop_default_threads
 from harness.presets import get_preset
 from harness.provenance import environment
 from harness.results import SCHEMA_VERSION, write_json, write_text_atomic
@@ -263,10 +264,7 @@ def load_cell(path: Path, spec: AblationSpec) -> dict[str, Any] | None:
 
 
 def default_threads(spec: AblationSpec) -> int | None:
-    if spec.device != "cpu":
-        return None
-    model = get_preset(spec.preset).model()
-    return 1 if sum(p.numel() for p in model.parameters()) < 100_000 else None
+    return loop_default_threads(spec.device, get_preset(spec.preset).model())
 
 
 def run_ablation(spec: AblationSpec, results_root: Path = Path("results"), plots_root: Path = Path("plots"),

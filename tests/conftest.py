@@ -21,6 +21,10 @@ def small_experiment(variant: str, preset: str = "quick", dtype: str = "float64"
     return Experiment(spec, task_overrides=task_overrides, model_overrides=model_overrides)
 
 
+# The test models are tiny: one intra-op thread is several times faster than two on a 2-core CI machine.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

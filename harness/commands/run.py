@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from harness.loop import DEVICES, DTYPES, Diverged, Experiment, RunSpec, TrainLog, check_agreement, train
+from harness.loop import (DEVICES, DTYPES, Diverged, Experiment, RunSpec, TrainLog, check_agreement,
+                          default_threads, train)
 from harness.engine import ConfigError
 from harness.measure import MIB, StepRunner, measure_cpu_memory, noise_warning, snapshot_meta_step, time_stats
 from harness.provenance import environment
@@ -61,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--memory-snapshot needs CUDA (it records the CUDA allocator history); "
                           f"this run is on {spec.device}")
     exp = Experiment(spec)
+    threads = default_threads(spec.device, exp.learner.model)
+    if threads:
+        torch.set_num_threads(threads)
     steps = exp.sizes["meta_steps"]
     agree = check_agreement(exp, exp.sample())
     memory = side_measurements(exp, snapshot)
