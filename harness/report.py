@@ -288,7 +288,10 @@ def table_md(flat: list[dict[str, Any]], title: str) -> str:
     figs = sorted({f["mem_figure"] for f in flat})
     presets = sorted({f"{f['preset']} ({f['device']}, {f['dtype']})" for f in flat})
     lines = [f"# {title}", "", f"Preset: {'; '.join(presets)}. Memory figure: {', '.join(figs)}. "
-             "Ratios are against `maml` in the same preset/settings.", "",
+             "Ratios are against `maml` in the same preset/settings."
+             + (" On the CPU the memory figure is deterministic (live tensor bytes); the times depend on the "
+                "machine's load (noisy on a shared machine) and are no guide to GPU speed."
+                if any(f["device"] == "cpu" for f in flat) else ""), "",
              "| " + " | ".join(h for _, h in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for f in flat:
         cells = []
