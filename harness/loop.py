@@ -41,6 +41,25 @@ class Diverged(RuntimeError):
     """The meta-loss became NaN or infinite."""
 
 
+def check_device(device: str) -> None:
+    """An unknown device, or CUDA without CUDA: a ConfigError naming the valid choices."""
+    if device not in DEVICES:
+        raise ConfigError(f"unknown device {device!r}; valid devices: {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda requested but CUDA is not available on this machine; use --device cpu")
+
+
+def check_amp(amp: str, device: str, *, fp16_on_cpu: bool = False) -> None:
+    """Precision valid for the device? fp16 training needs CUDA, except where a CPU GradScaler is asked for."""
+    if amp not in AMP_MODES:
+        raise ConfigError(f"unknown precision {amp!r}; valid choices: {', '.join(AMP_MODES)}")
+    if amp == "fp16" and device != "cuda" and not fp16_on_cpu:
+        raise ConfigError(f"--amp fp16 needs a CUDA device (GradScaler fp16 training); on {device} "
+                          "valid choices: off, bf16")
+    if amp == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("--amp bf16 is not supported by this GPU; valid choices: off, fp16")
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One cell: a variant on a preset with its sizes, validated at construction."""
@@ -57,19 +76,10 @@ class RunSpec:
 
     def __post_init__(self) -> None:
         get_variant(self.variant), get_preset(self.preset)  # raise ConfigError listing valid names
-        if self.device not in DEVICES:
-            raise ConfigError(f"unknown device {self.device!r}; valid devices: {', '.join(DEVICES)}")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda requested but CUDA is not available on this machine; use --device cpu")
+        check_device(self.device)
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; valid dtypes: {', '.join(DTYPES)}")
-        if self.amp not in AMP_MODES:
-            raise ConfigError(f"unknown precision {self.amp!r}; valid choices: {', '.join(AMP_MODES)}")
-        if self.amp == "fp16" and self.device != "cuda":
-            raise ConfigError(f"--amp fp16 needs a CUDA device (GradScaler fp16 training); on {self.device} "
-                              "valid choices: off, bf16")
-        if self.amp == "bf16" and self.device == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ConfigError("--amp bf16 is not supported by this GPU; valid choices: off, fp16")
+        check_amp(self.amp, self.device)
         if self.amp != "off" and self.dtype != "float32":
             raise ConfigError(f"--amp {self.amp} runs float32 weights under autocast; use --dtype float32")
         if self.inner_steps is not None and self.inner_steps < 0:

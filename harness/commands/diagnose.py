@@ -20,14 +20,13 @@ from pathlib import Path
 
 import torch
 
-from harness.cli import UsageError
 from harness.diagnose import ENGINE_TITLES, ENGINES, SHORT_EXPLANATION, Setup, diagnose, markdown
+from harness.engine import AMP_MODES
+from harness.loop import DEVICES, check_amp, check_device
 from harness.provenance import environment
 from harness.results import SCHEMA_VERSION, write_json, write_text_atomic
 
 DEFAULT_OUT = Path("results")
-DEVICES = ("cpu", "cuda")
-AMP_MODES = ("off", "fp16", "bf16")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,14 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.device not in DEVICES:
-        raise UsageError(f"unknown device {args.device!r}; valid devices: {', '.join(DEVICES)}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda requested but CUDA is not available on this machine; use --device cpu")
-    if args.amp not in AMP_MODES:
-        raise UsageError(f"unknown --amp {args.amp!r}; valid: {', '.join(AMP_MODES)}")
-    if args.amp == "bf16" and args.device == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UsageError("--amp bf16 is not supported by this GPU; valid: off, fp16")
+    check_device(args.device)
+    check_amp(args.amp, args.device, fp16_on_cpu=True)  # the CPU GradScaler lets CI exercise the fp16 path
     device = torch.device(args.device)
     argv = ["python -m harness diagnose", f"--device {args.device}"]
     if args.amp != "off":
