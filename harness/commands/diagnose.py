@@ -15,7 +15,6 @@ Full explanation: ``docs/diagnosis.md``.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
