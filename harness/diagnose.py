@@ -34,7 +34,7 @@ import torch.utils.checkpoint as tuc
 from torch import Tensor, nn
 
 from harness.engine import AMP_MODES, MetaConfig, MetaLearner, Task, agreement, split_grads
-from harness.seed_engine import SeedConfig, SeedLearner, SeedModel, adapted_modules, lr_key
+from harness.seed_engine import SeedConfig, SeedLearner, SeedModel, adapted_modules
 from harness.tasks import Sinusoid, mse
 from harness.variants import CANONICAL
 

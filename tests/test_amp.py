@@ -7,7 +7,6 @@ from dataclasses import replace
 import pytest
 import torch
 
-from harness.engine import MetaLearner
 from harness.loop import Experiment, RunSpec, check_agreement, meta_step, train
 from tests.conftest import small_experiment
 from tests.test_cli_core import harness

@@ -3,7 +3,6 @@ per-cell diff when the CPU memory figure rises by more than 5% or the gradient e
 threshold, 0 otherwise, warns on different environments; bad input is one line, exit 2."""
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import subprocess

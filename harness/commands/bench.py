@@ -13,7 +13,6 @@ precision (fp16 needs CUDA; checked up front, exit 2).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path

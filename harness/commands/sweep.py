@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
 
 from harness.cells import SWEEP_PARAMS, Cell, parse_value, run_matrix
 from harness.commands.bench import add_matrix_arguments, matrix_common, resolve_variants
