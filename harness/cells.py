@@ -241,7 +241,7 @@ def run_cell_inline(cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
             row["warnings"].append(warn)
     except _Unsupported as exc:
         row["status"], row["message"] = "unsupported", str(exc)
-    except (loop.Diverged, measure.Diverged) as exc:
+    except loop.Diverged as exc:
         row["status"], row["message"] = "diverged", str(exc)
     except MemoryError as exc:
         row["status"], row["message"] = "oom", f"MemoryError: {exc}"

@@ -177,32 +177,50 @@ class TrainLog:
 MAX_CONSECUTIVE_SKIPS = 50
 
 
-def meta_step(exp: Experiment, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> tuple[float, bool]:
-    """One outer step; returns (mean query loss, whether the GradScaler skipped it)."""
+def meta_step(learner: Any, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+              tasks: list[Task]) -> tuple[float, bool]:
+    """One outer step of any learner with ``step(tasks, loss_scale)``; returns (mean query loss, skipped).
+
+    With an fp16 GradScaler the step may be skipped (inf/NaN gradients), exactly as ``scaler.step`` does.
+    """
     opt.zero_grad(set_to_none=True)
     if scaler is None:
-        loss = exp.learner.step(exp.sample())
+        loss = float(learner.step(tasks))
         opt.step()
         return loss, False
-    scale = scaler.scale(torch.ones((), device=exp.device)).item()  # also initialises the scaler's state
-    loss = exp.learner.step(exp.sample(), loss_scale=scale)
-    finite = all(torch.isfinite(p.grad).all() for p in exp.learner.parameters() if p.grad is not None)
+    device = next(iter(learner.parameters())).device
+    scale = scaler.scale(torch.ones((), device=device)).item()  # also initialises the scaler's state
+    loss = float(learner.step(tasks, loss_scale=scale))
+    finite = all(torch.isfinite(p.grad).all() for p in learner.parameters() if p.grad is not None)
     scaler.step(opt)  # unscales, and skips the update when any gradient is inf/NaN
     scaler.update()
     return loss, not finite
+
+
+@dataclass
+class DivergenceCheck:
+    """NaN/inf meta-loss stops a run; under a GradScaler only a long run of skipped steps does."""
+
+    uses_scaler: bool
+    skipped_steps: int = 0
+    consecutive: int = 0
+
+    def __call__(self, step: int, loss: float, skipped: bool) -> None:
+        self.consecutive = self.consecutive + 1 if skipped else 0
+        self.skipped_steps += skipped
+        if (not self.uses_scaler and not math.isfinite(loss)) or self.consecutive > MAX_CONSECUTIVE_SKIPS:
+            raise Diverged(f"meta-loss became {loss} at meta-step {step}")
 
 
 def train(exp: Experiment, meta_steps: int, on_step: Callable[[int, float], None] | None = None) -> TrainLog:
     """Meta-train with Adam over the initial weights and LRs; returns the query loss per step."""
     opt = torch.optim.Adam(exp.learner.parameters(), lr=exp.sizes["outer_lr"])
     scaler = exp.new_scaler()
-    log, run_of_skips = TrainLog([]), 0
+    check, log = DivergenceCheck(scaler is not None), TrainLog([])
     for step in range(meta_steps):
-        loss, skipped = meta_step(exp, opt, scaler)
-        run_of_skips = run_of_skips + 1 if skipped else 0
-        log.skipped_steps += skipped
-        if (scaler is None and not math.isfinite(loss)) or run_of_skips > MAX_CONSECUTIVE_SKIPS:
-            raise Diverged(f"meta-loss became {loss} at meta-step {step}")
+        loss, skipped = meta_step(exp.learner, opt, scaler, exp.sample())
+        check(step, loss, skipped)
+        log.skipped_steps = check.skipped_steps
         log.losses.append(loss)
         if on_step is not None:
             on_step(step, loss)

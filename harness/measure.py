@@ -28,7 +28,6 @@ when IQR/median exceeds 10%.
 from __future__ import annotations
 
 import gc
-import math
 import os
 import statistics
 import threading
@@ -42,14 +41,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from harness.engine import Task
+from harness.loop import DivergenceCheck, meta_step
 
 MIB = 1024.0 * 1024.0
 NOISY_IQR = 0.10
 CAP_ENV = "MAML_HARNESS_CPU_MEM_CAP_MIB"  # test hook: the CPU tracker raises MemoryError above this
-
-
-class Diverged(RuntimeError):
-    """The meta-loss became NaN or infinite while measuring."""
 
 
 class LiveBytesTracker(TorchDispatchMode):
@@ -222,22 +218,12 @@ class StepRunner:
 
     def __post_init__(self) -> None:
         self.opt = torch.optim.Adam(self.learner.parameters(), lr=self.outer_lr)
+        self.divergence = DivergenceCheck(self.scaler is not None)
 
     def __call__(self, tasks: list[Task]) -> float:
-        self.opt.zero_grad(set_to_none=True)
-        if self.scaler is None:
-            loss = float(self.learner.step(tasks))
-        else:
-            dev = next(iter(self.learner.parameters())).device
-            scale = self.scaler.scale(torch.ones((), device=dev)).item()
-            loss = float(self.learner.step(tasks, loss_scale=scale))
-        if self.check_finite and not math.isfinite(loss):
-            raise Diverged(f"meta-loss became {loss} at meta-step {len(self.losses)}")
-        if self.scaler is None:
-            self.opt.step()
-        else:
-            self.scaler.step(self.opt)
-            self.scaler.update()
+        loss, skipped = meta_step(self.learner, self.opt, self.scaler, tasks)
+        if self.check_finite:
+            self.divergence(len(self.losses), loss, skipped)
         self.opt.zero_grad(set_to_none=True)
         self.losses.append(loss)
         return loss

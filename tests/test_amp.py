@@ -41,14 +41,14 @@ def test_forced_overflow_skips_the_step_and_leaves_weights_and_lrs_bit_identical
     opt = torch.optim.Adam(exp.learner.parameters(), lr=1e-2)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)  # scaled losses overflow to inf
     before = {n: p.detach().clone() for n, p in exp.learner.named_parameters()}
-    _, skipped = meta_step(exp, opt, scaler)
+    _, skipped = meta_step(exp.learner, opt, scaler, exp.sample())
     assert skipped
     for n, p in exp.learner.named_parameters():
         assert torch.equal(p, before[n]), n
     assert scaler.get_scale() < 2.0 ** 127  # backed off
     # and a sane scale then steps normally
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
-    _, skipped = meta_step(exp, opt, scaler)
+    _, skipped = meta_step(exp.learner, opt, scaler, exp.sample())
     assert not skipped
     assert not torch.equal(exp.learner.model.head.weight, before["model.head.weight"])
 
@@ -61,3 +61,13 @@ def test_bad_precision_is_a_one_line_error(tmp_path, args, needle) -> None:
     out = harness("run", "--variant", "maml", *args, "--out", str(tmp_path))
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and needle in out.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_the_bench_step_runner_skips_an_fp16_overflow_instead_of_calling_it_divergence() -> None:
+    from harness.measure import StepRunner
+
+    exp = _with_amp(small_experiment("lr", "cpu-bench", dtype="float32", inner_steps=2), "fp16")
+    runner = StepRunner(exp.learner, 1e-2, exp.sample, scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 127))
+    runner(exp.sample())  # overflows: skipped, not diverged
+    runner(exp.sample())
+    assert runner.divergence.skipped_steps >= 1 and len(runner.losses) == 2
