@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -316,19 +317,19 @@ def run_cell(cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "harness.cells", str(tmpd / "cell.json"), str(tmpd / "opts.json"), str(out)]
         t0 = time.perf_counter()
         with open(tmpd / "stderr.txt", "wb") as err:
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=str(REPO))
+            # its own process group, so a timeout also ends anything the cell started
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=str(REPO),
+                                    start_new_session=True)
             try:
                 rc = proc.wait(timeout=opts.timeout_s)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                _kill_group(proc)
                 row = base_row(cell)
                 row.update(status="timeout", message=f"cell exceeded its time limit of {opts.timeout_s:g} s",
                            wall_s=time.perf_counter() - t0, env=_env(cell))
                 return row
             except BaseException:  # KeyboardInterrupt: do not leave the child behind
-                proc.kill()
-                proc.wait()
+                _kill_group(proc)
                 raise
         if rc == 0 and out.exists():
             return json.loads(out.read_text())
@@ -339,6 +340,14 @@ def run_cell(cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
         row.update(status=status, message=f"cell process {died}" + (f": {' | '.join(tail)}" if tail else ""),
                    wall_s=time.perf_counter() - t0, env=_env(cell))
         return row
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def _env(cell: Cell) -> dict[str, Any]:
@@ -391,7 +400,12 @@ def run_matrix(cells: Iterable[Cell], run_dir: Path, opts: MeasureOptions | Call
     if path.exists():
         existing = {r["key"]: r for r in load_rows(path)}
     log = log or (lambda s: print(s, file=sys.stderr))
-    todo = [c for c in cells if force or c.key() not in existing]
+    def opts_of(cell: Cell) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(opts(cell) if callable(opts) else opts)))
+
+    # finished = same cell key measured with the same options; other options re-measure the cell
+    todo = [c for c in cells if force or c.key() not in existing
+            or existing[c.key()].get("measure_opts") != opts_of(c)]
     skipped = len(cells) - len(todo)
     if skipped:
         log(f"resuming {run_dir}: skipping {skipped} finished cell(s), running {len(todo)} (--force re-runs all)")

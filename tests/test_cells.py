@@ -74,6 +74,11 @@ def test_resume_and_force_with_a_fake_cell(tmp_path: Path, monkeypatch: pytest.M
     assert ran[3:] == ["maml", "fo", "lr"]
     assert [r["variant"] for r in load_rows(tmp_path / "x")] == ["maml", "fo", "lr"]
     assert not list((tmp_path / "x").glob(".*tmp"))  # atomic writes leave no temporary files
+    # other measurement options are not the same measurement: those cells run again
+    from dataclasses import replace
+
+    run_matrix(cells, tmp_path / "x", replace(FAST, repeats=2), progress=False)
+    assert ran[6:] == ["maml", "fo", "lr"]
 
 
 def test_timeout_marks_the_cell(tmp_path: Path) -> None:
