@@ -45,7 +45,15 @@ from harness.loop import DivergenceCheck, meta_step
 
 MIB = 1024.0 * 1024.0
 NOISY_IQR = 0.10
+NVML_STEPS = 3  # meta-steps of the separate, untimed NVML pass
 CAP_ENV = "MAML_HARNESS_CPU_MEM_CAP_MIB"  # test hook: the CPU tracker raises MemoryError above this
+
+
+def _storage_key(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 class LiveBytesTracker(TorchDispatchMode):
@@ -96,8 +104,11 @@ class LiveBytesTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
+        inputs = {_storage_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
+            # a view of, or an in-place write to, an input allocates nothing: skip storages that
+            # existed before (parameters, optimizer state, task tensors) unless already tracked
+            if isinstance(t, torch.Tensor) and _storage_key(t) not in inputs:
                 self._track(t)
         return out
 
@@ -109,58 +120,73 @@ class LiveBytesTracker(TorchDispatchMode):
 class NvmlSampler:
     """Background sampler of this process's GPU memory (bytes), every ``interval_s`` (<= 5 ms).
 
-    ``peak_bytes`` is the maximum seen; ``source`` says whether the per-process
-    figure (``process``) or the device's used memory (``device``, pid not
-    visible, e.g. in a container) was used.  Unavailable NVML: ``available``
-    is false and nothing is sampled.
+    ``peak_bytes`` is the maximum of the per-process figure (``source == "process"``)
+    or, only when this pid is never visible (containers), of the device's used memory
+    (``"device"``); the two are kept apart so a whole-device sample never poses as this
+    process's.  Unavailable NVML: ``available`` is false and nothing is sampled.
     """
 
     def __init__(self, device_index: int = 0, interval_s: float = 0.002) -> None:
         if interval_s > 0.005:
             raise ValueError("NVML sampling interval must be <= 5 ms")
         self.interval_s, self.device_index = interval_s, device_index
-        self.peak_bytes = 0
-        self.samples = 0
-        self.source: str | None = None
+        self.peaks = {"process": 0, "device": 0}
+        self.counts = {"process": 0, "device": 0}
         self.available = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._nvml = None
         try:
             import pynvml
 
             pynvml.nvmlInit()
-            self._nvml = pynvml
-            index = device_index
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            if visible:  # NVML numbers physical devices; map the logical index when it is numeric
-                ids = [v.strip() for v in visible.split(",") if v.strip()]
-                if device_index < len(ids) and ids[device_index].isdigit():
-                    index = int(ids[device_index])
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            self.available = True
         except Exception:  # no driver / no pynvml: degrade to nothing
-            self._nvml = None
+            return
+        self._nvml = pynvml
+        try:
+            self._handle = _nvml_handle(pynvml, device_index)
+            self.available = True
+        except Exception:
+            self._shutdown()
 
-    def sample_once(self) -> int:
+    @property
+    def source(self) -> str | None:
+        return "process" if self.counts["process"] else ("device" if self.counts["device"] else None)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.peaks[self.source] if self.source else 0
+
+    @property
+    def samples(self) -> int:
+        return self.counts["process"] + self.counts["device"]
+
+    def sample_once(self) -> int | None:
         nv, pid = self._nvml, os.getpid()
-        used = None
         try:
             for proc in nv.nvmlDeviceGetComputeRunningProcesses(self._handle):
                 if proc.pid == pid and proc.usedGpuMemory is not None:
-                    used, self.source = int(proc.usedGpuMemory), "process"
-                    break
-        except Exception:
-            pass
-        if used is None:
-            used, self.source = int(nv.nvmlDeviceGetMemoryInfo(self._handle).used), "device"
-        self.samples += 1
-        self.peak_bytes = max(self.peak_bytes, used)
+                    return self._record("process", int(proc.usedGpuMemory))
+            return self._record("device", int(nv.nvmlDeviceGetMemoryInfo(self._handle).used))
+        except Exception:  # a failing NVML call must not turn a measured cell into an error
+            return None
+
+    def _record(self, source: str, used: int) -> int:
+        self.counts[source] += 1
+        self.peaks[source] = max(self.peaks[source], used)
         return used
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             self.sample_once()
             self._stop.wait(self.interval_s)
+
+    def _shutdown(self) -> None:
+        try:
+            self._nvml.nvmlShutdown()
+        except Exception:
+            pass
+        self._nvml = None
 
     def __enter__(self) -> "NvmlSampler":
         if self.available:
@@ -175,10 +201,21 @@ class NvmlSampler:
             self._thread.join()
             self.sample_once()
         if self._nvml is not None:
-            try:
-                self._nvml.nvmlShutdown()
-            except Exception:
-                pass
+            self._shutdown()
+
+
+def _nvml_handle(nv: Any, device_index: int) -> Any:
+    """NVML's handle for CUDA device ``device_index``: by UUID (right under any
+    CUDA_VISIBLE_DEVICES, UUIDs and MIG included), else by the mapped index."""
+    try:
+        uuid = str(torch.cuda.get_device_properties(device_index).uuid)
+        return nv.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
+    except Exception:
+        index = device_index
+        ids = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        if device_index < len(ids) and ids[device_index].isdigit():
+            index = int(ids[device_index])
+        return nv.nvmlDeviceGetHandleByIndex(index)
 
 
 # -- time -------------------------------------------------------------------
@@ -241,7 +278,8 @@ def measure_cpu_memory(step: StepRunner, tasks: list[Task], cap_bytes: int | Non
 
 def measure(step: StepRunner, device: torch.device | str, *, warmup: int = 1, repeats: int = 5,
             nvml: bool = True, cap_bytes: int | None = None) -> dict[str, Any]:
-    """Warm-up, the CPU memory figure, then ``repeats`` timed meta-steps (CUDA memory and NVML over those).
+    """Warm-up, the CPU memory figure, then ``repeats`` timed meta-steps (CUDA allocator peaks over those),
+    then a separate untimed pass of up to ``NVML_STEPS`` steps under the NVML sampler.
 
     Returns a flat dict of memory figures (MiB) and ``time`` statistics (ms).
     """
@@ -259,20 +297,27 @@ def measure(step: StepRunner, device: torch.device | str, *, warmup: int = 1, re
         torch.cuda.reset_peak_memory_stats(dev)
         base_alloc = torch.cuda.memory_allocated(dev)
         base_reserved = torch.cuda.memory_reserved(dev)
-        sampler = NvmlSampler(dev.index if dev.index is not None else torch.cuda.current_device()) if nvml else None
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in batches]
-        with (sampler if sampler is not None else _null()):
-            for tasks, (a, b) in zip(batches, events):
-                a.record()
-                step(tasks)
-                b.record()
-            torch.cuda.synchronize(dev)
+        for tasks, (a, b) in zip(batches, events):
+            a.record()
+            step(tasks)
+            b.record()
+        torch.cuda.synchronize(dev)
         samples = [a.elapsed_time(b) / 1e3 for a, b in events]
         peak_alloc, peak_reserved = torch.cuda.max_memory_allocated(dev), torch.cuda.max_memory_reserved(dev)
         out.update({
             "cuda_peak_alloc_mib": peak_alloc / MIB, "cuda_peak_alloc_above_base_mib": (peak_alloc - base_alloc) / MIB,
             "cuda_peak_reserved_mib": peak_reserved / MIB,
             "cuda_peak_reserved_above_base_mib": (peak_reserved - base_reserved) / MIB,
+        })
+        # NVML in its own, untimed pass: the sampler thread must not slow the timed steps
+        sampler = NvmlSampler(dev.index if dev.index is not None else torch.cuda.current_device()) if nvml else None
+        if sampler is not None:
+            with sampler:
+                for tasks in batches[:NVML_STEPS]:
+                    step(tasks)
+                torch.cuda.synchronize(dev)
+        out.update({
             "nvml_peak_mib": (sampler.peak_bytes / MIB) if sampler is not None and sampler.available else None,
             "nvml_source": sampler.source if sampler is not None else None,
             "nvml_samples": sampler.samples if sampler is not None else 0,
@@ -284,14 +329,6 @@ def measure(step: StepRunner, device: torch.device | str, *, warmup: int = 1, re
             samples.append(time.perf_counter() - t0)
     out["time"] = time_stats(samples)
     return out
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def snapshot_meta_step(step: StepRunner, path: str | os.PathLike, device: torch.device | str) -> str:
