@@ -110,6 +110,8 @@ def compare(base_path: Path, new_path: Path, th: Thresholds) -> tuple[list[str],
         for part in ("w", "lr"):
             eb, en = (b.get("agreement") or {}).get(f"{part}_rel_err"), (n.get("agreement") or {}).get(f"{part}_rel_err")
             if en is None:
+                if eb is not None and th.grad is not None:
+                    bad.append(f"{part} meta-gradient rel. error missing (baseline {float(eb):.3g})")
                 continue
             en = float(en)
             parts.append(f"{part} grad err {eb if eb is None else f'{float(eb):.3g}'} -> {en:.3g}")
