@@ -46,7 +46,8 @@ REPO = Path(__file__).resolve().parent.parent
 STATUSES = ("ok", "oom", "error", "timeout", "diverged", "unsupported")
 SPEC_SETTINGS = ("inner_steps", "meta_batch")
 MODEL_SETTINGS = ("depth", "width")
-SWEEP_PARAMS = SPEC_SETTINGS + MODEL_SETTINGS
+VARIANT_SETTINGS = ("step_ckpt",)  # segment length of step checkpointing (0: off), over the variant's own
+SWEEP_PARAMS = SPEC_SETTINGS + MODEL_SETTINGS + VARIANT_SETTINGS
 PLUGIN_ENV = "HARNESS_CELL_PLUGINS"
 
 Builder = Callable[[str, Any, Any], Any]
@@ -111,6 +112,8 @@ class Cell:
                 spec[k] = int(v)
             elif k == "amp":
                 spec[k] = str(v)
+            elif k in VARIANT_SETTINGS:
+                continue  # applied to the variant (see variant_for)
             elif k in MODEL_SETTINGS:
                 model[k] = v
             elif k.startswith("model."):
@@ -120,6 +123,21 @@ class Cell:
             else:
                 raise ConfigError(f"unknown cell setting {k!r}; accepted: {', '.join(SWEEP_PARAMS)}, model.<kw>, task.<kw>")
         return spec, model, task
+
+
+def variant_for(cell: "Cell") -> Any:
+    """The cell's variant with its variant-level settings (``step_ckpt``) applied."""
+    from dataclasses import replace
+
+    from harness.variants import get_variant
+
+    variant = get_variant(cell.base_variant)
+    if "step_ckpt" in cell.settings:
+        n = int(cell.settings["step_ckpt"])
+        if n < 0:
+            raise ConfigError(f"step_ckpt must be >= 0 (0 = off), got {n}")
+        variant = replace(variant, step_ckpt=n)
+    return variant
 
 
 def parse_value(text: str) -> Any:
@@ -202,7 +220,6 @@ def run_cell_inline(cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
 
     from harness import loop, measure
     from harness.provenance import environment
-    from harness.variants import get_variant
 
     row: dict[str, Any] = base_row(cell)
     t0 = time.perf_counter()
@@ -210,11 +227,12 @@ def run_cell_inline(cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
         torch.set_num_threads(opts.threads)
     try:
         spec_kw, model_kw, task_kw = cell.overrides()
-        variant = get_variant(cell.base_variant)
+        variant = variant_for(cell)
         row["flags"] = variant.flags
         spec = loop.RunSpec(variant=cell.base_variant, preset=cell.preset, device=cell.device, dtype=cell.dtype,
                             seed=cell.seed, **spec_kw)
-        exp = loop.Experiment(spec, model_overrides=model_kw or None, task_overrides=task_kw or None)
+        exp = loop.Experiment(spec, variant=variant, model_overrides=model_kw or None,
+                              task_overrides=task_kw or None)
         row["sizes"] = exp.sizes
         learner = exp.learner
         if cell.peer is not None:

@@ -19,8 +19,10 @@ The four axes, all composable:
 * ``layer_ckpt`` -- :func:`harness.checkpoint` calls inside the model become
   non-reentrant checkpoints with the fast weights as explicit inputs.
 * ``step_ckpt`` -- every segment of ``step_ckpt`` inner steps (forward,
-  ``autograd.grad``, update) runs inside one non-reentrant checkpoint, so
-  only the segment's input weights are kept for the outer backward.
+  ``autograd.grad``, update) runs inside one segment checkpoint
+  (:func:`harness.ckpt.checkpoint_segment`): values only in the forward, the
+  full graph rebuilt in the outer backward, so only the segment's input
+  weights are kept.
 
 Library use, in one's own loop::
 
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from harness.ckpt import checkpoint_function, layer_checkpointing
+from harness.ckpt import checkpoint_segment, layer_checkpointing
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Weights = dict[str, Tensor]
@@ -238,13 +240,15 @@ class MetaLearner(OuterLoop, nn.Module):
         return self.lrs.values() if self.lrs is not None else None
 
     def _inner_steps(self, weights: Weights, lrs: Mapping[str, Tensor] | None, x: Tensor, y: Tensor,
-                     steps: range, *, loss_scale: float = 1.0, recompute: bool = False) -> Weights:
+                     steps: range, *, loss_scale: float = 1.0, recompute: bool = False,
+                     build_graph: bool = True) -> Weights:
         """Plain SGD on the support set for ``steps``; the one place the update rule lives.
 
         With a loss scale (fp16), the inner gradient is taken on the scaled loss and
-        unscaled by hand (PyTorch's gradient-penalty recipe for GradScaler).
+        unscaled by hand (PyTorch's gradient-penalty recipe for GradScaler).  ``build_graph=False``
+        computes the values only (the forward of a step checkpoint).
         """
-        create_graph = not self.cfg.first_order
+        create_graph = build_graph and not self.cfg.first_order
         for k in steps:
             loss = self.loss_with(weights, x, y, recompute=recompute)
             grads = torch.autograd.grad(loss * loss_scale if loss_scale != 1.0 else loss,
@@ -270,16 +274,15 @@ class MetaLearner(OuterLoop, nn.Module):
         for start in range(0, K, seg):
             steps = range(start, min(start + seg, K))
 
-            def segment(*flat: Tensor, recompute: bool, steps: range = steps) -> tuple[Tensor, ...]:
+            def segment(*flat: Tensor, recompute: bool, build_graph: bool, steps: range = steps) -> tuple[Tensor, ...]:
                 w = dict(zip(names, flat[: len(names)]))
                 lr = dict(zip(lr_keys, flat[len(names):])) if lr_keys else None
-                with torch.enable_grad():
-                    out = self._inner_steps(w, lr, support_x, support_y, steps, loss_scale=loss_scale,
-                                            recompute=recompute)
+                out = self._inner_steps(w, lr, support_x, support_y, steps, loss_scale=loss_scale,
+                                        recompute=recompute, build_graph=build_graph)
                 return tuple(out[n] for n in names)
 
             flat_in = [weights[n] for n in names] + [lrs[k] for k in lr_keys]
-            weights = dict(zip(names, checkpoint_function(segment, *flat_in)))
+            weights = dict(zip(names, checkpoint_segment(segment, *flat_in)))
         return weights
 
     def task_loss(self, task: Task, loss_scale: float = 1.0) -> Tensor:

@@ -1,6 +1,7 @@
 """``python -m harness sweep --variant V[,V2] --param inner_steps=1,2,4,8``: scaling curves (memory, time).
 
-Accepted parameters: inner_steps, meta_batch (run spec), depth, width (model).
+Accepted parameters: inner_steps, meta_batch (run spec), depth, width (model), step_ckpt (segment
+length of step checkpointing over the variant's own; 0 = off).
 Writes results/<run-id>/ (cells.jsonl, summary.csv, table.md) and
 plots/<run-id>/sweep_memory.png, sweep_time.png.
 """
@@ -29,7 +30,7 @@ def parse_param(text: str) -> tuple[str, list]:
     if name not in SWEEP_PARAMS:
         raise ConfigError(f"unknown --param {name!r}; accepted: {', '.join(SWEEP_PARAMS)} (as NAME=V1,V2,...)")
     values = [parse_value(v.strip()) for v in vals.split(",") if v.strip()] if sep else []
-    if not values or not all(isinstance(v, int) and v >= (0 if name == "inner_steps" else 1) for v in values):
+    if not values or not all(isinstance(v, int) and v >= (0 if name in ("inner_steps", "step_ckpt") else 1) for v in values):
         raise ConfigError(f"bad --param {text!r}; expected {name}=V1,V2,... with integer values")
     return name, values
 
