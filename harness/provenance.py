@@ -38,7 +38,8 @@ def gpu_driver() -> str | None:
 def environment(device: torch.device | str | None = None) -> dict[str, Any]:
     dev = torch.device(device) if device is not None else None
     cuda = torch.cuda.is_available()
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    # dirty = uncommitted changes to the code; results/ and plots/ are what a run writes
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!results", ":!plots")
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
