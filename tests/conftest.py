@@ -1,9 +1,15 @@
 """Shared fixtures: small float64 cells built from the shipped presets, on the CPU."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
+from harness.cells import MeasureOptions
 from harness.loop import Experiment, RunSpec
 
 
@@ -19,6 +25,18 @@ def small_experiment(variant: str, preset: str = "quick", dtype: str = "float64"
     spec = RunSpec(variant=variant, preset=preset, device="cpu", dtype=dtype, inner_steps=inner_steps,
                    meta_batch=2, seed=seed)
     return Experiment(spec, task_overrides=task_overrides, model_overrides=model_overrides)
+
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = {"width": 16, "depth": 2, "task.sequences": 2, "task.tokens": 4}  # a tiny cpu-bench cell
+FAST = MeasureOptions(warmup=0, repeats=1, timeout_s=120, nvml=False, threads=1)
+
+
+def harness(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """``python -m harness ARGS`` in a fresh process, as a user would run it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=600)
 
 
 # The test models are tiny: one intra-op thread is several times faster than two on a 2-core CI machine.

@@ -7,27 +7,17 @@ an --amp the device cannot run is one line, exit 2."""
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from harness import cells as C
 from harness import report
-from harness.cells import Cell, MeasureOptions, base_row, load_rows, run_cell, run_cell_inline
+from harness.cells import Cell, base_row, load_rows, run_cell, run_cell_inline
 from harness.commands.bench import add_peer_cells
 from harness.results import write_jsonl
 from harness.variants import CANONICAL, get_variant
-
-REPO = Path(__file__).resolve().parent.parent
-TINY = {"width": 16, "depth": 2, "task.sequences": 2, "task.tokens": 4}
-FAST = MeasureOptions(warmup=0, repeats=1, timeout_s=120, nvml=False, threads=1)
-
-
-def harness(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+from tests.conftest import FAST, TINY, harness
 
 
 def row(variant: str, mem: float | None, ms: float | None = 10.0, status: str = "ok", amp: str = "off",

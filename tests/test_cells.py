@@ -3,23 +3,20 @@ after a fault, results carry provenance, and re-running resumes (skips finished 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from harness import cells as C
-from harness.cells import Cell, MeasureOptions, load_rows, run_cell, run_cell_inline, run_matrix
-
-REPO = Path(__file__).resolve().parent.parent
-TINY = {"width": 16, "depth": 2, "task.sequences": 2, "task.tokens": 4}
-FAST = MeasureOptions(warmup=0, repeats=1, timeout_s=120, nvml=False, threads=1)
-
-
-def harness(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+from harness.cells import (
+    Cell,
+    MeasureOptions,
+    load_rows,
+    run_cell,
+    run_cell_inline,
+    run_matrix,
+)
+from tests.conftest import FAST, TINY, harness
 
 
 def bench_args(out: Path, variants: str, *extra: str) -> list[str]:

@@ -2,22 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from harness.variants import CANONICAL
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def harness(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=300)
+from tests.conftest import harness
 
 
 def test_list_shows_the_eight_variants_with_their_flags() -> None:
@@ -86,9 +76,10 @@ def test_zero_shots_and_more_ways_than_classes_are_rejected() -> None:
 
 
 def test_a_diverging_run_is_recorded_as_diverged(tmp_path: Path) -> None:
-    from harness.commands.run import run as run_cmd
     import argparse
     from unittest import mock
+
+    from harness.commands.run import run as run_cmd
 
     args = argparse.Namespace(variant="maml", preset="quick", device="cpu", dtype="float32", inner_steps=None,
                               meta_batch=None, meta_steps=3, seed=0, out=tmp_path, amp="off")
