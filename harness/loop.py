@@ -127,8 +127,10 @@ class Experiment:
         self.learner = MetaLearner(model, cfg, self.task.loss_fn).to(self.device)
         self.gen = torch.Generator().manual_seed(spec.seed + 1)
 
-    def sample(self) -> list[Task]:
-        return [t.to(self.device, self.spec.torch_dtype) for t in self.task.sample(self.sizes["meta_batch"], self.gen)]
+    def sample(self, gen: torch.Generator | None = None) -> list[Task]:
+        """A meta-batch from the experiment's task stream (or from ``gen``, e.g. a copy of it)."""
+        tasks = self.task.sample(self.sizes["meta_batch"], self.gen if gen is None else gen)
+        return [t.to(self.device, self.spec.torch_dtype) for t in tasks]
 
     def reference_learner(self, amp: str | None = None) -> MetaLearner:
         """Same initial weights, LRs and buffers; no checkpointing (and optionally another precision)."""

@@ -144,11 +144,10 @@ def side_measurements(exp: Experiment, snapshot: Path | None) -> dict:
     gen.set_state(exp.gen.get_state())
 
     def sample() -> list:
-        return [t.to(exp.device, exp.spec.torch_dtype) for t in exp.task.sample(exp.sizes["meta_batch"], gen)]
+        return exp.sample(gen)
 
     state = torch.get_rng_state()
-    scaler = exp.new_scaler() if hasattr(exp, "new_scaler") else None
-    step = StepRunner(learner, exp.sizes["outer_lr"], sample, scaler=scaler, check_finite=False)
+    step = StepRunner(learner, exp.sizes["outer_lr"], sample, scaler=exp.new_scaler(), check_finite=False)
     out: dict = measure_cpu_memory(step, sample())
     if snapshot is not None:
         out["snapshot"] = snapshot_meta_step(step, snapshot, exp.device)
