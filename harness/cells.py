@@ -159,36 +159,6 @@ def _builder(peer: str) -> Builder:
     return peers.build_peer
 
 
-def _agreement(learner: Any, exp: Any, tasks: list) -> dict[str, float | None]:
-    """A built learner's meta-gradients against the non-checkpointed reference (loop.check_agreement, generalised).
-
-    Under mixed precision also against the fp32 non-checkpointed reference (keys prefixed ``fp32_``), as
-    :func:`harness.loop.check_agreement` does for our cells.
-    """
-    import torch
-
-    from harness.engine import agreement
-
-    buffers = {n: b.clone() for n, b in exp.learner.named_buffers()}
-
-    def restore() -> None:
-        with torch.no_grad():
-            for n, b in exp.learner.named_buffers():
-                b.copy_(buffers[n])
-
-    refs = {"": exp.reference_learner()}
-    if getattr(exp.learner.cfg, "amp", "off") != "off":
-        refs["fp32_"] = exp.reference_learner(amp="off")
-    grads, _ = learner.meta_gradients(tasks)
-    out: dict[str, float | None] = {}
-    for prefix, ref in refs.items():
-        restore()
-        ref_grads, _ = ref.meta_gradients(tasks)
-        out.update({prefix + k: v for k, v in agreement(grads, ref_grads).items()})
-    restore()
-    return out
-
-
 def peer_precheck(cell: Cell) -> str | None:
     """Why a ``higher:``/``torchopt:`` cell cannot run (peer not installed, or it cannot express the variant
     at the cell's precision), decided in the parent without a subprocess; ``None`` when it may run.
@@ -243,8 +213,7 @@ def run_cell_inline(cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
             except ConfigError as exc:
                 raise _Unsupported(str(exc)) from exc
         tasks = exp.sample()
-        row["agreement"] = (loop.check_agreement(exp, tasks) if cell.peer is None
-                            else _agreement(learner, exp, tasks))
+        row["agreement"] = loop.check_agreement(exp, tasks, learner)
         scaler = exp.new_scaler() if hasattr(exp, "new_scaler") else None
         step = measure.StepRunner(learner, exp.sizes["outer_lr"], exp.sample, scaler=scaler)
         cap = int(opts.cpu_mem_cap_mib * measure.MIB) if opts.cpu_mem_cap_mib is not None else None

@@ -149,24 +149,27 @@ def unscaled_meta_gradients(learner: MetaLearner, tasks: list[Task]) -> dict[str
     return {k: g / scale for k, g in grads.items()} if scale != 1.0 else grads
 
 
-def check_agreement(exp: Experiment, tasks: list[Task]) -> dict[str, float | None]:
-    """Meta-gradients of ``exp`` vs its non-checkpointed reference on the same weights and tasks.
+def check_agreement(exp: Experiment, tasks: list[Task], learner: Any = None) -> dict[str, float | None]:
+    """Meta-gradients of ``learner`` (default ``exp.learner``; a peer works too) vs the non-checkpointed
+    reference of ``exp``, on the same weights and tasks.
 
-    Buffers are restored before each computation, so all see the same running
-    statistics.  Under mixed precision the cell is also compared with the fp32
-    non-checkpointed reference (keys prefixed ``fp32_``).
+    Buffers are restored before each computation and at the end, so all see the same running
+    statistics and the cell's state is left as found.  Under mixed precision the learner is also
+    compared with the fp32 non-checkpointed reference (keys prefixed ``fp32_``).
     """
+    learner = exp.learner if learner is None else learner
     buffers = {n: b.clone() for n, b in exp.learner.named_buffers()}
+    # the references are deep copies taken now, so they start from the same statistics
     refs = {"": exp.reference_learner()}
     if exp.learner.cfg.amp != "off":
         refs["fp32_"] = exp.reference_learner(amp="off")
-    grads = unscaled_meta_gradients(exp.learner, tasks)
+    grads = unscaled_meta_gradients(learner, tasks)
     out: dict[str, float | None] = {}
     for prefix, ref in refs.items():
-        with torch.no_grad():
-            for n, b in ref.named_buffers():
-                b.copy_(buffers[n])
         out.update({prefix + k: v for k, v in agreement(grads, unscaled_meta_gradients(ref, tasks)).items()})
+    with torch.no_grad():  # leave the cell's running statistics as found
+        for n, b in exp.learner.named_buffers():
+            b.copy_(buffers[n])
     return out
 
 

@@ -256,22 +256,7 @@ def build_peer(peer: str, variant: "Variant", exp: "Experiment") -> _Peer:
 
 
 def peer_agreement(peer: _Peer, exp: "Experiment", tasks: list[Task]) -> dict[str, float | None]:
-    """The peer's meta-gradients vs our non-checkpointed reference of ``exp``, same weights, tasks and buffers.
+    """The peer's meta-gradients vs our non-checkpointed reference of ``exp`` (``loop.check_agreement``)."""
+    from harness.loop import check_agreement
 
-    Like :func:`harness.loop.check_agreement`: the buffers are restored in between, and at the end, so the
-    measurement leaves the cell's state as it found it.
-    """
-    from harness.engine import agreement
-
-    ref = exp.reference_learner()
-    buffers = {n: b.clone() for n, b in exp.learner.named_buffers()}
-
-    def restore() -> None:
-        with torch.no_grad():
-            for n, b in exp.learner.named_buffers():
-                b.copy_(buffers[n])
-
-    ref_grads, _ = ref.meta_gradients(tasks)
-    grads, _ = peer.meta_gradients(tasks)
-    restore()
-    return agreement(grads, ref_grads)
+    return check_agreement(exp, tasks, peer)
