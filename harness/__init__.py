@@ -6,8 +6,10 @@ Public surface (the rest is the harness):
 * :func:`checkpoint` -- drop-in for ``torch.utils.checkpoint.checkpoint(module, x)`` inside a model's forward;
 * :func:`agreement` -- relative error and cosine between two sets of meta-gradients.
 """
-from harness.ckpt import checkpoint
-from harness.engine import MetaConfig, MetaLearner, Task, agreement
+from harness.core.ckpt import checkpoint
+from harness.core.config import MetaConfig, Task
+from harness.core.engine import MetaLearner
+from harness.core.grads import agreement
 
 __all__ = ["MetaLearner", "MetaConfig", "Task", "checkpoint", "agreement"]
 __version__ = "0.1.0"

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib.metadata import entry_points
 
-from harness.engine import ConfigError, MetaConfig
+from harness.core.config import ConfigError, MetaConfig
 
 ENTRY_POINT_GROUP = "maml_harness.variants"
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.cells import MeasureOptions
-from harness.loop import Experiment, RunSpec
+from harness.bench.cells import MeasureOptions
+from harness.train import Experiment, RunSpec
 
 
 def small_experiment(variant: str, preset: str = "quick", dtype: str = "float64", inner_steps: int | None = None,

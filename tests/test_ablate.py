@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-import harness.ablate as ablate
-from harness.ablate import AblationSpec, mean_ci, run_ablation, t_quantile
-from harness.cli import main
-from harness.engine import ConfigError
+import harness.studies.ablation.ablate as ablate
+from harness.studies.ablation.ablate import AblationSpec, mean_ci, run_ablation, t_quantile
+from harness.cli.main import main
+from harness.core.config import ConfigError
 
 TINY = ["--preset", "quick", "--meta-steps", "3", "--seeds", "2", "--eval-tasks", "3", "--eval-every", "2",
         "--no-progress"]
@@ -126,8 +126,8 @@ def test_cli_bad_input_one_line_exit_2(tmp_path: Path, capsys, argv, words) -> N
 
 
 def test_ways_and_shots_reach_task_and_model(tmp_path: Path, capsys) -> None:
-    from harness.cli import build_parser
-    from harness.commands.ablate import canonical_command, spec_from_args
+    from harness.cli.main import build_parser
+    from harness.cli.ablate import canonical_command, spec_from_args
 
     args = build_parser().parse_args(["ablate", "--preset", "conv4", "--ways", "3", "--shots", "2"])
     s = spec_from_args(args)

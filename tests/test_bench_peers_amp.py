@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import cells as C
-from harness import report
-from harness.cells import Cell, base_row, load_rows, run_cell, run_cell_inline
-from harness.commands.bench import add_peer_cells
-from harness.results import write_jsonl
+from harness.bench import cells as C
+from harness.reporting import tables as report
+from harness.bench.cells import Cell, base_row, load_rows, run_cell, run_cell_inline
+from harness.cli.bench import add_peer_cells
+from harness.reporting.schema import write_jsonl
 from harness.variants import CANONICAL, get_variant
 from tests.conftest import FAST, TINY, harness
 
@@ -56,7 +56,7 @@ def test_bench_peers_lists_unsupported_cells_with_reasons(tmp_path: Path) -> Non
 
 
 def test_peer_cells_without_the_extra_are_unsupported_with_the_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
-    import harness.peers as P
+    import harness.studies.peers as P
 
     monkeypatch.delenv(C.PLUGIN_ENV, raising=False)
     monkeypatch.setattr(P, "available", lambda peer: (False, f"{peer} is not importable (ModuleNotFoundError); "
@@ -145,8 +145,8 @@ def test_bad_amp_for_the_device_is_one_line_exit_2(tmp_path: Path) -> None:
 @pytest.mark.parametrize("amp, needle", [("fp8", "unknown precision 'fp8'"), (",", "empty --amp"),
                                          ("fp16", "fp16 needs a CUDA device")])
 def test_parse_amps_names_the_valid_choices(amp: str, needle: str) -> None:
-    from harness.commands.bench import parse_amps
-    from harness.engine import ConfigError
+    from harness.cli.bench import parse_amps
+    from harness.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="valid choices on cpu: off, bf16") as exc:
         parse_amps(amp, "cpu")

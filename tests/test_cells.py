@@ -7,15 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import cells as C
-from harness.cells import (
-    Cell,
-    MeasureOptions,
-    load_rows,
-    run_cell,
-    run_cell_inline,
-    run_matrix,
-)
+from harness.bench import cells as C
+from harness.bench.cells import Cell, MeasureOptions, load_rows, run_cell, run_cell_inline, run_matrix
 from tests.conftest import FAST, TINY, harness
 
 

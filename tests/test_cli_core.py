@@ -64,8 +64,8 @@ def test_cuda_without_cuda_is_a_one_line_error(tmp_path: Path) -> None:
 
 
 def test_zero_shots_and_more_ways_than_classes_are_rejected() -> None:
-    from harness.engine import ConfigError
-    from harness.tasks import Sinusoid, SyntheticImages
+    from harness.core.config import ConfigError
+    from harness.zoo.tasks import Sinusoid, SyntheticImages
 
     with pytest.raises(ConfigError, match="more ways than"):
         SyntheticImages(n_way=10, num_classes=5)
@@ -79,11 +79,11 @@ def test_a_diverging_run_is_recorded_as_diverged(tmp_path: Path) -> None:
     import argparse
     from unittest import mock
 
-    from harness.commands.run import run as run_cmd
+    from harness.cli.run import run as run_cmd
 
     args = argparse.Namespace(variant="maml", preset="quick", device="cpu", dtype="float32", inner_steps=None,
                               meta_batch=None, meta_steps=3, seed=0, out=tmp_path, amp="off")
-    with mock.patch("harness.engine.MetaLearner.step", return_value=float("nan")):
+    with mock.patch("harness.core.engine.MetaLearner.step", return_value=float("nan")):
         assert run_cmd(args) == 1
     result = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert result["status"] == "diverged" and "nan" in result["message"]

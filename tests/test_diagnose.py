@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from harness.cli import main
-from harness.diagnose import AMP_TOL, ENGINES, INPLACE, Setup, check_expectations, run_probes, run_table
-from harness.seed_engine import SeedConfig, SeedLearner
-from harness.tasks import mse
+from harness.cli.main import main
+from harness.studies.seed.diagnose import AMP_TOL, ENGINES, INPLACE, Setup, check_expectations, run_probes, run_table
+from harness.studies.seed.engine import SeedConfig, SeedLearner
+from harness.zoo.tasks import mse
 from harness.variants import CANONICAL
 
 

@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from harness.engine import MetaLearner
-from harness.loop import check_agreement
+from harness.core.engine import MetaLearner
+from harness.train import check_agreement
 from harness.variants import CANONICAL, registry
 from tests.conftest import small_experiment
 

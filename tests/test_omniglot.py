@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.cli import main
-from harness.engine import ConfigError
-from harness.omniglot import Omniglot
+from harness.cli.main import main
+from harness.core.config import ConfigError
+from harness.zoo.omniglot import Omniglot
 
 DRAWINGS = 4
 
@@ -102,7 +102,7 @@ def test_cli_bad_data_root_exits_2_with_one_line(tmp_path: Path, capsys) -> None
 
 
 def test_omniglot_preset_ablation_on_fixture(root: Path, tmp_path: Path) -> None:
-    from harness.ablate import AblationSpec, run_ablation
+    from harness.studies.ablation.ablate import AblationSpec, run_ablation
 
     spec = AblationSpec(preset="omniglot", variants=("maml", "ckpt"), meta_steps=2, seeds=1, eval_tasks=2,
                         eval_every=1, meta_batch=2,

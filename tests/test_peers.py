@@ -17,9 +17,11 @@ from functools import lru_cache
 import pytest
 import torch
 
-from harness.ckpt import layer_checkpointing
-from harness.engine import ConfigError, MetaLearner, agreement
-from harness.peers import NO_CKPT, PEERS, build_peer, cell_name, cells, peer_agreement, supports
+from harness.core.ckpt import layer_checkpointing
+from harness.core.config import ConfigError
+from harness.core.engine import MetaLearner
+from harness.core.grads import agreement
+from harness.studies.peers import NO_CKPT, PEERS, build_peer, cell_name, cells, peer_agreement, supports
 from harness.variants import CANONICAL, Variant, registry
 from tests.conftest import small_experiment
 

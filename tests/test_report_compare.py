@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import report
-from harness.cells import Cell, base_row
-from harness.compare import Thresholds, compare, parse_fail
-from harness.engine import ConfigError
-from harness.results import write_jsonl
+from harness.reporting import tables as report
+from harness.bench.cells import Cell, base_row
+from harness.reporting.compare import Thresholds, compare, parse_fail
+from harness.core.config import ConfigError
+from harness.reporting.schema import write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {"python": "3.x", "torch": "2.x", "cuda": None, "cudnn": None, "gpu": None, "driver": None, "cpu": "x86_64",

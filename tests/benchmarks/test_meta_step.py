@@ -3,15 +3,15 @@
     .venv/bin/python -m pytest tests/benchmarks --benchmark-only          # the table
     .venv/bin/python -m pytest tests/benchmarks --benchmark-autosave      # keep it in .benchmarks/
 
-A meta-step is ``MetaLearner.step(tasks)`` plus the Adam step (``harness.measure.StepRunner``),
+A meta-step is ``MetaLearner.step(tasks)`` plus the Adam step (``harness.bench.measure.StepRunner``),
 on a shrunken cpu-bench configuration so the whole suite stays quick on 2 cores.
 """
 from __future__ import annotations
 
 import pytest
 
-from harness.loop import Experiment, RunSpec
-from harness.measure import StepRunner
+from harness.train import Experiment, RunSpec
+from harness.bench.measure import StepRunner
 from harness.variants import registry
 
 

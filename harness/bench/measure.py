@@ -1,0 +1,352 @@
+"""Memory and time of one meta-step.
+
+A *meta-step* is what :func:`harness.train.train` does once: ``MetaLearner.step(tasks)``
+(forward, inner loop, outer backward into ``.grad``) plus the Adam step and
+``zero_grad``.  Task sampling happens outside the measured region.
+
+Memory, three figures:
+
+* **CPU, deterministic** (:class:`LiveBytesTracker`): a ``TorchDispatchMode``
+  sees every tensor an operator returns; each new untyped storage is counted
+  once (views share it) and a ``weakref.finalize`` on the storage subtracts it
+  when the storage is freed.  ``cpu_peak_alloc_mib`` is the peak of the live
+  bytes allocated during the meta-step.  It depends only on the sequence of
+  operators and their shapes, so two runs with the same seed give the same
+  number on any machine, and CI (no GPU) can regress on it.
+* **CUDA allocator**: ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved``
+  over the measured meta-steps after ``reset_peak_memory_stats``, absolute and
+  above the pre-step baseline.
+* **NVML** (:class:`NvmlSampler`): a background thread sampling this process's
+  GPU memory every <= 5 ms via ``nvmlDeviceGetComputeRunningProcesses``,
+  falling back to the device's used memory when the pid is not visible (in
+  containers).  It includes the CUDA context.
+
+Time: warm-up meta-steps, then timed meta-steps (CUDA events on the GPU,
+``time.perf_counter`` on the CPU); median, IQR, min and count, with a warning
+when IQR/median exceeds 10%.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from harness.core.config import Task
+from harness.train import DivergenceCheck, meta_step
+
+MIB = 1024.0 * 1024.0
+NOISY_IQR = 0.10
+NVML_STEPS = 3  # meta-steps of the separate, untimed NVML pass
+CAP_ENV = "MAML_HARNESS_CPU_MEM_CAP_MIB"  # test hook: the CPU tracker raises MemoryError above this
+
+
+def _storage_key(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+class LiveBytesTracker(TorchDispatchMode):
+    """Live bytes of the storages allocated by operators run inside the block, and their peak.
+
+    Storages that existed before the block (parameters, the task tensors) are
+    not counted; each storage is counted once however many views of it are
+    returned.  ``cap_bytes`` (or the ``MAML_HARNESS_CPU_MEM_CAP_MIB`` environment
+    variable) turns the tracker into a memory limit: exceeding it raises
+    :class:`MemoryError`, so a cell can be driven out of memory on purpose.
+    """
+
+    def __init__(self, cap_bytes: int | None = None) -> None:
+        super().__init__()
+        if cap_bytes is None and os.environ.get(CAP_ENV):
+            cap_bytes = int(float(os.environ[CAP_ENV]) * MIB)
+        self.cap_bytes = cap_bytes
+        self.live = 0
+        self.peak = 0
+        self.allocated = 0  # total bytes ever allocated in the block
+        self._seen: dict[int, int] = {}  # storage key -> nbytes
+
+    def _freed(self, key: int) -> None:
+        nbytes = self._seen.pop(key, None)
+        if nbytes is not None:
+            self.live -= nbytes
+
+    def _track(self, t: torch.Tensor) -> None:
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # sparse/meta/tensor subclasses without storage
+            return
+        nbytes = st.nbytes()
+        if nbytes == 0:
+            return
+        key = st._cdata
+        if key in self._seen:
+            return
+        self._seen[key] = nbytes
+        weakref.finalize(st, self._freed, key)
+        self.live += nbytes
+        self.allocated += nbytes
+        if self.live > self.peak:
+            self.peak = self.live
+        if self.cap_bytes is not None and self.live > self.cap_bytes:
+            raise MemoryError(f"CPU memory cap exceeded: {self.live / MIB:.3f} MiB live > cap "
+                              f"{self.cap_bytes / MIB:.3f} MiB ({CAP_ENV})")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        inputs = {_storage_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            # a view of, or an in-place write to, an input allocates nothing: skip storages that
+            # existed before (parameters, optimizer state, task tensors) unless already tracked
+            if isinstance(t, torch.Tensor) and _storage_key(t) not in inputs:
+                self._track(t)
+        return out
+
+    @property
+    def peak_mib(self) -> float:
+        return self.peak / MIB
+
+
+class NvmlSampler:
+    """Background sampler of this process's GPU memory (bytes), every ``interval_s`` (<= 5 ms).
+
+    ``peak_bytes`` is the maximum of the per-process figure (``source == "process"``)
+    or, only when this pid is never visible (containers), of the device's used memory
+    (``"device"``); the two are kept apart so a whole-device sample never poses as this
+    process's.  Unavailable NVML: ``available`` is false and nothing is sampled.
+    """
+
+    def __init__(self, device_index: int = 0, interval_s: float = 0.002) -> None:
+        if interval_s > 0.005:
+            raise ValueError("NVML sampling interval must be <= 5 ms")
+        self.interval_s, self.device_index = interval_s, device_index
+        self.peaks = {"process": 0, "device": 0}
+        self.counts = {"process": 0, "device": 0}
+        self.available = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._nvml = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+        except Exception:  # no driver / no pynvml: degrade to nothing
+            return
+        self._nvml = pynvml
+        try:
+            self._handle = _nvml_handle(pynvml, device_index)
+            self.available = True
+        except Exception:
+            self._shutdown()
+
+    @property
+    def source(self) -> str | None:
+        return "process" if self.counts["process"] else ("device" if self.counts["device"] else None)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.peaks[self.source] if self.source else 0
+
+    @property
+    def samples(self) -> int:
+        return self.counts["process"] + self.counts["device"]
+
+    def sample_once(self) -> int | None:
+        nv, pid = self._nvml, os.getpid()
+        try:
+            for proc in nv.nvmlDeviceGetComputeRunningProcesses(self._handle):
+                if proc.pid == pid and proc.usedGpuMemory is not None:
+                    return self._record("process", int(proc.usedGpuMemory))
+            return self._record("device", int(nv.nvmlDeviceGetMemoryInfo(self._handle).used))
+        except Exception:  # a failing NVML call must not turn a measured cell into an error
+            return None
+
+    def _record(self, source: str, used: int) -> int:
+        self.counts[source] += 1
+        self.peaks[source] = max(self.peaks[source], used)
+        return used
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.sample_once()
+            self._stop.wait(self.interval_s)
+
+    def _shutdown(self) -> None:
+        try:
+            self._nvml.nvmlShutdown()
+        except Exception:
+            pass
+        self._nvml = None
+
+    def __enter__(self) -> "NvmlSampler":
+        if self.available:
+            self.sample_once()
+            self._thread = threading.Thread(target=self._loop, name="nvml-sampler", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.sample_once()
+        if self._nvml is not None:
+            self._shutdown()
+
+
+def _nvml_handle(nv: Any, device_index: int) -> Any:
+    """NVML's handle for CUDA device ``device_index``: by UUID (right under any
+    CUDA_VISIBLE_DEVICES, UUIDs and MIG included), else by the mapped index."""
+    try:
+        uuid = str(torch.cuda.get_device_properties(device_index).uuid)
+        return nv.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
+    except Exception:
+        index = device_index
+        ids = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        if device_index < len(ids) and ids[device_index].isdigit():
+            index = int(ids[device_index])
+        return nv.nvmlDeviceGetHandleByIndex(index)
+
+
+# -- time -------------------------------------------------------------------
+def time_stats(samples_s: Sequence[float]) -> dict[str, Any]:
+    """Median, IQR, min and count (milliseconds), and whether the spread is suspicious."""
+    xs = sorted(samples_s)
+    if not xs:
+        return {"median_ms": None, "iqr_ms": None, "min_ms": None, "count": 0, "noisy": None}
+    if len(xs) >= 2:
+        q = statistics.quantiles(xs, n=4, method="inclusive")
+        iqr = q[2] - q[0]
+    else:
+        iqr = 0.0
+    med = statistics.median(xs)
+    return {"median_ms": med * 1e3, "iqr_ms": iqr * 1e3, "min_ms": xs[0] * 1e3, "count": len(xs),
+            "noisy": bool(med > 0 and iqr / med > NOISY_IQR)}
+
+
+def noise_warning(stats: dict[str, Any], label: str) -> str | None:
+    if stats.get("noisy"):
+        return (f"warning: {label}: timing is noisy, IQR/median = "
+                f"{stats['iqr_ms'] / stats['median_ms']:.0%} > {NOISY_IQR:.0%}")
+    return None
+
+
+# -- meta-step ----------------------------------------------------------------
+@dataclass
+class StepRunner:
+    """One meta-step of any learner with ``step(tasks)`` and ``parameters()`` (MetaLearner or a peer)."""
+
+    learner: Any
+    outer_lr: float
+    sample: Callable[[], list[Task]]
+    scaler: Any = None  # torch.amp.GradScaler for fp16 autocast (as loop.meta_step)
+    check_finite: bool = True  # raise Diverged on a NaN/inf meta-loss
+    losses: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.opt = torch.optim.Adam(self.learner.parameters(), lr=self.outer_lr)
+        self.divergence = DivergenceCheck(self.scaler is not None)
+
+    def __call__(self, tasks: list[Task]) -> float:
+        loss, skipped = meta_step(self.learner, self.opt, self.scaler, tasks)
+        if self.check_finite:
+            self.divergence(len(self.losses), loss, skipped)
+        self.opt.zero_grad(set_to_none=True)
+        self.losses.append(loss)
+        return loss
+
+
+def measure_cpu_memory(step: StepRunner, tasks: list[Task], cap_bytes: int | None = None) -> dict[str, Any]:
+    """One meta-step under :class:`LiveBytesTracker`: the deterministic memory figure."""
+    gc.collect()
+    tracker = LiveBytesTracker(cap_bytes)
+    with tracker:
+        step(tasks)
+    gc.collect()
+    return {"cpu_peak_alloc_mib": tracker.peak / MIB, "cpu_total_alloc_mib": tracker.allocated / MIB}
+
+
+def measure(step: StepRunner, device: torch.device | str, *, warmup: int = 1, repeats: int = 5,
+            nvml: bool = True, cap_bytes: int | None = None) -> dict[str, Any]:
+    """Warm-up, the CPU memory figure, then ``repeats`` timed meta-steps (CUDA allocator peaks over those),
+    then a separate untimed pass of up to ``NVML_STEPS`` steps under the NVML sampler.
+
+    Returns a flat dict of memory figures (MiB) and ``time`` statistics (ms).
+    """
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    for _ in range(warmup):
+        step(step.sample())
+    out: dict[str, Any] = {}
+    out.update(measure_cpu_memory(step, step.sample(), cap_bytes))
+    batches = [step.sample() for _ in range(repeats)]
+    samples: list[float] = []
+    if cuda:
+        torch.cuda.synchronize(dev)
+        gc.collect()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base_alloc = torch.cuda.memory_allocated(dev)
+        base_reserved = torch.cuda.memory_reserved(dev)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in batches]
+        for tasks, (a, b) in zip(batches, events):
+            a.record()
+            step(tasks)
+            b.record()
+        torch.cuda.synchronize(dev)
+        samples = [a.elapsed_time(b) / 1e3 for a, b in events]
+        peak_alloc, peak_reserved = torch.cuda.max_memory_allocated(dev), torch.cuda.max_memory_reserved(dev)
+        out.update({
+            "cuda_peak_alloc_mib": peak_alloc / MIB, "cuda_peak_alloc_above_base_mib": (peak_alloc - base_alloc) / MIB,
+            "cuda_peak_reserved_mib": peak_reserved / MIB,
+            "cuda_peak_reserved_above_base_mib": (peak_reserved - base_reserved) / MIB,
+        })
+        # NVML in its own, untimed pass: the sampler thread must not slow the timed steps
+        sampler = NvmlSampler(dev.index if dev.index is not None else torch.cuda.current_device()) if nvml else None
+        if sampler is not None:
+            with sampler:
+                for tasks in batches[:NVML_STEPS]:
+                    step(tasks)
+                torch.cuda.synchronize(dev)
+        out.update({
+            "nvml_peak_mib": (sampler.peak_bytes / MIB) if sampler is not None and sampler.available else None,
+            "nvml_source": sampler.source if sampler is not None else None,
+            "nvml_samples": sampler.samples if sampler is not None else 0,
+        })
+    else:
+        for tasks in batches:
+            t0 = time.perf_counter()
+            step(tasks)
+            samples.append(time.perf_counter() - t0)
+    out["time"] = time_stats(samples)
+    return out
+
+
+def snapshot_meta_step(step: StepRunner, path: str | os.PathLike, device: torch.device | str) -> str:
+    """Record the CUDA allocator history over one meta-step and dump a snapshot for
+    https://pytorch.org/memory_viz (``torch.cuda.memory._dump_snapshot``)."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        from harness.core.config import ConfigError
+
+        raise ConfigError("--memory-snapshot needs CUDA (the allocator history is a CUDA feature); use --device cuda")
+    step(step.sample())  # warm-up outside the recording
+    torch.cuda.synchronize(dev)
+    torch.cuda.memory._record_memory_history(max_entries=200_000)
+    try:
+        step(step.sample())
+        torch.cuda.synchronize(dev)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        torch.cuda.memory._dump_snapshot(str(path))
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    return str(path)

@@ -1,0 +1,122 @@
+"""``python -m harness ablate --preset sinusoid``: what each variant buys in meta-test performance.
+
+Meta-trains every requested variant (default: the eight canonical ones) for
+``--seeds`` seeds from identical initialisations, evaluates on held-out tasks,
+and writes ``results/<run-id>/`` (ablation.csv, effects.csv, table.md,
+summary.json, cells/) and ``plots/<run-id>/learning_curves.png``.  Finished
+(variant, seed) cells are reused on a rerun unless ``--force``.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import shlex
+from pathlib import Path
+
+from harness.studies.ablation.ablate import DEFAULTS, AblationSpec, markdown_tables, run_ablation
+from harness.cli.main import UsageError
+from harness.train import DEVICES, DTYPES
+from harness.zoo.presets import get_preset
+from harness.variants import CANONICAL
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ablate", help="meta-train variants from the same inits and compare meta-test performance")
+    p.add_argument("--preset", default="sinusoid", help="preset name (see `list`); default sinusoid")
+    p.add_argument("--variants", default=",".join(CANONICAL),
+                   help="comma-separated variant names (default: the eight canonical ones)")
+    p.add_argument("--meta-steps", type=int, default=None, help="meta-training steps per cell (default per preset)")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds 0..S-1 (default per preset)")
+    p.add_argument("--eval-tasks", type=int, default=None, help="held-out tasks per seed (default per preset)")
+    p.add_argument("--eval-every", type=int, default=None, help="meta-test curve every E meta-steps")
+    p.add_argument("--meta-batch", type=int, default=None, help="tasks per meta-step (default per preset)")
+    p.add_argument("--inner-steps", type=int, default=None, help="inner steps K (default: the preset's)")
+    p.add_argument("--ways", type=int, default=None, help="N of N-way episodes for image presets (task and model head)")
+    p.add_argument("--shots", type=int, default=None, help="K of K-shot episodes for image presets")
+    p.add_argument("--device", default="cpu", help=f"one of {', '.join(DEVICES)}; default cpu")
+    p.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: 1 for small models, where it is fastest; torch's default otherwise)")
+    p.add_argument("--run-id", default=None, help="output folder name (default ablation-<preset>)")
+    p.add_argument("--data-root", default=None, help="dataset root for real-data presets (omniglot)")
+    p.add_argument("--download", action="store_true", help="download the dataset into --data-root (torchvision)")
+    p.add_argument("--force", action="store_true", help="recompute cells already stored")
+    p.add_argument("--results-dir", type=Path, default=Path("results"), help="results root (default results)")
+    p.add_argument("--plots-dir", type=Path, default=Path("plots"), help="plots root (default plots)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run)
+
+
+def spec_from_args(args: argparse.Namespace) -> AblationSpec:
+    preset = get_preset(args.preset)
+    d = {**dict(meta_steps=preset.meta_steps, seeds=2, eval_tasks=100, eval_every=None), **DEFAULTS.get(args.preset, {})}
+    overrides = {}
+    takes_root = "data_root" in inspect.signature(preset.make_task).parameters
+    if args.data_root is not None or args.download:
+        if not takes_root:
+            raise UsageError(f"--data-root/--download are for real-data presets; preset {args.preset!r} "
+                             "generates its tasks")
+        if args.data_root is None:
+            raise UsageError("--download needs --data-root DIR to download into")
+        overrides["data_root"] = args.data_root
+        if args.download:
+            overrides["download"] = True
+    elif takes_root:
+        raise UsageError(f"preset {args.preset!r} reads real data: pass --data-root DIR (and --download to fetch it)")
+    model_overrides = {}
+    task_params = inspect.signature(preset.make_task).parameters
+    for flag, value, key in (("--ways", args.ways, "n_way"), ("--shots", args.shots, "k_shot")):
+        if value is None:
+            continue
+        if key not in task_params:
+            raise UsageError(f"{flag} is for N-way K-shot image presets; preset {args.preset!r} has no {key}")
+        overrides[key] = value
+        if key == "n_way":
+            model_overrides["n_way"] = value
+    meta_steps = args.meta_steps if args.meta_steps is not None else d["meta_steps"]
+    eval_every = args.eval_every or d["eval_every"] or max(1, meta_steps // 10)
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    return AblationSpec(preset=args.preset, variants=variants, meta_steps=meta_steps,
+                        seeds=args.seeds if args.seeds is not None else d["seeds"],
+                        eval_tasks=args.eval_tasks if args.eval_tasks is not None else d["eval_tasks"],
+                        eval_every=eval_every, device=args.device, dtype=args.dtype,
+                        meta_batch=args.meta_batch if args.meta_batch is not None else d.get("meta_batch"),
+                        inner_steps=args.inner_steps, task_overrides=overrides, model_overrides=model_overrides,
+                        run_id=args.run_id or f"ablation-{args.preset}", threads=args.threads)
+
+
+def canonical_command(spec: AblationSpec, args: argparse.Namespace) -> str:
+    """The command line that reproduces ``spec`` (every default spelled out)."""
+    parts = ["python -m harness ablate", f"--preset {spec.preset}"]
+    if spec.variants != CANONICAL:
+        parts.append(f"--variants {','.join(spec.variants)}")
+    parts += [f"--meta-steps {spec.meta_steps}", f"--seeds {spec.seeds}", f"--eval-tasks {spec.eval_tasks}",
+              f"--eval-every {spec.eval_every}"]
+    for flag, value in (("--meta-batch", spec.meta_batch), ("--inner-steps", spec.inner_steps),
+                        ("--threads", spec.threads), ("--ways", spec.task_overrides.get("n_way")),
+                        ("--shots", spec.task_overrides.get("k_shot")),
+                        ("--data-root", spec.task_overrides.get("data_root"))):
+        if value is not None:
+            parts.append(f"{flag} {shlex.quote(str(value))}")
+    if spec.device != "cpu" or spec.dtype != "float32":
+        parts += [f"--device {spec.device}", f"--dtype {spec.dtype}"]
+    if spec.run_id != f"ablation-{spec.preset}":
+        parts.append(f"--run-id {spec.run_id}")
+    return " ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = spec_from_args(args)
+    command = canonical_command(spec, args)
+    summary = run_ablation(spec, args.results_dir, args.plots_dir, force=args.force,
+                           progress=False if args.no_progress else None, command=command)
+    print(markdown_tables(summary), end="")
+    checks = summary["checks"]
+    if checks:
+        worst = max(c["max_abs_diff"] for c in checks)
+        print("checkpoint check: " + ("all checkpointed curves bit-identical to their counterparts" if worst == 0
+                                      else f"largest difference from the non-checkpointed counterpart {worst:.3g}"))
+    print(f"wrote {summary['paths']['dir']}/ablation.csv, table.md and {summary['paths']['plots']}/learning_curves.png "
+          f"({summary['trained_cells']} cells trained in {summary['train_wall_s']:.1f} s, "
+          f"{summary['reused_cells']} reused)")
+    return 0 if all(r["status"] == "ok" for r in summary["rows"]) else 1

@@ -1,0 +1,81 @@
+"""``python -m harness diagnose [--device cpu|cuda] [--amp off|fp16|bf16] [--out DIR]``: the answer to the seed report.
+
+Runs the eight variants under the report's stateful engine (reentrant and
+non-reentrant checkpointing) and the functional engine on a small float64
+model, measures the mechanism behind each failure, prints the table and a
+short explanation, and writes ``diagnosis.md`` and ``diagnosis.json``.
+
+``--amp fp16|bf16`` runs the same table in float32 under autocast -- for fp16
+with the report's GradScaler path (on CUDA that is the user's exact setting;
+on CPU it exercises the same code, CPU autocast supporting float16) -- against
+the functional engine's reference at the same precision, and writes
+``diagnosis-<amp>.md`` / ``.json``; the probes run in float64 only.
+Full explanation: ``docs/diagnosis.md``.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from harness.studies.seed.diagnose import ENGINE_TITLES, ENGINES, SHORT_EXPLANATION, Setup, diagnose, markdown
+from harness.core.config import AMP_MODES
+from harness.train import DEVICES, check_amp, check_device
+from harness.reporting.provenance import environment
+from harness.reporting.schema import SCHEMA_VERSION, write_json, write_text_atomic
+
+DEFAULT_OUT = Path("results")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("diagnose", help="reproduce and explain the seed report's failures")
+    p.add_argument("--device", default="cpu", help=f"one of {', '.join(DEVICES)}; default cpu")
+    p.add_argument("--amp", default="off", help=f"mixed precision; one of {', '.join(AMP_MODES)} (default off)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_device(args.device)
+    check_amp(args.amp, args.device, fp16_on_cpu=True)  # the CPU GradScaler lets CI exercise the fp16 path
+    device = torch.device(args.device)
+    argv = ["python -m harness diagnose", f"--device {args.device}"]
+    if args.amp != "off":
+        argv.append(f"--amp {args.amp}")
+    if args.out != DEFAULT_OUT:
+        argv.append(f"--out {args.out}")
+    result = {"schema": SCHEMA_VERSION, "kind": "diagnosis", "command": " ".join(argv), "amp": args.amp,
+              **diagnose(device, Setup(amp=args.amp)), "env": environment(device)}
+    md = markdown(result)
+    stem = "diagnosis" if args.amp == "off" else f"diagnosis-{args.amp}"
+    json_path = write_json(args.out / f"{stem}.json", result)
+    md_path = write_text_atomic(args.out / f"{stem}.md", md)
+
+    width = max(len(v) for v in result["table"])
+    if args.amp == "off":
+        print(f"diagnosis on {device} (float64, torch {result['env']['torch']}): meta-gradients vs the functional "
+              "non-checkpointed reference")
+    else:
+        print(f"diagnosis on {device} (float32 + autocast {args.amp}"
+              + (" + GradScaler" if args.amp == "fp16" else "") + f", torch {result['env']['torch']}): "
+              f"meta-gradients vs the functional non-checkpointed reference at the same precision "
+              f"(ok: rel err <= {result['tolerance']:g}); [vs float64: ...] against the float64 reference")
+    for engine in ENGINES:
+        print(f"\n  {ENGINE_TITLES[engine]}:")
+        for variant, row in result["table"].items():
+            print(f"    {variant:<{width}}  {row[engine]['text']}")
+    diffs = result["differences"]
+    print("\nreproduces the team's table" if not diffs else "\ndifferences from the team's table:")
+    for d in diffs:
+        print(f"  {d}")
+    failed = [n for n, p in result["probes"].items() if not p.get("holds")]
+    if result["probes"]:
+        print(f"probes: {len(result['probes']) - len(failed)}/{len(result['probes'])} hold"
+              + (f"; NOT holding: {', '.join(failed)}" if failed else ""))
+    else:
+        print("probes: float64 only (run without --amp)")
+    print()
+    print(SHORT_EXPLANATION)
+    print(f"\nwrote {md_path} and {json_path}; full explanation in docs/diagnosis.md")
+    return 0 if not failed and all(row["functional"]["status"] == "ok" for row in result["table"].values()) else 1

@@ -1,0 +1,24 @@
+"""``python -m harness list``: the registered variants with their flags, and the presets."""
+from __future__ import annotations
+
+import argparse
+
+from harness.zoo.presets import PRESETS
+from harness.variants import registry
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("list", help="show the variants and presets")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    print(f"{'variant':<18} {'ckpt':>5} {'lr':>5} {'order':>6} {'step_ckpt':>9}  description")
+    for v in registry().values():
+        print(f"{v.name:<18} {'yes' if v.layer_ckpt else '-':>5} {'yes' if v.learn_lr else '-':>5} "
+              f"{'first' if v.first_order else 'second':>6} {v.step_ckpt or '-':>9}  {v.description}")
+    print()
+    print(f"{'preset':<18} description")
+    for p in PRESETS.values():
+        print(f"{p.name:<18} {p.description}")
+    return 0

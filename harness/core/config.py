@@ -1,0 +1,73 @@
+"""What one meta-step computes, and the types every part of the harness shares.
+
+``MetaConfig`` is the engine's whole input besides the model and the loss; ``Task`` is one episode;
+``ConfigError`` is bad input (one line, exit code 2 at the command line).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["AMP_MODES", "LR_GRANULARITIES", "ConfigError", "LossFn", "MetaConfig", "Task", "Weights"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Weights = dict[str, Tensor]
+LR_GRANULARITIES = ("layer", "tensor", "element")
+AMP_MODES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names the valid choices."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One episode: support set for the inner loop, query set for the outer loss."""
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Task":
+        def move(t: Tensor) -> Tensor:
+            return t.to(device, dtype) if (dtype is not None and t.is_floating_point()) else t.to(device)
+        return Task(*(move(t) for t in (self.support_x, self.support_y, self.query_x, self.query_y)))
+
+
+@dataclass(frozen=True)
+class MetaConfig:
+    """Everything that decides what one meta-step computes."""
+
+    inner_steps: int = 1
+    inner_lr: float = 0.01
+    first_order: bool = False
+    learn_lr: bool = False
+    lr_granularity: str = "layer"  # layer | tensor | element
+    lr_per_step: bool = False  # MAML++ LSLR: a separate LR for every inner step
+    layer_ckpt: bool = False
+    step_ckpt: int = 0  # 0: off; n: checkpoint segments of n inner steps
+    adapt_last: int | None = None  # adapt only the last N parameter-owning modules; None: all
+    amp: str = "off"  # off | fp16 | bf16: autocast over forward and loss
+
+    def __post_init__(self) -> None:
+        if self.inner_steps < 0:
+            raise ConfigError(f"inner_steps must be >= 0, got {self.inner_steps}")
+        if not (self.inner_lr > 0 and math.isfinite(self.inner_lr)):
+            raise ConfigError(f"inner_lr must be a positive number, got {self.inner_lr}")
+        if self.lr_granularity not in LR_GRANULARITIES:
+            raise ConfigError(f"lr_granularity must be one of {', '.join(LR_GRANULARITIES)}; got {self.lr_granularity!r}")
+        if self.step_ckpt < 0:
+            raise ConfigError(f"step_ckpt must be >= 0 (0 = off), got {self.step_ckpt}")
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"unknown precision {self.amp!r}; valid choices: {', '.join(AMP_MODES)}")
+        if self.adapt_last is not None and self.adapt_last < 1:
+            raise ConfigError(f"adapt_last must be >= 1 or None (all), got {self.adapt_last}")
+
+    def reference(self) -> "MetaConfig":
+        """The same computation without any checkpointing: the agreement oracle."""
+        return replace(self, layer_ckpt=False, step_ckpt=0)

@@ -1,0 +1,243 @@
+"""The functional MAML engine: where variant flags become behaviour, in one place.
+
+Fast weights are an explicit ``dict[str, Tensor]`` bound with
+``torch.func.functional_call``; inner gradients come from
+``torch.autograd.grad(..., create_graph=not first_order)``.  Nothing here
+reads or writes ``.grad`` or calls ``.backward()``: that is the whole fix for
+the seed's version-counter error (its inner loop wrote fast weights into
+``_parameters`` and read ``param.grad``, which the outer backward then found
+modified).
+
+The four axes, all composable:
+
+* ``first_order`` -- inner gradients are constants (FOMAML), but the outer
+  gradient still reaches the initial weights through ``w - lr * g`` and the
+  learnable LRs through ``lr * g``.
+* ``learn_lr`` -- softplus-parameterised inner LRs (:class:`InnerLRs`),
+  per layer (default, as the seed), per parameter tensor or per element
+  (Meta-SGD), optionally per inner step (MAML++ LSLR).
+* ``layer_ckpt`` -- :func:`harness.checkpoint` calls inside the model become
+  non-reentrant checkpoints with the fast weights as explicit inputs.
+* ``step_ckpt`` -- every segment of ``step_ckpt`` inner steps (forward,
+  ``autograd.grad``, update) runs inside one segment checkpoint
+  (:func:`harness.core.ckpt.checkpoint_segment`): values only in the forward, the
+  full graph rebuilt in the outer backward, so only the segment's input
+  weights are kept.
+
+Library use, in one's own loop::
+
+    learner = MetaLearner(model, MetaConfig(inner_steps=2, learn_lr=True, layer_ckpt=True), loss_fn)
+    opt = torch.optim.Adam(learner.parameters(), 1e-3)
+    loss = learner.step(tasks)          # per-task outer backward, fills .grad
+    opt.step(); opt.zero_grad()
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from harness.core.ckpt import checkpoint_segment, layer_checkpointing
+from harness.core.config import AMP_MODES, LossFn, MetaConfig, Task, Weights
+
+
+
+def owner(name: str) -> str:
+    """The module path that owns parameter ``name`` ('' for the root)."""
+    return name.rpartition(".")[0]
+
+
+def adapted_names(model: nn.Module, adapt_last: int | None) -> list[str]:
+    """Parameters adapted in the inner loop: all, or those of the last N owning modules."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if adapt_last is None:
+        return names
+    owners: list[str] = []
+    for n in names:
+        if owner(n) not in owners:
+            owners.append(owner(n))
+    keep = set(owners[-adapt_last:])
+    return [n for n in names if owner(n) in keep]
+
+
+def _inv_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+class InnerLRs(nn.Module):
+    """Learnable inner learning rates, ``softplus(raw)``, initialised to ``inner_lr``.
+
+    Granularity ``layer`` groups parameters by owning module (the seed's
+    ``inner_lrs[idx]`` per module), ``tensor`` gives one per parameter tensor,
+    ``element`` one per weight entry (Meta-SGD); ``per_step`` adds a leading
+    inner-step axis (MAML++ LSLR).
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str], cfg: MetaConfig) -> None:
+        super().__init__()
+        self.granularity, self.per_step = cfg.lr_granularity, cfg.lr_per_step
+        shapes = dict(model.named_parameters())
+        steps = (max(cfg.inner_steps, 1),) if cfg.lr_per_step else ()
+        self.key_of: dict[str, str] = {}
+        raw: dict[str, nn.Parameter] = {}
+        init = _inv_softplus(cfg.inner_lr)
+        for n in names:
+            group = {"layer": owner(n) or "<root>", "tensor": n, "element": n}[cfg.lr_granularity]
+            key = group.replace(".", "__")
+            self.key_of[n] = key
+            if key not in raw:
+                shape = steps + (tuple(shapes[n].shape) if cfg.lr_granularity == "element" else ())
+                p = shapes[n]
+                raw[key] = nn.Parameter(torch.full(shape, init, dtype=p.dtype, device=p.device))
+        self.raw = nn.ParameterDict(raw)
+
+    def values(self) -> dict[str, Tensor]:
+        """softplus of every raw LR, once per meta-step (explicit inputs for step checkpoints)."""
+        return {k: F.softplus(v) for k, v in self.raw.items()}
+
+    def lookup(self, lrs: Mapping[str, Tensor], name: str, step: int) -> Tensor:
+        lr = lrs[self.key_of[name]]
+        return lr[step] if self.per_step else lr
+
+
+class OuterLoop:
+    """Outer-loop plumbing shared by :class:`MetaLearner` and the peers (``harness.studies.peers``).
+
+    Subclasses provide ``meta_parameters()`` and ``task_loss(task, loss_scale)``.
+    """
+
+    def meta_parameters(self) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def task_loss(self, task: Task, loss_scale: float = 1.0) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def meta_gradients(self, tasks: Iterable[Task], loss_scale: float = 1.0) -> tuple[dict[str, Tensor], float]:
+        """Mean-over-tasks meta-gradients (one outer backward per task, to bound memory) and mean query loss.
+
+        Uses ``torch.autograd.grad`` so nothing is accumulated into ``.grad``.  With a
+        ``loss_scale`` (fp16) the returned gradients are those of the *scaled* loss,
+        ready for ``GradScaler.step``; divide by the scale to compare them.
+        """
+        params = self.meta_parameters()
+        total: dict[str, Tensor] = {k: torch.zeros_like(p) for k, p in params.items()}
+        losses: list[float] = []
+        tasks = list(tasks)
+        for task in tasks:
+            loss = self.task_loss(task, loss_scale) / len(tasks)
+            grads = torch.autograd.grad(loss * loss_scale if loss_scale != 1.0 else loss, list(params.values()),
+                                        allow_unused=True)
+            for k, g in zip(params, grads):
+                if g is not None:
+                    total[k] += g
+            losses.append(loss.detach().item() * len(tasks))
+        return total, sum(losses) / len(losses)
+
+    def step(self, tasks: Iterable[Task], loss_scale: float = 1.0) -> float:
+        """Fill ``.grad`` of the meta-parameters for one outer step; returns the mean query loss.
+
+        With fp16, pass the GradScaler's current scale and finish with ``scaler.step(opt); scaler.update()``
+        (``harness.train.meta_step`` does exactly that).
+        """
+        grads, loss = self.meta_gradients(tasks, loss_scale)
+        for (k, p), g in zip(self.meta_parameters().items(), grads.values()):
+            p.grad = g if p.grad is None else p.grad + g
+        return loss
+
+
+class MetaLearner(OuterLoop, nn.Module):
+    """Initial weights (the model) + learnable LRs, and the functional inner/outer loop."""
+
+    def __init__(self, model: nn.Module, cfg: MetaConfig, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model, self.cfg, self.loss_fn = model, cfg, loss_fn
+        self.adapted = adapted_names(model, cfg.adapt_last)
+        self.lrs = InnerLRs(model, self.adapted, cfg) if cfg.learn_lr else None
+
+    # -- pieces -------------------------------------------------------------
+    def initial_weights(self) -> Weights:
+        return dict(self.model.named_parameters())
+
+    def forward_with(self, weights: Mapping[str, Tensor], x: Tensor, *, recompute: bool = False) -> Tensor:
+        """The model's forward with ``weights`` bound; per-layer checkpointing per the config.
+
+        A recomputation (inside a step checkpoint) runs on clones of the buffers.
+        """
+        bound: dict[str, Tensor] = dict(weights)
+        if recompute:
+            bound.update({n: b.clone() for n, b in self.model.named_buffers()})
+        with layer_checkpointing(self.cfg.layer_ckpt):
+            return functional_call(self.model, bound, (x,), strict=False)
+
+    def loss_with(self, weights: Mapping[str, Tensor], x: Tensor, y: Tensor, *, recompute: bool = False) -> Tensor:
+        """Forward and loss under the configured autocast (checkpoint recomputation replays it)."""
+        amp_dtype = AMP_MODES[self.cfg.amp]
+        with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            return self.loss_fn(self.forward_with(weights, x, recompute=recompute), y)
+
+    def _lr_values(self) -> dict[str, Tensor] | None:
+        return self.lrs.values() if self.lrs is not None else None
+
+    def _inner_steps(self, weights: Weights, lrs: Mapping[str, Tensor] | None, x: Tensor, y: Tensor,
+                     steps: range, *, loss_scale: float = 1.0, recompute: bool = False,
+                     build_graph: bool = True) -> Weights:
+        """Plain SGD on the support set for ``steps``; the one place the update rule lives.
+
+        With a loss scale (fp16), the inner gradient is taken on the scaled loss and
+        unscaled by hand (PyTorch's gradient-penalty recipe for GradScaler).  ``build_graph=False``
+        computes the values only (the forward of a step checkpoint).
+        """
+        create_graph = build_graph and not self.cfg.first_order
+        for k in steps:
+            loss = self.loss_with(weights, x, y, recompute=recompute)
+            grads = torch.autograd.grad(loss * loss_scale if loss_scale != 1.0 else loss,
+                                        [weights[n] for n in self.adapted], create_graph=create_graph)
+            if loss_scale != 1.0:
+                grads = tuple(g / loss_scale for g in grads)
+            weights = dict(weights)
+            for n, g in zip(self.adapted, grads):
+                lr = self.lrs.lookup(lrs, n, k) if (self.lrs is not None and lrs is not None) else self.cfg.inner_lr
+                weights[n] = weights[n] - lr * g
+        return weights
+
+    def adapt(self, support_x: Tensor, support_y: Tensor, weights: Weights | None = None,
+              lrs: Mapping[str, Tensor] | None = None, loss_scale: float = 1.0) -> Weights:
+        """K inner steps from ``weights`` (default: the initial weights); returns fast weights."""
+        weights = self.initial_weights() if weights is None else dict(weights)
+        lrs = self._lr_values() if lrs is None else lrs
+        K, seg = self.cfg.inner_steps, self.cfg.step_ckpt
+        if seg == 0 or K == 0:
+            return self._inner_steps(weights, lrs, support_x, support_y, range(K), loss_scale=loss_scale)
+        names = list(weights)
+        lr_keys = list(lrs) if lrs is not None else []
+        for start in range(0, K, seg):
+            steps = range(start, min(start + seg, K))
+
+            def segment(*flat: Tensor, recompute: bool, build_graph: bool, steps: range = steps) -> tuple[Tensor, ...]:
+                w = dict(zip(names, flat[: len(names)]))
+                lr = dict(zip(lr_keys, flat[len(names):])) if lr_keys else None
+                out = self._inner_steps(w, lr, support_x, support_y, steps, loss_scale=loss_scale,
+                                        recompute=recompute, build_graph=build_graph)
+                return tuple(out[n] for n in names)
+
+            flat_in = [weights[n] for n in names] + [lrs[k] for k in lr_keys]
+            weights = dict(zip(names, checkpoint_segment(segment, *flat_in)))
+        return weights
+
+    def task_loss(self, task: Task, loss_scale: float = 1.0) -> Tensor:
+        """Query loss after adapting on the support set: one task's meta-loss."""
+        fast = self.adapt(task.support_x, task.support_y, lrs=self._lr_values(), loss_scale=loss_scale)
+        return self.loss_with(fast, task.query_x, task.query_y)
+
+    def meta_parameters(self) -> dict[str, Tensor]:
+        """What the outer step updates: initial weights, then ``lr.<key>`` for learnable LRs."""
+        out = {f"w.{n}": p for n, p in self.model.named_parameters() if p.requires_grad}
+        if self.lrs is not None:
+            out.update({f"lr.{k}": p for k, p in self.lrs.raw.items()})
+        return out
+
+
