@@ -20,12 +20,12 @@ from harness.studies.ablation.ablate import run_ablation
 from harness.studies.ablation.spec import AblationSpec
 
 TINY = ["--preset", "quick", "--meta-steps", "3", "--seeds", "2", "--eval-tasks", "3", "--eval-every", "2",
-        "--no-progress"]
+        "--no-progress", "--jobs", "1"]
 
 
 def spec(**kw) -> AblationSpec:
     base = dict(preset="quick", variants=("maml", "fo", "lr", "ckpt"), meta_steps=3, seeds=2, eval_tasks=3,
-                eval_every=2, run_id="tiny")
+                eval_every=2, run_id="tiny", jobs=1)
     return AblationSpec(**{**base, **kw})
 
 
@@ -100,6 +100,15 @@ def test_checkpointed_curves_identical_and_counterparts_added(tmp_path: Path, va
         assert a["train_loss"] == b["train_loss"] and a["test_loss"] == b["test_loss"]
 
 
+def test_cells_from_worker_processes_equal_sequential_ones(tmp_path: Path) -> None:
+    one = run_ablation(spec(variants=("maml", "ckpt")), tmp_path / "a", tmp_path / "p", progress=False, log=quiet)
+    two = run_ablation(spec(variants=("maml", "ckpt"), jobs=2), tmp_path / "b", tmp_path / "p", progress=False,
+                       log=quiet)
+    assert two["config"]["jobs"] == 2 and two["trained_cells"] == 4
+    assert two["curves"] == one["curves"] and two["checks"] == one["checks"]
+    assert two["rows"][0]["test_loss_mean"] == one["rows"][0]["test_loss_mean"]
+
+
 def test_checkpointed_variants_train_only_on_the_verified_seeds(tmp_path: Path) -> None:
     s = spec(variants=("maml", "ckpt"), seeds=3, verify_seeds=1)
     summary = run_ablation(s, tmp_path / "r", tmp_path / "p", progress=False, log=quiet)
@@ -162,6 +171,7 @@ def test_defaults_live_in_one_place() -> None:
     (["--variants", "maml,nope"], "unknown variant"),
     (["--seeds", "1"], "--seeds must be >= 2"),
     (["--verify-seeds", "0"], "--verify-seeds"),
+    (["--jobs", "0"], "--jobs"),
     (["--eval-tasks", "1000000000000"], "--eval-tasks"),
     (["--data-root", "/tmp"], "--data-root"),
     (["--run-id", "../x"], "--run-id"),

@@ -41,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: 1 for small models, where it is fastest; torch's default otherwise)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="cells trained at once in worker processes (default: one per core, at most 2)")
     p.add_argument("--run-id", default=None, help="output folder name (default ablation-<preset>)")
     p.add_argument("--data-root", default=None, help="dataset root for real-data presets (omniglot)")
     p.add_argument("--download", action="store_true", help="download the dataset into --data-root (torchvision)")
@@ -81,7 +83,7 @@ def spec_from_args(args: argparse.Namespace) -> AblationSpec:
                         eval_tasks=args.eval_tasks, eval_every=args.eval_every, verify_seeds=args.verify_seeds,
                         device=args.device, dtype=args.dtype, meta_batch=args.meta_batch,
                         inner_steps=args.inner_steps, task_overrides=overrides, model_overrides=model_overrides,
-                        run_id=args.run_id or "", threads=args.threads)
+                        run_id=args.run_id or "", threads=args.threads, jobs=args.jobs)
 
 
 def canonical_command(spec: AblationSpec, args: argparse.Namespace) -> str:

@@ -9,11 +9,13 @@ reused on a rerun, so an interrupted ablation resumes where it stopped.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -51,23 +53,47 @@ def load_cell(path: Path, spec: AblationSpec) -> dict[str, Any] | None:
     return cell
 
 
+def _worker_setup(threads: int | None) -> None:
+    """Each worker process: the same thread count and deterministic algorithms as a sequential run."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _cells_in_workers(spec: AblationSpec, todo: list[tuple[Variant, int]], threads: int | None,
+                      bar: tqdm) -> Iterator[dict[str, Any]]:
+    """Cells trained ``spec.jobs`` at a time in spawned processes (independent, single-threaded, deterministic)."""
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=spec.jobs, mp_context=ctx, initializer=_worker_setup,
+                             initargs=(threads,)) as pool:
+        futures = [pool.submit(run_cell, spec, v, seed) for v, seed in todo]
+        for fut in as_completed(futures):
+            cell = fut.result()
+            bar.set_description(f"{cell['variant']['name']} s{cell['seed']}")
+            bar.update(spec.meta_steps)
+            yield cell
+
+
 def _train_missing(spec: AblationSpec, out: Path, todo: list[tuple[Variant, int]], cells: dict,
                    progress: bool | None, threads: int | None) -> None:
     prev_threads, prev_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    if threads:
-        torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    _worker_setup(threads)
     bar = tqdm(total=len(todo) * spec.meta_steps, unit="step", file=sys.stderr,
                disable=None if progress is None else not progress, dynamic_ncols=True)
-    try:
+
+    def sequential() -> Iterator[dict[str, Any]]:
         for v, seed in todo:
             bar.set_description(f"{v.name} s{seed}")
             cell = run_cell(spec, v, seed, on_step=lambda: bar.update(1))
-            if cell["status"] != "ok":
-                bar.update(spec.meta_steps - len(cell["train_loss"]))
-            write_json(cell_path(out, v.name, seed), cell)
-            cells[(v.name, seed)] = cell
+            bar.update(spec.meta_steps - len(cell["train_loss"]))
+            yield cell
+
+    try:
+        parallel = spec.jobs > 1 and len(todo) > 1
+        for cell in (_cells_in_workers(spec, todo, threads, bar) if parallel else sequential()):
+            write_json(cell_path(out, cell["variant"]["name"], cell["seed"]), cell)
+            cells[(cell["variant"]["name"], cell["seed"])] = cell
     finally:
         bar.close()
         torch.set_num_threads(prev_threads)
@@ -81,7 +107,7 @@ def run_ablation(spec: AblationSpec, results_root: Path = Path("results"), plots
     out, plots = Path(results_root) / spec.run_id, Path(plots_root) / spec.run_id
     cells_plan = plan(spec)
     todo, cells = [], {}
-    for v, _ in cells_plan:
+    for v, _ in sorted(cells_plan, key=lambda c: not c[0].checkpointed):  # longest cells first: better packing
         for seed in spec.seeds_for(v.checkpointed):
             cell = None if force else load_cell(cell_path(out, v.name, seed), spec)
             if cell is None:
@@ -91,7 +117,7 @@ def run_ablation(spec: AblationSpec, results_root: Path = Path("results"), plots
     n_ckpt = sum(v.checkpointed for v, _ in cells_plan)
     log(f"ablate {spec.preset}: {len(cells_plan) - n_ckpt} base variants x {spec.seeds} seeds + {n_ckpt} "
         f"checkpointed x {spec.verify_seeds} seeds, {spec.meta_steps} meta-steps; "
-        f"{len(cells)} cells reused, {len(todo)} to train")
+        f"{len(cells)} cells reused, {len(todo)} to train in {min(spec.jobs, max(1, len(todo)))} process(es)")
     threads = spec.threads if spec.threads is not None else default_threads(spec.device, get_preset(spec.preset).model())
     start = time.perf_counter()
     if todo:

@@ -6,6 +6,7 @@ the library and the tests agree on what "the default ablation" is.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -14,7 +15,7 @@ from harness.train import RunSpec
 from harness.variants import CANONICAL, Variant, get_variant, registry
 from harness.zoo.presets import get_preset
 
-__all__ = ["AblationSpec", "Cell", "counterpart", "plan", "DEFAULTS", "GENERIC", "SIZES", "MAX_EVAL_TASKS", "MAX_SEEDS"]
+__all__ = ["AblationSpec", "Cell", "counterpart", "plan", "DEFAULTS", "GENERIC", "SIZES", "MAX_EVAL_TASKS", "MAX_JOBS", "MAX_SEEDS"]
 
 # Sizes of the default ablation per preset (CPU-sized; seeds >= 10 so that seed-level intervals mean something).
 # sinusoid: 10 seeds x 4 base variants + 4 checkpointed variants on 2 seeds fit in 10 minutes on 2 cores
@@ -31,6 +32,7 @@ GENERIC: dict[str, Any] = dict(seeds=10, eval_tasks=100, eval_every=None, verify
 SIZES = ("meta_steps", "seeds", "meta_batch", "eval_tasks", "eval_every", "verify_seeds")
 MAX_EVAL_TASKS = 100_000  # a typo such as 1e12 would otherwise eat the machine's memory
 MAX_SEEDS = 10_000
+MAX_JOBS = 2  # default worker processes: the cells are single-threaded, the CPU machines here have 2 cores
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class AblationSpec:
     task_overrides: dict[str, Any] = field(default_factory=dict)
     model_overrides: dict[str, Any] = field(default_factory=dict)
     threads: int | None = None  # None: 1 for small models on the CPU, torch's default otherwise
+    jobs: int | None = None  # cells trained at once in worker processes; None: one per core, at most MAX_JOBS
 
     def __post_init__(self) -> None:
         preset = get_preset(self.preset)
@@ -64,6 +67,8 @@ class AblationSpec:
             object.__setattr__(self, name, base.get(name) if value is None else value)
         if self.eval_every is None:
             object.__setattr__(self, "eval_every", max(1, self.meta_steps // 10))
+        if self.jobs is None:
+            object.__setattr__(self, "jobs", max(1, min(MAX_JOBS, os.cpu_count() or 1)))
         if self.verify_seeds > self.seeds:
             object.__setattr__(self, "verify_seeds", self.seeds)
         self._validate()
@@ -85,6 +90,8 @@ class AblationSpec:
                 raise ConfigError(f"--{name} must be {bound}, got {value}{extra}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+        if not 1 <= self.jobs <= 256:
+            raise ConfigError(f"--jobs must be in 1..256, got {self.jobs}")
         if "/" in self.run_id or "\\" in self.run_id or self.run_id.startswith("."):
             raise ConfigError(f"--run-id must be a plain folder name, got {self.run_id!r}")
         RunSpec(variant=self.variants[0], preset=self.preset, device=self.device, dtype=self.dtype,
