@@ -131,7 +131,7 @@ def test_a_claim_of_a_dead_process_is_taken_over_and_a_live_one_awaited(tmp_path
     monkeypatch.undo()
 
     def finish_fo() -> None:  # the other process writes its row, then ends
-        time.sleep(1.0)
+        time.sleep(2.0)
         row = base_row(cells[1])
         row.update(status="ok", env={}, measure_opts=FAST.__dict__ | {}, by="other")
         with run_dir_lock(run_dir):
@@ -140,7 +140,9 @@ def test_a_claim_of_a_dead_process_is_taken_over_and_a_live_one_awaited(tmp_path
         other.wait()
 
     threading.Thread(target=finish_fo).start()
-    rows = run_matrix(cells, run_dir, FAST, progress=False, executor=fake)
+    said: list[str] = []
+    rows = run_matrix(cells, run_dir, FAST, progress=False, executor=fake, log=said.append)
+    assert said == [f"waiting for 1 cell(s) another process is measuring in {run_dir}"]
     assert fake.ran == ["maml"]  # the dead one's cell measured here; the live one's awaited, not re-measured
     assert [r["variant"] for r in rows] == ["maml", "fo"] and rows[1].get("by") == "other"
 

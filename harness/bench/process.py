@@ -104,7 +104,10 @@ def exit_status(rc: int, stderr_tail: list[str]) -> tuple[str, str]:
     """(status, message) of a cell process that ended without writing its row."""
     tail = f": {' | '.join(stderr_tail)}" if stderr_tail else ""
     if rc < 0:
-        name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:  # a real-time signal without a name
+            name = f"signal {-rc}"
         return "killed", (f"cell process killed by signal {-rc} ({name}) from outside the harness "
                           f"(a user, or the kernel's OOM killer){tail}")
     oom = any(m in line for line in stderr_tail for m in OOM_MARKERS)

@@ -94,6 +94,8 @@ def pid_alive(pid: int, host: str) -> bool:
     """Whether ``pid`` on ``host`` may still run: another host's process is assumed alive."""
     if host != HOST:
         return True
+    if pid <= 0:  # not a process id (os.kill would address a group)
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
