@@ -26,6 +26,7 @@ runs in a fresh process).
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -39,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from harness.bench.executors import Executor, LocalExecutor, die_with_parent
 from harness.core.config import ConfigError
 from harness.reporting.schema import SCHEMA_VERSION, write_jsonl
 
@@ -263,6 +265,7 @@ def base_row(cell: Cell) -> dict[str, Any]:
 
 
 def _child_main(argv: list[str]) -> int:
+    die_with_parent()  # under a Ray task: end with its worker (harness.bench.executors)
     cell_path, opts_path, out_path = argv
     cell_d = json.loads(Path(cell_path).read_text())
     cell = Cell(**cell_d)
@@ -330,6 +333,17 @@ def run_cell(cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
         return row
 
 
+def failed_row(cell: Cell, reason: str) -> dict[str, Any]:
+    """The ``error`` row of a cell whose executor lost it (its Ray worker died, say)."""
+    row = base_row(cell)
+    row.update(status="error", message=reason, wall_s=None, env=_env(cell))
+    return row
+
+
+def _measure_with(opts: MeasureOptions | Callable[[Cell], MeasureOptions], cell: Cell) -> dict[str, Any]:
+    return run_cell(cell, opts(cell) if callable(opts) else opts)
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -376,9 +390,10 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
 
 def run_matrix(cells: Iterable[Cell], run_dir: Path, opts: MeasureOptions | Callable[[Cell], MeasureOptions], *, force: bool = False,
                progress: bool = True, log: Callable[[str], None] | None = None,
-               extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+               extra: dict[str, Any] | None = None, executor: Executor | None = None) -> list[dict[str, Any]]:
     """Run every cell not already in ``run_dir/cells.jsonl`` (all of them with ``force``), each isolated,
-    rewriting the file atomically after each; returns all rows in matrix order."""
+    on ``executor`` (default :class:`LocalExecutor`: one after the other here), rewriting the file atomically
+    as each finishes; returns all rows in matrix order."""
     from tqdm import tqdm
 
     cells = list(cells)
@@ -399,11 +414,15 @@ def run_matrix(cells: Iterable[Cell], run_dir: Path, opts: MeasureOptions | Call
         log(f"resuming {run_dir}: skipping {skipped} finished cell(s), running {len(todo)} (--force re-runs all)")
     order = [c.key() for c in cells]
     rows = dict(existing)
-    bar = tqdm(todo, desc=f"cells -> {run_dir.name}", unit="cell", file=sys.stderr, disable=None if progress else True)
-    for cell in bar:
+    bar = tqdm(total=len(todo), desc=f"cells -> {run_dir.name}", unit="cell", file=sys.stderr,
+               disable=None if progress else True)
+    executor = executor or LocalExecutor()
+    finished = executor.map(functools.partial(_measure_with, opts), todo, failed=failed_row,
+                            gpu=any(c.device == "cuda" for c in todo))
+    for cell, row in finished:
+        bar.update(1)
         bar.set_postfix_str(cell.variant)
         cell_opts = opts(cell) if callable(opts) else opts
-        row = run_cell(cell, cell_opts)
         row["run_id"] = run_dir.name
         row["measure_opts"] = asdict(cell_opts)
         if extra:

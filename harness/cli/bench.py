@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from harness.bench.executors import EXECUTORS, ExecutorSpec, open_executor
 from harness.bench.cells import MODEL_SETTINGS, SPEC_SETTINGS, Cell, MeasureOptions, parse_value, run_matrix
 from harness.cli.run import add_spec_arguments, default_device
 from harness.core.config import ConfigError
@@ -42,6 +43,21 @@ def add_matrix_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-nvml", action="store_true", help="no NVML sampler thread (CUDA)")
     p.add_argument("--cpu-mem-cap", action="append", default=[], metavar="VARIANT=MIB", help=argparse.SUPPRESS)
+    add_executor_arguments(p)
+
+
+def add_executor_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the cells run (harness.bench.executors; docs/scaling.md)."""
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="local: one cell after the other here (default); ray: every cell a Ray task")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="Ray cluster to join (auto, HOST:PORT, ray://HOST:PORT); default: start a local instance")
+    p.add_argument("--cpus-per-cell", type=float, default=1.0, metavar="N",
+                   help="CPUs a CPU cell asks Ray for (default 1); a CUDA cell asks for one GPU")
+
+
+def executor_spec(args: argparse.Namespace) -> ExecutorSpec:
+    return ExecutorSpec(args.executor, args.address, args.cpus_per_cell)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -177,8 +193,10 @@ def run(args: argparse.Namespace) -> int:
     base = {k: v for k, v in settings.items() if k != "amp"}
     cells = [Cell(v, preset, device, args.dtype, {**base, **({"amp": a} if a != "off" else {})}, args.seed)
              for a in args.amps for v in variants]
-    t0 = time.perf_counter()
-    rows = run_matrix(cells, run_dir, lambda c: replace(opts, cpu_mem_cap_mib=caps.get(c.variant)), force=args.force)
+    with open_executor(executor_spec(args)) as executor:
+        t0 = time.perf_counter()
+        rows = run_matrix(cells, run_dir, lambda c: replace(opts, cpu_mem_cap_mib=caps.get(c.variant)),
+                          force=args.force, executor=executor)
     out = report.build(run_dir, plots=not args.no_plots)
     counts: dict[str, int] = {}
     for r in rows:
