@@ -131,10 +131,10 @@ class RayExecutor:
         self.cpus_per_cell = cpus_per_cell
         self.started = False  # whether this executor started (and so stops) the Ray instance
         self._pending: dict[Any, Any] = {}  # task ref -> item, while a map runs
-        if self.ray.is_initialized():
-            return
         if address is not None:
             _check_reachable(address)
+        if self.ray.is_initialized():  # a driver that joined its cluster itself (a notebook, the tests)
+            return
         path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
         kwargs = dict(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
                       runtime_env={"env_vars": {"PYTHONPATH": path}}, **(init_kwargs or {}))
