@@ -1,7 +1,8 @@
 """Claims (issue 15): cells run as Ray tasks give the same rows as local cells; a Ray run interrupted part-way
 resumes with only the missing cells and leaves no cell process behind; a cell whose Ray worker is killed is
 ``error`` with the reason while the others are ``ok``; a bad ``--address`` or a missing Ray is one line, exit 2,
-nothing written.  One local 2-CPU Ray instance serves the module."""
+nothing written; ablation cells trained as Ray tasks equal local ones.  One local 2-CPU Ray instance serves
+the module."""
 from __future__ import annotations
 
 import builtins
@@ -19,6 +20,7 @@ import pytest
 
 from harness.bench.cells import Cell, load_rows, run_matrix
 from harness.cli.main import main
+from harness.studies.ablation.ablate import AblationSpec, run_ablation
 from tests.conftest import FAST, TINY
 
 ray = pytest.importorskip("ray", reason="the cluster extra (pip install '.[cluster]')")
@@ -156,3 +158,18 @@ def test_without_ray_the_ray_executor_is_one_line_naming_the_extra(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'cluster' extra" in err[0] and "maml-harness[cluster]" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_ablation_cells_trained_as_ray_tasks_equal_local_ones(tmp_path: Path, ray_executor: RayExecutor) -> None:
+    spec = AblationSpec(preset="quick", variants=("maml", "ckpt"), meta_steps=3, seeds=1, eval_tasks=3,
+                        eval_every=2, run_id="tiny")
+    quiet = lambda s: None  # noqa: E731
+    here = run_ablation(spec, tmp_path / "local", tmp_path / "p", progress=False, log=quiet)
+    there = run_ablation(spec, tmp_path / "ray", tmp_path / "p", progress=False, log=quiet, executor=ray_executor)
+    assert there["trained_cells"] == 2
+    for a, b in zip(here["rows"], there["rows"]):
+        assert a["status"] == b["status"] == "ok"
+    curves = lambda d: {f.name: {k: v for k, v in json.loads(f.read_text()).items()  # noqa: E731
+                                 if k in ("train_loss", "curve_test_loss", "test_loss", "status")}
+                        for f in sorted((d / "tiny" / "cells").glob("*.json"))}
+    assert curves(tmp_path / "ray") == curves(tmp_path / "local") != {}

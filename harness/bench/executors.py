@@ -17,6 +17,7 @@ gets ``(item, result)`` pairs back as the jobs finish; it alone writes results. 
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 import os
 import signal
@@ -28,7 +29,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Protocol, Sequence, Type
 from harness.core.config import ConfigError
 
 __all__ = ["EXECUTORS", "CLUSTER_EXTRA", "ExecutorSpec", "Executor", "LocalExecutor", "RayExecutor",
-           "open_executor", "die_with_parent", "DIE_WITH_PARENT_ENV"]
+           "open_executor", "add_executor_arguments", "executor_spec", "die_with_parent", "DIE_WITH_PARENT_ENV"]
 
 EXECUTORS = ("local", "ray")
 CLUSTER_EXTRA = "pip install 'maml-harness[cluster]' (or: pip install 'ray==2.60.*')"
@@ -212,3 +213,18 @@ def open_executor(spec: ExecutorSpec) -> LocalExecutor | RayExecutor:
             raise ConfigError("--address is for --executor ray")
         return LocalExecutor()
     return RayExecutor(spec.address, spec.cpus_per_cell)
+
+
+def add_executor_arguments(p: argparse.ArgumentParser) -> None:
+    """``--executor``, ``--address``, ``--cpus-per-cell`` for bench, sweep and ablate (kept beside the executors
+    until the commands share one argument module)."""
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="local: one cell after the other here (default); ray: every cell a Ray task")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="Ray cluster to join (auto, HOST:PORT, ray://HOST:PORT); default: start a local instance")
+    p.add_argument("--cpus-per-cell", type=float, default=1.0, metavar="N",
+                   help="CPUs a CPU cell asks Ray for (default 1); a CUDA cell asks for one GPU")
+
+
+def executor_spec(args: argparse.Namespace) -> ExecutorSpec:
+    return ExecutorSpec(args.executor, args.address, args.cpus_per_cell)

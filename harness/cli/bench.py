@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from harness.bench.executors import EXECUTORS, ExecutorSpec, open_executor
+from harness.bench.executors import add_executor_arguments, executor_spec, open_executor
 from harness.bench.cells import MODEL_SETTINGS, SPEC_SETTINGS, Cell, MeasureOptions, parse_value, run_matrix
 from harness.cli.run import add_spec_arguments, default_device
 from harness.core.config import ConfigError
@@ -44,20 +44,6 @@ def add_matrix_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-nvml", action="store_true", help="no NVML sampler thread (CUDA)")
     p.add_argument("--cpu-mem-cap", action="append", default=[], metavar="VARIANT=MIB", help=argparse.SUPPRESS)
     add_executor_arguments(p)
-
-
-def add_executor_arguments(p: argparse.ArgumentParser) -> None:
-    """Where the cells run (harness.bench.executors; docs/scaling.md)."""
-    p.add_argument("--executor", choices=EXECUTORS, default="local",
-                   help="local: one cell after the other here (default); ray: every cell a Ray task")
-    p.add_argument("--address", default=None, metavar="ADDR",
-                   help="Ray cluster to join (auto, HOST:PORT, ray://HOST:PORT); default: start a local instance")
-    p.add_argument("--cpus-per-cell", type=float, default=1.0, metavar="N",
-                   help="CPUs a CPU cell asks Ray for (default 1); a CUDA cell asks for one GPU")
-
-
-def executor_spec(args: argparse.Namespace) -> ExecutorSpec:
-    return ExecutorSpec(args.executor, args.address, args.cpus_per_cell)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -11,8 +11,8 @@ import argparse
 import time
 
 from harness.bench.cells import SWEEP_PARAMS, Cell, parse_value, run_matrix
-from harness.bench.executors import open_executor
-from harness.cli.bench import add_matrix_arguments, executor_spec, matrix_common, resolve_variants
+from harness.bench.executors import executor_spec, open_executor
+from harness.cli.bench import add_matrix_arguments, matrix_common, resolve_variants
 from harness.core.config import ConfigError
 
 

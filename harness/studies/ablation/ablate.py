@@ -30,12 +30,13 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 
+from harness.bench.executors import Executor, LocalExecutor
 from harness.core.config import ConfigError, Task
 from harness.core.engine import MetaLearner
 from harness.train import Experiment, RunSpec
@@ -268,9 +269,42 @@ def default_threads(spec: AblationSpec) -> int | None:
     return loop_default_threads(spec.device, get_preset(spec.preset).model())
 
 
+def _train_in_worker(spec: AblationSpec, threads: int | None, job: tuple[Variant, int]) -> dict[str, Any]:
+    """One (variant, seed) in a Ray worker of its own, with the same thread count and determinism as here."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return run_cell(spec, job[0], job[1])
+
+
+def _lost_cell(spec: AblationSpec, job: tuple[Variant, int], reason: str) -> dict[str, Any]:
+    """The ``error`` cell of a (variant, seed) whose executor lost it (its Ray worker died)."""
+    v, seed = job
+    return {"schema": CELL_SCHEMA, "kind": "ablation-cell", "status": "error", "message": reason,
+            "variant": {"name": v.name, **v.flags}, "seed": seed, "spec": spec.fingerprint(), "sizes": {},
+            "train_loss": [], "curve_steps": [], "curve_test_loss": [], "curve_test_acc": None, "test_loss": [],
+            "test_acc": None, "learned_lrs": None, "wall_s": 0.0}
+
+
+def _train_elsewhere(executor: Executor, spec: AblationSpec, todo: list[tuple[Variant, int]], threads: int | None,
+                     out: Path, cells: dict, progress: bool | None) -> None:
+    """Train ``todo`` on ``executor`` (Ray: a task per cell); this process alone writes the cell files."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), unit="cell", file=sys.stderr, disable=None if progress is None else not progress)
+    try:
+        for (v, seed), cell in executor.map(partial(_train_in_worker, spec, threads), todo,
+                                            failed=partial(_lost_cell, spec), gpu=spec.device == "cuda"):
+            write_json(cell_path(out, v.name, seed), cell)
+            cells[(v.name, seed)] = cell
+            bar.update(1)
+    finally:
+        bar.close()
+
+
 def run_ablation(spec: AblationSpec, results_root: Path = Path("results"), plots_root: Path = Path("plots"),
                  force: bool = False, progress: bool | None = None, log: Callable[[str], None] = print,
-                 command: str = "") -> dict[str, Any]:
+                 command: str = "", executor: Executor | None = None) -> dict[str, Any]:
     out, plots = Path(results_root) / spec.run_id, Path(plots_root) / spec.run_id
     cells_plan = plan(spec)
     todo, cells = [], {}
@@ -287,7 +321,9 @@ def run_ablation(spec: AblationSpec, results_root: Path = Path("results"), plots
     prev_threads, prev_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     start = time.perf_counter()
-    if todo:
+    if todo and executor is not None and not isinstance(executor, LocalExecutor):
+        _train_elsewhere(executor, spec, todo, threads, out, cells, progress)
+    elif todo:
         from tqdm import tqdm
 
         if threads:
