@@ -34,6 +34,7 @@ __all__ = ["EXECUTORS", "CLUSTER_EXTRA", "ExecutorSpec", "Executor", "LocalExecu
 EXECUTORS = ("local", "ray")
 CLUSTER_EXTRA = "pip install 'maml-harness[cluster]' (or: pip install 'ray==2.60.*')"
 REPO = Path(__file__).resolve().parents[2]
+WAIT_S = 0.5  # how often the driver returns to Python while waiting for tasks (so Ctrl-C is seen)
 CONNECT_TIMEOUT_S = 5.0  # reaching a cluster's address
 DIE_WITH_PARENT_ENV = "HARNESS_DIE_WITH_PARENT"  # set by Ray tasks: the cell's subprocess ends with its worker
 
@@ -161,7 +162,8 @@ class RayExecutor:
         pending = self._pending = {task.remote(fn, item): item for item in items}
         try:
             while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
+                # with a timeout: ray.wait blocks in C++, where Ctrl-C would not reach Python until a task ends
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_S)
                 for ref in done:
                     item = pending.pop(ref)
                     yield item, self._result(ref, item, failed)
