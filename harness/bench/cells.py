@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from harness import distributed
 from harness.core.config import ConfigError
 from harness.reporting.schema import SCHEMA_VERSION, write_jsonl
 
@@ -47,7 +48,8 @@ STATUSES = ("ok", "oom", "error", "timeout", "diverged", "unsupported")
 SPEC_SETTINGS = ("inner_steps", "meta_batch")
 MODEL_SETTINGS = ("depth", "width")
 VARIANT_SETTINGS = ("step_ckpt",)  # segment length of step checkpointing (0: off), over the variant's own
-SWEEP_PARAMS = SPEC_SETTINGS + MODEL_SETTINGS + VARIANT_SETTINGS
+LAUNCH_SETTINGS = ("ranks",)  # data-parallel ranks: the cell runs under torch.distributed.run (harness.distributed)
+SWEEP_PARAMS = SPEC_SETTINGS + MODEL_SETTINGS + VARIANT_SETTINGS + LAUNCH_SETTINGS
 PLUGIN_ENV = "HARNESS_CELL_PLUGINS"
 
 Builder = Callable[[str, Any, Any], Any]
@@ -97,8 +99,9 @@ class Cell:
                            sorted(self.settings.items()), self.seed])
 
     def compare_key(self) -> str:
-        """Identity across machines (no device): what ``compare`` matches on."""
-        return json.dumps([self.variant, self.preset, self.dtype, sorted(self.settings.items()), self.seed])
+        """Identity across machines (no device, no ``ranks``): what ``compare`` matches on, so 1 and N ranks pair up."""
+        settings = sorted((k, v) for k, v in self.settings.items() if k not in LAUNCH_SETTINGS)
+        return json.dumps([self.variant, self.preset, self.dtype, settings, self.seed])
 
     def label(self) -> str:
         s = ",".join(f"{k}={v}" for k, v in sorted(self.settings.items()))
@@ -112,8 +115,8 @@ class Cell:
                 spec[k] = int(v)
             elif k == "amp":
                 spec[k] = str(v)
-            elif k in VARIANT_SETTINGS:
-                continue  # applied to the variant (see variant_for)
+            elif k in VARIANT_SETTINGS or k in LAUNCH_SETTINGS:
+                continue  # applied to the variant (see variant_for) / to the launch (see run_cell)
             elif k in MODEL_SETTINGS:
                 model[k] = v
             elif k.startswith("model."):
@@ -267,10 +270,14 @@ def _child_main(argv: list[str]) -> int:
     cell_d = json.loads(Path(cell_path).read_text())
     cell = Cell(**cell_d)
     opts = MeasureOptions(**json.loads(Path(opts_path).read_text()))
-    row = run_cell_inline(cell, opts)
     from harness.reporting.schema import write_json
 
-    write_json(Path(out_path), row)
+    with distributed.session(cell.device) as group:  # under torch.distributed.run when ranks > 1
+        row = run_cell_inline(cell, opts)
+        memory = row.get("memory") or {}
+        row["distributed"] = distributed.single_process_summary(memory) if group is None else group.summary(memory)
+        if group is None or group.main:
+            write_json(Path(out_path), row)
     return 0
 
 
@@ -302,7 +309,9 @@ def run_cell(cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
         out = tmpd / "row.json"
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-        cmd = [sys.executable, "-m", "harness.bench.cells", str(tmpd / "cell.json"), str(tmpd / "opts.json"), str(out)]
+        ranks = int(cell.settings.get("ranks", 1))
+        cmd = distributed.launcher(ranks) + ["-m", "harness.bench.cells", str(tmpd / "cell.json"),
+                                             str(tmpd / "opts.json"), str(out)]
         t0 = time.perf_counter()
         with open(tmpd / "stderr.txt", "wb") as err:
             # its own process group, so a timeout also ends anything the cell started
