@@ -62,7 +62,7 @@ def check_ranks(ranks: Any, meta_batch: int) -> int:
     try:
         n = int(ranks)
     except (TypeError, ValueError):
-        raise ConfigError(f"ranks must be an integer in 1..{meta_batch} (the meta-batch), got {ranks!r}") from None
+        raise ConfigError(f"ranks must be an integer, got {ranks!r}; valid: 1..{meta_batch} (the meta-batch)") from None
     if not 1 <= n <= meta_batch:
         raise ConfigError(f"ranks={n} is invalid: each rank needs at least one task of the meta-batch of "
                           f"{meta_batch}; valid: 1..{meta_batch}")
@@ -181,13 +181,19 @@ __all__.append("single_process_summary")
 
 
 @contextmanager
-def session(device: str) -> Iterator[DataParallel | None]:
+def session(device: str, meta_batch: int | None = None) -> Iterator[DataParallel | None]:
     """Under torchrun: init the process group (gloo on CPU, NCCL on CUDA, with the collective timeout),
-    make it :func:`current` and tear it down after; otherwise yield None and do nothing."""
+    make it :func:`current` and tear it down after; otherwise yield None and do nothing.
+
+    ``meta_batch``: check that every rank gets a task first (a ConfigError on every rank, before any
+    collective, so no rank waits for one that has already left).
+    """
     global _CURRENT
     if not launched():
         yield None
         return
+    if meta_batch is not None:
+        check_ranks(os.environ["WORLD_SIZE"], meta_batch)
     backend = "nccl" if device == "cuda" else "gloo"
     if device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

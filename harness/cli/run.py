@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     spec = RunSpec(variant=args.variant, preset=args.preset or "quick", device=args.device or default_device(),
                    dtype=args.dtype, inner_steps=args.inner_steps, meta_batch=args.meta_batch,
                    meta_steps=args.meta_steps, seed=args.seed, amp=args.amp)
-    with distributed.session(spec.device) as group:
+    with distributed.session(spec.device, spec.resolved()["meta_batch"]) as group:
         return run_spec(args, spec, group)
 
 
@@ -70,8 +70,6 @@ def run_spec(args: argparse.Namespace, spec: RunSpec, group: distributed.DataPar
                           f"this run is on {spec.device}")
     exp = Experiment(spec)
     main = group is None or group.main
-    if group is not None:
-        distributed.check_ranks(group.world, exp.sizes["meta_batch"])
     threads = default_threads(spec.device, exp.learner.model)
     if threads:
         torch.set_num_threads(threads)
