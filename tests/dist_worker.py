@@ -78,7 +78,8 @@ def train_case(case: Case) -> dict[str, object]:
         log = train(exp, META_STEPS)
         losses, skipped, extra = log.losses, [], {}
     params = {n: p.detach().clone() for n, p in exp.learner.named_parameters()}
-    return {"params": params, "losses": losses, "skipped": skipped, **extra}
+    buffers = {n: b.detach().clone() for n, b in exp.learner.named_buffers()}
+    return {"params": params, "buffers": buffers, "losses": losses, "skipped": skipped, **extra}
 
 
 def main(out_dir: str) -> int:

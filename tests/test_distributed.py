@@ -49,6 +49,8 @@ def test_two_ranks_train_exactly_as_one_process(case: Case, two_rank_results) ->
     one = train_case(case)
     ranks = [r[case.name] for r in two_rank_results]
     assert _max_diff(ranks[0]["params"], ranks[1]["params"], one["params"]) == 0.0  # the ranks agree bitwise
+    # BatchNorm statistics: each rank saw only its tasks, so all take rank 0's after every step (as DDP does)
+    assert _max_diff(ranks[0]["buffers"], ranks[1]["buffers"], one["buffers"]) == 0.0
     if case.amp == "fp16":  # both skip the overflowing first step and keep the same loss scale
         assert ranks[0]["skipped"] == one["skipped"] == [True, False, False]
         assert ranks[0]["scale"] == one["scale"]
