@@ -25,9 +25,11 @@ at the latest, by the collective timeout (``HARNESS_DIST_TIMEOUT_S``, default 30
 from __future__ import annotations
 
 import os
+import statistics
 import sys
+import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Iterator, Sequence
 
@@ -89,6 +91,7 @@ class DataParallel:
     world: int
     backend: str
     steps: int = 0  # meta-steps taken in this process (the fault hook counts them, 0-based)
+    reduce_s: list[float] = field(default_factory=list)  # per meta-step: all-reduce incl. waiting for other ranks
 
     @property
     def main(self) -> bool:
@@ -143,6 +146,7 @@ class DataParallel:
 
     def _reduce(self, grads: list[torch.Tensor], weight: float, status: torch.Tensor) -> tuple[float, float, float]:
         """``sum_r weight_r * grad_r`` into ``grads`` in place (flat buckets), and the status summed."""
+        t0 = time.perf_counter()
         for bucket in _buckets(grads):
             flat = torch.cat([g.reshape(-1) for g in bucket]).mul_(weight)
             dist.all_reduce(flat)
@@ -150,6 +154,7 @@ class DataParallel:
         status = status.to(grads[0].device) if grads else status
         dist.all_reduce(status)
         loss, nonfinite, errors = status.tolist()
+        self.reduce_s.append(time.perf_counter() - t0)
         return loss, nonfinite, errors
 
     def _first_error(self, mine: str | None) -> str:
@@ -166,9 +171,11 @@ class DataParallel:
     def summary(self, memory: dict[str, Any], key: str = "cpu_peak_alloc_mib") -> dict[str, Any]:
         """The result row's ``distributed`` entry: world size, backend, every rank's memory peak, the max."""
         per_rank = self.gather(memory.get(key))
+        reduce_ms = self.gather(statistics.median(self.reduce_s) * 1e3 if self.reduce_s else None)
         known = [m for m in per_rank if m is not None]
         return {"world_size": self.world, "backend": self.backend, "memory_key": key,
-                "rank_memory_mib": per_rank, "max_rank_memory_mib": max(known) if known else None}
+                "rank_memory_mib": per_rank, "max_rank_memory_mib": max(known) if known else None,
+                "rank_reduce_median_ms": reduce_ms}
 
 
 def single_process_summary(memory: dict[str, Any], key: str = "cpu_peak_alloc_mib") -> dict[str, Any]:
