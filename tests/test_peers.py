@@ -21,7 +21,7 @@ from harness.core.ckpt import layer_checkpointing
 from harness.core.config import ConfigError
 from harness.core.engine import MetaLearner
 from harness.core.grads import agreement
-from harness.studies.peers import NO_CKPT, PEERS, build_peer, cell_name, cells, peer_agreement, supports
+from harness.studies.peers import NO_CKPT, NO_VECTORIZE, PEERS, build_peer, cell_name, cells, peer_agreement, supports
 from harness.variants import CANONICAL, Variant, registry
 from tests.conftest import small_experiment
 
@@ -190,7 +190,8 @@ def test_supports_marks_unsupported_cells_with_reasons() -> None:
         assert ok or "learnable inner LR" in reason
     for v in reg.values():  # step checkpointing and any plugin variant get an answer too
         ok, reason = supports("higher", v)
-        assert ok == (not v.checkpointed) and (ok or reason == NO_CKPT)
+        assert ok == (not v.checkpointed and not v.vectorize)
+        assert ok or reason == (NO_CKPT if v.checkpointed else NO_VECTORIZE)
     with pytest.raises(ConfigError, match="valid peers"):
         supports("learn2learn", reg["maml"])
 

@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[2]
 STATUSES = ("ok", "oom", "error", "timeout", "diverged", "unsupported")
 SPEC_SETTINGS = ("inner_steps", "meta_batch")
 MODEL_SETTINGS = ("depth", "width")
-VARIANT_SETTINGS = ("step_ckpt",)  # segment length of step checkpointing (0: off), over the variant's own
+VARIANT_SETTINGS = ("step_ckpt", "vectorize")  # step-checkpoint segment length (0: off); vmap tasks (0/1)
 SWEEP_PARAMS = SPEC_SETTINGS + MODEL_SETTINGS + VARIANT_SETTINGS
 PLUGIN_ENV = "HARNESS_CELL_PLUGINS"
 
@@ -137,6 +137,10 @@ def variant_for(cell: "Cell") -> Any:
         if n < 0:
             raise ConfigError(f"step_ckpt must be >= 0 (0 = off), got {n}")
         variant = replace(variant, step_ckpt=n)
+    if "vectorize" in cell.settings:
+        if cell.settings["vectorize"] not in (0, 1, True, False):
+            raise ConfigError(f"vectorize must be 0 or 1, got {cell.settings['vectorize']!r}")
+        variant = replace(variant, vectorize=bool(cell.settings["vectorize"]))
     return variant
 
 

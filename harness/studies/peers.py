@@ -64,6 +64,7 @@ if TYPE_CHECKING:  # pragma: no cover
 PEERS = ("higher", "torchopt")
 VERSIONS = {"higher": "0.2.1", "torchopt": "0.7.3"}
 NO_CKPT = "no gradient checkpointing"
+NO_VECTORIZE = "no vectorized tasks (the adapter loops over the meta-batch's tasks one at a time)"
 NO_LEARN_LR = "no learnable inner LR (torchopt.sgd takes one fixed scalar LR per transformation)"
 NO_FP16 = ("fp16 loss scaling through the peer's inner loop is not wired (higher could via grad_callback, "
            "torchopt via a custom transformation); bf16 autocast only")
@@ -91,6 +92,8 @@ def supports(peer: str, variant: "Variant", amp: str = "off") -> tuple[bool, str
         raise ConfigError(f"unknown precision {amp!r}; valid choices: {', '.join(AMP_MODES)}")
     if variant.layer_ckpt or variant.step_ckpt:
         return False, NO_CKPT
+    if getattr(variant, "vectorize", False):
+        return False, NO_VECTORIZE
     if peer == "torchopt" and (variant.learn_lr or variant.lr_per_step):
         return False, NO_LEARN_LR
     if amp == "fp16":
