@@ -193,7 +193,7 @@ def run_cell_inline(cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
     import torch
 
     from harness import train as loop
-    from harness.bench import measure
+    from harness.bench import measure, paired
     from harness.reporting.provenance import environment
 
     row: dict[str, Any] = base_row(cell)
@@ -228,6 +228,7 @@ def run_cell_inline(cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
         row["memory"] = m
         row["losses"] = step.losses
         row["final_query_loss"] = step.losses[-1] if step.losses else None
+        row["paired"] = paired.measure_paired(cell, step, opts)  # time / reference, ABAB in this process
         row["status"] = "ok"
         warn = measure.noise_warning(row["time"], cell.label())
         if warn:
@@ -263,7 +264,7 @@ def base_row(cell: Cell) -> dict[str, Any]:
             "device": cell.device, "dtype": cell.dtype, "settings": dict(cell.settings), "seed": cell.seed,
             "amp": str(cell.settings.get("amp", "off")),
             "status": "error", "message": None, "memory": {}, "time": {}, "agreement": {},
-            "final_query_loss": None, "warnings": []}
+            "final_query_loss": None, "warnings": [], "paired": None}
 
 
 def _child_main(argv: list[str]) -> int:

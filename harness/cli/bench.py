@@ -117,14 +117,17 @@ def parse_amps(text: str, device: str) -> list[str]:
 
 
 def add_peer_cells(variants: list[str]) -> list[str]:
-    """``variants`` plus ``higher:<v>``, ``torchopt:<v>`` for every canonical ``v`` among them (not duplicated)."""
-    from harness.studies.peers import PEERS
-    from harness.variants import CANONICAL
+    """``variants`` plus ``<peer>:<v>`` for every canonical ``v`` among them, and for any other ``v`` a peer
+    can express (not duplicated)."""
+    from harness.studies.peers import PEERS, supports
+    from harness.variants import CANONICAL, get_variant
 
     out = list(variants)
     for v in variants:
         if v in CANONICAL:
             out += [f"{p}:{v}" for p in PEERS if f"{p}:{v}" not in out]
+        elif ":" not in v:  # beyond the canonical eight, only cells a peer can express (torch_maml:sckpt)
+            out += [f"{p}:{v}" for p in PEERS if f"{p}:{v}" not in out and supports(p, get_variant(v))[0]]
     return out
 
 
