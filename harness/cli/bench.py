@@ -18,7 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from harness.bench.cells import MODEL_SETTINGS, SPEC_SETTINGS, Cell, MeasureOptions, parse_value, run_matrix
+from harness.bench.cells import (MODEL_SETTINGS, SPEC_SETTINGS, VARIANT_SETTINGS, Cell, MeasureOptions, parse_value,
+                                 run_matrix)
 from harness.cli.run import add_spec_arguments, default_device
 from harness.core.config import ConfigError
 from harness.train import DEVICES
@@ -38,7 +39,8 @@ def add_matrix_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed meta-steps per cell (default 5 on CUDA, 3 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per cell (default: torch's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help=f"cell setting: {', '.join(SPEC_SETTINGS + MODEL_SETTINGS)}, model.<kw> or task.<kw>")
+                   help=f"cell setting: {', '.join(SPEC_SETTINGS + MODEL_SETTINGS + VARIANT_SETTINGS)}, "
+                        "model.<kw> or task.<kw>")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-nvml", action="store_true", help="no NVML sampler thread (CUDA)")
     p.add_argument("--cpu-mem-cap", action="append", default=[], metavar="VARIANT=MIB", help=argparse.SUPPRESS)
@@ -60,10 +62,10 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, val = item.partition("=")
         key = key.strip()
-        ok = key in SPEC_SETTINGS + MODEL_SETTINGS or key.startswith(("model.", "task."))
+        ok = key in SPEC_SETTINGS + MODEL_SETTINGS + VARIANT_SETTINGS or key.startswith(("model.", "task."))
         if not sep or not key or not ok:
             raise ConfigError(f"bad --set {item!r}; accepted KEY=VALUE with KEY one of "
-                              f"{', '.join(SPEC_SETTINGS + MODEL_SETTINGS)}, model.<kw>, task.<kw>")
+                              f"{', '.join(SPEC_SETTINGS + MODEL_SETTINGS + VARIANT_SETTINGS)}, model.<kw>, task.<kw>")
         out[key] = parse_value(val.strip())
     return out
 
