@@ -144,3 +144,15 @@ def test_dropout_is_refused_and_unequal_tasks_are_refused():
     short = Task(*(torch.randn(n, 1, dtype=torch.float64) for n in (4, 4, 5, 5)))
     with pytest.raises(ConfigError, match=r"unequal support_x shapes \[\(4, 1\), \(5, 1\)\]"):
         learner.meta_gradients([task, short])
+
+
+def test_vectorized_fp16_loss_scale_path_equals_the_sequential_one():
+    """With a loss scale (the fp16 GradScaler path) the meta-gradients are those of the scaled loss, as
+    sequentially, and the inner gradients are unscaled before the update (float64: exact up to rounding)."""
+    seq, vec, tasks = _learners("quick", MetaConfig(inner_steps=2, learn_lr=True, lr_granularity="tensor"))
+    ours, ours_loss = vec.meta_gradients(tasks, loss_scale=1024.0)
+    ref, ref_loss = seq.meta_gradients(tasks, loss_scale=1024.0)
+    agree = agreement(ours, ref)
+    assert agree["w_rel_err"] <= TOL and agree["lr_rel_err"] <= TOL and abs(ours_loss - ref_loss) <= TOL
+    unscaled, _ = vec.meta_gradients(tasks)
+    assert agreement({k: g / 1024.0 for k, g in ours.items()}, unscaled)["w_rel_err"] <= TOL
