@@ -46,7 +46,8 @@ from torch.overrides import TorchFunctionMode
 
 from harness.core.config import ConfigError, MetaConfig, Task
 
-__all__ = ["ComposedLayerNorm", "VectorizableLearner", "check_vectorizable", "stack_tasks", "vectorized_meta_gradients"]
+__all__ = ["ComposedLayerNorm", "VectorizableLearner", "check_vectorizable", "stack_tasks",
+           "vectorized_meta_gradients"]
 
 # batching rules of these norms' backward are wrong for the input gradient (pytorch/functorch#534, open;
 # measured on torch 2.14.1: relative error 0.03-0.04 in the second-order term under vmap)
@@ -123,7 +124,7 @@ def stack_tasks(tasks: Sequence[Task]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 def _task_loss_fn(learner: VectorizableLearner, loss_scale: float) -> Callable[..., Tensor]:
     """One task's query loss after K functional inner steps, as a pure function of
     ``(weights, raw LRs, support_x, support_y, query_x, query_y)`` -- what vmap maps over tasks."""
-    cfg, adapted, lrs_mod = learner.cfg, list(learner.adapted), learner.lrs
+    cfg, adapted = learner.cfg, list(learner.adapted)
 
     def support_loss(fast: dict[str, Tensor], rest: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         loss = learner.loss_with({**rest, **fast}, x, y)
@@ -180,7 +181,7 @@ def vectorized_meta_gradients(learner: VectorizableLearner, tasks: Sequence[Task
     tasks = list(tasks)
     weights = {n: p for n, p in learner.model.named_parameters()}
     raw = dict(learner.lrs.raw.items()) if learner.lrs is not None else {}  # type: ignore[attr-defined]
-    chunk = getattr(learner.cfg, "vmap_chunk", None) or len(tasks)
+    chunk = learner.cfg.vmap_chunk or len(tasks)
     trainable = [n for n, p in weights.items() if p.requires_grad]
     total = {**{f"w.{n}": torch.zeros_like(weights[n]) for n in trainable},
              **{f"lr.{k}": torch.zeros_like(v) for k, v in raw.items()}}
