@@ -13,7 +13,8 @@ from dataclasses import replace
 import pytest
 
 from harness.bench import paired
-from harness.bench.cells import Cell, run_cell_inline
+from harness.bench.cells import Cell
+from harness.bench.child import measure_cell_inline
 from harness.reporting import tables
 from harness.variants import registry
 from tests.conftest import FAST, TINY
@@ -61,7 +62,7 @@ def test_ratio_summary_median_quartiles_and_extremes():
 
 def test_a_cell_row_has_its_paired_ratio_and_the_table_shows_it():
     opts = replace(FAST, repeats=3)
-    rows = [run_cell_inline(Cell(v, "cpu-bench", settings=TINY), opts) for v in ("vmaml", "maml")]
+    rows = [measure_cell_inline(Cell(v, "cpu-bench", settings=TINY), opts) for v in ("vmaml", "maml")]
     vec, ref = rows
     assert vec["status"] == "ok" and ref["status"] == "ok", (vec.get("message"), ref.get("message"))
     p = vec["paired"]

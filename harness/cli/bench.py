@@ -18,8 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from harness.bench.cells import (MODEL_SETTINGS, SPEC_SETTINGS, VARIANT_SETTINGS, Cell, MeasureOptions, parse_value,
-                                 run_matrix)
+from harness.bench.cells import MODEL_SETTINGS, SPEC_SETTINGS, VARIANT_SETTINGS, Cell, MeasureOptions, parse_value
+from harness.bench.matrix import run_matrix
 from harness.cli.run import add_spec_arguments, default_device
 from harness.core.config import ConfigError
 from harness.train import DEVICES
