@@ -35,7 +35,7 @@ STATUSES = ("ok", "oom", "killed", "error", "timeout", "diverged", "unsupported"
 PASSING_STATUSES = ("ok", "unsupported")  # a matrix of only these exits 0 (see matrix.matrix_exit_code)
 SPEC_SETTINGS = ("inner_steps", "meta_batch")
 MODEL_SETTINGS = ("depth", "width")
-VARIANT_SETTINGS = ("step_ckpt",)  # segment length of step checkpointing (0: off), over the variant's own
+VARIANT_SETTINGS = ("step_ckpt", "vectorize")  # step-checkpoint segment length (0: off); vmap tasks (0/1)
 SWEEP_PARAMS = SPEC_SETTINGS + MODEL_SETTINGS + VARIANT_SETTINGS
 
 # Learner builders for ``peer:variant`` cells: prefix -> fn(peer, variant, exp) returning an object with
@@ -139,6 +139,10 @@ def variant_for(cell: Cell) -> Variant:
         if n < 0:
             raise ConfigError(f"step_ckpt must be >= 0 (0 = off), got {n}")
         variant = replace(variant, step_ckpt=n)
+    if "vectorize" in cell.settings:
+        if cell.settings["vectorize"] not in (0, 1, True, False):
+            raise ConfigError(f"vectorize must be 0 or 1, got {cell.settings['vectorize']!r}")
+        variant = replace(variant, vectorize=bool(cell.settings["vectorize"]))
     return variant
 
 
@@ -158,4 +162,4 @@ def base_row(cell: Cell) -> dict[str, Any]:
             "device": cell.device, "dtype": cell.dtype, "settings": dict(cell.settings), "seed": cell.seed,
             "amp": str(cell.settings.get("amp", "off")),
             "status": "error", "message": None, "memory": {}, "time": {}, "agreement": {},
-            "final_query_loss": None, "warnings": []}
+            "final_query_loss": None, "warnings": [], "paired": None}

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from harness import train as loop
-from harness.bench import measure
+from harness.bench import measure, paired
 from harness.bench.cells import BUILDERS, PLUGIN_ENV, Builder, Cell, MeasureOptions, base_row, variant_for
 from harness.bench.process import PARENT_ENV, TEMP_PREFIX, cell_environment, die_with_parent
 from harness.core.config import ConfigError
@@ -113,6 +113,7 @@ def _measure(cell: Cell, opts: MeasureOptions, row: dict[str, Any]) -> None:
     m = measure.measure(step, cell.device, warmup=opts.warmup, repeats=opts.repeats, nvml=opts.nvml, cap_bytes=cap)
     row["time"] = m.pop("time")
     row.update(memory=m, losses=step.losses, final_query_loss=step.losses[-1] if step.losses else None, status="ok")
+    row["paired"] = paired.measure_paired(cell, step, opts)  # time / reference, ABAB in this process
     warn = measure.noise_warning(row["time"], cell.label())
     if warn:
         row["warnings"].append(warn)
