@@ -18,15 +18,19 @@ from typing import Any, Iterator
 
 import pytest
 
-from harness.bench.cells import Cell, load_rows, run_matrix
+from harness.bench.cells import Cell
+from harness.bench.matrix import run_matrix
+from harness.bench.process import LocalExecutor
+from harness.bench.store import load_rows
 from harness.cli.main import main
-from harness.studies.ablation.ablate import AblationSpec, run_ablation
+from harness.studies.ablation.ablate import run_ablation
+from harness.studies.ablation.spec import AblationSpec
 from tests.conftest import FAST, TINY
 
 ray = pytest.importorskip("ray", reason="the cluster extra (pip install '.[cluster]')")
 psutil = pytest.importorskip("psutil")
 
-from harness.bench.executors import DIE_WITH_PARENT_ENV, LocalExecutor, RayExecutor  # noqa: E402 -- after the skip
+from harness.bench.executors import RayExecutor  # noqa: E402 -- after the skip
 
 VARIANTS = ("maml", "fo", "ckpt", "lr")  # second order, first order, checkpointed, learned LRs
 CELLS = [Cell(v, "cpu-bench", settings=TINY) for v in VARIANTS]
@@ -40,13 +44,13 @@ def ray_executor() -> Iterator[RayExecutor]:
 
 
 def cell_processes() -> list[Any]:
-    """Live cell processes (``python -m harness.bench.cells``) of this module's tiny cells, started by Ray tasks."""
+    """Live cell processes (``python -m harness.bench.child``) of this module's tiny cells, started by Ray tasks."""
     out = []
     for p in psutil.process_iter(["cmdline"]):
         try:
             cmd = p.info["cmdline"] or []
-            if ("harness.bench.cells" in cmd and p.status() != psutil.STATUS_ZOMBIE
-                    and DIE_WITH_PARENT_ENV in p.environ()
+            if ("harness.bench.child" in cmd and p.status() != psutil.STATUS_ZOMBIE
+                    and " ".join(p.parent().cmdline()).startswith("ray::")
                     and json.loads(Path(cmd[-3]).read_text())["settings"] == TINY):
                 out.append(p)
         except (psutil.Error, OSError, ValueError, KeyError):
@@ -54,7 +58,7 @@ def cell_processes() -> list[Any]:
     return out
 
 
-class Interrupted(LocalExecutor):
+class Interrupted:
     """Ray, with Ctrl-C arriving once ``after`` cells have finished."""
 
     def __init__(self, inner: RayExecutor, after: int) -> None:
@@ -130,7 +134,12 @@ def test_a_cell_whose_worker_is_killed_is_an_error_and_the_others_are_ok(
     assert rows["maml"]["status"] == "error" and "Ray worker" in rows["maml"]["message"]
     assert rows["fo"]["status"] == rows["ckpt"]["status"] == "ok"
     assert len(load_rows(tmp_path / "k")) == 3
-    assert not psutil.pid_exists(killed["cell"]) or psutil.Process(killed["cell"]).status() == psutil.STATUS_ZOMBIE
+    for _ in range(40):  # the cell's process ends with its worker (harness.bench.process.die_with_parent)
+        if not psutil.pid_exists(killed["cell"]) or psutil.Process(killed["cell"]).status() == psutil.STATUS_ZOMBIE:
+            break
+        time.sleep(0.25)
+    else:
+        raise AssertionError(f"the killed worker's cell process {killed['cell']} is still running")
 
 
 def bench(out: Path, *extra: str) -> list[str]:
@@ -168,7 +177,7 @@ def test_without_ray_the_ray_executor_is_one_line_naming_the_extra(
 
 def test_ablation_cells_trained_as_ray_tasks_equal_local_ones(tmp_path: Path, ray_executor: RayExecutor) -> None:
     spec = AblationSpec(preset="quick", variants=("maml", "ckpt"), meta_steps=3, seeds=1, eval_tasks=3,
-                        eval_every=2, run_id="tiny")
+                        eval_every=2, run_id="tiny", jobs=1)
     quiet = lambda s: None  # noqa: E731
     here = run_ablation(spec, tmp_path / "local", tmp_path / "p", progress=False, log=quiet)
     there = run_ablation(spec, tmp_path / "ray", tmp_path / "p", progress=False, log=quiet, executor=ray_executor)

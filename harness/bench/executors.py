@@ -1,15 +1,15 @@
 """Executors: where the cells of a matrix run -- one after another here, or spread over a Ray cluster.
 
-The matrix runner hands an executor a batch of independent jobs (a picklable function and its items) and
-gets ``(item, result)`` pairs back as the jobs finish; it alone writes results.  Two executors:
-
-* :class:`LocalExecutor` -- today's behaviour: the jobs run one after the other in this process (a bench
-  cell's job itself starts the cell's fresh subprocess).
-* :class:`RayExecutor` -- every job is a Ray task with ``max_calls=1`` (a fresh worker process per job, so
-  nothing leaks between cells) that asks for one GPU (``num_gpus=1``) for CUDA cells, or ``cpus_per_cell``
-  CPUs otherwise; Ray's ``CUDA_VISIBLE_DEVICES`` reaches the cell's subprocess, whose NVML lookup goes by
-  the device's UUID (``harness.bench.measure``).  A worker that dies mid-job (``kill -9``, the OOM killer)
-  gives that item the ``failed(item, reason)`` result, and the others go on.
+* ``local`` (the default) -- :class:`harness.bench.process.LocalExecutor`: one fresh subprocess per cell, one
+  cell at a time, on this machine (the ablation: one cell after another in this process).
+* ``ray`` -- :class:`RayExecutor`: every cell a Ray task with ``max_calls=1`` (a fresh worker process per cell,
+  so nothing leaks between cells) that asks for one GPU (``num_gpus=1``) for CUDA cells, or ``cpus_per_cell``
+  CPUs otherwise.  Inside the task the cell runs exactly as ``local`` runs it (a fresh subprocess with the time
+  limit, the same statuses; the subprocess dies with its worker, see ``harness.bench.process``); Ray's
+  ``CUDA_VISIBLE_DEVICES`` reaches it, and its NVML lookup goes by the device's UUID (``harness.bench.nvml``).
+  :meth:`RayExecutor.map` yields ``(item, result)`` as tasks finish; the driver alone writes results.  A worker
+  that dies mid-cell (``kill -9``, the OOM killer) gives that cell the ``failed(item, reason)`` result, and
+  the others go on.
 
 ``python -m harness bench --executor ray`` starts a local Ray instance and stops it at the end;
 ``--address auto`` (or ``HOST:PORT``, ``ray://HOST:PORT``) joins a running cluster.  Ray is the optional
@@ -18,25 +18,23 @@ gets ``(item, result)`` pairs back as the jobs finish; it alone writes results. 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
-import signal
 import socket
-import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Iterator, NamedTuple, Sequence, TypeVar
 
+from harness.bench.process import LocalExecutor
 from harness.core.config import ConfigError
 
-__all__ = ["EXECUTORS", "CLUSTER_EXTRA", "ExecutorSpec", "Executor", "LocalExecutor", "RayExecutor",
-           "open_executor", "add_executor_arguments", "executor_spec", "die_with_parent", "DIE_WITH_PARENT_ENV"]
+__all__ = ["EXECUTORS", "CLUSTER_EXTRA", "ExecutorSpec", "RayExecutor", "open_executor", "add_executor_arguments",
+           "executor_spec"]
 
 EXECUTORS = ("local", "ray")
 CLUSTER_EXTRA = "pip install 'maml-harness[cluster]' (or: pip install 'ray==2.60.*')"
 REPO = Path(__file__).resolve().parents[2]
 WAIT_S = 0.5  # how often the driver returns to Python while waiting for tasks (so Ctrl-C is seen)
-CONNECT_TIMEOUT_S = 5.0  # reaching a cluster's address
-DIE_WITH_PARENT_ENV = "HARNESS_DIE_WITH_PARENT"  # set by Ray tasks: the cell's subprocess ends with its worker
+CONNECT_TIMEOUT_S = 5.0  # reaching a cluster's address (ray.init against a dead one retries without end)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -50,33 +48,6 @@ class ExecutorSpec(NamedTuple):
     cpus_per_cell: float = 1.0
 
 
-class Executor(Protocol):
-    """Runs ``fn`` on every item and yields ``(item, fn(item))`` as each finishes (any order)."""
-
-    def map(self, fn: Callable[[T], R], items: Sequence[T], *, failed: Callable[[T, str], R],
-            gpu: bool = False) -> Iterator[tuple[T, R]]: ...
-
-    def close(self) -> None: ...
-
-
-class LocalExecutor:
-    """One job after the other, in this process (the default; no Ray needed)."""
-
-    def map(self, fn: Callable[[T], R], items: Sequence[T], *, failed: Callable[[T, str], R],
-            gpu: bool = False) -> Iterator[tuple[T, R]]:
-        for item in items:
-            yield item, fn(item)
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> "LocalExecutor":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 def _import_ray() -> Any:
     try:
         import ray
@@ -86,8 +57,7 @@ def _import_ray() -> Any:
 
 
 def _check_reachable(address: str) -> None:
-    """A one-line error unless ``HOST:PORT`` accepts a connection within :data:`CONNECT_TIMEOUT_S`
-    (``ray.init`` against a dead address retries without end)."""
+    """A one-line error unless ``HOST:PORT`` accepts a connection within :data:`CONNECT_TIMEOUT_S`."""
     if address == "auto":
         return  # ray.init finds the local cluster's address file, or fails at once
     hostport = address.split("://", 1)[-1].rstrip("/")
@@ -102,24 +72,8 @@ def _check_reachable(address: str) -> None:
 
 
 def _run_job(fn: Callable[[T], R], item: T) -> R:
-    """The body of every Ray task: the cell subprocesses it starts die with this worker (see
-    :func:`die_with_parent`)."""
-    os.environ[DIE_WITH_PARENT_ENV] = str(os.getpid())
+    """The body of every Ray task (a fresh worker each: ``max_calls=1``)."""
     return fn(item)
-
-
-def die_with_parent() -> None:
-    """In a cell's subprocess started by a Ray task: ask Linux to SIGKILL us when that worker dies,
-    so a ``kill -9`` of the worker or ``ray.cancel(force=True)`` leaves no stray cell process."""
-    parent = os.environ.get(DIE_WITH_PARENT_ENV)
-    if not parent or not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != int(parent):  # the worker died before the prctl took effect
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class RayExecutor:
@@ -156,6 +110,7 @@ class RayExecutor:
 
     def map(self, fn: Callable[[T], R], items: Sequence[T], *, failed: Callable[[T, str], R],
             gpu: bool = False) -> Iterator[tuple[T, R]]:
+        """``(item, fn(item))`` for every item, as the tasks finish (any order)."""
         ray = self.ray
         resources = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": self.cpus_per_cell}
         task = ray.remote(max_calls=1, max_retries=0, **resources)(_run_job)
@@ -206,15 +161,19 @@ class RayExecutor:
         self.close()
 
 
-def open_executor(spec: ExecutorSpec) -> LocalExecutor | RayExecutor:
-    """The executor ``spec`` names, started (a one-line :class:`ConfigError` if it cannot be; nothing written)."""
+@contextmanager
+def open_executor(spec: ExecutorSpec) -> Iterator[LocalExecutor | RayExecutor]:
+    """The executor ``spec`` names, started (a one-line :class:`ConfigError` if it cannot be; nothing written)
+    and stopped at the end of the block."""
     if spec.kind not in EXECUTORS:
         raise ConfigError(f"unknown --executor {spec.kind!r}; valid choices: {', '.join(EXECUTORS)}")
     if spec.kind == "local":
         if spec.address is not None:
             raise ConfigError("--address is for --executor ray")
-        return LocalExecutor()
-    return RayExecutor(spec.address, spec.cpus_per_cell)
+        yield LocalExecutor()
+        return
+    with RayExecutor(spec.address, spec.cpus_per_cell) as executor:
+        yield executor
 
 
 def add_executor_arguments(p: argparse.ArgumentParser) -> None:
