@@ -59,7 +59,8 @@ def cell_processes() -> list[Any]:
 
 
 class Interrupted:
-    """Ray, with Ctrl-C arriving once ``after`` cells have finished."""
+    """Ray, with Ctrl-C (a real SIGINT) arriving a moment after ``after`` cells have finished, while the driver
+    waits for the others."""
 
     def __init__(self, inner: RayExecutor, after: int) -> None:
         self.inner, self.after, self.ran = inner, after, []
@@ -67,9 +68,9 @@ class Interrupted:
     def map(self, fn, items, *, failed, gpu=False):  # noqa: ANN001
         self.ran += [c.variant for c in items]
         for n, pair in enumerate(self.inner.map(fn, items, failed=failed, gpu=gpu), 1):
-            yield pair
             if n == self.after:
-                raise KeyboardInterrupt
+                threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+            yield pair
 
 
 def measured(row: dict[str, Any]) -> tuple:
@@ -77,13 +78,17 @@ def measured(row: dict[str, Any]) -> tuple:
 
 
 def test_ray_cells_match_local_cells_row_for_row_and_resume_after_an_interrupt(
-        tmp_path: Path, ray_executor: RayExecutor) -> None:
+        tmp_path: Path, ray_executor: RayExecutor, monkeypatch: pytest.MonkeyPatch) -> None:
+    cancelled: list[bool] = []
+    real_cancel = ray.cancel
+    monkeypatch.setattr(ray, "cancel", lambda ref, **kw: (cancelled.append(kw.get("force")), real_cancel(ref, **kw)))
     first = Interrupted(ray_executor, after=2)
     endless = lambda c: replace(FAST, repeats=10**6) if c in CELLS[2:] else FAST  # noqa: E731 -- still running at ^C
     with pytest.raises(KeyboardInterrupt):
         run_matrix(CELLS, tmp_path / "ray", endless, progress=False, executor=first)
     done = load_rows(tmp_path / "ray")
     assert [r["variant"] for r in done] == list(VARIANTS[:2]) and all(r["status"] == "ok" for r in done)
+    assert cancelled == [True, True]  # the two endless cells, forcibly
     seen = []
     for _ in range(30):  # cancelled: the endless cells' processes never run (or end with their workers)
         seen += cell_processes()
@@ -176,7 +181,7 @@ def test_without_ray_the_ray_executor_is_one_line_naming_the_extra(
 
 
 def test_ablation_cells_trained_as_ray_tasks_equal_local_ones(tmp_path: Path, ray_executor: RayExecutor) -> None:
-    spec = AblationSpec(preset="quick", variants=("maml", "ckpt"), meta_steps=3, seeds=1, eval_tasks=3,
+    spec = AblationSpec(preset="quick", variants=("maml",), meta_steps=3, seeds=2, eval_tasks=3,
                         eval_every=2, run_id="tiny", jobs=1)
     quiet = lambda s: None  # noqa: E731
     here = run_ablation(spec, tmp_path / "local", tmp_path / "p", progress=False, log=quiet)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
@@ -136,16 +137,18 @@ class _Run:
                 (elsewhere if claim_cell(self.run_dir, c.key(), bound) is not None else claimed).append(c)
         open_keys = {c.key() for c in claimed}
         try:
-            for cell, row in self.executor.map(functools.partial(measure_here, self.opts_of), claimed,
-                                               failed=lost_cell_row, gpu=any(c.device == "cuda" for c in claimed)):
-                row.update(run_id=self.run_dir.name, measure_opts=asdict(self.opts_of(cell)), **self.extra)
-                with self.lock():
-                    merge_rows(self.run_dir, [row], self.order)
-                    release_cell(self.run_dir, cell.key())
-                open_keys.discard(cell.key())
-                bar.update(1)
-                bar.set_postfix_str(cell.variant)
-                _report(bar, cell, row)
+            finished = self.executor.map(functools.partial(measure_here, self.opts_of), claimed,
+                                         failed=lost_cell_row, gpu=any(c.device == "cuda" for c in claimed))
+            with closing(finished):  # an exception here closes it: the executor cancels the rest
+                for cell, row in finished:
+                    row.update(run_id=self.run_dir.name, measure_opts=asdict(self.opts_of(cell)), **self.extra)
+                    with self.lock():
+                        merge_rows(self.run_dir, [row], self.order)
+                        release_cell(self.run_dir, cell.key())
+                    open_keys.discard(cell.key())
+                    bar.update(1)
+                    bar.set_postfix_str(cell.variant)
+                    _report(bar, cell, row)
         finally:
             for key in open_keys:
                 self._release_quietly(key)
