@@ -1,8 +1,7 @@
 """Models a careful user writes, each built to trip a functional MAML engine in one specific way.
 
-Every model calls :func:`harness.checkpoint` where a user would call ``torch.utils.checkpoint``, so the
-layer-checkpointed variants really checkpoint them.  ``ZOO`` maps a name to (builder, task builder);
-all are tiny and float64 so that the whole zoo runs through every variant in seconds.
+Each calls :func:`harness.checkpoint` where a user would call ``torch.utils.checkpoint`` (so layer-checkpointed
+variants checkpoint them). ``ZOO``: name -> (builder, tasks, adapt_last); tiny, float64, seconds for the zoo.
 """
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ from torch.nn.utils import parametrizations, parametrize
 from harness import checkpoint
 from harness.core.config import Task
 
-__all__ = ["ZOO", "ZooEntry", "mse", "regression_tasks", "sequence_tasks", "token_tasks"]
+__all__ = ["ZOO", "ZooEntry", "image_tasks", "mse", "regression_tasks", "sequence_tasks"]
 
 IN, HID, OUT = 3, 5, 2
 
@@ -24,10 +23,8 @@ IN, HID, OUT = 3, 5, 2
 def mse(pred: Tensor, target: Tensor) -> Tensor:
     return (pred - target).pow(2).mean()
 
-
 class TiedAutoencoder(nn.Module):
-    """Tied weights: ``b.weight`` is ``a.weight`` (one tensor, two owners; named_parameters lists it once)
-    and the decoder reuses the encoder's weight transposed."""
+    """``b.weight`` is ``a.weight`` (one tensor, two owners); the decoder reuses the encoder's weight, transposed."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -113,8 +110,7 @@ class LayerNormMLP(nn.Module):
 
 
 class Attention(nn.Module):
-    """Self-attention over tokens; the checkpointed call passes keyword arguments and returns a tuple.
-    (need_weights=True takes the explicit-softmax path: the fused CPU attention has no double backward.)"""
+    """Self-attention; keyword arguments in, a tuple out (need_weights=True: fused attention has no double backward)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -144,7 +140,7 @@ class LSTMTagger(nn.Module):
         return self.head(state[0])
 
 
-class GRUTagger(nn.Module):
+class GRUTagger(nn.Module):  # the state passed as a keyword argument (hx=h)
     def __init__(self) -> None:
         super().__init__()
         self.cell = nn.GRUCell(IN, HID)
@@ -218,10 +214,9 @@ class SpectralNormParametrized(nn.Module):
         return self.head(torch.tanh(checkpoint(self.sn, x)))
 
 
-class Symmetric(nn.Module):
+class Symmetric(nn.Module):  # a parametrization: the weight is the symmetric part of `original`
     def forward(self, w: Tensor) -> Tensor:
         return w.triu() + w.triu(1).transpose(-1, -2)
-
 
 class ParametrizedSymmetric(nn.Module):
     """A user's own torch.nn.utils.parametrize parametrization (a symmetric weight) and weight norm."""
@@ -271,7 +266,7 @@ class ViewsAndBuffers(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.w = nn.Parameter(torch.randn(HID + 2, IN).t().contiguous().t())  # non-contiguous parameter
+        self.w = nn.Parameter(torch.randn(HID + 2, IN).t().contiguous().t())
         self.mix = nn.Linear(HID, HID)
         self.register_buffer("gain", torch.linspace(0.5, 1.5, HID))
         self.head = nn.Linear(HID, OUT)
@@ -312,17 +307,12 @@ class ConvBatchNorm(nn.Module):
 
 
 def regression_tasks(gen: torch.Generator, n: int = 2, shape: tuple[int, ...] = (IN,)) -> list[Task]:
-    def draw() -> tuple[Tensor, Tensor]:
-        x = torch.randn(6, *shape, generator=gen, dtype=torch.float64)
-        return x, torch.randn(6, OUT, generator=gen, dtype=torch.float64)
+    def draw() -> list[Tensor]:
+        return [torch.randn(6, *s, generator=gen, dtype=torch.float64) for s in (shape, (OUT,))]
     return [Task(*draw(), *draw()) for _ in range(n)]
 
 
 def sequence_tasks(gen: torch.Generator, n: int = 2) -> list[Task]:
-    return regression_tasks(gen, n, (3, IN))
-
-
-def token_tasks(gen: torch.Generator, n: int = 2) -> list[Task]:
     return regression_tasks(gen, n, (3, IN))
 
 
@@ -343,7 +333,7 @@ ZOO: dict[str, ZooEntry] = {
     "unused": ZooEntry(UnusedParameter, regression_tasks),
     "dropout": ZooEntry(DropoutMLP, regression_tasks),
     "layernorm": ZooEntry(LayerNormMLP, regression_tasks),
-    "attention": ZooEntry(Attention, token_tasks),
+    "attention": ZooEntry(Attention, sequence_tasks),
     "lstm_tuple_state": ZooEntry(LSTMTagger, sequence_tasks),
     "gru_kwarg_state": ZooEntry(GRUTagger, sequence_tasks),
     "batchnorm_momentum_none": ZooEntry(BatchNormNoMomentum, regression_tasks),
