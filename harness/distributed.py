@@ -240,4 +240,4 @@ def _unflatten_into(flat: torch.Tensor, bucket: list[torch.Tensor]) -> None:
 def _inject_fault(rank: int, step: int) -> None:
     spec = os.environ.get(FAULT_ENV)
     if spec and spec == f"{rank}:{step}":
-        raise RuntimeError(f"injected fault ({FAULT_ENV}={spec})")
+        raise RuntimeError(f"injected fault ({FAULT_ENV}={spec}) at unix time {time.time():.3f}")
