@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from harness import distributed
 from harness import train as loop
 from harness.bench import measure, paired
 from harness.bench.cells import BUILDERS, PLUGIN_ENV, Builder, Cell, MeasureOptions, base_row, variant_for
@@ -148,7 +149,12 @@ def main(argv: list[str]) -> int:
     die_with_parent(int(os.environ.get(PARENT_ENV, os.getppid())), cleanup)
     cell = Cell(**json.loads(Path(cell_path).read_text()))
     opts = MeasureOptions(**json.loads(Path(opts_path).read_text()))
-    write_json(Path(out_path), measure_cell_inline(cell, opts))
+    with distributed.session(cell.device) as group:  # one rank of a ``ranks=N`` cell (harness.bench.process)
+        row = measure_cell_inline(cell, opts)
+        memory = row.get("memory") or {}
+        row["distributed"] = distributed.single_process_summary(memory) if group is None else group.summary(memory)
+        if group is None or group.main:
+            write_json(Path(out_path), row)
     return 0
 
 
