@@ -18,6 +18,7 @@ import torch
 from harness.core.config import AMP_MODES, ConfigError, Task
 from harness.core.engine import MetaLearner
 from harness.core.grads import agreement
+from harness import distributed
 from harness.zoo.presets import Preset, get_preset
 from harness.variants import Variant, get_variant
 
@@ -144,9 +145,10 @@ class Experiment:
         return torch.amp.GradScaler(self.device.type) if self.spec.amp == "fp16" else None
 
 
-def unscaled_meta_gradients(learner: MetaLearner, tasks: list[Task]) -> dict[str, torch.Tensor]:
-    """Meta-gradients of the unscaled loss; fp16 takes them on a GradScaler-sized scaled loss."""
-    scale = 2.0 ** 16 if learner.cfg.amp == "fp16" else 1.0
+def unscaled_meta_gradients(learner: MetaLearner, tasks: list[Task], scale: float | None = None) -> dict[str, torch.Tensor]:
+    """Meta-gradients of the unscaled loss; fp16 takes them on the loss times ``scale`` (default GradScaler's
+    initial 2**16), then divides; other precisions ignore ``scale``."""
+    scale = (2.0 ** 16 if scale is None else scale) if learner.cfg.amp == "fp16" else 1.0
     grads, _ = learner.meta_gradients(tasks, loss_scale=scale)
     return {k: g / scale for k, g in grads.items()} if scale != 1.0 else grads
 
@@ -189,16 +191,23 @@ def meta_step(learner: Any, opt: torch.optim.Optimizer, scaler: torch.amp.GradSc
     """One outer step of any learner with ``step(tasks, loss_scale)``; returns (mean query loss, skipped).
 
     With an fp16 GradScaler the step may be skipped (inf/NaN gradients), exactly as ``scaler.step`` does.
+    Under torchrun (:func:`harness.distributed.session`) this rank takes its share of ``tasks`` and the
+    meta-gradients and loss are the task-weighted means over all ranks, as one process would compute.
     """
+    group = distributed.current()
     opt.zero_grad(set_to_none=True)
     if scaler is None:
-        loss = float(learner.step(tasks))
+        loss = float(learner.step(tasks)) if group is None else group.step(learner, tasks)[0]
         opt.step()
         return loss, False
     device = next(iter(learner.parameters())).device
     scale = scaler.scale(torch.ones((), device=device)).item()  # also initialises the scaler's state
-    loss = float(learner.step(tasks, loss_scale=scale))
-    finite = all(torch.isfinite(p.grad).all() for p in learner.parameters() if p.grad is not None)
+    if group is None:
+        loss = float(learner.step(tasks, loss_scale=scale))
+        finite = all(torch.isfinite(p.grad).all() for p in learner.parameters() if p.grad is not None)
+    else:
+        loss, nonfinite = group.step(learner, tasks, scale)  # every rank agrees on skipping
+        finite = not nonfinite
     scaler.step(opt)  # unscales, and skips the update when any gradient is inf/NaN
     scaler.update()
     return loss, not finite
@@ -221,6 +230,9 @@ class DivergenceCheck:
 
 def train(exp: Experiment, meta_steps: int, on_step: Callable[[int, float], None] | None = None) -> TrainLog:
     """Meta-train with Adam over the initial weights and LRs; returns the query loss per step."""
+    group = distributed.current()
+    if group is not None:  # every rank starts from rank 0's initial weights and LRs
+        group.broadcast_module(exp.learner)
     opt = torch.optim.Adam(exp.learner.parameters(), lr=exp.sizes["outer_lr"])
     scaler = exp.new_scaler()
     check, log = DivergenceCheck(scaler is not None), TrainLog([])

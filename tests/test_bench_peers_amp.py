@@ -37,7 +37,8 @@ def test_peer_cells_for_every_canonical_variant() -> None:
     names = add_peer_cells(list(CANONICAL) + ["sckpt_lr"])
     for v in CANONICAL:
         assert f"higher:{v}" in names and f"torchopt:{v}" in names
-    assert "higher:sckpt_lr" not in names and len(names) == len(set(names)) == 9 + 16
+    assert "higher:sckpt_lr" not in names and len(names) == len(set(names)) == 9 + 24
+    assert add_peer_cells(["sckpt", "vmaml"]) == ["sckpt", "vmaml", "torch_maml:sckpt"]
 
 
 def test_bench_peers_lists_unsupported_cells_with_reasons(tmp_path: Path) -> None:
@@ -47,7 +48,7 @@ def test_bench_peers_lists_unsupported_cells_with_reasons(tmp_path: Path) -> Non
                 "--no-plots")
     assert r.returncode == 0, r.stderr
     rows = {x["variant"]: x for x in load_rows(tmp_path / "results" / "p")}
-    assert list(rows) == ["ckpt_fo", "higher:ckpt_fo", "torchopt:ckpt_fo"]
+    assert list(rows) == ["ckpt_fo", "higher:ckpt_fo", "torchopt:ckpt_fo", "torch_maml:ckpt_fo"]
     assert rows["ckpt_fo"]["status"] == "ok"
     for peer in ("higher", "torchopt"):
         x = rows[f"{peer}:ckpt_fo"]

@@ -81,7 +81,7 @@ def test_nvml_sampler_degrades_without_a_gpu() -> None:
     with NvmlSampler() as s:
         pass
     if not torch.cuda.is_available():
-        assert s.peak_bytes == 0 or s.available
+        assert not s.available and s.peak_bytes == 0  # no GPU: nothing sampled, said so
     with pytest.raises(ValueError):
         NvmlSampler(interval_s=0.01)
 
@@ -105,3 +105,17 @@ def test_cuda_figures_and_snapshot(tmp_path) -> None:
     assert out["time"]["count"] == 3
     path = snapshot_meta_step(step, tmp_path / "snap.pickle", "cuda")
     assert (tmp_path / "snap.pickle").stat().st_size > 0 and path
+
+
+def test_tracker_cap_from_the_environment_and_tensors_without_bytes(monkeypatch) -> None:
+    """The test hook MAML_HARNESS_CPU_MEM_CAP_MIB caps the tracker; empty and sparse tensors count nothing."""
+    from harness.bench.measure import CAP_ENV
+
+    with LiveBytesTracker() as tr:
+        torch.empty(0) + 1  # no bytes
+        torch.ones(3).to_sparse() * 2  # a sparse result has no untyped storage of its own
+    assert tr.live == 0 and tr.peak_mib == tr.peak / 2 ** 20
+    monkeypatch.setenv(CAP_ENV, "0.001")
+    with pytest.raises(MemoryError, match=CAP_ENV):
+        with LiveBytesTracker():
+            torch.ones(1024)

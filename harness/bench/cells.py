@@ -28,15 +28,17 @@ from harness.reporting.schema import SCHEMA_VERSION
 from harness.variants import Variant, get_variant
 
 __all__ = ["Cell", "MeasureOptions", "STATUSES", "PASSING_STATUSES", "SPEC_SETTINGS", "MODEL_SETTINGS",
-           "VARIANT_SETTINGS", "SWEEP_PARAMS", "base_row", "parse_value", "variant_for", "dedup_cells",
+           "VARIANT_SETTINGS", "LAUNCH_SETTINGS", "SWEEP_PARAMS", "base_row", "parse_value", "variant_for",
+           "dedup_cells",
            "BUILDERS", "Builder", "PLUGIN_ENV", "ResultsError", "load_rows"]
 
 STATUSES = ("ok", "oom", "killed", "error", "timeout", "diverged", "unsupported")
 PASSING_STATUSES = ("ok", "unsupported")  # a matrix of only these exits 0 (see matrix.matrix_exit_code)
 SPEC_SETTINGS = ("inner_steps", "meta_batch")
 MODEL_SETTINGS = ("depth", "width")
-VARIANT_SETTINGS = ("step_ckpt",)  # segment length of step checkpointing (0: off), over the variant's own
-SWEEP_PARAMS = SPEC_SETTINGS + MODEL_SETTINGS + VARIANT_SETTINGS
+VARIANT_SETTINGS = ("step_ckpt", "vectorize")  # step-checkpoint segment length (0: off); vmap tasks (0/1)
+LAUNCH_SETTINGS = ("ranks",)  # data-parallel ranks: the cell runs under torch.distributed.run (harness.distributed)
+SWEEP_PARAMS = SPEC_SETTINGS + MODEL_SETTINGS + VARIANT_SETTINGS + LAUNCH_SETTINGS
 
 # Learner builders for ``peer:variant`` cells: prefix -> fn(peer, variant, exp) returning an object with
 # ``meta_gradients(tasks)``, ``step(tasks)`` and ``parameters()``; a prefix not registered here falls back to
@@ -94,8 +96,9 @@ class Cell:
                            sorted(self.settings.items()), self.seed])
 
     def compare_key(self) -> str:
-        """Identity across machines (no device): what ``compare`` matches on."""
-        return json.dumps([self.variant, self.preset, self.dtype, sorted(self.settings.items()), self.seed])
+        """Identity across machines (no device, no ``ranks``): what ``compare`` matches on, so 1 and N ranks pair up."""
+        settings = sorted((k, v) for k, v in self.settings.items() if k not in LAUNCH_SETTINGS)
+        return json.dumps([self.variant, self.preset, self.dtype, settings, self.seed])
 
     def label(self) -> str:
         s = ",".join(f"{k}={v}" for k, v in sorted(self.settings.items()))
@@ -109,8 +112,8 @@ class Cell:
                 spec[k] = int(v)
             elif k == "amp":
                 spec[k] = str(v)
-            elif k in VARIANT_SETTINGS:
-                continue  # applied to the variant (see variant_for)
+            elif k in VARIANT_SETTINGS or k in LAUNCH_SETTINGS:
+                continue  # applied to the variant (see variant_for) / to the launch (harness.bench.process)
             elif k in MODEL_SETTINGS:
                 model[k] = v
             elif k.startswith("model."):
@@ -139,6 +142,10 @@ def variant_for(cell: Cell) -> Variant:
         if n < 0:
             raise ConfigError(f"step_ckpt must be >= 0 (0 = off), got {n}")
         variant = replace(variant, step_ckpt=n)
+    if "vectorize" in cell.settings:
+        if cell.settings["vectorize"] not in (0, 1, True, False):
+            raise ConfigError(f"vectorize must be 0 or 1, got {cell.settings['vectorize']!r}")
+        variant = replace(variant, vectorize=bool(cell.settings["vectorize"]))
     return variant
 
 
@@ -158,4 +165,4 @@ def base_row(cell: Cell) -> dict[str, Any]:
             "device": cell.device, "dtype": cell.dtype, "settings": dict(cell.settings), "seed": cell.seed,
             "amp": str(cell.settings.get("amp", "off")),
             "status": "error", "message": None, "memory": {}, "time": {}, "agreement": {},
-            "final_query_loss": None, "warnings": []}
+            "final_query_loss": None, "warnings": [], "paired": None}

@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
+from harness import distributed
 from harness import train as loop
-from harness.bench import measure
+from harness.bench import measure, paired
 from harness.bench.cells import BUILDERS, PLUGIN_ENV, Builder, Cell, MeasureOptions, base_row, variant_for
 from harness.bench.process import PARENT_ENV, TEMP_PREFIX, cell_environment, die_with_parent
 from harness.core.config import ConfigError
@@ -113,6 +114,7 @@ def _measure(cell: Cell, opts: MeasureOptions, row: dict[str, Any]) -> None:
     m = measure.measure(step, cell.device, warmup=opts.warmup, repeats=opts.repeats, nvml=opts.nvml, cap_bytes=cap)
     row["time"] = m.pop("time")
     row.update(memory=m, losses=step.losses, final_query_loss=step.losses[-1] if step.losses else None, status="ok")
+    row["paired"] = paired.measure_paired(cell, step, opts)  # time / reference, ABAB in this process
     warn = measure.noise_warning(row["time"], cell.label())
     if warn:
         row["warnings"].append(warn)
@@ -147,7 +149,12 @@ def main(argv: list[str]) -> int:
     die_with_parent(int(os.environ.get(PARENT_ENV, os.getppid())), cleanup)
     cell = Cell(**json.loads(Path(cell_path).read_text()))
     opts = MeasureOptions(**json.loads(Path(opts_path).read_text()))
-    write_json(Path(out_path), measure_cell_inline(cell, opts))
+    with distributed.session(cell.device) as group:  # one rank of a ``ranks=N`` cell (harness.bench.process)
+        row = measure_cell_inline(cell, opts)
+        memory = row.get("memory") or {}
+        row["distributed"] = distributed.single_process_summary(memory) if group is None else group.summary(memory)
+        if group is None or group.main:
+            write_json(Path(out_path), row)
     return 0
 
 

@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
+from harness import distributed
 from harness.bench.cells import Cell, MeasureOptions, base_row
 from harness.reporting.provenance import environment
 
@@ -138,7 +139,11 @@ def measure_cell_isolated(cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
         out = tmpd / "row.json"
         env = {**os.environ, PARENT_ENV: str(os.getpid()),
                "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-        cmd = [sys.executable, "-m", CHILD_MODULE, str(tmpd / "cell.json"), str(tmpd / "opts.json"), str(out)]
+        ranks = int(cell.settings.get("ranks", 1))
+        if ranks > 1:  # the ranks' parent is torchrun's agent (in the cell's group), not this driver
+            env.pop(PARENT_ENV)
+        cmd = distributed.launcher(ranks) + ["-m", CHILD_MODULE, str(tmpd / "cell.json"), str(tmpd / "opts.json"),
+                                             str(out)]
         t0 = time.perf_counter()
         with open(tmpd / "stderr.txt", "wb") as err:
             # its own session (process group), so a kill also ends anything the cell started
