@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from harness.core.config import ConfigError
-from harness.reporting.schema import SCHEMA_VERSION, write_jsonl
+from harness.reporting.schema import CellRow, ResultsError, load_rows, write_cells
 
 REPO = Path(__file__).resolve().parents[2]
 STATUSES = ("ok", "oom", "error", "timeout", "diverged", "unsupported")
@@ -52,10 +52,6 @@ PLUGIN_ENV = "HARNESS_CELL_PLUGINS"
 
 Builder = Callable[[str, Any, Any], Any]
 BUILDERS: dict[str, Builder] = {}  # peer prefix -> builder; empty prefix falls back to harness.studies.peers
-
-
-class ResultsError(ConfigError):
-    """A results directory or baseline is missing, truncated or of another schema (one line, exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -254,12 +250,9 @@ class _Unsupported(Exception):
 
 
 def base_row(cell: Cell) -> dict[str, Any]:
-    return {"schema": SCHEMA_VERSION, "kind": "cell", "key": cell.key(), "variant": cell.variant,
-            "base_variant": cell.base_variant, "peer": cell.peer, "flags": None, "preset": cell.preset,
-            "device": cell.device, "dtype": cell.dtype, "settings": dict(cell.settings), "seed": cell.seed,
-            "amp": str(cell.settings.get("amp", "off")),
-            "status": "error", "message": None, "memory": {}, "time": {}, "agreement": {},
-            "final_query_loss": None, "warnings": []}
+    return CellRow(key=cell.key(), variant=cell.variant, base_variant=cell.base_variant, peer=cell.peer,
+                   preset=cell.preset, device=cell.device, dtype=cell.dtype, settings=dict(cell.settings),
+                   seed=cell.seed, amp=str(cell.settings.get("amp", "off"))).to_dict()
 
 
 def _child_main(argv: list[str]) -> int:
@@ -344,36 +337,6 @@ def _env(cell: Cell) -> dict[str, Any]:
     return environment(cell.device)
 
 
-def load_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a ``cells.jsonl`` (or a run directory); :class:`ResultsError` naming the file on bad input."""
-    path = Path(path)
-    if path.is_dir() or path.suffix != ".jsonl":
-        path = path / "cells.jsonl"
-    if not path.is_file():
-        raise ResultsError(f"{path}: no such results file (expected a run directory with cells.jsonl)")
-    rows = []
-    text = path.read_text(errors="replace")
-    if text and not text.endswith("\n"):
-        raise ResultsError(f"{path}: truncated (last line is incomplete)")
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise ResultsError(f"{path}: line {i} is not valid JSON (truncated or corrupted)") from None
-        if not isinstance(row, dict) or row.get("schema") != SCHEMA_VERSION:
-            got = row.get("schema") if isinstance(row, dict) else type(row).__name__
-            raise ResultsError(f"{path}: line {i} has schema version {got!r}, expected {SCHEMA_VERSION}")
-        for k in ("key", "variant", "status"):
-            if k not in row:
-                raise ResultsError(f"{path}: line {i} lacks field {k!r} (truncated or not a cells file)")
-        rows.append(row)
-    if not rows:
-        raise ResultsError(f"{path}: empty results file")
-    return rows
-
-
 def run_matrix(cells: Iterable[Cell], run_dir: Path, opts: MeasureOptions | Callable[[Cell], MeasureOptions], *, force: bool = False,
                progress: bool = True, log: Callable[[str], None] | None = None,
                extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -410,7 +373,7 @@ def run_matrix(cells: Iterable[Cell], run_dir: Path, opts: MeasureOptions | Call
             row.update(extra)
         rows[cell.key()] = row
         ordered = [rows[k] for k in order if k in rows] + [r for k, r in rows.items() if k not in order]
-        write_jsonl(path, ordered)
+        write_cells(path, ordered)
         if row["status"] != "ok":
             bar.write(f"{cell.label()}: {row['status']}" + (f" ({row['message']})" if row.get("message") else ""))
         for w in row.get("warnings") or []:
