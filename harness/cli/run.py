@@ -19,7 +19,7 @@ from harness.train import DEVICES, DTYPES, Diverged, Experiment, RunSpec, TrainL
 from harness.core.config import ConfigError
 from harness.bench.measure import MIB, StepRunner, measure_cpu_memory, noise_warning, snapshot_meta_step, time_stats
 from harness.reporting.provenance import environment
-from harness.reporting.schema import SCHEMA_VERSION, write_json
+from harness.reporting.schema import SCHEMA_VERSION, RunResult, write_json
 
 DEFAULT_OUT = Path("results/runs")
 
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         "skipped_steps": log.skipped_steps, "wall_s": wall_s, "memory": memory, "time": timing,
         "env": environment(spec.device),
     }
-    path = write_json(args.out / f"{spec.variant}_{spec.preset}_{spec.device}_{spec.dtype}{'' if spec.amp == 'off' else '_' + spec.amp}_s{spec.seed}.json", result)
+    path = write_json(args.out / f"{spec.variant}_{spec.preset}_{spec.device}_{spec.dtype}{'' if spec.amp == 'off' else '_' + spec.amp}_s{spec.seed}.json", RunResult.from_dict(result, "run result"))
     w, lr = agree["w_rel_err"], agree["lr_rel_err"]
     print(f"{spec.variant} on {spec.preset} ({spec.device}, {spec.dtype}): status {status}")
     print(f"  meta-gradient vs non-checkpointed reference: weights rel err {w:.3g}"

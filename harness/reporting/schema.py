@@ -138,7 +138,7 @@ class Row:
                 continue
             if f.metadata.get("figures"):
                 v = _figures(v, where, k) if v is not None or not f.metadata.get("optional") else None
-            elif _is_figure_name(k) and hints[k] in (Figure, float):
+            elif hints[k] in (Figure, float):  # any float field may hold NaN/inf (stored as strings)
                 v = _figure(v, where, k)
             elif not _conforms(v, hints[k]):
                 raise ResultsError(f"{where}: field {k!r} must be {_describe(hints[k])}, "
@@ -282,7 +282,12 @@ def write_text_atomic(path: Path, text: str) -> Path:
 
 
 def _plain(obj: Any) -> Any:
-    return obj.to_dict() if isinstance(obj, Row) else obj
+    """A row as the dict to write, validated first (a row of the wrong shape is a bug: it raises)."""
+    if not isinstance(obj, Row):
+        return obj
+    data = obj.to_dict()
+    type(obj).from_dict(_clean(data), f"{type(obj).__name__} being written")
+    return data
 
 
 def write_json(path: Path, obj: Any) -> Path:

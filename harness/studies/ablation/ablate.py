@@ -47,7 +47,7 @@ from harness.zoo.tasks import SyntheticImages
 from harness.variants import CANONICAL, Variant, get_variant, registry
 
 HELDOUT_SEED = 1_000_003  # held-out tasks of seed s come from Generator(HELDOUT_SEED + s)
-CELL_SCHEMA = 1
+CELL_SCHEMA = SCHEMA_VERSION  # one schema version for every result (harness.reporting.schema)
 
 # CPU-sized defaults per preset (meta-steps, seeds, meta-batch); others use the preset's sizes and 2 seeds.
 DEFAULTS: dict[str, dict[str, Any]] = {
