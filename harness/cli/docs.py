@@ -29,3 +29,6 @@ def run(args: argparse.Namespace) -> int:
     changed = update(args.root)
     print("rewrote " + ", ".join(map(str, changed)) if changed else "generated blocks already match the results")
     return 0
+
+
+__all__ = ["register", "run"]

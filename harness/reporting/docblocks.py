@@ -116,7 +116,7 @@ def _diagnosis_cell(cell: dict) -> str:
     else:
         errs = [f"{k} {fmt(cell.get(f'{k}_rel_err'), 2)}" for k in ("w", "lr") if cell.get(f"{k}_rel_err") is not None]
         text = "ok" if status == "ok" else f"{status} ({', '.join(errs)})"
-    f64 = [f"{k} {fmt(cell.get(f'f64_{k}_rel_err'), 2)}" for k in ("w", "lr") if cell.get(f"f64_{k}_rel_err") is not None]
+    f64 = [f"{k} {fmt(cell[f'f64_{k}_rel_err'], 2)}" for k in ("w", "lr") if cell.get(f"f64_{k}_rel_err") is not None]
     return text + (f" [vs float64: {', '.join(f64)}]" if f64 else "")
 
 

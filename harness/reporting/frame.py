@@ -149,5 +149,5 @@ def best_peers(flat: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     return {computation_key(f): f for f in best.drop(columns=["_mem", "_time"]).to_dict("records")}
 
 
-__all__ = ["AMP_ORDER", "FP32_KEYS", "GROUP", "COMPUTATION", "settings_str", "mem_figure", "as_cell", "num", "cells_frame",
-           "best_peer_frame", "flatten", "computation_key", "best_peers"]
+__all__ = ["AMP_ORDER", "FP32_KEYS", "GROUP", "COMPUTATION", "settings_str", "mem_figure", "as_cell", "num",
+           "cells_frame", "best_peer_frame", "flatten", "computation_key", "best_peers"]

@@ -1,19 +1,17 @@
-"""Result rows as dataclasses, one schema version, and the only code that reads or writes result files.
+"""Result rows as dataclasses, one schema version, and the reading and writing of result files.
 
 Every result the harness writes is one of the row types below, stamped with :data:`SCHEMA_VERSION`
 and a ``kind``: a bench/sweep cell (:class:`CellRow`, one line of ``results/<run-id>/cells.jsonl``),
 a ``run`` result (:class:`RunResult`, ``results/runs/*.json``) and the diagnosis
-(:class:`DiagnosisResult`, ``results/diagnosis*.json``).  A new row shape (the ablation's cells) is one
-more :class:`Row` subclass with a ``KIND`` and its fields, added to :data:`ROW_TYPES`.
+(:class:`DiagnosisResult`, ``results/diagnosis*.json``).  A new row shape (the ablation's cells): one more
+:class:`Row` subclass with a ``KIND`` and its fields, in :data:`ROW_TYPES`.
 
-Reading validates the field types from the dataclass annotations, so a file that is truncated, of
-another schema or hand-edited into nonsense (``"memory": "lots"``) is a :class:`ResultsError` naming the
-file and line (one line, exit 2) instead of a traceback later.  A figure (a field or a figure-dict entry
+Reading validates the field types from the dataclass annotations: a file that is truncated, of another
+schema or malformed (``"memory": "lots"``) is a :class:`ResultsError` naming file and line (exit 2).  A figure (a field or a figure-dict entry
 ending in ``_mib``, ``_ms``, ``_err``, ``_cosine``, ``_loss``) is a number, ``None`` (not measured) or
 NaN/inf (stored as the strings ``"nan"``/``"inf"`` since JSON has none).
 
-Files are written atomically (a temporary file in the same folder, then ``os.replace``), so an
-interrupted run never leaves a half-written file.  ``python -m harness report RUN`` reads through here.
+Files are written atomically (temporary file, then ``os.replace``): an interrupted run leaves no half file.
 """
 from __future__ import annotations
 
@@ -40,23 +38,15 @@ class ResultsError(ConfigError):
     """A results file is missing, truncated, of another schema or malformed (one line, exit 2)."""
 
 
-def _nonfinite(text: Any) -> float | None:
-    if isinstance(text, str) and text.strip().lower() in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity"):
-        return float(text)
-    return None
-
-
-def _is_figure_name(name: str) -> bool:
-    return name.endswith(FIGURE_SUFFIXES)
+NONFINITE = ("nan", "inf", "-inf", "+inf", "infinity", "-infinity")
 
 
 def _figure(value: Any, where: str, name: str) -> Any:
     """A figure as read: a number (ints stay ints), None, or NaN/inf from their string form."""
     if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
         return value
-    nf = _nonfinite(value)
-    if nf is not None:
-        return nf
+    if isinstance(value, str) and value.strip().lower() in NONFINITE:
+        return float(value)
     raise ResultsError(f"{where}: field {name!r} must be a number, null or \"nan\", got {type(value).__name__} "
                        f"{value!r}")
 
@@ -65,11 +55,10 @@ def _figures(value: Any, where: str, name: str) -> dict[str, Any]:
     """A figure dict (memory, time, agreement): entries named like figures must be figures."""
     if not isinstance(value, dict):
         raise ResultsError(f"{where}: field {name!r} must be an object, got {type(value).__name__} {value!r}")
-    return {k: _figure(v, where, f"{name}.{k}") if _is_figure_name(k) else v for k, v in value.items()}
+    return {k: _figure(v, where, f"{name}.{k}") if k.endswith(FIGURE_SUFFIXES) else v for k, v in value.items()}
 
 
-_SIMPLE = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", dict: "an object",
-           list: "a list"}
+_SIMPLE = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", dict: "an object", list: "a list"}
 
 
 def _conforms(value: Any, tp: Any) -> bool:

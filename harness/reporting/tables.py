@@ -161,7 +161,8 @@ def precision_md(flat: list[dict[str, Any]]) -> list[str]:
         err = [f.get(k[5:] if f["amp"] == "off" else k) for k in FP32_KEYS]
         body.append([f"`{f['variant']}`", *([f["settings_noamp"]] if multi else []), f["amp"], f["status"],
                      fmt(f["mem_mib"]), fmt_ratio(f["mem_vs_fp32"]), fmt(f["time_median_ms"]),
-                     fmt_ratio(f["time_vs_fp32"]), *(fmt(e, 7 if "cosine" in k else 3) for k, e in zip(FP32_KEYS, err))])
+                     fmt_ratio(f["time_vs_fp32"]),
+                     *(fmt(e, 7 if "cosine" in k else 3) for k, e in zip(FP32_KEYS, err))])
     return ["## Precision", "",
             "Each cell at each precision (`off` = fp32; `bf16`/`fp16` = fp32 weights under autocast). "
             "`mem / fp32` and `time / fp32` divide by the same variant's `off` cell (below 1: a saving). "
