@@ -7,9 +7,9 @@ a ``run`` result (:class:`RunResult`, ``results/runs/*.json``) and the diagnosis
 :class:`Row` subclass with a ``KIND`` and its fields, in :data:`ROW_TYPES`.
 
 Reading validates the field types from the dataclass annotations: a file that is truncated, of another
-schema or malformed (``"memory": "lots"``) is a :class:`ResultsError` naming file and line (exit 2).  A figure (a field or a figure-dict entry
-ending in ``_mib``, ``_ms``, ``_err``, ``_cosine``, ``_loss``) is a number, ``None`` (not measured) or
-NaN/inf (stored as the strings ``"nan"``/``"inf"`` since JSON has none).
+schema or malformed (``"memory": "lots"``) is a :class:`ResultsError` naming file and line (exit 2).
+A figure (a float field, or a figure-dict entry ending in ``_mib``, ``_ms``, ``_err``, ``_cosine``, ``_loss``)
+is a number, ``None`` (not measured) or NaN/inf (stored as ``"nan"``/``"inf"``: JSON has none).
 
 Files are written atomically (temporary file, then ``os.replace``): an interrupted run leaves no half file.
 """
