@@ -17,6 +17,7 @@ import pytest
 from harness.reporting import tables as report
 from harness.bench.cells import Cell, base_row
 from harness.reporting.compare import Regression, Thresholds, compare, parse_fail
+from harness.reporting.frame import flatten
 from harness.core.config import ConfigError
 from harness.reporting.schema import write_jsonl
 
@@ -210,3 +211,16 @@ def test_compare_a_malformed_row_is_exit_2_naming_file_and_line(tmp_path: Path, 
     assert r.returncode == 2, r.stdout + r.stderr
     assert f"bad/cells.jsonl: line 3: field '{field}" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "Traceback" not in r.stderr
+
+
+def test_ratios_are_against_maml_in_the_same_settings_and_missing_without_one() -> None:
+    wide = rows({"maml": 4.0, "fo": 1.0})
+    for r in wide:
+        r["settings"] = {"width": 32}
+        r["key"] = Cell(r["variant"], "cpu-bench", settings={"width": 32}).key()
+    alone = rows({"fo": 3.0})
+    alone[0]["settings"] = {"width": 8}
+    by = {(f["variant"], f["settings"]): f for f in flatten(rows({"maml": 2.0, "fo": 1.0}) + wide + alone)}
+    assert by[("fo", "width=16")]["mem_vs_maml"] == pytest.approx(0.5)
+    assert by[("fo", "width=32")]["mem_vs_maml"] == pytest.approx(0.25)
+    assert by[("fo", "width=8")]["mem_vs_maml"] is None  # no maml in its group: no ratio, not a made-up one
