@@ -13,7 +13,9 @@ import inspect
 import shlex
 from pathlib import Path
 
-from harness.studies.ablation.ablate import DEFAULTS, AblationSpec, markdown_tables, run_ablation
+from harness.studies.ablation.ablate import run_ablation
+from harness.studies.ablation.spec import AblationSpec
+from harness.studies.ablation.tables import check_line, markdown_tables
 from harness.cli.main import UsageError
 from harness.train import DEVICES, DTYPES
 from harness.zoo.presets import get_preset
@@ -26,7 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variants", default=",".join(CANONICAL),
                    help="comma-separated variant names (default: the eight canonical ones)")
     p.add_argument("--meta-steps", type=int, default=None, help="meta-training steps per cell (default per preset)")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds 0..S-1 (default per preset)")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds 0..S-1 (default per preset, >= 10)")
+    p.add_argument("--verify-seeds", type=int, default=None,
+                   help="seeds on which checkpointed variants are trained and checked bit for bit (default 2)")
     p.add_argument("--eval-tasks", type=int, default=None, help="held-out tasks per seed (default per preset)")
     p.add_argument("--eval-every", type=int, default=None, help="meta-test curve every E meta-steps")
     p.add_argument("--meta-batch", type=int, default=None, help="tasks per meta-step (default per preset)")
@@ -37,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: 1 for small models, where it is fastest; torch's default otherwise)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="cells trained at once in worker processes (default: one per core, at most 2)")
     p.add_argument("--run-id", default=None, help="output folder name (default ablation-<preset>)")
     p.add_argument("--data-root", default=None, help="dataset root for real-data presets (omniglot)")
     p.add_argument("--download", action="store_true", help="download the dataset into --data-root (torchvision)")
@@ -49,7 +55,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def spec_from_args(args: argparse.Namespace) -> AblationSpec:
     preset = get_preset(args.preset)
-    d = {**dict(meta_steps=preset.meta_steps, seeds=2, eval_tasks=100, eval_every=None), **DEFAULTS.get(args.preset, {})}
     overrides = {}
     takes_root = "data_root" in inspect.signature(preset.make_task).parameters
     if args.data_root is not None or args.download:
@@ -73,16 +78,12 @@ def spec_from_args(args: argparse.Namespace) -> AblationSpec:
         overrides[key] = value
         if key == "n_way":
             model_overrides["n_way"] = value
-    meta_steps = args.meta_steps if args.meta_steps is not None else d["meta_steps"]
-    eval_every = args.eval_every or d["eval_every"] or max(1, meta_steps // 10)
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
-    return AblationSpec(preset=args.preset, variants=variants, meta_steps=meta_steps,
-                        seeds=args.seeds if args.seeds is not None else d["seeds"],
-                        eval_tasks=args.eval_tasks if args.eval_tasks is not None else d["eval_tasks"],
-                        eval_every=eval_every, device=args.device, dtype=args.dtype,
-                        meta_batch=args.meta_batch if args.meta_batch is not None else d.get("meta_batch"),
+    return AblationSpec(preset=args.preset, variants=variants, meta_steps=args.meta_steps, seeds=args.seeds,
+                        eval_tasks=args.eval_tasks, eval_every=args.eval_every, verify_seeds=args.verify_seeds,
+                        device=args.device, dtype=args.dtype, meta_batch=args.meta_batch,
                         inner_steps=args.inner_steps, task_overrides=overrides, model_overrides=model_overrides,
-                        run_id=args.run_id or f"ablation-{args.preset}", threads=args.threads)
+                        run_id=args.run_id or "", threads=args.threads, jobs=args.jobs)
 
 
 def canonical_command(spec: AblationSpec, args: argparse.Namespace) -> str:
@@ -90,8 +91,8 @@ def canonical_command(spec: AblationSpec, args: argparse.Namespace) -> str:
     parts = ["python -m harness ablate", f"--preset {spec.preset}"]
     if spec.variants != CANONICAL:
         parts.append(f"--variants {','.join(spec.variants)}")
-    parts += [f"--meta-steps {spec.meta_steps}", f"--seeds {spec.seeds}", f"--eval-tasks {spec.eval_tasks}",
-              f"--eval-every {spec.eval_every}"]
+    parts += [f"--meta-steps {spec.meta_steps}", f"--seeds {spec.seeds}", f"--verify-seeds {spec.verify_seeds}",
+              f"--eval-tasks {spec.eval_tasks}", f"--eval-every {spec.eval_every}"]
     for flag, value in (("--meta-batch", spec.meta_batch), ("--inner-steps", spec.inner_steps),
                         ("--threads", spec.threads), ("--ways", spec.task_overrides.get("n_way")),
                         ("--shots", spec.task_overrides.get("k_shot")),
@@ -111,11 +112,7 @@ def run(args: argparse.Namespace) -> int:
     summary = run_ablation(spec, args.results_dir, args.plots_dir, force=args.force,
                            progress=False if args.no_progress else None, command=command)
     print(markdown_tables(summary), end="")
-    checks = summary["checks"]
-    if checks:
-        worst = max(c["max_abs_diff"] for c in checks)
-        print("checkpoint check: " + ("all checkpointed curves bit-identical to their counterparts" if worst == 0
-                                      else f"largest difference from the non-checkpointed counterpart {worst:.3g}"))
+    print("checkpoint check: " + check_line(summary))
     print(f"wrote {summary['paths']['dir']}/ablation.csv, table.md and {summary['paths']['plots']}/learning_curves.png "
           f"({summary['trained_cells']} cells trained in {summary['train_wall_s']:.1f} s, "
           f"{summary['reused_cells']} reused)")

@@ -18,7 +18,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from harness.bench.cells import MODEL_SETTINGS, SPEC_SETTINGS, Cell, MeasureOptions, parse_value, run_matrix
+from harness import distributed
+from harness.bench.cells import (LAUNCH_SETTINGS, MODEL_SETTINGS, SPEC_SETTINGS, VARIANT_SETTINGS, Cell,
+                                  MeasureOptions, parse_value)
+from harness.bench.matrix import run_matrix
 from harness.cli.run import add_spec_arguments, default_device
 from harness.core.config import ConfigError
 from harness.train import DEVICES
@@ -38,7 +41,9 @@ def add_matrix_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed meta-steps per cell (default 5 on CUDA, 3 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per cell (default: torch's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help=f"cell setting: {', '.join(SPEC_SETTINGS + MODEL_SETTINGS)}, model.<kw> or task.<kw>")
+                   help=f"cell setting: {', '.join(SPEC_SETTINGS + MODEL_SETTINGS + VARIANT_SETTINGS + LAUNCH_SETTINGS)},"
+                        " "
+                        "model.<kw> or task.<kw>")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-nvml", action="store_true", help="no NVML sampler thread (CUDA)")
     p.add_argument("--cpu-mem-cap", action="append", default=[], metavar="VARIANT=MIB", help=argparse.SUPPRESS)
@@ -60,10 +65,10 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, val = item.partition("=")
         key = key.strip()
-        ok = key in SPEC_SETTINGS + MODEL_SETTINGS or key.startswith(("model.", "task."))
+        ok = key in SPEC_SETTINGS + MODEL_SETTINGS + VARIANT_SETTINGS + LAUNCH_SETTINGS or key.startswith(("model.", "task."))
         if not sep or not key or not ok:
             raise ConfigError(f"bad --set {item!r}; accepted KEY=VALUE with KEY one of "
-                              f"{', '.join(SPEC_SETTINGS + MODEL_SETTINGS)}, model.<kw>, task.<kw>")
+                              f"{', '.join(SPEC_SETTINGS + MODEL_SETTINGS + VARIANT_SETTINGS + LAUNCH_SETTINGS)}, model.<kw>, task.<kw>")
         out[key] = parse_value(val.strip())
     return out
 
@@ -117,14 +122,17 @@ def parse_amps(text: str, device: str) -> list[str]:
 
 
 def add_peer_cells(variants: list[str]) -> list[str]:
-    """``variants`` plus ``higher:<v>``, ``torchopt:<v>`` for every canonical ``v`` among them (not duplicated)."""
-    from harness.studies.peers import PEERS
-    from harness.variants import CANONICAL
+    """``variants`` plus ``<peer>:<v>`` for every canonical ``v`` among them, and for any other ``v`` a peer
+    can express (not duplicated)."""
+    from harness.studies.peers import PEERS, supports
+    from harness.variants import CANONICAL, get_variant
 
     out = list(variants)
     for v in variants:
         if v in CANONICAL:
             out += [f"{p}:{v}" for p in PEERS if f"{p}:{v}" not in out]
+        elif ":" not in v:  # beyond the canonical eight, only cells a peer can express (torch_maml:sckpt)
+            out += [f"{p}:{v}" for p in PEERS if f"{p}:{v}" not in out and supports(p, get_variant(v))[0]]
     return out
 
 
@@ -144,6 +152,9 @@ def matrix_common(args: argparse.Namespace, multi_amp: bool = False) -> tuple[st
         settings["inner_steps"] = args.inner_steps
     if args.meta_batch is not None:
         settings["meta_batch"] = args.meta_batch
+    if "ranks" in settings:  # every rank needs a task: 1..meta-batch (exit 2 before any cell runs)
+        settings["ranks"] = distributed.check_ranks(settings["ranks"],
+                                                    int(settings.get("meta_batch", get_preset(preset).meta_batch)))
     amps = parse_amps(getattr(args, "amp", None) or "off", device)
     if len(amps) > 1 and not multi_amp:
         raise ConfigError(f"--amp takes one precision here, got {args.amp!r} (bench takes a list)")

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from harness import distributed
 from harness.train import DEVICES, DTYPES, Diverged, Experiment, RunSpec, TrainLog, check_agreement, default_threads, train
 from harness.core.config import ConfigError
 from harness.bench.measure import MIB, StepRunner, measure_cpu_memory, noise_warning, snapshot_meta_step, time_stats
@@ -53,14 +54,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """One cell; under torchrun, data-parallel over the ranks (harness.distributed), rank 0 reporting."""
     spec = RunSpec(variant=args.variant, preset=args.preset or "quick", device=args.device or default_device(),
                    dtype=args.dtype, inner_steps=args.inner_steps, meta_batch=args.meta_batch,
                    meta_steps=args.meta_steps, seed=args.seed, amp=args.amp)
+    with distributed.session(spec.device, spec.resolved()["meta_batch"]) as group:
+        return run_spec(args, spec, group)
+
+
+def run_spec(args: argparse.Namespace, spec: RunSpec, group: distributed.DataParallel | None) -> int:
+    # over 60 lines: the one cell read top to bottom (check, measure, train, record, print)
     snapshot = getattr(args, "memory_snapshot", None)
     if snapshot is not None and spec.device != "cuda":
         raise ConfigError("--memory-snapshot needs CUDA (it records the CUDA allocator history); "
                           f"this run is on {spec.device}")
     exp = Experiment(spec)
+    main = group is None or group.main
     threads = default_threads(spec.device, exp.learner.model)
     if threads:
         torch.set_num_threads(threads)
@@ -75,12 +84,16 @@ def run(args: argparse.Namespace) -> int:
         torch.cuda.reset_peak_memory_stats()
         cuda_base = torch.cuda.memory_allocated()
     bar = tqdm(total=steps, desc=f"{spec.variant} on {spec.preset}", unit="step", file=sys.stderr,
-               disable=None, leave=False)
+               disable=None if main else True, leave=False)
     try:
         log = train(exp, steps, on_step=lambda i, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.4g}"),
                                                          stamps.append(_now(spec.device))))
     except Diverged as exc:
         status, message = "diverged", str(exc)
+    except distributed.RankFailed as exc:  # every rank ends here at once; rank 0 says which rank failed
+        if main:
+            print(f"error: {exc}", file=sys.stderr)
+        return 1
     finally:
         bar.close()
     wall_s = time.perf_counter() - start
@@ -91,14 +104,18 @@ def run(args: argparse.Namespace) -> int:
     step_s = [b - a for a, b in zip(stamps, stamps[1:])][1:]  # the first meta-step is the warm-up
     timing = time_stats(step_s)
     losses = log.losses
+    ranks_info = distributed.single_process_summary(memory) if group is None else group.summary(memory)
+    if not main:
+        return 0 if status == "ok" else 1
     result = {
         "schema": SCHEMA_VERSION, "kind": "run", "status": status, "message": message,
         "spec": {**spec.__dict__, **exp.sizes}, "variant": {"name": exp.variant.name, **exp.variant.flags},
         "agreement": agree, "query_loss": losses, "final_query_loss": losses[-1] if losses else None,
         "skipped_steps": log.skipped_steps, "wall_s": wall_s, "memory": memory, "time": timing,
-        "env": environment(spec.device),
+        "env": environment(spec.device), "distributed": ranks_info,
     }
-    path = write_json(args.out / f"{spec.variant}_{spec.preset}_{spec.device}_{spec.dtype}{'' if spec.amp == 'off' else '_' + spec.amp}_s{spec.seed}.json", RunResult.from_dict(result, "run result"))
+    ranks = "" if group is None else f"_r{group.world}"
+    path = write_json(args.out / f"{spec.variant}_{spec.preset}_{spec.device}_{spec.dtype}{'' if spec.amp == 'off' else '_' + spec.amp}_s{spec.seed}{ranks}.json", RunResult.from_dict(result, "run result"))
     w, lr = agree["w_rel_err"], agree["lr_rel_err"]
     print(f"{spec.variant} on {spec.preset} ({spec.device}, {spec.dtype}): status {status}")
     print(f"  meta-gradient vs non-checkpointed reference: weights rel err {w:.3g}"
@@ -113,6 +130,9 @@ def run(args: argparse.Namespace) -> int:
         mem_line += (f"; CUDA peak allocated {memory['cuda_peak_alloc_mib']:.1f} MiB "
                      f"({memory['cuda_peak_alloc_above_base_mib']:.1f} above base)")
     print(mem_line)
+    if group is not None:
+        print(f"  {group.world} ranks ({group.backend}): per-rank CPU peak "
+              + ", ".join(f"{m:.4g}" for m in ranks_info["rank_memory_mib"]) + " MiB")
     if timing["count"]:
         print(f"  time per meta-step: median {timing['median_ms']:.2f} ms, IQR {timing['iqr_ms']:.2f} ms, "
               f"min {timing['min_ms']:.2f} ms over {timing['count']} steps (after 1 warm-up)")

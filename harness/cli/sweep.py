@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from harness.bench.cells import SWEEP_PARAMS, Cell, parse_value, run_matrix
+from harness.bench.cells import SWEEP_PARAMS, Cell, parse_value
+from harness.bench.matrix import run_matrix
 from harness.cli.bench import add_matrix_arguments, matrix_common, resolve_variants
 from harness.core.config import ConfigError
 from harness.reporting.frame import flatten

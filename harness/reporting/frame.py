@@ -16,6 +16,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from harness.bench.paired import paired_columns
 from harness.core.config import ConfigError
 from harness.reporting.schema import CellRow
 from harness.variants import RegistryError, get_variant
@@ -80,6 +81,7 @@ def _record(r: CellRow) -> dict[str, Any]:
         "time_count": t.get("count"), **{k: m.get(k) for k in MEMORY_KEYS},
         **{k: a.get(k) for k in AGREEMENT_KEYS},
         "final_query_loss": r.final_query_loss, "message": r.message or "",
+        **paired_columns({"paired": r.paired}),  # time / reference from alternating pairs
     }
 
 

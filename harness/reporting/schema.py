@@ -173,6 +173,7 @@ class CellRow(Row):
     agreement: dict = _figures_field()
     final_query_loss: Figure = None
     warnings: list = field(default_factory=list)
+    paired: Optional[dict] = _opt()  # time / reference from alternating pairs (harness.bench.paired)
     sizes: Optional[dict] = _opt()
     losses: Optional[list] = _opt()
     traceback: Optional[str] = _opt()

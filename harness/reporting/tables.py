@@ -17,7 +17,8 @@ from typing import Any
 
 import pandas as pd
 
-from harness.reporting.frame import AMP_ORDER, FP32_KEYS, cells_frame, computation_key, num
+from harness.bench.paired import PAIRED_COLUMNS
+from harness.reporting.frame import AMP_ORDER, FP32_KEYS, cells_frame, computation_key, flatten, num
 from harness.reporting.plots import make_plots, plots_dir_for
 from harness.reporting.render import fmt, fmt_ratio, markdown_rows, markdown_table
 from harness.reporting.schema import read_cells, write_text_atomic
@@ -28,10 +29,11 @@ COLUMNS = ["variant", "preset", "device", "dtype", "settings", "status", "mem_mi
            "nvml_peak_mib", "w_rel_err", "w_cosine", "lr_rel_err", "lr_cosine", "final_query_loss", "message",
            "peer", "base_variant", "amp", "first_order", "learn_lr", "best_peer", "mem_vs_best_peer",
            "time_vs_best_peer", "mem_vs_fp32", "time_vs_fp32", "fp32_w_rel_err", "fp32_w_cosine", "fp32_lr_rel_err",
-           "fp32_lr_cosine"]
+           "fp32_lr_cosine", *PAIRED_COLUMNS]
 MATRIX_COLUMNS = {"variant": "variant", "settings": "settings", "status": "status", "mem_mib": "peak mem MiB",
                   "mem_vs_maml": "mem / maml", "time_median_ms": "median ms", "time_iqr_ms": "IQR ms",
-                  "time_vs_maml": "time / maml", "w_rel_err": "w rel err", "lr_rel_err": "lr rel err",
+                  "time_vs_maml": "time / maml", "time_vs_ref_paired_text": "time / ref (paired, IQR)",
+                  "w_rel_err": "w rel err", "lr_rel_err": "lr rel err",
                   "final_query_loss": "final query loss"}
 BEST_PEER_LEGEND = (
     "**Best peer**: among the `ok` peer cells (`higher:*`, `torchopt:*`) that compute the same meta-gradient as "
@@ -42,9 +44,13 @@ BEST_PEER_LEGEND = (
     "uses less. Unsupported peer cells are listed with their reason.")
 
 
-def summary_csv(frame: pd.DataFrame) -> str:
-    """``summary.csv``: the :data:`COLUMNS` of the flat frame, missing values empty."""
-    return frame.reindex(columns=COLUMNS).to_csv(index=False, lineterminator="\n", na_rep="")
+def _frame(flat: pd.DataFrame | list[dict[str, Any]]) -> pd.DataFrame:
+    return flat if isinstance(flat, pd.DataFrame) else pd.DataFrame(flat, dtype=object)
+
+
+def summary_csv(frame: pd.DataFrame | list[dict[str, Any]]) -> str:
+    """``summary.csv``: the :data:`COLUMNS` of the flat frame (or :func:`flatten`'s dicts), missing empty."""
+    return _frame(frame).reindex(columns=COLUMNS).to_csv(index=False, lineterminator="\n", na_rep="")
 
 
 def matrix_frame(frame: pd.DataFrame) -> pd.DataFrame:
@@ -58,8 +64,9 @@ def matrix_frame(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def table_md(frame: pd.DataFrame, title: str) -> str:
+def table_md(frame: pd.DataFrame | list[dict[str, Any]], title: str) -> str:
     """``table.md``: the matrix, notes on failed cells, the peers and precision sections when present."""
+    frame = _frame(frame)
     flat = frame.to_dict("records")
     figs = sorted(set(frame["mem_figure"]))
     presets = sorted({f"{f['preset']} ({f['device']}, {f['dtype']})" for f in flat})
@@ -190,5 +197,5 @@ def to_json(flat: list[dict[str, Any]]) -> str:
     return json.dumps(flat, indent=1)
 
 
-__all__ = ["COLUMNS", "BEST_PEER_LEGEND", "summary_csv", "matrix_frame", "table_md", "peers_md",
+__all__ = ["flatten", "COLUMNS", "BEST_PEER_LEGEND", "summary_csv", "matrix_frame", "table_md", "peers_md",
            "second_order_headlines", "precision_md", "build", "to_json"]
