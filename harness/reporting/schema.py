@@ -126,7 +126,7 @@ class Row:
             if f is None or k == "extra":
                 continue
             if f.metadata.get("figures"):
-                v = _figures(v, where, k) if v is not None or not f.metadata.get("optional") else None
+                v = _figures(v, where, k)
             elif hints[k] in (Figure, float):  # any float field may hold NaN/inf (stored as strings)
                 v = _figure(v, where, k)
             elif not _conforms(v, hints[k]):
@@ -138,8 +138,8 @@ class Row:
         return cls(**kw)
 
 
-def _figures_field(optional: bool = False) -> Any:
-    return field(default_factory=dict, metadata={"figures": True, "optional": optional})
+def _figures_field() -> Any:
+    return field(default_factory=dict, metadata={"figures": True})
 
 
 def _opt(default: Any = None) -> Any:
@@ -242,7 +242,6 @@ class DiagnosisResult(Row):
 ROW_TYPES: dict[str, type[Row]] = {t.KIND: t for t in (CellRow, RunResult, DiagnosisResult)}
 
 
-# -- writing ---------------------------------------------------------------------------------------
 def _clean(obj: Any) -> Any:
     """JSON has no NaN/inf: store them as strings so files stay standard JSON."""
     if isinstance(obj, float) and not math.isfinite(obj):
