@@ -18,7 +18,7 @@ from tests.conftest import REPO, harness
 def test_committed_docs_match_the_committed_results() -> None:
     blocks = [b for p in doc_files(REPO) for b in find_blocks(p.read_text(), p)]
     assert {b.kind for b in blocks} == set(KINDS)  # every kind is in use
-    assert {b.path.name for b in blocks} >= {"README.md", "checkpointing.md", "diagnosis.md", "ablation.md"}
+    assert {b.path.name for b in blocks} >= {"README.md", "checkpointing.md", "diagnosis.md"}
     assert drifted(REPO) == [], "run `python -m harness docs` and commit the result"
 
 

@@ -13,6 +13,7 @@ import inspect
 import shlex
 from pathlib import Path
 
+from harness.bench.executors import add_executor_arguments, executor_spec, open_executor
 from harness.studies.ablation.ablate import run_ablation
 from harness.studies.ablation.spec import AblationSpec
 from harness.studies.ablation.tables import check_line, markdown_tables
@@ -50,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--results-dir", type=Path, default=Path("results"), help="results root (default results)")
     p.add_argument("--plots-dir", type=Path, default=Path("plots"), help="plots root (default plots)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_executor_arguments(p)
     p.set_defaults(handler=run)
 
 
@@ -109,8 +111,9 @@ def canonical_command(spec: AblationSpec, args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     command = canonical_command(spec, args)
-    summary = run_ablation(spec, args.results_dir, args.plots_dir, force=args.force,
-                           progress=False if args.no_progress else None, command=command)
+    with open_executor(executor_spec(args)) as executor:
+        summary = run_ablation(spec, args.results_dir, args.plots_dir, force=args.force,
+                               progress=False if args.no_progress else None, command=command, executor=executor)
     print(markdown_tables(summary), end="")
     print("checkpoint check: " + check_line(summary))
     print(f"wrote {summary['paths']['dir']}/ablation.csv, table.md and {summary['paths']['plots']}/learning_curves.png "

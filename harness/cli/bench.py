@@ -21,6 +21,7 @@ from typing import Any
 from harness import distributed
 from harness.bench.cells import (LAUNCH_SETTINGS, MODEL_SETTINGS, SPEC_SETTINGS, VARIANT_SETTINGS, Cell,
                                   MeasureOptions, parse_value)
+from harness.bench.executors import add_executor_arguments, executor_spec, open_executor
 from harness.bench.matrix import run_matrix
 from harness.cli.run import add_spec_arguments, default_device
 from harness.core.config import ConfigError
@@ -47,6 +48,7 @@ def add_matrix_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-nvml", action="store_true", help="no NVML sampler thread (CUDA)")
     p.add_argument("--cpu-mem-cap", action="append", default=[], metavar="VARIANT=MIB", help=argparse.SUPPRESS)
+    add_executor_arguments(p)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -188,8 +190,10 @@ def run(args: argparse.Namespace) -> int:
     base = {k: v for k, v in settings.items() if k != "amp"}
     cells = [Cell(v, preset, device, args.dtype, {**base, **({"amp": a} if a != "off" else {})}, args.seed)
              for a in args.amps for v in variants]
-    t0 = time.perf_counter()
-    rows = run_matrix(cells, run_dir, lambda c: replace(opts, cpu_mem_cap_mib=caps.get(c.variant)), force=args.force)
+    with open_executor(executor_spec(args)) as executor:
+        t0 = time.perf_counter()
+        rows = run_matrix(cells, run_dir, lambda c: replace(opts, cpu_mem_cap_mib=caps.get(c.variant)),
+                          force=args.force, executor=executor)
     out = report.build(run_dir, plots=not args.no_plots)
     counts: dict[str, int] = {}
     for r in rows:

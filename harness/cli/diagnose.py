@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from harness.studies.seed.diagnose import ENGINE_TITLES, ENGINES, SHORT_EXPLANATION, Setup, diagnose, markdown
+from harness.studies.seed.diagnose import ENGINE_TITLES, ENGINES, Setup, diagnose, explanation, markdown
 from harness.core.config import AMP_MODES
 from harness.train import DEVICES, check_amp, check_device
 from harness.reporting.provenance import environment
@@ -76,6 +76,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("probes: float64 only (run without --amp)")
     print()
-    print(SHORT_EXPLANATION)
+    print(explanation(result))
     print(f"\nwrote {md_path} and {json_path}; full explanation in docs/diagnosis.md")
     return 0 if not failed and all(row["functional"]["status"] == "ok" for row in result["table"].values()) else 1

@@ -11,6 +11,7 @@ import argparse
 import time
 
 from harness.bench.cells import SWEEP_PARAMS, Cell, parse_value
+from harness.bench.executors import executor_spec, open_executor
 from harness.bench.matrix import run_matrix
 from harness.cli.bench import add_matrix_arguments, matrix_common, resolve_variants
 from harness.core.config import ConfigError
@@ -47,8 +48,9 @@ def run(args: argparse.Namespace) -> int:
     run_id = args.run_id or f"sweep-{preset}-{device}-{name}-{'_'.join(variants).replace(':', '-')}"
     run_dir = args.out / run_id
     cells = [Cell(v, preset, device, args.dtype, {**settings, name: x}, args.seed) for v in variants for x in values]
-    t0 = time.perf_counter()
-    rows = run_matrix(cells, run_dir, opts, force=args.force, extra={"sweep_param": name})
+    with open_executor(executor_spec(args)) as executor:
+        t0 = time.perf_counter()
+        rows = run_matrix(cells, run_dir, opts, force=args.force, extra={"sweep_param": name}, executor=executor)
     out = report.build(run_dir, plots=not args.no_plots)
     print(f"sweep {run_id}: {len(rows)} cells in {time.perf_counter() - t0:.1f} s")
     for r in rows:
