@@ -1,9 +1,12 @@
 """Claims: report writes summary.csv, table.md (ratios vs maml) and PNG plots; compare exits 1 with a
 per-cell diff when the CPU memory figure rises by more than 5% or the gradient error crosses its
-threshold, 0 otherwise, warns on different environments; bad input is one line, exit 2."""
+threshold, or when a checked figure is NaN or missing in the new run, 0 otherwise; each regression is
+typed (kind, cell, baseline, new, threshold); it warns on different environments; bad input (a
+malformed row included) is one line naming the file and line, exit 2."""
 from __future__ import annotations
 
 import csv
+import math
 import json
 import subprocess
 import sys
@@ -13,7 +16,8 @@ import pytest
 
 from harness.reporting import tables as report
 from harness.bench.cells import Cell, base_row
-from harness.reporting.compare import Thresholds, compare, parse_fail
+from harness.reporting.compare import Regression, Thresholds, compare, parse_fail
+from harness.reporting.frame import flatten
 from harness.core.config import ConfigError
 from harness.reporting.schema import write_jsonl
 
@@ -95,10 +99,12 @@ def test_compare_fails_when_the_gradient_error_crosses_its_threshold(tmp_path: P
     new_rows[3]["agreement"]["lr_rel_err"] = 2e-6  # lr: LR meta-gradients off
     new = write_run(tmp_path / "new", new_rows)
     regressions, _, _ = compare(base, new, parse_fail(["mem:5%", "grad:1e-6"]))
-    assert regressions == ["lr on cpu-bench [width=16]: lr meta-gradient rel. error 2e-06 > 1e-06"]
-    new_rows[3]["agreement"]["lr_rel_err"] = "nan"  # NaN stored as a string by results._clean
+    assert regressions == [Regression("grad", "lr on cpu-bench [width=16]", 0.0, 2e-6, 1e-6, part="lr")]
+    assert str(regressions[0]) == "lr on cpu-bench [width=16]: lr meta-gradient rel. error 2e-06 > 1e-06"
+    new_rows[3]["agreement"]["lr_rel_err"] = "nan"  # NaN stored as a string by schema._clean
     regressions, _, _ = compare(base, write_run(tmp_path / "new2", new_rows), parse_fail(["grad:1e-6"]))
-    assert len(regressions) == 1
+    assert [(r.kind, r.cell.split()[0], r.part) for r in regressions] == [("grad", "lr", "lr")]
+    assert math.isnan(regressions[0].new) and "NaN in the new run" in str(regressions[0])
 
 
 def test_compare_status_change_missing_cell_and_env_warning(tmp_path: Path) -> None:
@@ -109,7 +115,9 @@ def test_compare_status_change_missing_cell_and_env_warning(tmp_path: Path) -> N
     for r in new_rows:
         r["env"]["torch"] = "9.9"
     regressions, warnings, _ = compare(base, write_run(tmp_path / "new", new_rows), Thresholds(mem=0.05))
-    assert any("status ok -> oom" in r for r in regressions) and any("missing" in r for r in regressions)
+    assert {(r.kind, r.cell.split()[0], r.baseline, r.new) for r in regressions} == {
+        ("status", "maml", "ok", "oom (MemoryError)"), ("missing", "fo", "ok", None)}
+    assert "maml on cpu-bench [width=16]: status ok -> oom (MemoryError)" in map(str, regressions)
     assert warnings == ["environments differ: torch: 2.x -> 9.9"]
 
 
@@ -161,3 +169,58 @@ def test_sweep_command_writes_scaling_curves(tmp_path: Path) -> None:
     assert [row["settings"]["inner_steps"] for row in rows] == [1, 3] and all(x["status"] == "ok" for x in rows)
     assert rows[1]["memory"]["cpu_peak_alloc_mib"] > rows[0]["memory"]["cpu_peak_alloc_mib"]
     assert (tmp_path / "plots" / "sw" / "sweep_memory.png").is_file() and (tmp_path / "plots" / "sw" / "sweep_time.png").is_file()
+
+
+@pytest.mark.parametrize("figure", ["nan", None])
+def test_compare_a_nan_or_missing_memory_figure_in_every_new_cell_is_a_regression(tmp_path: Path, figure) -> None:
+    base = write_run(tmp_path / "base", rows())
+    new_rows = rows()
+    for r in new_rows:
+        if figure is None:
+            r["memory"] = {}
+        else:
+            r["memory"]["cpu_peak_alloc_mib"] = figure
+    new = write_run(tmp_path / "new", new_rows)
+    regressions, _, _ = compare(base, new, parse_fail(["mem:5%"]))
+    assert [(r.kind, r.threshold, r.baseline) for r in regressions] == [("mem", 0.05, m) for m in (2.0, 1.0, 0.8, 2.2)]
+    assert all((math.isnan(r.new) if figure else r.new is None) for r in regressions)
+    r = harness("compare", str(base), str(new), "--fail", "mem:5%")
+    assert r.returncode == 1 and "REGRESSION: 4 problem(s)" in r.stdout, r.stdout + r.stderr
+    assert ("NaN in the new run" if figure else "missing in the new run") in r.stdout
+    assert compare(base, new, Thresholds())[0] == []  # memory not checked: nothing to fail
+
+
+def test_compare_a_nan_time_fails_only_the_time_check(tmp_path: Path) -> None:
+    base = write_run(tmp_path / "base", rows())
+    new_rows = rows()
+    new_rows[0]["time"]["median_ms"] = float("nan")
+    new = write_run(tmp_path / "new", new_rows)
+    assert compare(base, new, parse_fail(["mem:5%"]))[0] == []
+    (reg,) = compare(base, new, parse_fail(["time:20%"]))[0]
+    assert (reg.kind, reg.cell, reg.baseline, reg.threshold) == ("time", "maml on cpu-bench [width=16]", 10.0, 0.2)
+
+
+@pytest.mark.parametrize("field, value", [("memory", "lots"), ("memory", {"cpu_peak_alloc_mib": "lots"}),
+                                          ("status", 3), ("agreement", {"w_rel_err": [1]})])
+def test_compare_a_malformed_row_is_exit_2_naming_file_and_line(tmp_path: Path, field, value) -> None:
+    good = write_run(tmp_path / "good", rows())
+    bad_rows = rows()
+    bad_rows[2][field] = value
+    bad = write_run(tmp_path / "bad", bad_rows)
+    r = harness("compare", str(good), str(bad), "--fail", "mem:5%")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"bad/cells.jsonl: line 3: field '{field}" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.stderr
+
+
+def test_ratios_are_against_maml_in_the_same_settings_and_missing_without_one() -> None:
+    wide = rows({"maml": 4.0, "fo": 1.0})
+    for r in wide:
+        r["settings"] = {"width": 32}
+        r["key"] = Cell(r["variant"], "cpu-bench", settings={"width": 32}).key()
+    alone = rows({"fo": 3.0})
+    alone[0]["settings"] = {"width": 8}
+    by = {(f["variant"], f["settings"]): f for f in flatten(rows({"maml": 2.0, "fo": 1.0}) + wide + alone)}
+    assert by[("fo", "width=16")]["mem_vs_maml"] == pytest.approx(0.5)
+    assert by[("fo", "width=32")]["mem_vs_maml"] == pytest.approx(0.25)
+    assert by[("fo", "width=8")]["mem_vs_maml"] is None  # no maml in its group: no ratio, not a made-up one

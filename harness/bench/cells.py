@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from harness.bench.store import ResultsError, load_rows  # noqa: F401 -- their home is store; kept importable here
 from harness.core.config import ConfigError
-from harness.reporting.schema import SCHEMA_VERSION
+from harness.reporting.schema import CellRow
 from harness.variants import Variant, get_variant
 
 __all__ = ["Cell", "MeasureOptions", "STATUSES", "PASSING_STATUSES", "SPEC_SETTINGS", "MODEL_SETTINGS",
@@ -160,9 +160,6 @@ def parse_value(text: str) -> Any:
 
 def base_row(cell: Cell) -> dict[str, Any]:
     """A cell's row before it ran: status ``error`` until something says otherwise."""
-    return {"schema": SCHEMA_VERSION, "kind": "cell", "key": cell.key(), "variant": cell.variant,
-            "base_variant": cell.base_variant, "peer": cell.peer, "flags": None, "preset": cell.preset,
-            "device": cell.device, "dtype": cell.dtype, "settings": dict(cell.settings), "seed": cell.seed,
-            "amp": str(cell.settings.get("amp", "off")),
-            "status": "error", "message": None, "memory": {}, "time": {}, "agreement": {},
-            "final_query_loss": None, "warnings": [], "paired": None}
+    return CellRow(key=cell.key(), variant=cell.variant, base_variant=cell.base_variant, peer=cell.peer,
+                   preset=cell.preset, device=cell.device, dtype=cell.dtype, settings=dict(cell.settings),
+                   seed=cell.seed, amp=str(cell.settings.get("amp", "off"))).to_dict()

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from harness.core.config import ConfigError
-from harness.reporting.schema import SCHEMA_VERSION, write_jsonl, write_text_atomic
+from harness.reporting.schema import ResultsError, load_rows, write_cells, write_text_atomic
 
 __all__ = ["ResultsError", "RunDirBusy", "CELLS_FILE", "LOCK_WAIT_S", "load_rows", "read_rows", "run_dir_lock",
            "merge_rows", "claim_cell", "release_cell", "live_claim", "pid_alive"]
@@ -44,42 +44,8 @@ CLAIM_GRACE_S = 60.0  # beyond the cell's time limit, before a claim of a live-l
 HOST = socket.gethostname()
 
 
-class ResultsError(ConfigError):
-    """A results directory or baseline is missing, truncated or of another schema (one line, exit 2)."""
-
-
 class RunDirBusy(ConfigError):
     """Another process held a results directory's lock longer than we would wait (one line, exit 2)."""
-
-
-def load_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a ``cells.jsonl`` (or a run directory); :class:`ResultsError` naming the file on bad input."""
-    path = Path(path)
-    if path.is_dir() or path.suffix != ".jsonl":
-        path = path / CELLS_FILE
-    if not path.is_file():
-        raise ResultsError(f"{path}: no such results file (expected a run directory with cells.jsonl)")
-    rows = []
-    text = path.read_text(errors="replace")
-    if text and not text.endswith("\n"):
-        raise ResultsError(f"{path}: truncated (last line is incomplete)")
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise ResultsError(f"{path}: line {i} is not valid JSON (truncated or corrupted)") from None
-        if not isinstance(row, dict) or row.get("schema") != SCHEMA_VERSION:
-            got = row.get("schema") if isinstance(row, dict) else type(row).__name__
-            raise ResultsError(f"{path}: line {i} has schema version {got!r}, expected {SCHEMA_VERSION}")
-        for k in ("key", "variant", "status"):
-            if k not in row:
-                raise ResultsError(f"{path}: line {i} lacks field {k!r} (truncated or not a cells file)")
-        rows.append(row)
-    if not rows:
-        raise ResultsError(f"{path}: empty results file")
-    return rows
 
 
 def read_rows(run_dir: Path) -> dict[str, dict[str, Any]]:
@@ -151,7 +117,7 @@ def merge_rows(run_dir: Path, new: list[dict[str, Any]], order: list[str]) -> di
     rows.update({r["key"]: r for r in new})
     ranked = {k: i for i, k in enumerate(order)}
     keys = sorted(rows, key=lambda k: ranked.get(k, len(ranked)))  # stable: the others keep file order
-    write_jsonl(Path(run_dir) / CELLS_FILE, [rows[k] for k in keys])
+    write_cells(Path(run_dir) / CELLS_FILE, [rows[k] for k in keys])  # each row validated as a CellRow
     return rows
 
 

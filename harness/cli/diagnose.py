@@ -23,7 +23,7 @@ from harness.studies.seed.diagnose import ENGINE_TITLES, ENGINES, Setup, diagnos
 from harness.core.config import AMP_MODES
 from harness.train import DEVICES, check_amp, check_device
 from harness.reporting.provenance import environment
-from harness.reporting.schema import SCHEMA_VERSION, write_json, write_text_atomic
+from harness.reporting.schema import SCHEMA_VERSION, DiagnosisResult, write_json, write_text_atomic
 
 DEFAULT_OUT = Path("results")
 
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
               **diagnose(device, Setup(amp=args.amp)), "env": environment(device)}
     md = markdown(result)
     stem = "diagnosis" if args.amp == "off" else f"diagnosis-{args.amp}"
-    json_path = write_json(args.out / f"{stem}.json", result)
+    json_path = write_json(args.out / f"{stem}.json", DiagnosisResult.from_dict(result, "diagnosis result"))
     md_path = write_text_atomic(args.out / f"{stem}.md", md)
 
     width = max(len(v) for v in result["table"])

@@ -13,7 +13,7 @@ import sys
 from harness.core.config import ConfigError
 from harness.variants import RegistryError
 
-COMMANDS = ("list", "run", "diagnose", "ablate", "bench", "sweep", "report", "compare")  # modules in harness/commands/, in --help order
+COMMANDS = ("list", "run", "diagnose", "ablate", "bench", "sweep", "report", "compare", "docs")  # modules in harness/commands/, in --help order
 
 
 class UsageError(ConfigError):

@@ -20,7 +20,7 @@ from harness.train import DEVICES, DTYPES, Diverged, Experiment, RunSpec, TrainL
 from harness.core.config import ConfigError
 from harness.bench.measure import MIB, StepRunner, measure_cpu_memory, noise_warning, snapshot_meta_step, time_stats
 from harness.reporting.provenance import environment
-from harness.reporting.schema import SCHEMA_VERSION, write_json
+from harness.reporting.schema import SCHEMA_VERSION, RunResult, write_json
 
 DEFAULT_OUT = Path("results/runs")
 
@@ -115,7 +115,7 @@ def run_spec(args: argparse.Namespace, spec: RunSpec, group: distributed.DataPar
         "env": environment(spec.device), "distributed": ranks_info,
     }
     ranks = "" if group is None else f"_r{group.world}"
-    path = write_json(args.out / f"{spec.variant}_{spec.preset}_{spec.device}_{spec.dtype}{'' if spec.amp == 'off' else '_' + spec.amp}_s{spec.seed}{ranks}.json", result)
+    path = write_json(args.out / f"{spec.variant}_{spec.preset}_{spec.device}_{spec.dtype}{'' if spec.amp == 'off' else '_' + spec.amp}_s{spec.seed}{ranks}.json", RunResult.from_dict(result, "run result"))
     w, lr = agree["w_rel_err"], agree["lr_rel_err"]
     print(f"{spec.variant} on {spec.preset} ({spec.device}, {spec.dtype}): status {status}")
     print(f"  meta-gradient vs non-checkpointed reference: weights rel err {w:.3g}"

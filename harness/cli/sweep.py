@@ -15,6 +15,8 @@ from harness.bench.executors import executor_spec, open_executor
 from harness.bench.matrix import run_matrix
 from harness.cli.bench import add_matrix_arguments, matrix_common, resolve_variants
 from harness.core.config import ConfigError
+from harness.reporting.frame import flatten
+from harness.reporting.render import fmt
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,9 +54,9 @@ def run(args: argparse.Namespace) -> int:
     out = report.build(run_dir, plots=not args.no_plots)
     print(f"sweep {run_id}: {len(rows)} cells in {time.perf_counter() - t0:.1f} s")
     for r in rows:
-        f = report.flatten([r])[0]
+        f = flatten([r])[0]
         print(f"  {r['variant']:<18} {name}={r['settings'][name]:<4} {r['status']:<8} "
-              f"mem {report._fmt(f['mem_mib'])} MiB  time {report._fmt(f['time_median_ms'])} ms")
+              f"mem {fmt(f['mem_mib'])} MiB  time {fmt(f['time_median_ms'])} ms")
     print(f"  wrote {out['summary']}, {out['table']}"
           + (f", plots in {out['plots'][0].parent}" if out["plots"] else ""))
     return 0

@@ -11,24 +11,31 @@
   (off by default: wall time is not reproducible across CI machines).
 
 A cell that was ``ok`` in the baseline and is not ``ok`` (or missing) in the
-new run is a regression too.  Environments that differ (Python, torch, CUDA,
-GPU, CPU, threads) give a warning, not a failure.
+new run is a regression too, and so is a figure that a threshold checks when the
+new run has it missing or NaN (no figure is no evidence of no regression).
+Environments that differ (Python, torch, CUDA, GPU, CPU, threads) give a warning,
+not a failure.  Each regression is a :class:`Regression` (kind, cell, baseline and
+new value, threshold); a malformed results file is a :class:`ResultsError` naming
+the file and line (exit 2).
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from harness.bench.cells import Cell, ResultsError, load_rows
+from harness.bench.cells import Cell
 from harness.core.config import ConfigError
-from harness.reporting.tables import mem_figure, settings_str
+from harness.reporting.frame import mem_figure, num, settings_str
+from harness.reporting.schema import CellRow, ResultsError, read_cells
 
 FAIL_KINDS = {"mem": "relative rise, e.g. mem:5% or mem:0.05", "grad": "absolute rel. error, e.g. grad:1e-6",
               "time": "relative rise, e.g. time:20%"}
 ENV_KEYS = ("python", "torch", "cuda", "cudnn", "gpu", "driver", "cpu", "threads", "platform")
 ACCEPTED = "accepted --fail expressions: " + "; ".join(f"{k}:<{v}>" for k, v in FAIL_KINDS.items())
+REGRESSION_KINDS = ("missing", "status", "mem", "grad", "time")
 
 
 @dataclass(frozen=True)
@@ -38,97 +45,165 @@ class Thresholds:
     time: float | None = None
 
 
+@dataclass(frozen=True)
+class Regression:
+    """One failed check: ``kind`` (one of :data:`REGRESSION_KINDS`), the cell's label, the baseline's and
+    the new run's value (a figure, a status, or None/NaN when missing), the threshold it broke (None for
+    status and missing cells) and, for gradient checks, which part (``w`` or ``lr``)."""
+
+    kind: str
+    cell: str
+    baseline: Any
+    new: Any
+    threshold: float | None = None
+    part: str = ""
+    figure: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.cell}: {self.describe()}"
+
+    def describe(self) -> str:
+        b, n, th = self.baseline, self.new, self.threshold
+        if self.kind == "missing":
+            return "missing from the new run"
+        if self.kind == "status":
+            return f"status {b} -> {n}"
+        if num(n) is None:
+            what = {"mem": f"memory figure {self.figure}", "grad": f"{self.part} meta-gradient rel. error",
+                    "time": "median time"}[self.kind]
+            return f"{what} {'NaN' if isinstance(n, float) and math.isnan(n) else 'missing'} in the new run" + (
+                f" (baseline {b:.4g})" if num(b) is not None else "")
+        if self.kind == "mem":
+            return f"memory rose {(n - b) / b:+.2%} > {th:.2%} ({self.figure} {b:.4f} -> {n:.4f} MiB)"
+        if self.kind == "grad":
+            return f"{self.part} meta-gradient rel. error {n:.3g} > {th:g}"
+        return f"median time rose {(n - b) / b:+.1%} > {th:.1%}"
+
+
+class Comparison(NamedTuple):
+    """What :func:`compare` found: regressions (exit 1 when any), warnings, one line per cell."""
+
+    regressions: list[Regression]
+    warnings: list[str]
+    lines: list[str]
+
+
 def parse_fail(exprs: list[str] | None) -> Thresholds:
     vals: dict[str, float] = {}
     for e in exprs or []:
         m = re.fullmatch(r"\s*([a-z]+)\s*:\s*([0-9.eE+-]+)\s*(%?)\s*", e)
         if not m or m.group(1) not in FAIL_KINDS:
             raise ConfigError(f"malformed --fail {e!r}; {ACCEPTED}")
-        kind, num, pct = m.groups()
+        kind, text, pct = m.groups()
         try:
-            v = float(num)
+            v = float(text)
         except ValueError:
             raise ConfigError(f"malformed --fail {e!r}; {ACCEPTED}") from None
-        if v < 0 or (kind == "grad" and pct):
+        if not math.isfinite(v) or v < 0 or (kind == "grad" and pct):
             raise ConfigError(f"malformed --fail {e!r}; {ACCEPTED}")
         vals[kind] = v / 100 if pct else v
     return Thresholds(**vals)
 
 
-def _ident(row: dict[str, Any]) -> str:
-    return Cell(row["variant"], row.get("preset", ""), row.get("device", "cpu"), row.get("dtype", "float32"),
-                row.get("settings") or {}, row.get("seed", 0)).compare_key()
+def _ident(row: CellRow) -> str:
+    return Cell(row.variant, row.preset or "", row.device, row.dtype, row.settings or {}, row.seed).compare_key()
 
 
-def _label(row: dict[str, Any]) -> str:
-    s = settings_str(row.get("settings") or {})
-    return f"{row['variant']} on {row.get('preset')}" + (f" [{s}]" if s else "")
+def _label(row: CellRow) -> str:
+    s = settings_str(row.settings)
+    return f"{row.variant} on {row.preset}" + (f" [{s}]" if s else "")
 
 
-def env_differences(base: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[str]:
-    def envs(rows: list[dict[str, Any]]) -> dict[str, set]:
+def env_differences(base: list[CellRow], new: list[CellRow]) -> list[str]:
+    def envs(rows: list[CellRow]) -> dict[str, set]:
         out: dict[str, set] = {}
         for r in rows:
             for k in ENV_KEYS:
-                out.setdefault(k, set()).add(str((r.get("env") or {}).get(k)))
+                out.setdefault(k, set()).add(str((r.env or {}).get(k)))
         return out
 
     a, b = envs(base), envs(new)
     return [f"{k}: {', '.join(sorted(a[k]))} -> {', '.join(sorted(b[k]))}" for k in ENV_KEYS if a.get(k) != b.get(k)]
 
 
-def compare(base_path: Path, new_path: Path, th: Thresholds) -> tuple[list[str], list[str], list[str]]:
-    """(regressions, warnings, per-cell lines)."""
-    base, new = load_rows(base_path), load_rows(new_path)
+def _memory(b: CellRow, n: CellRow, th: Thresholds, label: str, parts: list[str], bad: list[Regression],
+            warnings: list[str]) -> None:
+    (fb, mb), (fn, mn) = mem_figure(b), mem_figure(n)
+    mb, mn_num = num(mb), num(mn)
+    if mb is None:
+        return
+    if fb != fn and mn_num is not None:
+        warnings.append(f"{label}: memory figures differ ({fb} vs {fn}); not compared")
+        return
+    if mn_num is None:
+        parts.append(f"mem {mb:.4f} -> {mn} MiB")
+        if th.mem is not None:
+            bad.append(Regression("mem", label, mb, mn, th.mem, figure=fb))
+        return
+    rise = (mn_num - mb) / mb if mb else (0.0 if mn_num == mb else math.inf)
+    parts.append(f"mem {mb:.4f} -> {mn_num:.4f} MiB ({rise:+.2%})")
+    if th.mem is not None and rise > th.mem:
+        bad.append(Regression("mem", label, mb, mn_num, th.mem, figure=fn))
+
+
+def _gradients(b: CellRow, n: CellRow, th: Thresholds, label: str, parts: list[str], bad: list[Regression]) -> None:
+    for part in ("w", "lr"):
+        eb, en = (b.agreement or {}).get(f"{part}_rel_err"), (n.agreement or {}).get(f"{part}_rel_err")
+        if en is None:
+            if eb is not None and th.grad is not None:
+                bad.append(Regression("grad", label, eb, None, th.grad, part=part))
+            continue
+        parts.append(f"{part} grad err {eb if eb is None else f'{float(eb):.3g}'} -> {float(en):.3g}")
+        if th.grad is not None and not (en <= th.grad):  # NaN fails too
+            bad.append(Regression("grad", label, eb, en, th.grad, part=part))
+
+
+def _time(b: CellRow, n: CellRow, th: Thresholds, parts: list[str], bad: list[Regression], label: str) -> None:
+    tb, tn = num((b.time or {}).get("median_ms")), (n.time or {}).get("median_ms")
+    if not tb:
+        return
+    if num(tn) is None:
+        parts.append(f"time {tb:.1f} -> {tn} ms")
+        if th.time is not None:
+            bad.append(Regression("time", label, tb, tn, th.time))
+        return
+    trise = (tn - tb) / tb
+    parts.append(f"time {tb:.1f} -> {tn:.1f} ms ({trise:+.1%})")
+    if th.time is not None and trise > th.time:
+        bad.append(Regression("time", label, tb, tn, th.time))
+
+
+def compare(base_path: Path, new_path: Path, th: Thresholds) -> Comparison:
+    """Match the new run's cells to the baseline's and check each against the thresholds."""
+    base, new = read_cells(base_path), read_cells(new_path)
     new_by = {_ident(r): r for r in new}
-    regressions: list[str] = []
+    regressions: list[Regression] = []
     lines: list[str] = []
     warnings = [f"environments differ: {d}" for d in env_differences(base, new)]
     for b in base:
-        n = new_by.get(_ident(b))
-        label = _label(b)
+        n, label = new_by.get(_ident(b)), _label(b)
         if n is None:
-            if b["status"] == "ok":
-                regressions.append(f"{label}: missing from the new run")
+            if b.status == "ok":
+                regressions.append(Regression("missing", label, b.status, None))
             continue
-        if b["status"] == "ok" and n["status"] != "ok":
-            regressions.append(f"{label}: status ok -> {n['status']}" + (f" ({n.get('message')})" if n.get("message") else ""))
+        if b.status == "ok" and n.status != "ok":
+            regressions.append(Regression("status", label, b.status,
+                                          n.status + (f" ({n.message})" if n.message else "")))
             continue
-        if n["status"] != "ok":
-            lines.append(f"  {label}: {b['status']} -> {n['status']}")
+        if n.status != "ok":
+            lines.append(f"  {label}: {b.status} -> {n.status}")
             continue
-        parts, bad = [], []
-        fb, mb = mem_figure(b)
-        fn, mn = mem_figure(n)
-        if mb is not None and mn is not None and fb == fn:
-            rise = (mn - mb) / mb if mb else (0.0 if mn == mb else float("inf"))
-            parts.append(f"mem {mb:.4f} -> {mn:.4f} MiB ({rise:+.2%})")
-            if th.mem is not None and rise > th.mem:
-                bad.append(f"memory rose {rise:+.2%} > {th.mem:.2%} ({fn} {mb:.4f} -> {mn:.4f} MiB)")
-        elif mb is not None and fb != fn:
-            warnings.append(f"{label}: memory figures differ ({fb} vs {fn}); not compared")
-        for part in ("w", "lr"):
-            eb, en = (b.get("agreement") or {}).get(f"{part}_rel_err"), (n.get("agreement") or {}).get(f"{part}_rel_err")
-            if en is None:
-                if eb is not None and th.grad is not None:
-                    bad.append(f"{part} meta-gradient rel. error missing (baseline {float(eb):.3g})")
-                continue
-            en = float(en)
-            parts.append(f"{part} grad err {eb if eb is None else f'{float(eb):.3g}'} -> {en:.3g}")
-            if th.grad is not None and not (en <= th.grad):
-                bad.append(f"{part} meta-gradient rel. error {en:.3g} > {th.grad:g}")
-        tb, tn = (b.get("time") or {}).get("median_ms"), (n.get("time") or {}).get("median_ms")
-        if tb and tn is not None:
-            trise = (tn - tb) / tb
-            parts.append(f"time {tb:.1f} -> {tn:.1f} ms ({trise:+.1%})")
-            if th.time is not None and trise > th.time:
-                bad.append(f"median time rose {trise:+.1%} > {th.time:.1%}")
+        parts: list[str] = []
+        bad: list[Regression] = []
+        _memory(b, n, th, label, parts, bad, warnings)
+        _gradients(b, n, th, label, parts, bad)
+        _time(b, n, th, parts, bad, label)
         lines.append(("FAIL " if bad else "  ok ") + f"{label}: " + "; ".join(parts))
-        regressions += [f"{label}: {x}" for x in bad]
-    extra = [r for r in new if _ident(r) not in {_ident(b) for b in base}]
-    for r in extra:
-        lines.append(f"  new {_label(r)}: {r['status']} (not in the baseline)")
-    return regressions, warnings, lines
+        regressions += bad
+    known = {_ident(b) for b in base}
+    lines += [f"  new {_label(r)}: {r.status} (not in the baseline)" for r in new if _ident(r) not in known]
+    return Comparison(regressions, warnings, lines)
 
 
-__all__ = ["Thresholds", "parse_fail", "compare", "ResultsError", "ACCEPTED"]
+__all__ = ["Thresholds", "Regression", "Comparison", "REGRESSION_KINDS", "parse_fail", "compare", "env_differences",
+           "ResultsError", "ACCEPTED"]

@@ -55,3 +55,6 @@ def environment(device: torch.device | str | None = None) -> dict[str, Any]:
         "git_dirty": None if status is None else bool(status),
         "utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+__all__ = ["REPO", "gpu_driver", "environment"]

@@ -1,15 +1,245 @@
-"""Result files: written atomically (temporary file in the same folder, then ``os.replace``),
-so an interrupted run never leaves a half-written file behind."""
+"""Result rows as dataclasses, one schema version, and the reading and writing of result files.
+
+Every result the harness writes is one of the row types below, stamped with :data:`SCHEMA_VERSION`
+and a ``kind``: a bench/sweep cell (:class:`CellRow`, one line of ``results/<run-id>/cells.jsonl``),
+a ``run`` result (:class:`RunResult`, ``results/runs/*.json``) and the diagnosis
+(:class:`DiagnosisResult`, ``results/diagnosis*.json``).  A new row shape (the ablation's cells): one more
+:class:`Row` subclass with a ``KIND`` and its fields, in :data:`ROW_TYPES`.
+
+Reading validates the field types from the dataclass annotations: a file that is truncated, of another
+schema or malformed (``"memory": "lots"``) is a :class:`ResultsError` naming file and line (exit 2).
+A figure (a float field, or a figure-dict entry ending in ``_mib``, ``_ms``, ``_err``, ``_cosine``, ``_loss``)
+is a number, ``None`` (not measured) or NaN/inf (stored as ``"nan"``/``"inf"``: JSON has none).
+
+Files are written atomically (temporary file, then ``os.replace``): an interrupted run leaves no half file.
+"""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable, Optional, TypeVar, Union
 
-SCHEMA_VERSION = 1
+from harness.core.config import ConfigError
+
+SCHEMA_VERSION = 1  # one version for every row type; bump it when a field changes meaning or type
+FIGURE_SUFFIXES = ("_mib", "_ms", "_err", "_cosine", "_loss")
+Figure = Optional[float]  # a measured number; None: not measured; NaN/inf allowed
+R = TypeVar("R", bound="Row")
+
+
+class ResultsError(ConfigError):
+    """A results file is missing, truncated, of another schema or malformed (one line, exit 2)."""
+
+
+NONFINITE = ("nan", "inf", "-inf", "+inf", "infinity", "-infinity")
+
+
+def _figure(value: Any, where: str, name: str) -> Any:
+    """A figure as read: a number (ints stay ints), None, or NaN/inf from their string form."""
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, str) and value.strip().lower() in NONFINITE:
+        return float(value)
+    raise ResultsError(f"{where}: field {name!r} must be a number, null or \"nan\", got {type(value).__name__} "
+                       f"{value!r}")
+
+
+def _figures(value: Any, where: str, name: str) -> dict[str, Any]:
+    """A figure dict (memory, time, agreement): entries named like figures must be figures."""
+    if not isinstance(value, dict):
+        raise ResultsError(f"{where}: field {name!r} must be an object, got {type(value).__name__} {value!r}")
+    return {k: _figure(v, where, f"{name}.{k}") if k.endswith(FIGURE_SUFFIXES) else v for k, v in value.items()}
+
+
+_SIMPLE = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", dict: "an object", list: "a list"}
+
+
+def _conforms(value: Any, tp: Any) -> bool:
+    if tp is Any:
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(_conforms(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    base = origin or tp
+    if base is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, base)
+
+
+def _describe(tp: Any) -> str:
+    args = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+    return " or ".join("null" if a is type(None) else _SIMPLE.get(typing.get_origin(a) or a, str(a)) for a in args)
+
+
+@dataclass
+class Row:
+    """Base of every row type: typed fields, ``to_dict``/``from_dict`` with validation.
+
+    Fields with ``metadata={"optional": True}`` are left out of the file when ``None`` (they are absent
+    from rows that never got that far, e.g. ``losses`` of a failed cell); keys the type does not know are
+    kept in ``extra`` and written back unchanged, so no information is lost on a round trip.
+    """
+
+    KIND: ClassVar[str] = ""
+    REQUIRED: ClassVar[tuple[str, ...]] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            v = getattr(self, f.name)
+            if v is None and f.metadata.get("optional"):
+                continue
+            out[f.name] = v
+        out.update(getattr(self, "extra", {}) or {})
+        return out
+
+    @classmethod
+    def from_dict(cls: type[R], data: Any, where: str = "row") -> R:
+        """Validate ``data`` against the field annotations; :class:`ResultsError` naming ``where``."""
+        if not isinstance(data, dict):
+            raise ResultsError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        if data.get("schema") != SCHEMA_VERSION:
+            raise ResultsError(f"{where} has schema version {data.get('schema')!r}, expected {SCHEMA_VERSION}")
+        if data.get("kind", cls.KIND) != cls.KIND:
+            raise ResultsError(f"{where}: kind {data.get('kind')!r}, expected {cls.KIND!r}")
+        for k in cls.REQUIRED:
+            if k not in data:
+                raise ResultsError(f"{where} lacks field {k!r} (truncated or not a {cls.KIND} file)")
+        hints = typing.get_type_hints(cls)
+        kw: dict[str, Any] = {}
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        for k, v in data.items():
+            f = names.get(k)
+            if f is None or k == "extra":
+                continue
+            if f.metadata.get("figures"):
+                v = _figures(v, where, k)
+            elif hints[k] in (Figure, float):  # any float field may hold NaN/inf (stored as strings)
+                v = _figure(v, where, k)
+            elif not _conforms(v, hints[k]):
+                raise ResultsError(f"{where}: field {k!r} must be {_describe(hints[k])}, "
+                                   f"got {type(v).__name__} {v!r}")
+            kw[k] = v
+        if "extra" in names:
+            kw["extra"] = {k: v for k, v in data.items() if k not in names}
+        return cls(**kw)
+
+
+def _figures_field() -> Any:
+    return field(default_factory=dict, metadata={"figures": True})
+
+
+def _opt(default: Any = None) -> Any:
+    return field(default=default, metadata={"optional": True})
+
+
+@dataclass
+class CellRow(Row):
+    """One bench/sweep cell (``harness.bench.cells``): identity, status, figures, provenance."""
+
+    KIND: ClassVar[str] = "cell"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("key", "variant", "status")
+
+    key: str = ""
+    variant: str = ""
+    schema: int = SCHEMA_VERSION
+    kind: str = "cell"
+    base_variant: Optional[str] = None
+    peer: Optional[str] = None
+    flags: Optional[dict] = None
+    preset: Optional[str] = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    settings: dict = field(default_factory=dict)
+    seed: int = 0
+    amp: str = "off"
+    status: str = "error"
+    message: Optional[str] = None
+    memory: dict = _figures_field()
+    time: dict = _figures_field()
+    agreement: dict = _figures_field()
+    final_query_loss: Figure = None
+    warnings: list = field(default_factory=list)
+    paired: Optional[dict] = _opt()  # time / reference from alternating pairs (harness.bench.paired)
+    sizes: Optional[dict] = _opt()
+    losses: Optional[list] = _opt()
+    traceback: Optional[str] = _opt()
+    wall_s: Optional[float] = _opt()
+    env: Optional[dict] = _opt()
+    run_id: Optional[str] = _opt()
+    measure_opts: Optional[dict] = _opt()
+    sweep_param: Optional[str] = _opt()
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        # on-disk order of the columns as before the dataclass: schema, kind, key, variant, ...
+        d = super().to_dict()
+        head = ("schema", "kind", "key", "variant")
+        return {**{k: d[k] for k in head}, **{k: v for k, v in d.items() if k not in head}}
+
+
+@dataclass
+class RunResult(Row):
+    """``python -m harness run``'s result: the spec, the agreement check, the training curve, figures."""
+
+    KIND: ClassVar[str] = "run"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("status", "spec")
+
+    schema: int = SCHEMA_VERSION
+    kind: str = "run"
+    status: str = "ok"
+    message: Optional[str] = None
+    spec: dict = field(default_factory=dict)
+    variant: dict = field(default_factory=dict)
+    agreement: dict = _figures_field()
+    query_loss: list = field(default_factory=list)
+    final_query_loss: Figure = None
+    skipped_steps: int = 0
+    wall_s: Figure = None
+    memory: dict = _figures_field()
+    time: dict = _figures_field()
+    env: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class DiagnosisResult(Row):
+    """``python -m harness diagnose``'s result: the engines x variants table, the expectations, probes."""
+
+    KIND: ClassVar[str] = "diagnosis"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("table",)
+
+    schema: int = SCHEMA_VERSION
+    kind: str = "diagnosis"
+    command: str = ""
+    amp: str = "off"
+    setup: dict = field(default_factory=dict)
+    device: str = "cpu"
+    dtype: Optional[str] = _opt()
+    tolerance: Optional[float] = _opt()
+    table: dict = field(default_factory=dict)
+    expected: dict = field(default_factory=dict)
+    differences: list = field(default_factory=list)
+    probes: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+
+# kind -> row type; the ablation's cell and summary rows join here (same pattern: a Row subclass)
+ROW_TYPES: dict[str, type[Row]] = {t.KIND: t for t in (CellRow, RunResult, DiagnosisResult)}
 
 
 def _clean(obj: Any) -> Any:
@@ -40,9 +270,81 @@ def write_text_atomic(path: Path, text: str) -> Path:
     return path
 
 
+def _plain(obj: Any) -> Any:
+    """A row as the dict to write, validated first (a row of the wrong shape is a bug: it raises)."""
+    if not isinstance(obj, Row):
+        return obj
+    data = obj.to_dict()
+    type(obj).from_dict(_clean(data), f"{type(obj).__name__} being written")
+    return data
+
+
 def write_json(path: Path, obj: Any) -> Path:
-    return write_text_atomic(path, json.dumps(_clean(obj), indent=2, sort_keys=False) + "\n")
+    """One JSON document (a :class:`Row` or plain data), atomically."""
+    return write_text_atomic(path, json.dumps(_clean(_plain(obj)), indent=2, sort_keys=False) + "\n")
 
 
 def write_jsonl(path: Path, rows: Iterable[Any]) -> Path:
-    return write_text_atomic(path, "".join(json.dumps(_clean(r)) + "\n" for r in rows))
+    """One JSON line per row (rows or plain data), atomically."""
+    return write_text_atomic(path, "".join(json.dumps(_clean(_plain(r))) + "\n" for r in rows))
+
+
+def write_cells(path: Path, rows: Iterable[CellRow | dict[str, Any]]) -> Path:
+    """``cells.jsonl``: each row validated as a :class:`CellRow` (a malformed row is a bug: it raises)."""
+    return write_jsonl(path, [r if isinstance(r, CellRow) else CellRow.from_dict(r, f"{path}: new row")
+                              for r in rows])
+
+
+# -- reading ---------------------------------------------------------------------------------------
+def cells_path(path: Path) -> Path:
+    """A run directory or its ``cells.jsonl`` -> the ``cells.jsonl``."""
+    path = Path(path)
+    return path / "cells.jsonl" if path.is_dir() or path.suffix != ".jsonl" else path
+
+
+def read_cells(path: Path) -> list[CellRow]:
+    """The rows of a ``cells.jsonl`` (or of a run directory), validated.
+
+    :class:`ResultsError` naming the file (and the line) when it is missing, empty, truncated, not JSON,
+    of another schema version, or has a field of the wrong type.
+    """
+    path = cells_path(path)
+    if not path.is_file():
+        raise ResultsError(f"{path}: no such results file (expected a run directory with cells.jsonl)")
+    text = path.read_text(errors="replace")
+    if text and not text.endswith("\n"):
+        raise ResultsError(f"{path}: truncated (last line is incomplete)")
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError:
+            raise ResultsError(f"{path}: line {i} is not valid JSON (truncated or corrupted)") from None
+        rows.append(CellRow.from_dict(data, f"{path}: line {i}"))
+    if not rows:
+        raise ResultsError(f"{path}: empty results file")
+    return rows
+
+
+def load_rows(path: Path) -> list[dict[str, Any]]:
+    """:func:`read_cells` as plain dicts (the form the cell runner keeps and rewrites)."""
+    return [r.to_dict() for r in read_cells(path)]
+
+
+def read_row(path: Path, row_type: type[R]) -> R:
+    """One JSON result file (a run result, the diagnosis) as its row type; :class:`ResultsError` if not."""
+    path = Path(path)
+    if not path.is_file():
+        raise ResultsError(f"{path}: no such results file")
+    try:
+        data = json.loads(path.read_text(errors="replace"))
+    except json.JSONDecodeError as exc:
+        raise ResultsError(f"{path}: not valid JSON (line {exc.lineno}; truncated or corrupted)") from None
+    return row_type.from_dict(data, str(path))
+
+
+__all__ = ["SCHEMA_VERSION", "Figure", "ResultsError", "Row", "CellRow", "RunResult", "DiagnosisResult",
+           "ROW_TYPES", "write_text_atomic", "write_json", "write_jsonl", "write_cells", "cells_path",
+           "read_cells", "load_rows", "read_row"]

@@ -1,0 +1,209 @@
+"""Tables in the README and docs that quote committed results, rewritten from those results.
+
+A quoted table sits between two markers that name what it is and where it comes from::
+
+    <!-- generated: variants results/cpu-bench-peers -->
+    | variant | peak MiB | ... |
+    <!-- end generated -->
+
+``python -m harness docs`` rewrites every block of ``README.md`` and ``docs/*.md`` from the committed
+files; ``python -m harness docs --check`` only says which blocks drifted (exit 1), as the test suite does.
+Kinds (:data:`KINDS`):
+
+* ``variants RUN`` -- our variants of a bench run at fp32: peak memory, ratio to ``maml``, median time,
+  gradient errors (from ``RUN/cells.jsonl``);
+* ``sweep-memory RUN`` -- a sweep's peak memory as a pivot (swept value x variant) with the last variant
+  over the first;
+* ``diagnosis FILE.json`` -- the diagnosis table, each cell shortened (``wrong (w 0.39)``,
+  ``raises RuntimeError (in-place; ...)``, ``[vs float64: ...]`` under mixed precision);
+* ``md-table FILE.md N`` -- the N-th Markdown table of a committed Markdown result, verbatim.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import pandas as pd
+
+from harness.core.config import ConfigError
+from harness.reporting.frame import cells_frame
+from harness.reporting.render import fmt, fmt_ratio, markdown_rows, markdown_table
+from harness.reporting.schema import DiagnosisResult, ResultsError, read_cells, read_row, write_text_atomic
+
+START = re.compile(r"^<!-- generated:(?P<spec>[^>]*)-->$")
+END = "<!-- end generated -->"
+ENGINE_HEADS = {"seed_reentrant": "seed + reentrant ckpt", "seed_non_reentrant": "seed + non-reentrant ckpt",
+                "functional": "functional engine"}
+
+
+class Block(NamedTuple):
+    """One generated block: where it is (file, 1-based line of its start marker), what it is, its body."""
+
+    path: Path
+    line: int
+    kind: str
+    args: tuple[str, ...]
+    start: int  # index of the start marker in the file's lines
+    end: int  # index of the end marker
+    body: str
+
+
+def find_blocks(text: str, path: Path) -> list[Block]:
+    """The generated blocks of a file; :class:`ConfigError` naming file and line for an unclosed or
+    nested marker or one without a kind."""
+    lines = text.split("\n")
+    blocks, open_at = [], None
+    for i, line in enumerate(lines):
+        m = START.match(line.strip())
+        if m:
+            if open_at is not None:
+                raise ConfigError(f"{path}:{i + 1}: generated block inside the block opened at line {open_at + 1}")
+            open_at = i
+        elif line.strip() == END:
+            if open_at is None:
+                raise ConfigError(f"{path}:{i + 1}: '{END}' without a start marker")
+            spec = START.match(lines[open_at].strip())["spec"].split()
+            if not spec:
+                raise ConfigError(f"{path}:{open_at + 1}: generated block without a kind; kinds: {', '.join(KINDS)}")
+            blocks.append(Block(path, open_at + 1, spec[0], tuple(spec[1:]), open_at, i,
+                                "\n".join(lines[open_at + 1:i])))
+            open_at = None
+    if open_at is not None:
+        raise ConfigError(f"{path}:{open_at + 1}: generated block has no '{END}'")
+    return blocks
+
+
+def variants_table(root: Path, run: str) -> list[str]:
+    frame = cells_frame(read_cells(root / run))
+    ours = frame[frame["peer"].isna() & (frame["amp"] == "off")]
+    table = pd.DataFrame({
+        "variant": ours["variant"].map(lambda v: f"`{v}`"),
+        "status": ours["status"],
+        "peak MiB": ours["mem_mib"].map(fmt),
+        "mem / maml": ours["mem_vs_maml"].map(fmt_ratio),
+        "median ms": ours["time_median_ms"].map(lambda v: fmt(v, 3)),
+        "w rel err": ours["w_rel_err"].map(lambda v: fmt(v, 2)),
+        "lr rel err": ours["lr_rel_err"].map(lambda v: fmt(v, 2)),
+    })
+    return markdown_table(table)
+
+
+def sweep_memory_table(root: Path, run: str) -> list[str]:
+    rows = read_cells(root / run)
+    param = next((r.sweep_param for r in rows if r.sweep_param), None)
+    if param is None:
+        raise ResultsError(f"{root / run}: not a sweep (no sweep_param in its rows)")
+    frame = cells_frame(rows)
+    frame[param] = [r.settings.get(param) for r in rows]
+    pivot = frame.pivot_table(index=param, columns="variant", values="mem_mib", aggfunc="first", sort=False)
+    variants = [v for v in dict.fromkeys(frame["variant"]) if v in pivot.columns]
+    pivot = pivot.reindex(columns=variants).sort_index()
+    first, last = variants[0], variants[-1]
+    body = [[str(k), *(fmt(pivot.at[k, v]) if pd.notna(pivot.at[k, v]) else "—" for v in variants),
+             fmt_ratio(pivot.at[k, last] / pivot.at[k, first])] for k in pivot.index]
+    return markdown_rows([param, *(f"`{v}`" for v in variants), f"`{last}` / `{first}`"], body)
+
+
+def _diagnosis_cell(cell: dict) -> str:
+    status = cell.get("status")
+    if status == "raises":
+        text = f"raises {cell.get('exception', 'an exception')}"
+        m = re.search(r"\[(torch\.[\w.]+ \[[\d, ]*\])\]", cell.get("message") or "")
+        if "inplace operation" in (cell.get("message") or ""):
+            text += " (in-place" + (f"; `{m.group(1)}`" if m else "") + ")"
+    else:
+        errs = [f"{k} {fmt(cell.get(f'{k}_rel_err'), 2)}" for k in ("w", "lr") if cell.get(f"{k}_rel_err") is not None]
+        text = "ok" if status == "ok" else f"{status} ({', '.join(errs)})"
+    f64 = [f"{k} {fmt(cell[f'f64_{k}_rel_err'], 2)}" for k in ("w", "lr") if cell.get(f"f64_{k}_rel_err") is not None]
+    return text + (f" [vs float64: {', '.join(f64)}]" if f64 else "")
+
+
+def diagnosis_table(root: Path, source: str) -> list[str]:
+    result = read_row(root / source, DiagnosisResult)
+    engines = list(dict.fromkeys(e for cells in result.table.values() for e in cells))
+    body = [[f"`{v}`", *(_diagnosis_cell(cells.get(e, {})) for e in engines)] for v, cells in result.table.items()]
+    return markdown_rows(["variant", *(ENGINE_HEADS.get(e, e) for e in engines)], body)
+
+
+def markdown_table_of(root: Path, source: str, number: str = "1") -> list[str]:
+    path = root / source
+    if not path.is_file():
+        raise ResultsError(f"{path}: no such results file")
+    tables: list[list[str]] = []
+    previous = False
+    for line in path.read_text().splitlines():
+        is_row = line.startswith("|")
+        if is_row and not previous:
+            tables.append([])
+        if is_row:
+            tables[-1].append(line)
+        previous = is_row
+    if not number.isdigit() or not 1 <= int(number) <= len(tables):
+        raise ResultsError(f"{path}: has {len(tables)} table(s), block asks for table {number!r}")
+    return tables[int(number) - 1]
+
+
+KINDS: dict[str, Callable[..., list[str]]] = {"variants": variants_table, "sweep-memory": sweep_memory_table,
+                                              "diagnosis": diagnosis_table, "md-table": markdown_table_of}
+
+
+def render(block: Block, root: Path) -> str:
+    """The body the block should have, from the committed files under ``root``."""
+    fn = KINDS.get(block.kind)
+    if fn is None:
+        raise ConfigError(f"{block.path}:{block.line}: unknown generated block kind {block.kind!r}; "
+                          f"kinds: {', '.join(KINDS)}")
+    if not block.args:
+        raise ConfigError(f"{block.path}:{block.line}: generated block {block.kind!r} names no source file")
+    try:
+        inspect.signature(fn).bind(root, *block.args)
+    except TypeError:
+        raise ConfigError(f"{block.path}:{block.line}: wrong arguments for {block.kind!r}: {' '.join(block.args)}") \
+            from None
+    return "\n".join(fn(root, *block.args))
+
+
+def rewrite(text: str, path: Path, root: Path) -> str:
+    """``text`` with every generated block's body replaced by what :func:`render` gives."""
+    lines = text.split("\n")
+    for block in reversed(find_blocks(text, path)):
+        lines[block.start + 1:block.end] = render(block, root).split("\n")
+    return "\n".join(lines)
+
+
+class Drift(NamedTuple):
+    path: Path
+    line: int
+    kind: str
+    args: tuple[str, ...]
+
+
+def doc_files(root: Path) -> list[Path]:
+    return [p for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))] if p.is_file()]
+
+
+def drifted(root: Path, files: list[Path] | None = None) -> list[Drift]:
+    """The blocks whose body differs from what the committed results give."""
+    out = []
+    for path in files or doc_files(root):
+        for block in find_blocks(path.read_text(), path):
+            if block.body != render(block, root):
+                out.append(Drift(path, block.line, block.kind, block.args))
+    return out
+
+
+def update(root: Path, files: list[Path] | None = None) -> list[Path]:
+    """Rewrite every generated block under ``root``; returns the files that changed.  Every block is
+    rendered before any file is written, so a bad block leaves all files as they were."""
+    texts = {path: path.read_text() for path in files or doc_files(root)}
+    new = {path: rewrite(text, path, root) for path, text in texts.items()}
+    changed = [path for path in texts if new[path] != texts[path]]
+    for path in changed:
+        write_text_atomic(path, new[path])
+    return changed
+
+
+__all__ = ["START", "END", "KINDS", "Block", "Drift", "find_blocks", "render", "rewrite", "doc_files", "drifted",
+           "update", "variants_table", "sweep_memory_table", "diagnosis_table", "markdown_table_of"]

@@ -1,0 +1,155 @@
+"""Cell rows -> one flat pandas DataFrame with the ratios the tables and plots show.
+
+One line per cell: identity, status, the memory figure, time statistics, gradient agreement, and the
+ratios computed as joins on the same run's rows -- against ``maml`` in the same (preset, device, dtype,
+settings) group, against the best peer of the same computation (:func:`best_peers`), against the same
+variant's fp32 (``amp=off``) cell.  A ratio needs both figures finite and the denominator nonzero;
+otherwise it is missing (None), never a made-up number.
+
+The memory figure is ``cuda_peak_alloc_above_base_mib`` on CUDA cells and ``cpu_peak_alloc_mib``
+(deterministic live bytes) on CPU cells.  Used by ``python -m harness report RUN``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import pandas as pd
+
+from harness.bench.paired import paired_columns
+from harness.core.config import ConfigError
+from harness.reporting.schema import CellRow
+from harness.variants import RegistryError, get_variant
+
+AMP_ORDER = ("off", "bf16", "fp16")  # precisions in table and plot order
+FP32_KEYS = ("fp32_w_rel_err", "fp32_w_cosine", "fp32_lr_rel_err", "fp32_lr_cosine")
+MEMORY_KEYS = ("cpu_peak_alloc_mib", "cuda_peak_alloc_mib", "cuda_peak_alloc_above_base_mib",
+               "cuda_peak_reserved_mib", "nvml_peak_mib")
+AGREEMENT_KEYS = ("w_rel_err", "w_cosine", "lr_rel_err", "lr_cosine")
+GROUP = ["preset", "device", "dtype", "settings"]  # cells compared with each other
+COMPUTATION = [*GROUP, "computes_first_order", "computes_learn_lr"]  # what a peer must compute to compare
+PRECISION_GROUP = ["variant", "preset", "device", "dtype", "settings_noamp"]
+
+
+def settings_str(settings: dict[str, Any] | None) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted((settings or {}).items()))
+
+
+def mem_figure(row: CellRow) -> tuple[str, float | None]:
+    """(name, value) of the cell's memory figure: the CUDA allocator peak above base on CUDA, else the CPU one."""
+    m = row.memory or {}
+    if row.device == "cuda" and m.get("cuda_peak_alloc_above_base_mib") is not None:
+        return "cuda_peak_alloc_above_base_mib", m["cuda_peak_alloc_above_base_mib"]
+    return "cpu_peak_alloc_mib", m.get("cpu_peak_alloc_mib")
+
+
+def as_cell(row: CellRow | dict[str, Any]) -> CellRow:
+    return row if isinstance(row, CellRow) else CellRow.from_dict(row)
+
+
+def num(x: Any) -> float | None:
+    """A finite number, or None (missing, NaN, inf, or not a number)."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x):
+        return float(x)
+    return None
+
+
+def _flags(row: CellRow) -> dict[str, Any]:
+    """The row's variant flags; rows without them (old files, early failures) look the variant up."""
+    if row.flags:
+        return row.flags
+    try:
+        return get_variant(row.base_variant or row.variant.split(":", 1)[-1]).flags
+    except (ConfigError, RegistryError):  # an unknown variant or a broken registry: no flags, no peer matching
+        return {}
+
+
+def _record(r: CellRow) -> dict[str, Any]:
+    m, t, a = r.memory or {}, r.time or {}, r.agreement or {}
+    fig, mem = mem_figure(r)
+    settings = dict(r.settings or {})
+    amp = str(settings.pop("amp", None) or r.amp or "off")
+    flags = _flags(r)
+    return {
+        "peer": r.peer or (r.variant.split(":", 1)[0] if ":" in r.variant else None),
+        "base_variant": r.base_variant or r.variant.split(":", 1)[-1], "amp": amp,
+        "first_order": flags.get("first_order"), "learn_lr": flags.get("learn_lr"),
+        "settings_noamp": settings_str(settings), **{k: a.get(k) for k in FP32_KEYS},
+        "variant": r.variant, "preset": r.preset, "device": r.device, "dtype": r.dtype,
+        "settings": settings_str(r.settings), "status": r.status, "mem_mib": mem, "mem_figure": fig,
+        "time_median_ms": t.get("median_ms"), "time_iqr_ms": t.get("iqr_ms"), "time_min_ms": t.get("min_ms"),
+        "time_count": t.get("count"), **{k: m.get(k) for k in MEMORY_KEYS},
+        **{k: a.get(k) for k in AGREEMENT_KEYS},
+        "final_query_loss": r.final_query_loss, "message": r.message or "",
+        **paired_columns({"paired": r.paired}),  # time / reference from alternating pairs
+    }
+
+
+def _divide(a: Iterable[Any], b: Iterable[Any], ok: Iterable[bool] | None = None) -> list[float | None]:
+    a, b = list(a), list(b)
+    ok = list(ok) if ok is not None else [True] * len(a)
+    return [x / y if good and num(x) is not None and num(y) else None for x, y, good in zip(a, b, ok)]
+
+
+def _lookup(frame: pd.DataFrame, refs: pd.DataFrame, on: list[str], cols: list[str]) -> pd.DataFrame:
+    """For every line of ``frame``, the columns ``cols`` of the reference line with the same ``on`` values
+    (the last one when several; missing: None), in ``frame``'s order."""
+    ref = refs.drop_duplicates(on, keep="last")[on + cols].rename(columns={c: f"ref_{c}" for c in cols})
+    out = frame[on].merge(ref, on=on, how="left", sort=False)
+    return out.astype(object).where(out.notna(), None)
+
+
+def cells_frame(rows: Iterable[CellRow | dict[str, Any]]) -> pd.DataFrame:
+    """The flat DataFrame of a run (object columns: ints stay ints, missing is None)."""
+    df = pd.DataFrame([_record(as_cell(r)) for r in rows], dtype=object)
+    if df.empty:
+        return df
+    df["computes_first_order"] = df["first_order"].map(bool)
+    df["computes_learn_lr"] = df["learn_lr"].map(bool)
+    ok = (df["status"] == "ok").tolist()
+    maml = _lookup(df, df[(df["variant"] == "maml") & (df["status"] == "ok")], GROUP, ["mem_mib", "time_median_ms"])
+    df["mem_vs_maml"] = _divide(df["mem_mib"], maml["ref_mem_mib"])
+    df["time_vs_maml"] = _divide(df["time_median_ms"], maml["ref_time_median_ms"])
+    best = _lookup(df, best_peer_frame(df), COMPUTATION, ["variant", "mem_mib", "time_median_ms"])
+    ours = [good and p is None for good, p in zip(ok, df["peer"])]
+    df["best_peer"] = [v if o else None for v, o in zip(best["ref_variant"], ours)]
+    df["mem_vs_best_peer"] = _divide(df["mem_mib"], best["ref_mem_mib"], ours)
+    df["time_vs_best_peer"] = _divide(df["time_median_ms"], best["ref_time_median_ms"], ours)
+    fp32 = _lookup(df, df[(df["amp"] == "off") & (df["status"] == "ok")], PRECISION_GROUP,
+                   ["mem_mib", "time_median_ms"])
+    df["mem_vs_fp32"] = _divide(df["mem_mib"], fp32["ref_mem_mib"], ok)
+    df["time_vs_fp32"] = _divide(df["time_median_ms"], fp32["ref_time_median_ms"], ok)
+    return df.astype(object).where(df.notna(), None)
+
+
+def best_peer_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Per computation, the ``ok`` peer cell with the lowest peak memory (ties: the lower median time,
+    then the first in the run)."""
+    mem = df["mem_mib"].map(num)
+    cand = df[df["peer"].notna() & (df["status"] == "ok") & mem.notna() & df["first_order"].notna()].copy()
+    cand["_mem"] = cand["mem_mib"].map(num)
+    cand["_time"] = cand["time_median_ms"].map(lambda t: num(t) if num(t) is not None else math.inf)
+    return cand.sort_values(["_mem", "_time"], kind="mergesort").drop_duplicates(COMPUTATION, keep="first")
+
+
+def flatten(rows: Iterable[CellRow | dict[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`cells_frame` as one dict per cell (what the Markdown sections and plots iterate over)."""
+    return cells_frame(rows).to_dict("records")
+
+
+def computation_key(f: dict[str, Any]) -> tuple:
+    """What a peer must compute to be compared: preset, device, dtype, settings (precision included),
+    order and inner-LR setting.  Checkpointing is not part of it."""
+    return (f["preset"], f["device"], f["dtype"], f["settings"], bool(f.get("first_order")), bool(f.get("learn_lr")))
+
+
+def best_peers(flat: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """computation_key -> the best peer cell (see :func:`best_peer_frame`)."""
+    if not flat:
+        return {}
+    best = best_peer_frame(pd.DataFrame(flat, dtype=object))
+    return {computation_key(f): f for f in best.drop(columns=["_mem", "_time"]).to_dict("records")}
+
+
+__all__ = ["AMP_ORDER", "FP32_KEYS", "GROUP", "COMPUTATION", "settings_str", "mem_figure", "as_cell", "num",
+           "cells_frame", "best_peer_frame", "flatten", "computation_key", "best_peers"]

@@ -1,0 +1,51 @@
+"""Numbers and tables as text: the one number formatter (:func:`fmt`) and the one Markdown table writer.
+
+Every table the harness prints or writes (``table.md``, the ablation's tables, the generated blocks in the
+README and docs) formats its figures through :func:`fmt`, so one figure reads the same everywhere.
+Markdown comes from a DataFrame through :func:`markdown_table` (a dozen lines here rather than
+``DataFrame.to_markdown``, which needs ``tabulate`` and pads every column to its widest cell: the committed
+tables keep the compact ``| a | b |`` form and no dependency is added).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import pandas as pd
+
+MISSING = "—"
+
+
+def fmt(x: Any, digits: int = 4) -> str:
+    """A figure as text: ``digits`` significant digits for floats, ``nan``/``inf`` as such, "" for None."""
+    if x is None:
+        return ""
+    if isinstance(x, bool) or not isinstance(x, float):
+        return str(x)
+    if not math.isfinite(x):
+        return str(x)
+    return "0" if x == 0 else f"{x:.{digits}g}"
+
+
+def fmt_ratio(x: Any, missing: str = MISSING) -> str:
+    """A ratio as ``0.406x`` (three decimals); ``missing`` when there is none."""
+    if x is None or isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        return missing
+    return f"{x:.3f}x"
+
+
+def markdown_table(frame: pd.DataFrame) -> list[str]:
+    """The frame as Markdown lines: header, separator, one line per row (cells already text)."""
+    head = [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join("" if v is None else str(v) for v in row) + " |"
+              for row in frame.itertuples(index=False, name=None)]
+    return lines
+
+
+def markdown_rows(head: Iterable[str], rows: Iterable[Iterable[Any]]) -> list[str]:
+    """:func:`markdown_table` of rows given as lists of cells."""
+    return markdown_table(pd.DataFrame([list(r) for r in rows], columns=list(head)))
+
+
+__all__ = ["MISSING", "fmt", "fmt_ratio", "markdown_table", "markdown_rows"]

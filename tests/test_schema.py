@@ -1,0 +1,109 @@
+"""Claims: every result row is a typed dataclass with one schema version; a row survives a write and a read
+unchanged (NaN and missing figures included, unknown keys kept); a row of the wrong shape is refused with
+a ResultsError naming the file and the line, and a writer refuses to write one."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from harness.bench.cells import Cell, base_row
+from harness.reporting.schema import (ROW_TYPES, SCHEMA_VERSION, CellRow, DiagnosisResult, ResultsError, RunResult,
+                                      _clean, read_cells, read_row, write_cells, write_json, write_jsonl)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def a_cell(**changes) -> dict:
+    row = base_row(Cell("ckpt_lr", "cpu-bench", settings={"width": 16}))
+    row.update(status="ok", memory={"cpu_peak_alloc_mib": 1.5, "nvml_peak_mib": None},
+               time={"median_ms": 3.0, "iqr_ms": 0.1, "min_ms": 2.9, "count": 3, "noisy": False},
+               agreement={"w_rel_err": 0.0, "w_cosine": 1.0, "lr_rel_err": float("nan"), "lr_cosine": None},
+               final_query_loss=0.25, wall_s=1.0, losses=[0.5, 0.25], run_id="r", custom_note="kept")
+    row.update(changes)
+    return row
+
+
+def test_one_schema_version_for_every_row_type() -> None:
+    assert set(ROW_TYPES) == {"cell", "run", "diagnosis"}
+    assert all(t().schema == SCHEMA_VERSION for t in ROW_TYPES.values())
+
+
+def test_a_cell_row_round_trips_through_the_file(tmp_path: Path) -> None:
+    row = a_cell()
+    write_cells(tmp_path / "cells.jsonl", [row, CellRow.from_dict(a_cell(variant="fo", key="k2"))])
+    first, second = read_cells(tmp_path)
+    assert isinstance(first, CellRow) and first.variant == "ckpt_lr" and second.variant == "fo"
+    assert first.memory == {"cpu_peak_alloc_mib": 1.5, "nvml_peak_mib": None}  # a missing figure stays None
+    assert math.isnan(first.agreement["lr_rel_err"])  # NaN survives (stored as "nan")
+    assert first.time["count"] == 3 and isinstance(first.time["count"], int)
+    assert first.extra == {"custom_note": "kept"} and first.losses == [0.5, 0.25]
+    back = first.to_dict()
+    assert json.dumps(back, sort_keys=True) == json.dumps(row, sort_keys=True)
+    assert "traceback" not in back and "sweep_param" not in back  # optional fields absent when unset
+
+
+def test_every_committed_result_file_reads_and_round_trips_unchanged() -> None:
+    cells = sorted((REPO / "results").glob("*/cells.jsonl"))
+    assert cells
+    for path in cells:
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [json.loads(json.dumps(write_form(r))) for r in read_cells(path)] == lines, path
+    for path in sorted((REPO / "results").glob("diagnosis*.json")):
+        assert write_form(read_row(path, DiagnosisResult)) == json.loads(path.read_text()), path
+
+
+def write_form(row) -> dict:
+    return _clean(row.to_dict())  # the writer's NaN encoding, to compare with the file
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("memory", "lots", "field 'memory' must be an object, got str 'lots'"),
+    ("memory", {"cpu_peak_alloc_mib": "lots"}, "field 'memory.cpu_peak_alloc_mib' must be a number"),
+    ("status", None, "field 'status' must be a string, got NoneType"),
+    ("seed", "0", "field 'seed' must be an integer"),
+    ("seed", True, "field 'seed' must be an integer"),
+    ("settings", [], "field 'settings' must be an object"),
+    ("final_query_loss", "low", "field 'final_query_loss' must be a number"),
+    ("schema", 2, "has schema version 2, expected 1"),
+    ("kind", "run", "kind 'run', expected 'cell'"),
+])
+def test_a_malformed_row_names_the_file_and_the_line(tmp_path: Path, field, value, says) -> None:
+    rows = [a_cell(), a_cell(**{field: value})]
+    write_jsonl(tmp_path / "cells.jsonl", rows)  # the unvalidated writer, to make a bad file
+    with pytest.raises(ResultsError) as err:
+        read_cells(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / 'cells.jsonl'}: line 2") and says in str(err.value)
+
+
+def test_a_row_without_its_identity_or_not_an_object(tmp_path: Path) -> None:
+    path = tmp_path / "cells.jsonl"
+    path.write_text(json.dumps({"schema": 1, "variant": "maml", "status": "ok"}) + "\n")
+    with pytest.raises(ResultsError, match=r"line 1 lacks field 'key'"):
+        read_cells(path)
+    path.write_text("[1, 2]\n")
+    with pytest.raises(ResultsError, match=r"line 1: expected a JSON object, got list"):
+        read_cells(path)
+
+
+def test_writers_refuse_a_row_of_the_wrong_shape(tmp_path: Path) -> None:
+    with pytest.raises(ResultsError, match="new row: field 'memory' must be an object"):
+        write_cells(tmp_path / "cells.jsonl", [a_cell(memory="lots")])
+    with pytest.raises(ResultsError, match="RunResult being written: field 'skipped_steps' must be an integer"):
+        write_json(tmp_path / "run.json", RunResult(spec={"variant": "maml"}, skipped_steps="none"))
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_run_result_and_diagnosis_read_back(tmp_path: Path) -> None:
+    run = RunResult(status="diverged", message="NaN", spec={"variant": "lr"}, wall_s=float("inf"),
+                    agreement={"w_rel_err": float("nan"), "lr_rel_err": None}, final_query_loss=None)
+    back = read_row(write_json(tmp_path / "run.json", run), RunResult)
+    assert back.status == "diverged" and math.isinf(back.wall_s)
+    assert math.isnan(back.agreement["w_rel_err"]) and back.agreement["lr_rel_err"] is None
+    (tmp_path / "d.json").write_text("{\"schema\": 1, \"kind\": \"diagnosis\"")
+    with pytest.raises(ResultsError, match="d.json: not valid JSON"):
+        read_row(tmp_path / "d.json", DiagnosisResult)
+    with pytest.raises(ResultsError, match="run.json: kind 'run', expected 'diagnosis'"):
+        read_row(tmp_path / "run.json", DiagnosisResult)
