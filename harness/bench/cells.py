@@ -41,13 +41,10 @@ from typing import Any, Callable, Iterable
 
 from harness.core.config import ConfigError
 from harness.reporting.schema import SCHEMA_VERSION, write_jsonl
+from harness.settings import MODEL_SETTINGS, SPEC_SETTINGS, SWEEP_PARAMS, VARIANT_SETTINGS, parse_value, split_settings
 
 REPO = Path(__file__).resolve().parents[2]
 STATUSES = ("ok", "oom", "error", "timeout", "diverged", "unsupported")
-SPEC_SETTINGS = ("inner_steps", "meta_batch")
-MODEL_SETTINGS = ("depth", "width")
-VARIANT_SETTINGS = ("step_ckpt",)  # segment length of step checkpointing (0: off), over the variant's own
-SWEEP_PARAMS = SPEC_SETTINGS + MODEL_SETTINGS + VARIANT_SETTINGS
 PLUGIN_ENV = "HARNESS_CELL_PLUGINS"
 
 Builder = Callable[[str, Any, Any], Any]
@@ -105,23 +102,8 @@ class Cell:
         return f"{self.variant} on {self.preset}" + (f" [{s}]" if s else "")
 
     def overrides(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        """(run-spec kwargs, model overrides, task overrides)."""
-        spec, model, task = {}, {}, {}
-        for k, v in self.settings.items():
-            if k in SPEC_SETTINGS:
-                spec[k] = int(v)
-            elif k == "amp":
-                spec[k] = str(v)
-            elif k in VARIANT_SETTINGS:
-                continue  # applied to the variant (see variant_for)
-            elif k in MODEL_SETTINGS:
-                model[k] = v
-            elif k.startswith("model."):
-                model[k[6:]] = v
-            elif k.startswith("task."):
-                task[k[5:]] = v
-            else:
-                raise ConfigError(f"unknown cell setting {k!r}; accepted: {', '.join(SWEEP_PARAMS)}, model.<kw>, task.<kw>")
+        """(run-spec kwargs, model overrides, task overrides); the keys are harness.settings's one list."""
+        spec, model, task, _ = split_settings(self.settings)  # variant settings: see variant_for
         return spec, model, task
 
 
@@ -138,15 +120,6 @@ def variant_for(cell: "Cell") -> Any:
             raise ConfigError(f"step_ckpt must be >= 0 (0 = off), got {n}")
         variant = replace(variant, step_ckpt=n)
     return variant
-
-
-def parse_value(text: str) -> Any:
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    return text
 
 
 # -- inside the cell's process -------------------------------------------------

@@ -1,0 +1,129 @@
+"""One cell in this process, meta-trained and measured: the library behind ``python -m harness run``.
+
+Checks the variant's meta-gradients against its non-checkpointed reference on the initial weights
+and the first task batch, takes the deterministic CPU memory figure of one meta-step on a copy of
+the learner and of the task stream (so the run itself is unchanged), meta-trains for N steps
+(CUDA allocator peaks over the training when on a GPU) and writes one JSON result.
+Try: ``python -m harness run --variant ckpt_lr --preset quick``.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from harness.bench.measure import CudaPeaks, StepRunner, measure_cpu_memory, snapshot_meta_step, time_stats
+from harness.core.config import ConfigError
+from harness.reporting.provenance import environment
+from harness.reporting.schema import SCHEMA_VERSION, write_json
+from harness.settings import CellSettings
+from harness.train import Diverged, Experiment, RunSpec, TrainLog, check_agreement, default_threads, train
+
+__all__ = ["RunResult", "result_path", "run_single", "side_measurements"]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What ``run`` prints: the result as written, and where."""
+
+    path: Path
+    result: dict[str, Any]
+
+    @property
+    def ok(self) -> bool:
+        return self.result["status"] == "ok"
+
+
+def result_path(out: Path, spec: RunSpec) -> Path:
+    """``<out>/runs/<variant>_<preset>_<device>_<dtype>[_<amp>]_s<seed>.json``."""
+    amp = "" if spec.amp == "off" else "_" + spec.amp
+    return Path(out) / "runs" / f"{spec.variant}_{spec.preset}_{spec.device}_{spec.dtype}{amp}_s{spec.seed}.json"
+
+
+def build(spec: RunSpec, settings: CellSettings | None) -> Experiment:
+    """The experiment with the ``--set`` model, task and variant settings applied."""
+    s = settings or CellSettings({}, {}, {}, {})
+    variant = replace(spec.variant_obj, **s.variant) if s.variant else None
+    return Experiment(spec, variant=variant, task_overrides=s.task or None, model_overrides=s.model or None)
+
+
+def run_single(spec: RunSpec, out: Path, *, settings: CellSettings | None = None, snapshot: Path | None = None,
+               progress: bool | None = None) -> RunResult:
+    """Check, measure and meta-train one cell; a diverging run is a result with status ``diverged``."""
+    if snapshot is not None and spec.device != "cuda":
+        raise ConfigError("--memory-snapshot needs CUDA (it records the CUDA allocator history); "
+                          f"this run is on {spec.device}")
+    exp = build(spec, settings)
+    threads = default_threads(spec.device, exp.learner.model)
+    if threads:
+        torch.set_num_threads(threads)
+    agree = check_agreement(exp, exp.sample())
+    memory = side_measurements(exp, snapshot)
+    status, message, log, stamps = "ok", None, TrainLog([]), [time.perf_counter()]
+    bar = tqdm(total=exp.sizes["meta_steps"], desc=f"{spec.variant} on {spec.preset}", unit="step",
+               file=sys.stderr, disable=None if progress is None else not progress, leave=False)
+
+    def on_step(i: int, loss: float) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4g}")
+        stamps.append(_now(spec.device))
+
+    peaks = CudaPeaks(spec.device) if spec.device == "cuda" else None
+    try:
+        with peaks or nullcontext():
+            log = train(exp, exp.sizes["meta_steps"], on_step=on_step)
+    except Diverged as exc:
+        status, message = "diverged", str(exc)
+    finally:
+        bar.close()
+    wall_s = time.perf_counter() - stamps[0]
+    memory.update(peaks.figures if peaks is not None else {})
+    timing = time_stats([b - a for a, b in zip(stamps, stamps[1:])][1:])  # the first meta-step is the warm-up
+    result = {
+        "schema": SCHEMA_VERSION, "kind": "run", "status": status, "message": message,
+        "spec": {**asdict(spec), **exp.sizes}, "settings": _settings_dict(settings),
+        "variant": {"name": exp.variant.name, **exp.variant.flags},
+        "agreement": agree, "query_loss": log.losses, "final_query_loss": log.losses[-1] if log.losses else None,
+        "skipped_steps": log.skipped_steps, "wall_s": wall_s, "memory": memory, "time": timing,
+        "env": environment(spec.device),
+    }
+    return RunResult(write_json(result_path(out, spec), result), result)
+
+
+def _settings_dict(settings: CellSettings | None) -> dict[str, Any]:
+    if settings is None:
+        return {}
+    return {**settings.spec, **settings.variant, **{f"model.{k}": v for k, v in settings.model.items()},
+            **{f"task.{k}": v for k, v in settings.task.items()}}
+
+
+def _now(device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def side_measurements(exp: Experiment, snapshot: Path | None) -> dict[str, Any]:
+    """The deterministic CPU memory figure of one meta-step (and the CUDA snapshot), on a copy of the
+    learner and of the task stream, so the training run itself is unchanged."""
+    learner = copy.deepcopy(exp.learner)
+    gen = torch.Generator().manual_seed(0)
+    gen.set_state(exp.gen.get_state())
+
+    def sample() -> list:
+        return exp.sample(gen)
+
+    state = torch.get_rng_state()
+    step = StepRunner(learner, exp.sizes["outer_lr"], sample, scaler=exp.new_scaler(), check_finite=False)
+    out: dict[str, Any] = measure_cpu_memory(step, sample())
+    if snapshot is not None:
+        out["snapshot"] = snapshot_meta_step(step, snapshot, exp.device)
+    torch.set_rng_state(state)
+    return out
