@@ -19,7 +19,7 @@ from harness.core.config import AMP_MODES, ConfigError
 from harness.zoo.presets import Preset, get_preset
 
 __all__ = ["ACCEPTED", "BOUNDS", "Bound", "CellSettings", "MODEL_SETTINGS", "SEED_MAX", "SETTING_KEYS", "SPEC_SETTINGS",
-           "SWEEP_PARAMS", "VARIANT_SETTINGS", "check_int", "check_seconds", "dedupe", "parse_int",
+           "SWEEP_PARAMS", "VARIANT_SETTINGS", "check_int", "check_seconds", "dedupe",
            "parse_param", "parse_settings", "parse_value", "split_settings", "validate_setting"]
 
 SEED_MAX = 2 ** 62  # torch.Generator takes 64-bit seeds; derived streams (seed + 1, held-out seeds) need room
@@ -93,11 +93,6 @@ def check_seconds(name: str, value: float, *, allow_huge: bool = False, flag: st
     return float(value)
 
 
-def parse_int(text: str) -> int:
-    """An integer literal (``12``, ``-1``); ``1e21`` and ``abc`` are a ValueError."""
-    return int(text.strip(), 10)
-
-
 def parse_value(text: str) -> Any:
     """int, then float, then the string itself (``true``/``false`` as booleans)."""
     for conv in (int, float):
@@ -122,11 +117,7 @@ def _typed(what: str, text: str, default: Any, bound: str, allow_huge: bool) -> 
             raise ConfigError(f"{what} must be true or false, got {text!r}")
         return value
     if isinstance(default, int):
-        try:
-            value = parse_int(text)
-        except ValueError:
-            raise ConfigError(f"{what} must be an integer, got {text!r}") from None
-        return check_int(bound, value, allow_huge=allow_huge, flag=what)
+        return check_int(bound, parse_value(text), allow_huge=allow_huge, flag=what)  # 1e21, abc: not an int
     if isinstance(default, float):
         try:
             value = float(text)
@@ -182,7 +173,7 @@ def dedupe(values: list[Any]) -> list[Any]:
 
 
 def parse_param(text: str, preset: str, *, allow_huge: bool = False) -> tuple[str, list[Any]]:
-    """``sweep --param inner_steps=1,2,4`` -> ``("inner_steps", [1, 2, 4])``, duplicates collapsed."""
+    """``sweep --param inner_steps=1,2,4`` -> ``("inner_steps", [1, 2, 4])`` (repeats collapse in the plan)."""
     name, sep, vals = text.partition("=")
     name = name.strip()
     if name not in SWEEP_PARAMS:
@@ -191,7 +182,7 @@ def parse_param(text: str, preset: str, *, allow_huge: bool = False) -> tuple[st
     if not texts:
         raise ConfigError(f"bad --param {text!r}; expected {name}=V1,V2,... with integer values")
     p = get_preset(preset)
-    return name, dedupe([validate_setting(name, t, p, allow_huge=allow_huge, flag="--param") for t in texts])
+    return name, [validate_setting(name, t, p, allow_huge=allow_huge, flag="--param") for t in texts]
 
 
 class CellSettings(NamedTuple):

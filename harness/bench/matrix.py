@@ -68,10 +68,10 @@ def exit_code(rows: list[dict[str, Any]]) -> int:
 
 
 def resolve_variants(text: str | None) -> list[str]:
-    """``maml,ckpt_lr,higher:maml`` -> names, each once; ``None``: every registered variant; ``''`` is an error."""
+    """``maml,ckpt_lr,higher:maml`` -> names; ``None``: every registered variant; ``''`` is an error."""
     if text is None:
         return list(registry())
-    names = dedupe([v.strip() for v in text.split(",") if v.strip()])
+    names = [v.strip() for v in text.split(",") if v.strip()]  # repeated names: one cell (see plan)
     if not names:
         raise ConfigError(f"--variants is empty; valid variants: {', '.join(registry())}")
     for n in names:  # any peer prefix: plugins may register builders (harness.bench.cells.BUILDERS)
@@ -129,7 +129,8 @@ def default_run_id(preset: str, device: str, settings: dict[str, Any]) -> str:
 
 def plan(variants: list[str], preset: str, device: str, dtype: str, seed: int, settings: dict[str, Any],
          amps: list[str] = ["off"], sweep: tuple[str, list[Any]] | None = None) -> tuple[Cell, ...]:  # noqa: B006
-    """The cells, precision-major then variant (bench) or variant-major then value (sweep); each once."""
+    """The cells, precision-major then variant (bench) or variant-major then value (sweep); each cell once
+    however often a variant or value is repeated (``--variants maml,maml`` is one cell)."""
     def cell(v: str, amp: str, extra: dict[str, Any]) -> Cell:
         s = {**settings, **extra, **({"amp": amp} if amp != "off" else {})}
         return Cell(v, preset, device, dtype, s, seed)
