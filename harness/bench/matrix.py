@@ -38,7 +38,7 @@ class MatrixRequest:
     opts: MeasureOptions
     caps: dict[str, float] = field(default_factory=dict)  # variant -> CPU memory cap (MiB), a test hook
     force: bool = False
-    plots: bool = True
+    plots_dir: Path | None = None  # None: no plots
     extra: dict[str, Any] | None = None  # written into every row (e.g. the swept parameter)
 
 
@@ -148,5 +148,5 @@ def run_request(req: MatrixRequest) -> MatrixOutcome:
     t0 = time.perf_counter()
     opts = (lambda c: replace(req.opts, cpu_mem_cap_mib=req.caps.get(c.variant))) if req.caps else req.opts
     rows = run_matrix(req.cells, req.run_dir, opts, force=req.force, extra=req.extra)
-    built = tables.build(req.run_dir, plots=req.plots)
+    built = tables.build(req.run_dir, plots=req.plots_dir is not None, plots_dir=req.plots_dir)
     return MatrixOutcome(rows, built["summary"], built["table"], built["plots"], time.perf_counter() - t0)

@@ -294,7 +294,8 @@ class CudaPeaks:
 
     def __exit__(self, *exc: object) -> None:
         torch.cuda.synchronize(self.dev)
-        peak_alloc, peak_reserved = torch.cuda.max_memory_allocated(self.dev), torch.cuda.max_memory_reserved(self.dev)
+        peak_alloc = torch.cuda.max_memory_allocated(self.dev)
+        peak_reserved = torch.cuda.max_memory_reserved(self.dev)
         self.figures = {
             "cuda_peak_alloc_mib": peak_alloc / MIB,
             "cuda_peak_alloc_above_base_mib": (peak_alloc - self.base_alloc) / MIB,

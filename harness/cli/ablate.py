@@ -14,7 +14,7 @@ import shlex
 from typing import Any
 
 from harness.cli.args import (EXIT_FAILED, EXIT_OK, UsageError, add_out_argument, check_numbers, check_out_dir,
-                              nonempty, out_path, plots_root, run_dir)
+                              merge_flags, nonempty, out_path, plots_root, run_dir)
 from harness.settings import ACCEPTED, dedupe, parse_settings, split_settings
 from harness.studies.ablation.ablate import DEFAULTS, AblationSpec, markdown_tables, run_ablation
 from harness.train import DEVICES, DTYPES, check_device
@@ -89,18 +89,20 @@ def spec_from_args(args: argparse.Namespace) -> AblationSpec:
     check_numbers(args)
     check_device(args.device)
     task, model = data_overrides(args)
-    parts = split_settings(parse_settings(args.set, args.preset, allow_huge=args.allow_huge))
+    parts = split_settings(merge_flags(args, parse_settings(args.set, args.preset, allow_huge=args.allow_huge)))
     if parts.variant or "amp" in parts.spec:
         raise UsageError("ablate compares the variants as registered: --set amp and --set step_ckpt are not accepted")
     task, model = {**parts.task, **task}, {**parts.model, **model}
     preset = get_preset(args.preset)
-    d = {**dict(meta_steps=preset.meta_steps, seeds=2, eval_tasks=100, eval_every=None), **DEFAULTS.get(args.preset, {})}
+    d = {"meta_steps": preset.meta_steps, "seeds": 2, "eval_tasks": 100, "eval_every": None,
+         **DEFAULTS.get(args.preset, {})}
     meta_steps = args.meta_steps if args.meta_steps is not None else d["meta_steps"]
-    pick = {k: getattr(args, k) if getattr(args, k) is not None else parts.spec.get(k, d.get(k))
-            for k in ("meta_batch", "inner_steps", "seeds", "eval_tasks")}
-    return AblationSpec(preset=args.preset, variants=tuple(dedupe([v.strip() for v in args.variants.split(",")
-                                                                    if v.strip()])),
-                        meta_steps=meta_steps, eval_every=args.eval_every or d["eval_every"] or max(1, meta_steps // 10),
+    pick = {"meta_batch": parts.spec.get("meta_batch", d.get("meta_batch")),
+            "inner_steps": parts.spec.get("inner_steps"),
+            **{k: getattr(args, k) if getattr(args, k) is not None else d[k] for k in ("seeds", "eval_tasks")}}
+    variants = tuple(dedupe([v.strip() for v in args.variants.split(",") if v.strip()]))
+    eval_every = args.eval_every or d["eval_every"] or max(1, meta_steps // 10)
+    return AblationSpec(preset=args.preset, variants=variants, meta_steps=meta_steps, eval_every=eval_every,
                         device=args.device, dtype=args.dtype, task_overrides=task, model_overrides=model,
                         run_id=args.run_id or f"ablation-{args.preset}", threads=args.threads, **pick)
 
@@ -150,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
     line = check_line(summary)
     if line:
         print(line)
-    print(f"wrote {summary['paths']['dir']}/ablation.csv, table.md and {summary['paths']['plots']}/learning_curves.png "
+    paths = summary["paths"]
+    print(f"wrote {paths['dir']}/ablation.csv, table.md and {paths['plots']}/learning_curves.png "
           f"({summary['trained_cells']} cells trained in {summary['train_wall_s']:.1f} s, "
           f"{summary['reused_cells']} reused)")
     return EXIT_OK if all(r["status"] == "ok" for r in summary["rows"]) else EXIT_FAILED

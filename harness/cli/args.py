@@ -164,7 +164,7 @@ def merge_flags(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str,
     """``--inner-steps``, ``--meta-batch`` and ``--amp`` into the ``--set`` settings (the same key twice must agree)."""
     out = dict(settings)
     flags = {"inner_steps": args.inner_steps, "meta_batch": args.meta_batch,
-             "amp": None if args.amp == "off" else args.amp}
+             "amp": None if getattr(args, "amp", "off") == "off" else args.amp}
     for name, value in flags.items():
         if value is None:
             continue

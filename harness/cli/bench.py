@@ -40,12 +40,12 @@ def request_from_args(args: argparse.Namespace) -> MatrixRequest:
         variants = add_peer_cells(variants)
     caps = parse_caps(args.cpu_mem_cap)
     amp_key = {"amp": ",".join(m.amps)} if m.amps != ["off"] else {}
-    run_id = args.run_id or default_run_id(m.preset, m.device, {**m.settings, **amp_key}) + ("-peers" if args.peers else "")
+    peers = "-peers" if args.peers else ""
+    run_id = args.run_id or default_run_id(m.preset, m.device, {**m.settings, **amp_key}) + peers
     out_dir = run_dir(args.out, run_id)
-    if not args.no_plots:
-        check_out_dir(plots_root(args.out) / run_id)
+    plots = None if args.no_plots else check_out_dir(plots_root(args.out) / run_id)
     cells = plan(variants, m.preset, m.device, args.dtype, args.seed, m.settings, m.amps)
-    return MatrixRequest(cells, out_dir, m.opts, caps=caps, force=args.force, plots=not args.no_plots)
+    return MatrixRequest(cells, out_dir, m.opts, caps=caps, force=args.force, plots_dir=plots)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from harness.variants import RegistryError
 
 __all__ = ["COMMANDS", "Parser", "UsageError", "build_parser", "main"]
 
-COMMANDS = ("list", "run", "diagnose", "ablate", "bench", "sweep", "report", "compare")  # modules in harness/cli/, in --help order
+COMMANDS = ("list", "run", "diagnose", "ablate", "bench", "sweep", "report", "compare")  # harness/cli/<c>.py, --help order
 
 
 class Parser(argparse.ArgumentParser):

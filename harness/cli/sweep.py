@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 
 from harness.bench.matrix import MatrixRequest, plan, resolve_variants, run_request
-from harness.cli.args import UsageError, add_matrix_arguments, check_out_dir, matrix_options, nonempty, plots_root, run_dir
+from harness.cli.args import (UsageError, add_matrix_arguments, check_out_dir, matrix_options, nonempty, plots_root,
+                              run_dir)
 from harness.reporting.tables import _fmt as fmt_number, flatten
 from harness.settings import SWEEP_PARAMS, parse_param
 
@@ -35,10 +36,9 @@ def request_from_args(args: argparse.Namespace) -> MatrixRequest:
     variants = resolve_variants(args.variant)
     run_id = args.run_id or f"sweep-{m.preset}-{m.device}-{name}-{'_'.join(variants).replace(':', '-')}"
     out_dir = run_dir(args.out, run_id)
-    if not args.no_plots:
-        check_out_dir(plots_root(args.out) / run_id)
+    plots = None if args.no_plots else check_out_dir(plots_root(args.out) / run_id)
     cells = plan(variants, m.preset, m.device, args.dtype, args.seed, m.settings, m.amps, sweep=(name, values))
-    return MatrixRequest(cells, out_dir, m.opts, force=args.force, plots=not args.no_plots,
+    return MatrixRequest(cells, out_dir, m.opts, force=args.force, plots_dir=plots,
                          extra={"sweep_param": name})
 
 
