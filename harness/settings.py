@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 from harness.core.config import AMP_MODES, ConfigError
 from harness.zoo.presets import Preset, get_preset
 
-__all__ = ["ACCEPTED", "BOUNDS", "Bound", "CellSettings", "MODEL_SETTINGS", "SEED_MAX", "SETTING_KEYS", "SPEC_SETTINGS",
+__all__ = ["ACCEPTED", "BOUNDS", "Bound", "CellSettings", "LAUNCH_SETTINGS", "MODEL_SETTINGS", "SEED_MAX", "SETTING_KEYS", "SPEC_SETTINGS",
            "SWEEP_PARAMS", "VARIANT_SETTINGS", "check_int", "check_seconds", "dedupe",
            "parse_param", "parse_settings", "parse_value", "split_settings", "validate_setting"]
 
@@ -37,9 +37,11 @@ BOUNDS: dict[str, Bound] = {
     "inner_steps": Bound(0, 1_000, 100_000),
     "meta_batch": Bound(1, 1_024, 1_000_000),
     "meta_steps": Bound(0, 100_000, 100_000_000),
-    "eval_tasks": Bound(1, 100_000, 100_000_000),
+    "eval_tasks": Bound(1, 100_000, 100_000),
     "eval_every": Bound(1, 100_000, 100_000_000),
-    "seeds": Bound(1, 1_000, 1_000_000),
+    "seeds": Bound(2, 10_000, 10_000),  # ablate: intervals over seeds need 2 (harness.studies.ablation.spec)
+    "verify_seeds": Bound(1, 10_000, 10_000),
+    "jobs": Bound(1, 256, 256),
     "seed": Bound(0, SEED_MAX, SEED_MAX),
     "threads": Bound(1, 1_024, 1_024),
     "warmup": Bound(0, 1_000, 1_000_000),
@@ -47,6 +49,8 @@ BOUNDS: dict[str, Bound] = {
     "depth": Bound(1, 256, 100_000),
     "width": Bound(1, 16_384, 1_000_000),
     "step_ckpt": Bound(0, 1_000, 100_000),
+    "vectorize": Bound(0, 1, 1),
+    "ranks": Bound(1, 64, 4_096),  # and at most the meta-batch (harness.distributed.check_ranks)
     "ways": Bound(1, 1_000, 100_000),
     "shots": Bound(1, 1_000, 100_000),
     "size": Bound(1, 100_000, 100_000_000),  # any other integer model.<kw> / task.<kw>
@@ -55,8 +59,9 @@ BOUNDS: dict[str, Bound] = {
 
 SPEC_SETTINGS = ("inner_steps", "meta_batch")  # RunSpec fields
 MODEL_SETTINGS = ("depth", "width")  # model constructor keywords
-VARIANT_SETTINGS = ("step_ckpt",)  # segment length of step checkpointing (0: off), over the variant's own
-SWEEP_PARAMS = SPEC_SETTINGS + MODEL_SETTINGS + VARIANT_SETTINGS
+VARIANT_SETTINGS = ("step_ckpt", "vectorize")  # step-checkpoint segment length (0: off); vmap tasks (0/1)
+LAUNCH_SETTINGS = ("ranks",)  # data-parallel ranks: the cell runs under torch.distributed.run (harness.distributed)
+SWEEP_PARAMS = SPEC_SETTINGS + MODEL_SETTINGS + VARIANT_SETTINGS + LAUNCH_SETTINGS
 SETTING_KEYS = SWEEP_PARAMS + ("amp",)  # and model.<kw>, task.<kw>
 ACCEPTED = f"{', '.join(SETTING_KEYS)}, model.<kw> or task.<kw>"
 
@@ -136,7 +141,7 @@ def _typed(what: str, text: str, default: Any, bound: str, allow_huge: bool) -> 
 def validate_setting(key: str, text: str, preset: Preset, *, allow_huge: bool = False, flag: str = "--set") -> Any:
     """One ``KEY=VALUE`` for ``preset``: the key must be one the preset's run, variant, model or task takes."""
     what = f"{flag} {key}"
-    if key in SPEC_SETTINGS + VARIANT_SETTINGS:
+    if key in SPEC_SETTINGS + VARIANT_SETTINGS + LAUNCH_SETTINGS:
         return _typed(what, text, 0, key, allow_huge)
     if key == "amp":
         if text not in AMP_MODES:
@@ -191,12 +196,13 @@ class CellSettings(NamedTuple):
     spec: dict[str, Any]  # RunSpec keywords (inner_steps, meta_batch, amp)
     model: dict[str, Any]  # model constructor keywords
     task: dict[str, Any]  # task sampler keywords
-    variant: dict[str, Any]  # replaced on the Variant (step_ckpt)
+    variant: dict[str, Any]  # replaced on the Variant (step_ckpt, vectorize)
+    launch: dict[str, Any]  # how the cell's process starts (ranks)
 
 
 def split_settings(settings: dict[str, Any]) -> CellSettings:
     """Settings (already validated, e.g. read back from a row) sorted by destination; unknown keys raise."""
-    out = CellSettings({}, {}, {}, {})
+    out = CellSettings({}, {}, {}, {}, {})
     for k, v in settings.items():
         if k in SPEC_SETTINGS:
             out.spec[k] = int(v)
@@ -204,6 +210,8 @@ def split_settings(settings: dict[str, Any]) -> CellSettings:
             out.spec[k] = str(v)
         elif k in VARIANT_SETTINGS:
             out.variant[k] = int(v)
+        elif k in LAUNCH_SETTINGS:
+            out.launch[k] = int(v)
         elif k in MODEL_SETTINGS:
             out.model[k] = v
         elif k.startswith("model.") and len(k) > 6:

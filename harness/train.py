@@ -18,6 +18,7 @@ import torch
 from harness.core.config import AMP_MODES, ConfigError, Task
 from harness.core.engine import MetaLearner
 from harness.core.grads import agreement
+from harness import distributed
 from harness.settings import check_int
 from harness.zoo.presets import Preset, get_preset
 from harness.variants import Variant, get_variant
@@ -187,16 +188,23 @@ def meta_step(learner: Any, opt: torch.optim.Optimizer, scaler: torch.amp.GradSc
     """One outer step of any learner with ``step(tasks, loss_scale)``; returns (mean query loss, skipped).
 
     With an fp16 GradScaler the step may be skipped (inf/NaN gradients), exactly as ``scaler.step`` does.
+    Under torchrun (:func:`harness.distributed.session`) this rank takes its share of ``tasks`` and the
+    meta-gradients and loss are the task-weighted means over all ranks, as one process would compute.
     """
+    group = distributed.current()
     opt.zero_grad(set_to_none=True)
     if scaler is None:
-        loss = float(learner.step(tasks))
+        loss = float(learner.step(tasks)) if group is None else group.step(learner, tasks)[0]
         opt.step()
         return loss, False
     device = next(iter(learner.parameters())).device
     scale = scaler.scale(torch.ones((), device=device)).item()  # also initialises the scaler's state
-    loss = float(learner.step(tasks, loss_scale=scale))
-    finite = all(torch.isfinite(p.grad).all() for p in learner.parameters() if p.grad is not None)
+    if group is None:
+        loss = float(learner.step(tasks, loss_scale=scale))
+        finite = all(torch.isfinite(p.grad).all() for p in learner.parameters() if p.grad is not None)
+    else:
+        loss, nonfinite = group.step(learner, tasks, scale)  # every rank agrees on skipping
+        finite = not nonfinite
     scaler.step(opt)  # unscales, and skips the update when any gradient is inf/NaN
     scaler.update()
     return loss, not finite
@@ -219,6 +227,9 @@ class DivergenceCheck:
 
 def train(exp: Experiment, meta_steps: int, on_step: Callable[[int, float], None] | None = None) -> TrainLog:
     """Meta-train with Adam over the initial weights and LRs; returns the query loss per step."""
+    group = distributed.current()
+    if group is not None:  # every rank starts from rank 0's initial weights and LRs
+        group.broadcast_module(exp.learner)
     opt = torch.optim.Adam(exp.learner.parameters(), lr=exp.sizes["outer_lr"])
     scaler = exp.new_scaler()
     check, log = DivergenceCheck(scaler is not None), TrainLog([])

@@ -37,12 +37,13 @@ class Variant:
     first_order: bool = False
     step_ckpt: int = 0  # segments of n inner steps; 0 = off
     lr_per_step: bool = False
+    vectorize: bool = False  # all tasks of a meta-batch at once (harness.core.vectorized)
     description: str = ""
 
     @property
     def flags(self) -> dict[str, bool | int]:
         return {"layer_ckpt": self.layer_ckpt, "learn_lr": self.learn_lr, "first_order": self.first_order,
-                "step_ckpt": self.step_ckpt, "lr_per_step": self.lr_per_step}
+                "step_ckpt": self.step_ckpt, "lr_per_step": self.lr_per_step, "vectorize": self.vectorize}
 
     @property
     def checkpointed(self) -> bool:
@@ -53,8 +54,8 @@ class Variant:
         return MetaConfig(**{**kwargs, **self.flags})  # type: ignore[arg-type]
 
     def reference(self) -> "Variant":
-        """The same variant without checkpointing (the agreement oracle)."""
-        return replace(self, name=self.name + "/ref", layer_ckpt=False, step_ckpt=0)
+        """The same variant without checkpointing, task after task (the agreement oracle)."""
+        return replace(self, name=self.name + "/ref", layer_ckpt=False, step_ckpt=0, vectorize=False)
 
 
 def canonical_name(layer_ckpt: bool, learn_lr: bool, first_order: bool) -> str:

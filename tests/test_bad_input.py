@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from harness.bench import cells as C
+from harness.bench import matrix as M
 from harness.bench.cells import Cell
-from harness.bench.matrix import MatrixRequest
+from harness.bench.request import MatrixRequest
 from harness.cli import args as A
 from harness.cli import bench as bench_cmd
 from harness.cli import sweep as sweep_cmd
@@ -197,12 +198,12 @@ def test_duplicate_variants_and_values_are_one_cell_each(tmp_path: Path) -> None
 @pytest.mark.parametrize("command", ["bench", "sweep"])
 def test_the_exit_code_says_whether_every_cell_passed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       command: str, status: str, code: int) -> None:
-    def fake(cell: Cell, opts: C.MeasureOptions) -> dict:
+    def fake(cell: Cell, opts: C.MeasureOptions, executor: object = None) -> dict:
         row = C.base_row(cell)
         row.update(status="ok" if cell.variant == "fo" or cell.settings.get("width") == 8 else status, env={})
         return row
 
-    monkeypatch.setattr(C, "run_cell", fake)
+    monkeypatch.setattr(M, "measure_cell", fake)
     sets = [a for k, v in TINY.items() if k != "width" for a in ("--set", f"{k}={v}")]
     argv = [*BASE[command], *sets, "--out", str(tmp_path), "--run-id", "r", "--no-plots"]
     assert main([*argv, "--variants", "fo,maml"] if command == "bench" else argv) == code

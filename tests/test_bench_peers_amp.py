@@ -13,8 +13,10 @@ import pytest
 
 from harness.bench import cells as C
 from harness.reporting import tables as report
-from harness.bench.cells import Cell, base_row, load_rows, run_cell, run_cell_inline
-from harness.bench.matrix import add_peer_cells
+from harness.bench.cells import Cell, base_row, load_rows
+from harness.bench.child import measure_cell_inline
+from harness.bench.matrix import measure_cell
+from harness.bench.request import add_peer_cells
 from harness.reporting.schema import write_jsonl
 from harness.variants import CANONICAL, get_variant
 from tests.conftest import FAST, TINY, harness
@@ -35,7 +37,8 @@ def test_peer_cells_for_every_canonical_variant() -> None:
     names = add_peer_cells(list(CANONICAL) + ["sckpt_lr"])
     for v in CANONICAL:
         assert f"higher:{v}" in names and f"torchopt:{v}" in names
-    assert "higher:sckpt_lr" not in names and len(names) == len(set(names)) == 9 + 16
+    assert "higher:sckpt_lr" not in names and len(names) == len(set(names)) == 9 + 24
+    assert add_peer_cells(["sckpt", "vmaml"]) == ["sckpt", "vmaml", "torch_maml:sckpt"]
 
 
 def test_bench_peers_lists_unsupported_cells_with_reasons(tmp_path: Path) -> None:
@@ -45,7 +48,7 @@ def test_bench_peers_lists_unsupported_cells_with_reasons(tmp_path: Path) -> Non
                 "--no-plots")
     assert r.returncode == 0, r.stderr
     rows = {x["variant"]: x for x in load_rows(tmp_path / "results" / "p")}
-    assert list(rows) == ["ckpt_fo", "higher:ckpt_fo", "torchopt:ckpt_fo"]
+    assert list(rows) == ["ckpt_fo", "higher:ckpt_fo", "torchopt:ckpt_fo", "torch_maml:ckpt_fo"]
     assert rows["ckpt_fo"]["status"] == "ok"
     for peer in ("higher", "torchopt"):
         x = rows[f"{peer}:ckpt_fo"]
@@ -62,7 +65,7 @@ def test_peer_cells_without_the_extra_are_unsupported_with_the_install_hint(monk
     monkeypatch.setattr(P, "available", lambda peer: (False, f"{peer} is not importable (ModuleNotFoundError); "
                                                             "pip install '.[peers]'"))
     for v in ("maml", "ckpt_lr"):  # expressible or not: not installed is the reason
-        r = run_cell(Cell(f"torchopt:{v}", "cpu-bench", settings=TINY), FAST)
+        r = measure_cell(Cell(f"torchopt:{v}", "cpu-bench", settings=TINY), FAST)
         assert r["status"] == "unsupported" and "pip install '.[peers]'" in r["message"], r["message"]
 
 
@@ -120,7 +123,7 @@ def test_precision_table_ratios(tmp_path: Path) -> None:
 
 
 def test_bf16_cell_records_the_fp32_reference_agreement() -> None:
-    r = run_cell_inline(Cell("lr_fo", "cpu-bench", settings={**TINY, "amp": "bf16", "inner_steps": 1}), FAST)
+    r = measure_cell_inline(Cell("lr_fo", "cpu-bench", settings={**TINY, "amp": "bf16", "inner_steps": 1}), FAST)
     assert r["status"] == "ok", r["message"]
     a = r["agreement"]
     assert r["amp"] == "bf16" and a["w_rel_err"] == 0.0
@@ -129,7 +132,7 @@ def test_bf16_cell_records_the_fp32_reference_agreement() -> None:
 
 def test_bf16_peer_cell_records_the_fp32_reference_agreement() -> None:
     pytest.importorskip("torchopt", reason="torchopt not installed: pip install '.[peers]'")
-    r = run_cell_inline(Cell("torchopt:fo", "cpu-bench", settings={**TINY, "amp": "bf16", "inner_steps": 1}), FAST)
+    r = measure_cell_inline(Cell("torchopt:fo", "cpu-bench", settings={**TINY, "amp": "bf16", "inner_steps": 1}), FAST)
     assert r["status"] == "ok", r["message"]
     assert r["agreement"]["w_rel_err"] == 0.0 and 0 < r["agreement"]["fp32_w_rel_err"] < 0.1
 
@@ -145,7 +148,7 @@ def test_bad_amp_for_the_device_is_one_line_exit_2(tmp_path: Path) -> None:
 @pytest.mark.parametrize("amp, needle", [("fp8", "unknown precision 'fp8'"), (",", "empty --amp"),
                                          ("fp16", "fp16 needs a CUDA device")])
 def test_parse_amps_names_the_valid_choices(amp: str, needle: str) -> None:
-    from harness.bench.matrix import parse_amps
+    from harness.bench.request import parse_amps
     from harness.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="valid choices on cpu: off, bf16") as exc:

@@ -3,13 +3,30 @@ after a fault, results carry provenance, and re-running resumes (skips finished 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
 
 from harness.bench import cells as C
-from harness.bench.cells import Cell, MeasureOptions, load_rows, run_cell, run_cell_inline, run_matrix
+from harness.bench.cells import Cell, MeasureOptions, load_rows
+from harness.bench.child import measure_cell_inline
+from harness.bench.matrix import measure_cell, run_matrix
 from tests.conftest import FAST, TINY, harness
+
+
+@dataclass
+class FakeExecutor:
+    """Records the cells it is asked to measure and returns an ``ok`` row at once."""
+
+    ran: list[str] = field(default_factory=list)
+    status: str = "ok"
+
+    def measure(self, cell: Cell, opts: MeasureOptions) -> dict:
+        self.ran.append(cell.variant)
+        row = C.base_row(cell)
+        row.update(status=self.status, env={})
+        return row
 
 
 def bench_args(out: Path, variants: str, *extra: str) -> list[str]:
@@ -46,46 +63,36 @@ def test_oom_cell_is_recorded_and_the_matrix_goes_on_then_resumes(tmp_path: Path
     assert [row["variant"] for row in load_rows(out / "r")] == ["maml", "ckpt_fo"]  # matrix order kept
 
 
-def test_resume_and_force_with_a_fake_cell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ran: list[str] = []
-
-    def fake(cell: Cell, opts: MeasureOptions) -> dict:
-        ran.append(cell.variant)
-        row = C.base_row(cell)
-        row.update(status="ok", env={})
-        return row
-
-    monkeypatch.setattr(C, "run_cell", fake)
+def test_resume_and_force_with_a_fake_cell(tmp_path: Path) -> None:
+    fake = FakeExecutor()
     cells = [Cell(v, "quick") for v in ("maml", "fo", "lr")]
-    run_matrix(cells[:2], tmp_path / "x", FAST, progress=False)
-    run_matrix(cells, tmp_path / "x", FAST, progress=False)
-    assert ran == ["maml", "fo", "lr"]
-    run_matrix(cells, tmp_path / "x", FAST, progress=False, force=True)
-    assert ran[3:] == ["maml", "fo", "lr"]
+    run_matrix(cells[:2], tmp_path / "x", FAST, progress=False, executor=fake)
+    run_matrix(cells, tmp_path / "x", FAST, progress=False, executor=fake)
+    assert fake.ran == ["maml", "fo", "lr"]
+    run_matrix(cells, tmp_path / "x", FAST, progress=False, force=True, executor=fake)
+    assert fake.ran[3:] == ["maml", "fo", "lr"]
     assert [r["variant"] for r in load_rows(tmp_path / "x")] == ["maml", "fo", "lr"]
     assert not list((tmp_path / "x").glob(".*tmp"))  # atomic writes leave no temporary files
     # other measurement options are not the same measurement: those cells run again
-    from dataclasses import replace
-
-    run_matrix(cells, tmp_path / "x", replace(FAST, repeats=2), progress=False)
-    assert ran[6:] == ["maml", "fo", "lr"]
+    run_matrix(cells, tmp_path / "x", replace(FAST, repeats=2), progress=False, executor=fake)
+    assert fake.ran[6:] == ["maml", "fo", "lr"]
 
 
 def test_timeout_marks_the_cell(tmp_path: Path) -> None:
-    row = run_cell(Cell("maml", "quick"), MeasureOptions(timeout_s=0.2))
+    row = measure_cell(Cell("maml", "quick"), MeasureOptions(timeout_s=0.2))
     assert row["status"] == "timeout" and "0.2 s" in row["message"] and row["env"]["git_commit"] is not None
 
 
 def test_exception_is_an_error_with_its_message() -> None:
-    row = run_cell_inline(Cell("maml", "cpu-bench", settings={**TINY, "model.bogus": 1}), FAST)
+    row = measure_cell_inline(Cell("maml", "cpu-bench", settings={**TINY, "model.bogus": 1}), FAST)
     assert row["status"] == "error" and "TypeError" in row["message"] and "bogus" in row["message"]
 
 
 def test_inline_cell_ok_and_unknown_peer_unsupported() -> None:
-    row = run_cell_inline(Cell("ckpt_lr", "cpu-bench", settings={**TINY, "inner_steps": 1}), FAST)
+    row = measure_cell_inline(Cell("ckpt_lr", "cpu-bench", settings={**TINY, "inner_steps": 1}), FAST)
     assert row["status"] == "ok", row["message"]
     assert row["sizes"]["inner_steps"] == 1 and row["agreement"]["lr_rel_err"] is not None
-    row = run_cell_inline(Cell("nopeer:maml", "quick"), FAST)
+    row = measure_cell_inline(Cell("nopeer:maml", "quick"), FAST)
     assert row["status"] == "unsupported" and "nopeer" in row["message"]
 
 
@@ -97,7 +104,7 @@ def test_pluggable_builder(monkeypatch: pytest.MonkeyPatch) -> None:
         return exp.learner  # any object with meta_gradients/step/parameters
 
     monkeypatch.setitem(C.BUILDERS, "mine", build)
-    row = run_cell_inline(Cell("mine:fo", "cpu-bench", settings=TINY), FAST)
+    row = measure_cell_inline(Cell("mine:fo", "cpu-bench", settings=TINY), FAST)
     assert row["status"] == "ok" and seen["args"] == ("mine", "fo") and row["agreement"]["w_rel_err"] == 0.0
 
 

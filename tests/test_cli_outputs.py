@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 
 from harness.bench import cells as C
+from harness.bench import matrix as M
 from harness.bench.cells import Cell
 from harness.cli.main import COMMANDS, main
 from tests.conftest import REPO, TINY
 
 
-def fake_cell(cell: Cell, opts: C.MeasureOptions) -> dict:
+def fake_cell(cell: Cell, opts: C.MeasureOptions, executor: object = None) -> dict:
     row = C.base_row(cell)
     row.update(status="ok", env={}, memory={"cpu_peak_alloc_mib": 1.0 + len(cell.variant)},
                time={"median_ms": 2.0, "iqr_ms": 0.0, "min_ms": 2.0, "count": 1, "noisy": False})
@@ -23,7 +24,7 @@ def fake_cell(cell: Cell, opts: C.MeasureOptions) -> dict:
 @pytest.mark.parametrize("command", ["bench", "sweep"])
 def test_matrix_results_go_under_out_and_plots_beside_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          command: str) -> None:
-    monkeypatch.setattr(C, "run_cell", fake_cell)
+    monkeypatch.setattr(M, "measure_cell", fake_cell)
     out = tmp_path / "res"
     sets = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
     argv = (["bench", "--variants", "maml,fo", *sets] if command == "bench"
@@ -38,7 +39,7 @@ def test_run_and_ablate_write_under_out(tmp_path: Path) -> None:
     out = tmp_path / "res"
     assert main(["run", "--variant", "fo", "--device", "cpu", "--meta-steps", "2", "--out", str(out)]) == 0
     assert [p.name for p in (out / "runs").iterdir()] == ["fo_quick_cpu_float32_s0.json"]
-    assert main(["ablate", "--preset", "quick", "--variants", "maml", "--meta-steps", "2", "--seeds", "1",
+    assert main(["ablate", "--preset", "quick", "--variants", "maml", "--meta-steps", "2", "--seeds", "2",
                  "--eval-tasks", "2", "--no-progress", "--run-id", "a", "--out", str(out)]) == 0
     assert (out / "a" / "ablation.csv").is_file() and (tmp_path / "plots" / "a" / "learning_curves.png").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plots", "res"]
@@ -46,7 +47,7 @@ def test_run_and_ablate_write_under_out(tmp_path: Path) -> None:
 
 def test_report_finds_a_run_id_under_out_and_rebuilds_its_plots_beside_it(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(C, "run_cell", fake_cell)
+    monkeypatch.setattr(M, "measure_cell", fake_cell)
     out = tmp_path / "res"
     assert main(["bench", "--device", "cpu", "--variants", "maml", "--set", "width=16", "--out", str(out),
                  "--run-id", "r", "--no-plots"]) == 0

@@ -102,9 +102,10 @@ def test_cli_bad_data_root_exits_2_with_one_line(tmp_path: Path, capsys) -> None
 
 
 def test_omniglot_preset_ablation_on_fixture(root: Path, tmp_path: Path) -> None:
-    from harness.studies.ablation.ablate import AblationSpec, run_ablation
+    from harness.studies.ablation.ablate import run_ablation
+    from harness.studies.ablation.spec import AblationSpec
 
-    spec = AblationSpec(preset="omniglot", variants=("maml", "ckpt"), meta_steps=2, seeds=1, eval_tasks=2,
+    spec = AblationSpec(preset="omniglot", variants=("maml", "ckpt"), meta_steps=2, seeds=2, eval_tasks=2,
                         eval_every=1, meta_batch=2,
                         task_overrides=dict(data_root=str(root), train_characters=5, query=1),
                         run_id="omni")

@@ -1,4 +1,4 @@
-"""Claim: for every variant a peer (higher 0.2.1, torchopt 0.7.3) can express, our
+"""Claim: for every variant a peer (higher 0.2.1, torchopt 0.7.3, torch-maml 1.0) can express, our
 meta-gradients -- of the variant itself and of its checkpointed counterparts
 (e.g. ``ckpt_lr`` and ``sckpt_lr`` against higher's ``lr``) -- equal the peer's
 in float64, relative error <= 1e-10 for the initial weights and the LRs, on
@@ -21,11 +21,13 @@ from harness.core.ckpt import layer_checkpointing
 from harness.core.config import ConfigError
 from harness.core.engine import MetaLearner
 from harness.core.grads import agreement
-from harness.studies.peers import NO_CKPT, PEERS, build_peer, cell_name, cells, peer_agreement, supports
+from harness.studies.peers import (NO_CKPT, NO_FIRST_ORDER, NO_LAYER_CKPT, NO_LEARN_LR_TORCH_MAML, NO_VECTORIZE,
+                                   PEERS, build_peer, cell_name, cells, peer_agreement, supports)
 from harness.variants import CANONICAL, Variant, registry
 from tests.conftest import small_experiment
 
 TOL = 1e-10
+FO_PEERS = ("higher", "torchopt")  # the peers with a first-order mode (torch-maml has none)
 INNER_STEPS = 3
 # name -> (preset, model overrides): conv4 8 ch 16x16 with BatchNorm / GroupNorm, ResMLP width 16 depth 2
 MODELS = {"conv4-bn": ("conv4", {"norm": "batch"}),
@@ -123,7 +125,7 @@ def _ours_and_peer(peer: str, variant: str, model: str, inner_steps: int = INNER
     return (ours, after_ours), (theirs, after_peer)
 
 
-@pytest.mark.parametrize("peer", PEERS)
+@pytest.mark.parametrize("peer", FO_PEERS)
 def test_peer_sees_and_leaves_the_same_batchnorm_buffers(peer: str) -> None:
     _need(peer)
     (ours, after_ours), (theirs, after_peer) = _ours_and_peer(peer, "ckpt_fo", "conv4-bn", inner_steps=2)
@@ -134,7 +136,7 @@ def test_peer_sees_and_leaves_the_same_batchnorm_buffers(peer: str) -> None:
         assert torch.equal(after_ours[n], after_peer[n]), n
 
 
-@pytest.mark.parametrize("peer", PEERS)
+@pytest.mark.parametrize("peer", FO_PEERS)
 def test_peer_first_order_is_fomaml_not_second_order(peer: str) -> None:
     """The FO peer differs from the SO peer and still gives the initial weights a gradient."""
     _need(peer)
@@ -190,7 +192,8 @@ def test_supports_marks_unsupported_cells_with_reasons() -> None:
         assert ok or "learnable inner LR" in reason
     for v in reg.values():  # step checkpointing and any plugin variant get an answer too
         ok, reason = supports("higher", v)
-        assert ok == (not v.checkpointed) and (ok or reason == NO_CKPT)
+        assert ok == (not v.checkpointed and not v.vectorize)
+        assert ok or reason == (NO_CKPT if v.checkpointed else NO_VECTORIZE)
     with pytest.raises(ConfigError, match="valid peers"):
         supports("learn2learn", reg["maml"])
 
@@ -230,7 +233,7 @@ def test_higher_without_tracking_is_not_fomaml() -> None:
     assert all(g is None for g in grads)
 
 
-@pytest.mark.parametrize("peer", PEERS)
+@pytest.mark.parametrize("peer", FO_PEERS)
 def test_peer_agreement_against_our_reference_leaves_buffers(peer: str) -> None:
     _need(peer)
     exp = small_experiment("ckpt_fo", "conv4", inner_steps=2)
@@ -241,7 +244,7 @@ def test_peer_agreement_against_our_reference_leaves_buffers(peer: str) -> None:
     assert all(torch.equal(b, before[n]) for n, b in exp.learner.named_buffers())
 
 
-@pytest.mark.parametrize("peer", PEERS)
+@pytest.mark.parametrize("peer", FO_PEERS)
 def test_bf16_peer_cell_matches_ours_and_fp16_is_unsupported(peer: str) -> None:
     _need(peer)
     assert supports(peer, registry()["maml"], "fp16")[0] is False
@@ -259,3 +262,45 @@ def test_bf16_peer_cell_matches_ours_and_fp16_is_unsupported(peer: str) -> None:
     exp.learner.cfg = replace(exp.learner.cfg, amp="fp16")
     with pytest.raises(ConfigError, match="fp16"):
         build_peer(peer, registry()["fo"], exp)
+
+
+@pytest.mark.parametrize("steps,segment,model", [(3, 1, "resmlp"), (4, 2, "conv4-gn"), (3, 2, "resmlp")])
+def test_torch_maml_step_checkpoints_equal_our_step_checkpoints(steps: int, segment: int, model: str) -> None:
+    """GradientCheckpointMAML(checkpoint_steps=n) against our sckpt with segments of n steps (and so against
+    plain maml), float64, through the peer's .backward(); the parameters' .grad is left as found."""
+    _need("torch_maml")
+    exp = _exp("sckpt", model, inner_steps=steps)
+    exp.variant = replace(exp.variant, step_ckpt=segment)
+    exp.learner.cfg = replace(exp.learner.cfg, step_ckpt=segment)
+    tasks = exp.sample()
+    ours, ours_loss = exp.learner.meta_gradients(tasks)
+    peer = build_peer("torch_maml", exp.variant, exp)
+    assert peer.checkpointed and peer.maml.checkpoint_steps == segment
+    marker = {k: torch.full_like(p, 7.0) for k, p in exp.learner.meta_parameters().items()}
+    for k, p in exp.learner.meta_parameters().items():
+        p.grad = marker[k].clone()
+    theirs, peer_loss = peer.meta_gradients(tasks)
+    assert all(torch.equal(p.grad, marker[k]) for k, p in exp.learner.meta_parameters().items())
+    assert agreement(ours, theirs)["w_rel_err"] <= TOL and abs(ours_loss - peer_loss) <= TOL
+    reference, _ = exp.reference_learner().meta_gradients(tasks)
+    assert agreement(reference, theirs)["w_rel_err"] <= TOL
+
+
+def test_torch_maml_checkpoints_are_reentrant_so_autograd_grad_is_refused() -> None:
+    """Why the torch_maml adapter goes through .backward(): measured on this torch."""
+    _need("torch_maml")
+    exp = _exp("sckpt", "resmlp", inner_steps=2)
+    peer = build_peer("torch_maml", exp.variant, exp)
+    loss = peer.task_loss(exp.sample()[0])
+    with pytest.raises(RuntimeError, match="use_reentrant=True.*incompatible with .grad"):
+        torch.autograd.grad(loss, list(exp.learner.parameters()))
+
+
+def test_torch_maml_expresses_second_order_fixed_lr_only() -> None:
+    reg = registry()
+    assert supports("torch_maml", reg["maml"]) == supports("torch_maml", reg["sckpt"]) == (True, "")
+    assert supports("torch_maml", reg["fo"]) == (False, NO_FIRST_ORDER)
+    assert supports("torch_maml", reg["sckpt_lr"]) == (False, NO_LEARN_LR_TORCH_MAML)
+    assert supports("torch_maml", reg["ckpt"]) == (False, NO_LAYER_CKPT)
+    assert supports("torch_maml", reg["vmaml"]) == (False, NO_VECTORIZE)
+    assert cell_name("torch_maml", "sckpt") == "torch_maml:sckpt"

@@ -1,152 +1,174 @@
-"""A matrix of isolated cells as ``bench`` and ``sweep`` ask for it: checked whole, run, reported, judged.
+"""The matrix: many cells, each measured once, resumable, and safe to share between processes.
 
-:func:`plan` turns checked options into cells (duplicates collapsed), :func:`run_request` runs
-them through :func:`harness.bench.cells.run_matrix`, rebuilds the tables and plots, and
-:func:`exit_code` says what the matrix means for a script: 0 when every cell is ``ok`` or
-``unsupported``, 1 when any cell failed, diverged, ran out of memory, was killed or timed out.
-Try: ``python -m harness bench --variants maml,ckpt_lr; echo $?``.
+:func:`run_matrix` measures every cell of a request that ``<run-dir>/cells.jsonl`` does not already hold,
+one at a time through an executor (today :class:`~harness.bench.process.LocalExecutor`: a fresh process per
+cell), and merges each row into the file under the directory's lock the moment it is measured
+(``harness.bench.store``).  So:
+
+* **duplicates** in one request (``--variants maml,maml``) are one cell;
+* **resume**: a cell is finished when it has a row measured with the same options -- all of them but the time
+  limit, which bounds a measurement without changing it; a ``timeout`` row is re-run when the limit grew;
+* **concurrent runs** on one run-id keep every row exactly once, and a cell another process is measuring
+  (a live claim) is awaited, not measured twice; if that process dies, its cell is taken over;
+* :func:`matrix_exit_code` turns the rows into the command's exit code (0 only ok/unsupported, else 1).
+
+Try it: ``python -m harness bench --variants maml,fo --run-id m`` twice; the second skips both cells.
 """
 from __future__ import annotations
 
+import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
-import torch
+from tqdm import tqdm
 
-from harness.bench.cells import Cell, MeasureOptions, run_matrix
-from harness.core.config import AMP_MODES, ConfigError
-from harness.reporting import tables
-from harness.settings import dedupe
-from harness.studies.peers import PEERS
-from harness.variants import CANONICAL, get_variant, registry
+from harness.bench.cells import PASSING_STATUSES, Cell, MeasureOptions, base_row, dedup_cells
+from harness.bench.child import peer_precheck
+from harness.bench.process import CellExecutor, LocalExecutor, cell_environment, signals_as_interrupts
+from harness.bench.store import LOCK_WAIT_S, RunDirBusy, claim_cell, live_claim, merge_rows, read_rows, release_cell, run_dir_lock
+from harness.variants import get_variant
 
-__all__ = ["DEFAULT_PRESET", "PASSING", "MatrixOutcome", "MatrixRequest", "add_peer_cells", "default_run_id",
-           "exit_code", "parse_amps", "parse_caps", "plan", "resolve_variants", "run_request"]
+__all__ = ["run_matrix", "measure_cell", "matrix_exit_code", "is_finished", "LOCAL"]
 
-DEFAULT_PRESET = {"cuda": "seed", "cpu": "cpu-bench"}
-PASSING = ("ok", "unsupported")  # every other status fails the matrix
+LOCAL = LocalExecutor()
+POLL_S = 0.5  # how often a run re-reads the file while another process measures one of its cells
 
 
-@dataclass(frozen=True)
-class MatrixRequest:
-    """Everything one matrix run needs, already checked."""
+def matrix_exit_code(rows: Iterable[dict[str, Any]]) -> int:
+    """0 when every cell is ``ok`` or ``unsupported``; 1 when any failed, diverged, timed out, was killed or
+    ran out of memory (what ``bench`` and ``sweep`` exit with after writing their results)."""
+    return 0 if all(r.get("status") in PASSING_STATUSES for r in rows) else 1
 
-    cells: tuple[Cell, ...]
+
+def is_finished(row: dict[str, Any] | None, opts: MeasureOptions) -> bool:
+    """Whether ``row`` is this cell measured as ``opts`` would: same options but the time limit, and not a
+    ``timeout`` under a shorter limit than ``opts``'s."""
+    if row is None:
+        return False
+    stored = dict(row.get("measure_opts") or {})
+    limit = stored.pop("timeout_s", None)
+    if stored != opts.identity():
+        return False
+    return not (row.get("status") == "timeout" and (limit is None or opts.timeout_s > limit))
+
+
+def measure_cell(cell: Cell, opts: MeasureOptions, executor: CellExecutor = LOCAL) -> dict[str, Any]:
+    """One cell's row: a peer cell that cannot run is ``unsupported`` without a process, others go to
+    ``executor``."""
+    why = peer_precheck(cell)
+    if why is None:
+        return executor.measure(cell, opts)
+    row = base_row(cell)
+    row.update(flags=get_variant(cell.base_variant).flags, status="unsupported", message=why, wall_s=0.0,
+               env=cell_environment(cell.device))
+    return row
+
+
+@dataclass
+class _Run:
+    """One run_matrix call: where it writes, in what order, how cells are measured."""
+
     run_dir: Path
-    opts: MeasureOptions
-    caps: dict[str, float] = field(default_factory=dict)  # variant -> CPU memory cap (MiB), a test hook
-    force: bool = False
-    plots_dir: Path | None = None  # None: no plots
-    extra: dict[str, Any] | None = None  # written into every row (e.g. the swept parameter)
+    order: list[str]
+    opts_of: Callable[[Cell], MeasureOptions]
+    executor: CellExecutor
+    force: bool
+    lock_wait_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
 
+    def lock(self):  # noqa: ANN201
+        return run_dir_lock(self.run_dir, self.lock_wait_s)
 
-@dataclass(frozen=True)
-class MatrixOutcome:
-    rows: list[dict[str, Any]]
-    summary: Path
-    table: Path
-    plots: list[Path]
-    wall_s: float
-
-    @property
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for r in self.rows:
-            out[r["status"]] = out.get(r["status"], 0) + 1
-        return out
-
-    @property
-    def exit_code(self) -> int:
-        return exit_code(self.rows)
-
-
-def exit_code(rows: list[dict[str, Any]]) -> int:
-    """0 when every cell is ok or unsupported, else 1 (one rule for bench and sweep)."""
-    return 0 if all(r.get("status") in PASSING for r in rows) else 1
-
-
-def resolve_variants(text: str | None) -> list[str]:
-    """``maml,ckpt_lr,higher:maml`` -> names; ``None``: every registered variant; ``''`` is an error."""
-    if text is None:
-        return list(registry())
-    names = [v.strip() for v in text.split(",") if v.strip()]  # repeated names: one cell (see plan)
-    if not names:
-        raise ConfigError(f"--variants is empty; valid variants: {', '.join(registry())}")
-    for n in names:  # any peer prefix: plugins may register builders (harness.bench.cells.BUILDERS)
-        get_variant(n.rpartition(":")[2])  # ConfigError listing the valid names
-    return names
-
-
-def add_peer_cells(variants: list[str]) -> list[str]:
-    """``variants`` plus ``higher:<v>``, ``torchopt:<v>`` for every canonical ``v`` among them (not duplicated)."""
-    out = list(variants)
-    for v in variants:
-        if v in CANONICAL:
-            out += [f"{p}:{v}" for p in PEERS if f"{p}:{v}" not in out]
-    return out
-
-
-def parse_amps(text: str, device: str) -> list[str]:
-    """``off,bf16[,fp16]`` -> precisions, each once, valid for ``device`` (ConfigError naming the valid ones)."""
-    if device == "cuda":
-        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        valid = ["off", *(["bf16"] if bf16 else []), "fp16"]
-    else:
-        valid = ["off", "bf16"]
-    names = dedupe([a.strip() for a in str(text).split(",") if a.strip()])
-    if not names:
-        raise ConfigError(f"empty --amp; valid choices on {device}: {', '.join(valid)}")
-    for a in names:
-        if a not in AMP_MODES:
-            raise ConfigError(f"unknown precision {a!r} in --amp; valid choices on {device}: {', '.join(valid)}")
-        if a not in valid:
-            why = "fp16 needs a CUDA device (GradScaler)" if a == "fp16" else f"{a} is not supported by this device"
-            raise ConfigError(f"--amp {a} is not available on {device} ({why}); valid choices on {device}: "
-                              f"{', '.join(valid)}")
-    return names
-
-
-def parse_caps(items: list[str]) -> dict[str, float]:
-    """``VARIANT=MIB`` items (the hidden ``--cpu-mem-cap`` test hook)."""
-    caps = {}
-    for item in items:
-        v, sep, mib = item.partition("=")
+    def measure_unless_taken(self, cell: Cell) -> dict[str, Any] | str:
+        """The cell's new row; ``"done"`` if another process measured it meanwhile, ``"elsewhere"`` if
+        another process is measuring it now."""
+        key, opts = cell.key(), self.opts_of(cell)
+        with self.lock():
+            if not self.force and is_finished(read_rows(self.run_dir).get(key), opts):
+                return "done"
+            if claim_cell(self.run_dir, key, opts.timeout_s) is not None:
+                return "elsewhere"
         try:
-            caps[v.strip()] = float(mib)
-        except ValueError:
-            raise ConfigError(f"bad --cpu-mem-cap {item!r}; expected VARIANT=MIB") from None
-        if not sep:
-            raise ConfigError(f"bad --cpu-mem-cap {item!r}; expected VARIANT=MIB")
-    return caps
+            row = measure_cell(cell, opts, self.executor)
+            row.update(run_id=self.run_dir.name, measure_opts=asdict(opts), **self.extra)
+            with self.lock():
+                merge_rows(self.run_dir, [row], self.order)
+                release_cell(self.run_dir, key)
+        except BaseException:
+            self._release_quietly(key)  # a claim of a dead pid is stale anyway; this only speeds up the others
+            raise
+        return row
+
+    def _release_quietly(self, key: str) -> None:
+        try:
+            with run_dir_lock(self.run_dir, wait_s=2.0):
+                release_cell(self.run_dir, key)
+        except (OSError, RunDirBusy):  # already unwinding; the claim goes stale when this process ends
+            pass
+
+    def await_others(self, cells: list[Cell], log: Callable[[str], None]) -> None:
+        """Wait for cells another process is measuring; take over those whose process stopped."""
+        if cells:
+            log(f"waiting for {len(cells)} cell(s) another process is measuring in {self.run_dir}")
+        while cells:
+            time.sleep(POLL_S)
+            with self.lock():
+                rows = read_rows(self.run_dir)
+                gone = [c for c in cells if live_claim(self.run_dir, c.key()) is None]
+            cells = [c for c in cells if c not in gone]
+            for c in gone:  # finished, or its process died or was interrupted without a row
+                if not is_finished(rows.get(c.key()), self.opts_of(c)):
+                    result = self.measure_unless_taken(c)
+                    if result == "elsewhere":
+                        cells.append(c)
 
 
-def default_run_id(preset: str, device: str, settings: dict[str, Any]) -> str:
-    suffix = "".join(f"-{k.replace('.', '_')}{str(v).replace(',', '+')}" for k, v in sorted(settings.items()))
-    return f"{preset}-{device}{suffix}"
+def _report(bar: tqdm, cell: Cell, row: dict[str, Any]) -> None:
+    if row["status"] != "ok":
+        bar.write(f"{cell.label()}: {row['status']}" + (f" ({row['message']})" if row.get("message") else ""))
+    for w in row.get("warnings") or []:
+        bar.write(w)
 
 
-def plan(variants: list[str], preset: str, device: str, dtype: str, seed: int, settings: dict[str, Any],
-         amps: list[str] = ["off"], sweep: tuple[str, list[Any]] | None = None) -> tuple[Cell, ...]:  # noqa: B006
-    """The cells, precision-major then variant (bench) or variant-major then value (sweep); each cell once
-    however often a variant or value is repeated (``--variants maml,maml`` is one cell)."""
-    def cell(v: str, amp: str, extra: dict[str, Any]) -> Cell:
-        s = {**settings, **extra, **({"amp": amp} if amp != "off" else {})}
-        return Cell(v, preset, device, dtype, s, seed)
+def run_matrix(cells: Iterable[Cell], run_dir: Path, opts: MeasureOptions | Callable[[Cell], MeasureOptions], *,
+               force: bool = False, progress: bool = True, log: Callable[[str], None] | None = None,
+               extra: dict[str, Any] | None = None, executor: CellExecutor = LOCAL,
+               lock_wait_s: float = LOCK_WAIT_S) -> list[dict[str, Any]]:
+    """Measure every cell not finished in ``run_dir/cells.jsonl`` (all of them with ``force``), each through
+    ``executor``, merging each row into the file as it comes; returns the request's rows in its order.
 
-    if sweep is None:
-        cells = [cell(v, a, {}) for a in amps for v in variants]
-    else:
-        name, values = sweep
-        cells = [cell(v, a, {name: x}) for a in amps for v in variants for x in values]
-    return tuple({c.key(): c for c in cells}.values())
-
-
-def run_request(req: MatrixRequest) -> MatrixOutcome:
-    """Run the cells not already measured, then rebuild ``summary.csv``, ``table.md`` and the plots."""
-    t0 = time.perf_counter()
-    opts = (lambda c: replace(req.opts, cpu_mem_cap_mib=req.caps.get(c.variant))) if req.caps else req.opts
-    rows = run_matrix(req.cells, req.run_dir, opts, force=req.force, extra=req.extra)
-    built = tables.build(req.run_dir, plots=req.plots_dir is not None, plots_dir=req.plots_dir)
-    return MatrixOutcome(rows, built["summary"], built["table"], built["plots"], time.perf_counter() - t0)
+    SIGTERM and SIGHUP stop it as Ctrl-C does (:class:`~harness.bench.process.Interrupted`, the running cell
+    killed); :class:`~harness.bench.store.RunDirBusy` when the directory's lock stays held ``lock_wait_s``.
+    """
+    asked = list(cells)
+    cells = dedup_cells(asked)
+    log = log or (lambda s: print(s, file=sys.stderr))
+    if len(cells) < len(asked):
+        log(f"collapsed {len(asked) - len(cells)} duplicate cell(s) (same variant, preset, device, dtype, "
+            "settings and seed)")
+    run = _Run(Path(run_dir), [c.key() for c in cells], opts if callable(opts) else (lambda c: opts),
+               executor, force, lock_wait_s, dict(extra or {}))
+    with signals_as_interrupts():
+        with run.lock():
+            existing = read_rows(run.run_dir)
+        todo = [c for c in cells if force or not is_finished(existing.get(c.key()), run.opts_of(c))]
+        if len(todo) < len(cells):
+            log(f"resuming {run.run_dir}: skipping {len(cells) - len(todo)} finished cell(s), running {len(todo)} "
+                "(--force re-runs all)")
+        elsewhere: list[Cell] = []
+        bar = tqdm(todo, desc=f"cells -> {run.run_dir.name}", unit="cell", file=sys.stderr,
+                   disable=None if progress else True)
+        for cell in bar:
+            bar.set_postfix_str(cell.variant)
+            result = run.measure_unless_taken(cell)
+            if result == "elsewhere":
+                elsewhere.append(cell)
+            elif isinstance(result, dict):
+                _report(bar, cell, result)
+        bar.close()
+        run.await_others(elsewhere, log)
+        with run.lock():
+            rows = read_rows(run.run_dir)
+    return [rows[k] for k in run.order if k in rows]

@@ -16,10 +16,8 @@ Memory, three figures:
 * **CUDA allocator**: ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved``
   over the measured meta-steps after ``reset_peak_memory_stats``, absolute and
   above the pre-step baseline.
-* **NVML** (:class:`NvmlSampler`): a background thread sampling this process's
-  GPU memory every <= 5 ms via ``nvmlDeviceGetComputeRunningProcesses``,
-  falling back to the device's used memory when the pid is not visible (in
-  containers).  It includes the CUDA context.
+* **NVML** (:class:`harness.bench.nvml.NvmlSampler`): this process's GPU memory
+  sampled by a background thread, the CUDA context included.
 
 Time: warm-up meta-steps, then timed meta-steps (CUDA events on the GPU,
 ``time.perf_counter`` on the CPU); median, IQR, min and count, with a warning
@@ -30,7 +28,6 @@ from __future__ import annotations
 import gc
 import os
 import statistics
-import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -40,8 +37,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from harness.core.config import Task
+from harness.bench.nvml import NvmlSampler
+from harness.core.config import ConfigError, Task
 from harness.train import DivergenceCheck, meta_step
+
+__all__ = ["CudaPeaks", "LiveBytesTracker", "StepRunner", "measure", "measure_cpu_memory", "snapshot_meta_step", "time_stats",
+           "noise_warning", "NvmlSampler", "MIB", "NOISY_IQR", "NVML_STEPS", "CAP_ENV"]
 
 MIB = 1024.0 * 1024.0
 NOISY_IQR = 0.10
@@ -115,107 +116,6 @@ class LiveBytesTracker(TorchDispatchMode):
     @property
     def peak_mib(self) -> float:
         return self.peak / MIB
-
-
-class NvmlSampler:
-    """Background sampler of this process's GPU memory (bytes), every ``interval_s`` (<= 5 ms).
-
-    ``peak_bytes`` is the maximum of the per-process figure (``source == "process"``)
-    or, only when this pid is never visible (containers), of the device's used memory
-    (``"device"``); the two are kept apart so a whole-device sample never poses as this
-    process's.  Unavailable NVML: ``available`` is false and nothing is sampled.
-    """
-
-    def __init__(self, device_index: int = 0, interval_s: float = 0.002) -> None:
-        if interval_s > 0.005:
-            raise ValueError("NVML sampling interval must be <= 5 ms")
-        self.interval_s, self.device_index = interval_s, device_index
-        self.peaks = {"process": 0, "device": 0}
-        self.counts = {"process": 0, "device": 0}
-        self.available = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._nvml = None
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-        except Exception:  # no driver / no pynvml: degrade to nothing
-            return
-        self._nvml = pynvml
-        try:
-            self._handle = _nvml_handle(pynvml, device_index)
-            self.available = True
-        except Exception:
-            self._shutdown()
-
-    @property
-    def source(self) -> str | None:
-        return "process" if self.counts["process"] else ("device" if self.counts["device"] else None)
-
-    @property
-    def peak_bytes(self) -> int:
-        return self.peaks[self.source] if self.source else 0
-
-    @property
-    def samples(self) -> int:
-        return self.counts["process"] + self.counts["device"]
-
-    def sample_once(self) -> int | None:
-        nv, pid = self._nvml, os.getpid()
-        try:
-            for proc in nv.nvmlDeviceGetComputeRunningProcesses(self._handle):
-                if proc.pid == pid and proc.usedGpuMemory is not None:
-                    return self._record("process", int(proc.usedGpuMemory))
-            return self._record("device", int(nv.nvmlDeviceGetMemoryInfo(self._handle).used))
-        except Exception:  # a failing NVML call must not turn a measured cell into an error
-            return None
-
-    def _record(self, source: str, used: int) -> int:
-        self.counts[source] += 1
-        self.peaks[source] = max(self.peaks[source], used)
-        return used
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.sample_once()
-            self._stop.wait(self.interval_s)
-
-    def _shutdown(self) -> None:
-        try:
-            self._nvml.nvmlShutdown()
-        except Exception:
-            pass
-        self._nvml = None
-
-    def __enter__(self) -> "NvmlSampler":
-        if self.available:
-            self.sample_once()
-            self._thread = threading.Thread(target=self._loop, name="nvml-sampler", daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self.sample_once()
-        if self._nvml is not None:
-            self._shutdown()
-
-
-def _nvml_handle(nv: Any, device_index: int) -> Any:
-    """NVML's handle for CUDA device ``device_index``: by UUID (right under any
-    CUDA_VISIBLE_DEVICES, UUIDs and MIG included), else by the mapped index."""
-    try:
-        uuid = str(torch.cuda.get_device_properties(device_index).uuid)
-        return nv.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
-    except Exception:
-        index = device_index
-        ids = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-        if device_index < len(ids) and ids[device_index].isdigit():
-            index = int(ids[device_index])
-        return nv.nvmlDeviceGetHandleByIndex(index)
 
 
 # -- time -------------------------------------------------------------------
@@ -354,8 +254,6 @@ def snapshot_meta_step(step: StepRunner, path: str | os.PathLike, device: torch.
     https://pytorch.org/memory_viz (``torch.cuda.memory._dump_snapshot``)."""
     dev = torch.device(device)
     if dev.type != "cuda" or not torch.cuda.is_available():
-        from harness.core.config import ConfigError
-
         raise ConfigError("--memory-snapshot needs CUDA (the allocator history is a CUDA feature); use --device cuda")
     step(step.sample())  # warm-up outside the recording
     torch.cuda.synchronize(dev)

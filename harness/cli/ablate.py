@@ -16,12 +16,14 @@ from typing import Any
 from harness.cli.args import (EXIT_FAILED, EXIT_OK, UsageError, add_out_argument, check_numbers, check_out_dir,
                               merge_flags, nonempty, out_path, plots_root, run_dir)
 from harness.settings import ACCEPTED, dedupe, parse_settings, split_settings
-from harness.studies.ablation.ablate import DEFAULTS, AblationSpec, markdown_tables, run_ablation
+from harness.studies.ablation.ablate import run_ablation
+from harness.studies.ablation.spec import AblationSpec
+from harness.studies.ablation.tables import check_line, markdown_tables
 from harness.train import DEVICES, DTYPES, check_device
 from harness.variants import CANONICAL
 from harness.zoo.presets import get_preset
 
-__all__ = ["canonical_command", "check_line", "register", "run", "spec_from_args"]
+__all__ = ["canonical_command", "data_overrides", "register", "run", "spec_from_args"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variants", default=",".join(CANONICAL), type=nonempty,
                    help="comma-separated variant names (default: the eight canonical ones)")
     p.add_argument("--meta-steps", type=int, default=None, help="meta-training steps per cell (default per preset)")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds 0..S-1 (default per preset)")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds 0..S-1 (default per preset, >= 10)")
+    p.add_argument("--verify-seeds", type=int, default=None,
+                   help="seeds on which checkpointed variants are trained and checked bit for bit (default 2)")
     p.add_argument("--eval-tasks", type=int, default=None, help="held-out tasks per seed (default per preset)")
     p.add_argument("--eval-every", type=int, default=None, help="meta-test curve every E meta-steps")
     p.add_argument("--meta-batch", type=int, default=None, help="tasks per meta-step (default per preset)")
@@ -44,6 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", type=nonempty, help=f"one of {', '.join(DTYPES)}")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: 1 for small models, where it is fastest; torch's default otherwise)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="cells trained at once in worker processes (default: one per core, at most 2)")
     p.add_argument("--run-id", default=None, type=nonempty, help="output folder name (default ablation-<preset>)")
     p.add_argument("--data-root", default=None, type=nonempty, help="dataset root for real-data presets (omniglot)")
     p.add_argument("--download", action="store_true", help="download the dataset into --data-root (torchvision)")
@@ -90,21 +96,16 @@ def spec_from_args(args: argparse.Namespace) -> AblationSpec:
     check_device(args.device)
     task, model = data_overrides(args)
     parts = split_settings(merge_flags(args, parse_settings(args.set, args.preset, allow_huge=args.allow_huge)))
-    if parts.variant or "amp" in parts.spec:
-        raise UsageError("ablate compares the variants as registered: --set amp and --set step_ckpt are not accepted")
+    if parts.variant or parts.launch or "amp" in parts.spec:
+        raise UsageError("ablate compares the variants as registered: --set amp, step_ckpt, vectorize and ranks "
+                         "are not accepted")
     task, model = {**parts.task, **task}, {**parts.model, **model}
-    preset = get_preset(args.preset)
-    d = {"meta_steps": preset.meta_steps, "seeds": 2, "eval_tasks": 100, "eval_every": None,
-         **DEFAULTS.get(args.preset, {})}
-    meta_steps = args.meta_steps if args.meta_steps is not None else d["meta_steps"]
-    pick = {"meta_batch": parts.spec.get("meta_batch", d.get("meta_batch")),
-            "inner_steps": parts.spec.get("inner_steps"),
-            **{k: getattr(args, k) if getattr(args, k) is not None else d[k] for k in ("seeds", "eval_tasks")}}
     variants = tuple(dedupe([v.strip() for v in args.variants.split(",") if v.strip()]))
-    eval_every = args.eval_every or d["eval_every"] or max(1, meta_steps // 10)
-    return AblationSpec(preset=args.preset, variants=variants, meta_steps=meta_steps, eval_every=eval_every,
-                        device=args.device, dtype=args.dtype, task_overrides=task, model_overrides=model,
-                        run_id=args.run_id or f"ablation-{args.preset}", threads=args.threads, **pick)
+    return AblationSpec(preset=args.preset, variants=variants, meta_steps=args.meta_steps, seeds=args.seeds,
+                        eval_tasks=args.eval_tasks, eval_every=args.eval_every, verify_seeds=args.verify_seeds,
+                        device=args.device, dtype=args.dtype, meta_batch=parts.spec.get("meta_batch"),
+                        inner_steps=parts.spec.get("inner_steps"), task_overrides=task, model_overrides=model,
+                        run_id=args.run_id or "", threads=args.threads, jobs=args.jobs)
 
 
 def canonical_command(spec: AblationSpec, args: argparse.Namespace) -> str:
@@ -112,8 +113,8 @@ def canonical_command(spec: AblationSpec, args: argparse.Namespace) -> str:
     parts = ["python -m harness ablate", f"--preset {spec.preset}"]
     if spec.variants != CANONICAL:
         parts.append(f"--variants {','.join(spec.variants)}")
-    parts += [f"--meta-steps {spec.meta_steps}", f"--seeds {spec.seeds}", f"--eval-tasks {spec.eval_tasks}",
-              f"--eval-every {spec.eval_every}"]
+    parts += [f"--meta-steps {spec.meta_steps}", f"--seeds {spec.seeds}", f"--verify-seeds {spec.verify_seeds}",
+              f"--eval-tasks {spec.eval_tasks}", f"--eval-every {spec.eval_every}"]
     for flag, value in (("--meta-batch", spec.meta_batch), ("--inner-steps", spec.inner_steps),
                         ("--threads", spec.threads), ("--ways", spec.task_overrides.get("n_way")),
                         ("--shots", spec.task_overrides.get("k_shot")),
@@ -128,19 +129,6 @@ def canonical_command(spec: AblationSpec, args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
-def check_line(summary: dict[str, Any]) -> str | None:
-    """The checkpoint check over pairs whose cells all finished: no equality claim about a diverged cell."""
-    ok = {r["variant"] for r in summary["rows"] if r["status"] == "ok"}
-    checks = [c for c in summary["checks"] if c["variant"] in ok and c["counterpart"] in ok]
-    left_out = len(summary["checks"]) - len(checks)
-    note = f" ({left_out} pair(s) with a diverged cell not compared)" if left_out else ""
-    if not checks:
-        return f"checkpoint check: no pair to compare{note}" if left_out else None
-    worst = max(c["max_abs_diff"] for c in checks)
-    return "checkpoint check: " + ("checkpointed curves bit-identical to their counterparts" if worst == 0
-                                   else f"largest difference from the non-checkpointed counterpart {worst:.3g}") + note
-
-
 def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     out_dir = run_dir(args.out, spec.run_id)
@@ -149,9 +137,7 @@ def run(args: argparse.Namespace) -> int:
     summary = run_ablation(spec, out_dir.parent, plots, force=args.force,
                            progress=False if args.no_progress else None, command=canonical_command(spec, args))
     print(markdown_tables(summary), end="")
-    line = check_line(summary)
-    if line:
-        print(line)
+    print("checkpoint check: " + check_line(summary))
     paths = summary["paths"]
     print(f"wrote {paths['dir']}/ablation.csv, table.md and {paths['plots']}/learning_curves.png "
           f"({summary['trained_cells']} cells trained in {summary['train_wall_s']:.1f} s, "

@@ -17,10 +17,12 @@ from typing import Any, NamedTuple
 import torch
 
 from harness.bench.cells import MeasureOptions
-from harness.bench.matrix import DEFAULT_PRESET, parse_amps
+from harness.bench.request import DEFAULT_PRESET, parse_amps
 from harness.core.config import AMP_MODES, ConfigError
+from harness.distributed import check_ranks
 from harness.settings import ACCEPTED, check_int, check_seconds, parse_settings
 from harness.train import DEVICES, DTYPES, RunSpec, check_device
+from harness.zoo.presets import get_preset
 
 __all__ = ["DEFAULT_OUT", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "MatrixOptions", "UsageError",
            "add_matrix_arguments", "add_out_argument", "add_spec_arguments", "check_numbers", "check_out_dir",
@@ -32,8 +34,8 @@ EXIT_FAILED = 1  # a regression, or a failed, diverged, killed, out-of-memory or
 EXIT_USAGE = 2  # bad input: nothing ran, nothing was written
 EXIT_INTERRUPTED = 130  # Ctrl-C
 DEFAULT_OUT = Path("results")
-INT_OPTIONS = ("inner_steps", "meta_batch", "meta_steps", "eval_tasks", "eval_every", "seeds", "seed", "threads",
-               "warmup", "repeats", "ways", "shots")
+INT_OPTIONS = ("inner_steps", "meta_batch", "meta_steps", "eval_tasks", "eval_every", "seeds", "verify_seeds", "seed",
+               "threads", "jobs", "warmup", "repeats", "ways", "shots")
 
 
 class UsageError(ConfigError):
@@ -182,6 +184,8 @@ def matrix_options(args: argparse.Namespace, *, multi_amp: bool) -> MatrixOption
     preset = args.preset if args.preset is not None else DEFAULT_PRESET[device]
     settings = merge_flags(args, parse_settings(args.set, preset, allow_huge=args.allow_huge))
     amps = parse_amps(settings.pop("amp", "off"), device)
+    if "ranks" in settings:  # every rank needs a task: 1..meta-batch
+        settings["ranks"] = check_ranks(settings["ranks"], int(settings.get("meta_batch", get_preset(preset).meta_batch)))
     if len(amps) > 1 and not multi_amp:
         raise UsageError(f"--amp takes one precision here, got {args.amp!r} (bench takes a list)")
     for amp in amps:  # the run-spec rules (dtype, precision, sizes) exactly as the cells will apply them

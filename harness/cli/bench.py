@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from harness.bench.matrix import (MatrixOutcome, MatrixRequest, add_peer_cells, default_run_id, parse_caps, plan,
+from harness.bench.request import (MatrixOutcome, MatrixRequest, add_peer_cells, default_run_id, parse_caps, plan,
                                   resolve_variants, run_request)
 from harness.cli.args import add_matrix_arguments, check_out_dir, matrix_options, nonempty, plots_root, run_dir
 

@@ -2,7 +2,7 @@
 
 Bad input never shows a traceback: :class:`UsageError` (and the engine's ``ConfigError``) print one
 line naming the problem and the valid choices and exit 2 before anything is written; Ctrl-C exits
-130.  A command's own result is 0 (all cells ok or unsupported) or 1 (a regression, or a cell that
+130 (SIGTERM 143, SIGHUP 129 while a matrix runs).  A command's own result is 0 (all cells ok or unsupported) or 1 (a regression, or a cell that
 failed, diverged or timed out).  The codes: :mod:`harness.cli.args`; the list: README, "Bad input
 and exit codes".
 """
@@ -44,6 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     except RegistryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C: 130; SIGTERM/SIGHUP in a matrix (bench.process.Interrupted): 128+sig
         print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return getattr(exc, "exit_code", EXIT_INTERRUPTED)

@@ -6,6 +6,7 @@ memory figure, meta-training, one JSON result under ``<out>/runs/``) and prints 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from harness.bench.measure import noise_warning
@@ -36,6 +37,9 @@ def spec_from_args(args: argparse.Namespace) -> tuple[RunSpec, CellSettings]:
     check_device(device)
     preset = args.preset if args.preset is not None else "quick"
     parts = split_settings(merge_flags(args, parse_settings(args.set, preset, allow_huge=args.allow_huge)))
+    if parts.launch:
+        raise UsageError("--set ranks is for bench and sweep; run one cell data-parallel with "
+                         "python -m torch.distributed.run --nproc-per-node N -m harness run ...")
     spec = RunSpec(variant=args.variant, preset=preset, device=device, dtype=args.dtype, meta_steps=args.meta_steps,
                    seed=args.seed, **parts.spec)
     return spec, parts
@@ -51,8 +55,11 @@ def run(args: argparse.Namespace) -> int:
         check_out_dir(snapshot.parent, flag="--memory-snapshot")
     check_out_dir(result_path(args.out, spec).parent)
     res = run_single(spec, args.out, settings=settings, snapshot=snapshot)
-    for line in summary_lines(res):
-        print(line)
+    if res.main and res.path is None:  # a rank failed: nothing was written
+        print(f"error: {res.result['message']}", file=sys.stderr)
+    elif res.main:
+        for line in summary_lines(res):
+            print(line)
     return EXIT_OK if res.ok else EXIT_FAILED
 
 
@@ -74,6 +81,10 @@ def summary_lines(res: RunResult) -> list[str]:
         mem += (f"; CUDA peak allocated {memory['cuda_peak_alloc_mib']:.1f} MiB "
                 f"({memory['cuda_peak_alloc_above_base_mib']:.1f} above base)")
     lines.append(mem)
+    dist = r.get("distributed") or {}
+    if (dist.get("world_size") or 1) > 1:
+        lines.append(f"  {dist['world_size']} ranks ({dist['backend']}): per-rank CPU peak "
+                     + ", ".join(f"{m:.4g}" for m in dist["rank_memory_mib"]) + " MiB")
     if timing["count"]:
         lines.append(f"  time per meta-step: median {timing['median_ms']:.2f} ms, IQR {timing['iqr_ms']:.2f} ms, "
                      f"min {timing['min_ms']:.2f} ms over {timing['count']} steps (after 1 warm-up)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from harness.bench.matrix import MatrixRequest, plan, resolve_variants, run_request
+from harness.bench.request import MatrixRequest, plan, resolve_variants, run_request
 from harness.cli.args import (UsageError, add_matrix_arguments, check_out_dir, matrix_options, nonempty, plots_root,
                               run_dir)
 from harness.reporting.tables import _fmt as fmt_number, flatten

@@ -53,6 +53,8 @@ class MetaConfig:
     step_ckpt: int = 0  # 0: off; n: checkpoint segments of n inner steps
     adapt_last: int | None = None  # adapt only the last N parameter-owning modules; None: all
     amp: str = "off"  # off | fp16 | bf16: autocast over forward and loss
+    vectorize: bool = False  # all tasks of a meta-batch at once (torch.func.vmap; harness.core.vectorized)
+    vmap_chunk: int | None = None  # vectorize: at most this many tasks per vmapped chunk; None: all
 
     def __post_init__(self) -> None:
         if self.inner_steps < 0:
@@ -67,7 +69,13 @@ class MetaConfig:
             raise ConfigError(f"unknown precision {self.amp!r}; valid choices: {', '.join(AMP_MODES)}")
         if self.adapt_last is not None and self.adapt_last < 1:
             raise ConfigError(f"adapt_last must be >= 1 or None (all), got {self.adapt_last}")
+        if self.vmap_chunk is not None and self.vmap_chunk < 1:
+            raise ConfigError(f"vmap_chunk must be >= 1 or None (all tasks), got {self.vmap_chunk}")
+        if self.vectorize and (self.layer_ckpt or self.step_ckpt):
+            raise ConfigError("vectorize cannot be combined with layer_ckpt/step_ckpt: non-reentrant checkpointing "
+                              "fails under torch.func transforms (\"don't yet support saved tensor hooks\"); "
+                              "valid: vectorize=0, or no checkpointing")
 
     def reference(self) -> "MetaConfig":
-        """The same computation without any checkpointing: the agreement oracle."""
-        return replace(self, layer_ckpt=False, step_ckpt=0)
+        """The same computation without any checkpointing, task after task: the agreement oracle."""
+        return replace(self, layer_ckpt=False, step_ckpt=0, vectorize=False)

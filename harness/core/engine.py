@@ -43,6 +43,7 @@ from torch.func import functional_call
 
 from harness.core.ckpt import checkpoint_segment, layer_checkpointing
 from harness.core.config import AMP_MODES, LossFn, MetaConfig, Task, Weights
+from harness.core.vectorized import vectorized_meta_gradients
 
 
 
@@ -232,6 +233,12 @@ class MetaLearner(OuterLoop, nn.Module):
         """Query loss after adapting on the support set: one task's meta-loss."""
         fast = self.adapt(task.support_x, task.support_y, lrs=self._lr_values(), loss_scale=loss_scale)
         return self.loss_with(fast, task.query_x, task.query_y)
+
+    def meta_gradients(self, tasks: Iterable[Task], loss_scale: float = 1.0) -> tuple[dict[str, Tensor], float]:
+        """Task after task (:class:`OuterLoop`), or all tasks at once under ``cfg.vectorize``."""
+        if self.cfg.vectorize:
+            return vectorized_meta_gradients(self, list(tasks), loss_scale)
+        return super().meta_gradients(tasks, loss_scale)
 
     def meta_parameters(self) -> dict[str, Tensor]:
         """What the outer step updates: initial weights, then ``lr.<key>`` for learnable LRs."""

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.bench.cells import load_rows
+from harness.bench.paired import PAIRED_COLUMNS, paired_columns
 from harness.reporting.schema import write_text_atomic
 
 COLUMNS = ["variant", "preset", "device", "dtype", "settings", "status", "mem_mib", "mem_figure", "mem_vs_maml",
@@ -32,7 +33,7 @@ COLUMNS = ["variant", "preset", "device", "dtype", "settings", "status", "mem_mi
            "nvml_peak_mib", "w_rel_err", "w_cosine", "lr_rel_err", "lr_cosine", "final_query_loss", "message",
            "peer", "base_variant", "amp", "first_order", "learn_lr", "best_peer", "mem_vs_best_peer",
            "time_vs_best_peer", "mem_vs_fp32", "time_vs_fp32", "fp32_w_rel_err", "fp32_w_cosine", "fp32_lr_rel_err",
-           "fp32_lr_cosine"]
+           "fp32_lr_cosine", *PAIRED_COLUMNS]
 AMP_ORDER = ("off", "bf16", "fp16")
 FP32_KEYS = ("fp32_w_rel_err", "fp32_w_cosine", "fp32_lr_rel_err", "fp32_lr_cosine")
 BEST_PEER_LEGEND = (
@@ -99,6 +100,7 @@ def flatten(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                      "cuda_peak_reserved_mib", "nvml_peak_mib")},
             **{k: a.get(k) for k in ("w_rel_err", "w_cosine", "lr_rel_err", "lr_cosine")},
             "final_query_loss": r.get("final_query_loss"), "message": r.get("message") or "",
+            **paired_columns(r),  # time / reference from alternating pairs (harness.bench.paired)
         })
     groups: dict[tuple, dict[str, Any]] = {}
     for f in out:
@@ -283,7 +285,8 @@ def summary_csv(flat: list[dict[str, Any]]) -> str:
 def table_md(flat: list[dict[str, Any]], title: str) -> str:
     cols = [("variant", "variant"), ("settings", "settings"), ("status", "status"), ("mem_mib", "peak mem MiB"),
             ("mem_vs_maml", "mem / maml"), ("time_median_ms", "median ms"), ("time_iqr_ms", "IQR ms"),
-            ("time_vs_maml", "time / maml"), ("w_rel_err", "w rel err"), ("lr_rel_err", "lr rel err"),
+            ("time_vs_maml", "time / maml"), ("time_vs_ref_paired_text", "time / ref (paired, IQR)"),
+            ("w_rel_err", "w rel err"), ("lr_rel_err", "lr rel err"),
             ("final_query_loss", "final query loss")]
     figs = sorted({f["mem_figure"] for f in flat})
     presets = sorted({f"{f['preset']} ({f['device']}, {f['dtype']})" for f in flat})

@@ -13,6 +13,7 @@ from harness.core.config import ConfigError
 from harness.zoo.models import MLP, Conv4, ResMLP
 from harness.zoo.tasks import SequenceRegression, Sinusoid, SyntheticImages
 from harness.zoo.omniglot import Omniglot
+from harness.zoo.digits import Digits, digits_mlp
 from harness.zoo.resnet import ResNet18
 
 
@@ -58,6 +59,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("omniglot", "real Omniglot 5-way 1-shot (needs --data-root), MAML conv4 with BatchNorm",
            Omniglot, Conv4, meta_batch=32, inner_steps=1, inner_lr=0.4, meta_steps=1000,
            task_kwargs=dict(n_way=5, k_shot=1), model_kwargs=dict(n_way=5)),
+    Preset("digits", "real 8x8 digits bundled with scikit-learn, 3-way 1-shot, held-out digits; 64-64 MLP",
+           Digits, digits_mlp, meta_batch=8, inner_steps=1, inner_lr=0.5, meta_steps=300,
+           task_kwargs=dict(n_way=3, k_shot=1), model_kwargs=dict(n_way=3)),
 ]}
 
 

@@ -1,0 +1,162 @@
+"""What runs inside a cell's own process: build the cell's learner, measure it, write its row.
+
+The driver (``harness.bench.process``) starts ``python -m harness.bench.child CELL.json OPTS.json ROW.json``
+in a temp folder; the child arms its death with the driver first (:func:`process.die_with_parent`), then
+measures.  A cell fault never raises out of :func:`measure_cell_inline`: its status says what happened
+(``harness.bench.cells`` lists them).  :func:`peer_precheck` is the one piece the driver calls itself, to
+record a peer cell that cannot run without starting a process.
+
+Debug one cell in this process: ``python -c "from harness.bench.child import measure_cell_inline;
+from harness.bench.cells import Cell, MeasureOptions; print(measure_cell_inline(Cell('maml', 'quick'),
+MeasureOptions()))"``.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness import distributed
+from harness import train as loop
+from harness.bench import measure, paired
+from harness.bench.cells import BUILDERS, PLUGIN_ENV, Builder, Cell, MeasureOptions, base_row, variant_for
+from harness.bench.process import PARENT_ENV, TEMP_PREFIX, cell_environment, die_with_parent
+from harness.core.config import ConfigError
+from harness.reporting.schema import write_json
+from harness.variants import get_variant
+
+__all__ = ["measure_cell_inline", "peer_precheck", "failure_status", "main", "ALLOC_FAILURES"]
+
+# what a failed allocation says when it is not a MemoryError: PyTorch's CPU allocator, C++'s operator new
+ALLOC_FAILURES = ("DefaultCPUAllocator: can't allocate memory", "std::bad_alloc")
+
+
+class _Unsupported(Exception):
+    """The cell names a peer that has no builder or cannot express the variant."""
+
+
+def _builder(peer: str) -> Builder:
+    for mod in filter(None, os.environ.get(PLUGIN_ENV, "").split(",")):
+        importlib.import_module(mod.strip())
+    if peer in BUILDERS:
+        return BUILDERS[peer]
+    peers = importlib.import_module("harness.studies.peers")  # optional (peers extra): ImportError -> unsupported
+    return peers.build_peer
+
+
+def peer_precheck(cell: Cell) -> str | None:
+    """Why a ``higher:``/``torchopt:`` cell cannot run (peer not installed, or it cannot express the variant
+    at the cell's precision), decided in the driver without a subprocess; ``None`` when it may run.
+
+    Not installed wins (the reason names ``pip install '.[peers]'``).  Cells of other prefixes, an unknown
+    variant, or any cell when plugins are named in ``HARNESS_CELL_PLUGINS`` (a plugin may replace a peer's
+    builder), return ``None``: the cell's own process decides and records it.
+    """
+    if cell.peer is None or os.environ.get(PLUGIN_ENV) or cell.peer in BUILDERS:
+        return None
+    try:
+        peers = importlib.import_module("harness.studies.peers")
+        variant = get_variant(cell.base_variant)
+    except (ImportError, ConfigError):
+        return None
+    if cell.peer not in peers.PEERS:
+        return None
+    present, why = peers.available(cell.peer)
+    if not present:
+        return why
+    ok, reason = peers.supports(cell.peer, variant, str(cell.settings.get("amp", "off")))
+    return None if ok else f"{peers.cell_name(cell.peer, cell.base_variant)} is unsupported: {reason}"
+
+
+def failure_status(exc: BaseException) -> tuple[str, str]:
+    """(status, message) of an exception that ended a cell: ``oom`` for any out-of-memory, else ``error``."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, torch.OutOfMemoryError):  # torch.cuda.OutOfMemoryError is this class
+        return "oom", f"CUDA out of memory: {first}"
+    if isinstance(exc, MemoryError):
+        return "oom", f"MemoryError: {exc}"
+    if isinstance(exc, RuntimeError) and any(m in str(exc) for m in ALLOC_FAILURES):
+        return "oom", f"failed allocation: {first}"
+    return "error", f"{type(exc).__name__}: {exc}"
+
+
+def _learner(cell: Cell, row: dict[str, Any]) -> tuple[loop.Experiment, Any]:
+    spec_kw, model_kw, task_kw = cell.overrides()
+    variant = variant_for(cell)
+    row["flags"] = variant.flags
+    spec = loop.RunSpec(variant=cell.base_variant, preset=cell.preset, device=cell.device, dtype=cell.dtype,
+                        seed=cell.seed, **spec_kw)
+    exp = loop.Experiment(spec, variant=variant, model_overrides=model_kw or None, task_overrides=task_kw or None)
+    row["sizes"] = exp.sizes
+    if cell.peer is None:
+        return exp, exp.learner
+    try:
+        return exp, _builder(cell.peer)(cell.peer, variant, exp)
+    except ModuleNotFoundError as exc:
+        raise _Unsupported(f"no learner builder for peer {cell.peer!r}: {exc}") from exc
+    except ConfigError as exc:
+        raise _Unsupported(str(exc)) from exc
+
+
+def _measure(cell: Cell, opts: MeasureOptions, row: dict[str, Any]) -> None:
+    exp, learner = _learner(cell, row)
+    row["agreement"] = loop.check_agreement(exp, exp.sample(), learner)
+    step = measure.StepRunner(learner, exp.sizes["outer_lr"], exp.sample, scaler=exp.new_scaler())
+    cap = int(opts.cpu_mem_cap_mib * measure.MIB) if opts.cpu_mem_cap_mib is not None else None
+    m = measure.measure(step, cell.device, warmup=opts.warmup, repeats=opts.repeats, nvml=opts.nvml, cap_bytes=cap)
+    row["time"] = m.pop("time")
+    row.update(memory=m, losses=step.losses, final_query_loss=step.losses[-1] if step.losses else None, status="ok")
+    row["paired"] = paired.measure_paired(cell, step, opts)  # time / reference, ABAB in this process
+    warn = measure.noise_warning(row["time"], cell.label())
+    if warn:
+        row["warnings"].append(warn)
+
+
+def measure_cell_inline(cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
+    """Measure one cell in this process; never raises for a cell fault (the status says)."""
+    row: dict[str, Any] = base_row(cell)
+    t0 = time.perf_counter()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    try:
+        _measure(cell, opts, row)
+    except _Unsupported as exc:
+        row["status"], row["message"] = "unsupported", str(exc)
+    except loop.Diverged as exc:
+        row["status"], row["message"] = "diverged", str(exc)
+    except Exception as exc:  # noqa: BLE001 -- any fault of the measured code is the cell's status, not a crash
+        row["status"], row["message"] = failure_status(exc)
+        if row["status"] == "error":
+            row["traceback"] = traceback.format_exc(limit=8)
+    row["wall_s"] = time.perf_counter() - t0
+    row["env"] = cell_environment(cell.device)
+    return row
+
+
+def main(argv: list[str]) -> int:
+    """The child's entry point: arm death with the driver, measure, write the row atomically."""
+    cell_path, opts_path, out_path = argv
+    tmpd = Path(cell_path).parent
+    cleanup = (lambda: shutil.rmtree(tmpd, ignore_errors=True)) if tmpd.name.startswith(TEMP_PREFIX) else (lambda: None)
+    die_with_parent(int(os.environ.get(PARENT_ENV, os.getppid())), cleanup)
+    cell = Cell(**json.loads(Path(cell_path).read_text()))
+    opts = MeasureOptions(**json.loads(Path(opts_path).read_text()))
+    with distributed.session(cell.device) as group:  # one rank of a ``ranks=N`` cell (harness.bench.process)
+        row = measure_cell_inline(cell, opts)
+        memory = row.get("memory") or {}
+        row["distributed"] = distributed.single_process_summary(memory) if group is None else group.summary(memory)
+        if group is None or group.main:
+            write_json(Path(out_path), row)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

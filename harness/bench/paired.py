@@ -1,0 +1,128 @@
+"""Paired time ratios: a cell's meta-step time against its reference's, measured in the same process by
+alternating the two (A B A B ...), so load that changes during a matrix changes both alike.
+
+Why: cells run one after another, so a CPU time ratio between two cells' medians moves with whatever else the
+machine did meanwhile (measured on a loaded machine: ``lr_fo`` 0.14x of ``maml``, 2012 ms against 40 ms quiet,
+while the memory figures were identical).  Here the cell's process also builds its reference and times
+``pairs`` pairs of meta-steps, one of each on the same task batch, back to back; the ratio of each pair is
+``cell / reference`` (below 1: the cell is faster), and the row keeps their median, quartiles, min and max
+(``scipy.stats``).  The memory figure is not touched: it is measured in its own pass before this one.
+
+The reference (:func:`reference_name`): a peer cell ``peer:v`` -> our ``v``; our variant -> the registered
+variant with the same order and LRs but no checkpointing and no vectorization (``ckpt_lr`` -> ``lr``,
+``vmaml`` -> ``maml``, ``sckpt`` -> ``maml``); a variant that is already that (``fo``, ``lr``) -> ``maml``;
+``maml`` itself has none.
+
+Run (a cell's row gets ``paired``; the tables a column ``time / ref (paired)``)::
+
+    python -m harness bench --preset sinusoid --set meta_batch=25 --variants maml,vmaml,higher:maml --peers
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from scipy import stats
+
+from harness.core.config import Task
+
+__all__ = ["PAIRED_COLUMNS", "measure_paired", "paired_columns", "paired_ratios", "ratio_summary", "reference_name"]
+
+PAIRED_COLUMNS = ["paired_ref", "time_vs_ref_paired", "time_vs_ref_paired_q1", "time_vs_ref_paired_q3",
+                  "time_vs_ref_paired_min", "time_vs_ref_paired_max", "time_vs_ref_pairs", "time_vs_ref_paired_text"]
+
+
+def reference_name(variant: str, registry: dict[str, Any]) -> str | None:
+    """The cell whose time this cell is paired against (see the module docstring); ``None`` for ``maml``."""
+    if ":" in variant:
+        return variant.split(":", 1)[1]
+    v = registry[variant]
+    want = {**replace(v, layer_ckpt=False, step_ckpt=0, vectorize=False).flags}
+    same = [n for n, r in registry.items() if r.flags == want]
+    ref = same[0] if same and same[0] != variant else "maml"
+    return None if ref == variant else ref
+
+
+def ratio_summary(ratios: list[float], reference: str) -> dict[str, Any]:
+    """Median, quartiles, min and max of the per-pair ratios ``cell / reference``."""
+    xs = np.asarray(ratios, dtype=float)
+    q1, med, q3 = np.percentile(xs, [25, 50, 75])
+    return {"reference": reference, "order": "ABAB", "pairs": int(xs.size), "ratios": [float(x) for x in xs],
+            "median": float(med), "q1": float(q1), "q3": float(q3), "iqr": float(stats.iqr(xs)),
+            "min": float(xs.min()), "max": float(xs.max())}
+
+
+def _timed(step: Callable[[list[Task]], float], tasks: list[Task], cuda: bool) -> float:
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step(tasks)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def paired_ratios(cell_step: Callable[[list[Task]], float], ref_step: Callable[[list[Task]], float],
+                  sample: Callable[[], list[Task]], pairs: int, reference: str, *, warmup: int = 1,
+                  device: str = "cpu") -> dict[str, Any]:
+    """``pairs`` x (cell step, reference step) on the same fresh batch, alternating; :func:`ratio_summary`."""
+    if pairs < 1:
+        raise ValueError(f"pairs must be >= 1, got {pairs}")
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(warmup):
+        tasks = sample()
+        cell_step(tasks)
+        ref_step(tasks)
+    ratios = []
+    for _ in range(pairs):
+        tasks = sample()
+        a = _timed(cell_step, tasks, cuda)
+        b = _timed(ref_step, tasks, cuda)
+        ratios.append(a / b)
+    return ratio_summary(ratios, reference)
+
+
+def paired_columns(row: dict[str, Any]) -> dict[str, Any]:
+    """The row's paired ratio as table columns (``None`` where the cell has none)."""
+    p = row.get("paired") or {}
+    med = p.get("median")
+    text = (f"{med:.3f}x [{p['q1']:.3f}-{p['q3']:.3f}] vs {p['reference']}" if med is not None
+            else (f"— ({p['error']})" if p.get("error") else "—"))
+    return {"paired_ref": p.get("reference"), "time_vs_ref_paired": med, "time_vs_ref_paired_q1": p.get("q1"),
+            "time_vs_ref_paired_q3": p.get("q3"), "time_vs_ref_paired_min": p.get("min"),
+            "time_vs_ref_paired_max": p.get("max"), "time_vs_ref_pairs": p.get("pairs"),
+            "time_vs_ref_paired_text": text}
+
+
+def measure_paired(cell: Any, step: Any, opts: Any) -> dict[str, Any] | None:
+    """In a cell's process, after its own measurement: build the reference (same preset, settings, seed and
+    task stream) and time ``max(opts.repeats, 3)`` alternating pairs.  ``None`` for a cell without a reference;
+    a failure to build or run the reference is kept as ``{"reference", "error"}``, never fails the cell."""
+    from harness.bench.cells import variant_for
+    from harness.bench.measure import StepRunner
+    from harness.train import Experiment, RunSpec
+    from harness.variants import registry
+
+    ref = reference_name(cell.variant, registry())
+    if ref is None:
+        return None
+    kept = len(step.losses)
+    try:
+        ref_cell = replace(cell, variant=ref)
+        spec_kw, model_kw, task_kw = ref_cell.overrides()
+        variant = variant_for(ref_cell)
+        if cell.peer is None:  # a cell-level step_ckpt/vectorize setting is not the reference's
+            variant = replace(variant, layer_ckpt=False, step_ckpt=0, vectorize=False)
+        spec = RunSpec(variant=ref, preset=cell.preset, device=cell.device, dtype=cell.dtype, seed=cell.seed,
+                       **spec_kw)
+        exp = Experiment(spec, variant=variant, model_overrides=model_kw or None, task_overrides=task_kw or None)
+        ref_step = StepRunner(exp.learner, exp.sizes["outer_lr"], exp.sample, scaler=exp.new_scaler())
+        return paired_ratios(step, ref_step, step.sample, max(opts.repeats, 3), ref,
+                             warmup=max(min(opts.warmup, 1), 0), device=cell.device)
+    except Exception as exc:  # noqa: BLE001 -- the cell's own figures stand; the row says why no ratio
+        return {"reference": ref, "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        del step.losses[kept:]  # the row's losses are the cell's measured steps only

@@ -1,0 +1,199 @@
+"""One cell in its own process: launched, awaited, killed, and never left behind.
+
+Why a process per cell: an out-of-memory, a crash or a hang cannot take the matrix down, and every cell
+starts from the same allocator state.  What keeps no process or temp folder behind:
+
+* **Timeout** -- the cell runs in its own session (process group); at ``timeout_s`` the whole group is
+  SIGKILLed and the row says ``timeout``.
+* **The driver is stopped** -- SIGINT, SIGTERM and SIGHUP all raise :class:`Interrupted` in the driver
+  (:func:`signals_as_interrupts`), which kills the cell's group and removes its temp folder on the way out;
+  the command exits ``128 + signal`` (130, 143, 129).
+* **The driver is SIGKILLed** (nothing runs in it any more) -- the child arms ``prctl(PR_SET_PDEATHSIG,
+  SIGTERM)`` at its start (Linux; elsewhere a watchdog thread polls the parent pid), so the kernel sends it
+  SIGTERM when the driver dies; its handler removes the cell's temp folder and SIGKILLs its own group
+  (:func:`die_with_parent`).  It checks the parent pid right after arming, so a driver that died while the
+  child was still importing torch is caught too.
+* **A signal from outside kills the child** -- the row says ``killed`` with the signal's name (a user, or
+  the kernel's OOM killer, which also sends SIGKILL: the harness cannot tell them apart).
+
+Try it: ``python -m harness bench --variants maml --run-id t`` and press Ctrl-C, or ``kill -TERM`` it.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+
+from harness import distributed
+from harness.bench.cells import Cell, MeasureOptions, base_row
+from harness.reporting.provenance import environment
+
+__all__ = ["CellExecutor", "LocalExecutor", "Interrupted", "signals_as_interrupts", "measure_cell_isolated",
+           "die_with_parent", "exit_status", "cell_environment", "PARENT_ENV", "CHILD_MODULE", "TEMP_PREFIX"]
+
+REPO = Path(__file__).resolve().parents[2]
+CHILD_MODULE = "harness.bench.child"  # python -m harness.bench.child CELL.json OPTS.json ROW.json
+PARENT_ENV = "HARNESS_CELL_PARENT"  # the driver's pid, as the child expects to see it
+TEMP_PREFIX = "harness-cell-"
+PR_SET_PDEATHSIG = 1
+OOM_MARKERS = ("MemoryError", "bad_alloc", "can't allocate memory", "OutOfMemoryError")
+
+
+class CellExecutor(Protocol):
+    """How a cell's process is launched and awaited; returns the cell's row whatever happens to it."""
+
+    def measure(self, cell: Cell, opts: MeasureOptions) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class LocalExecutor:
+    """One fresh subprocess per cell on this machine (:func:`measure_cell_isolated`)."""
+
+    def measure(self, cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
+        return measure_cell_isolated(cell, opts)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP in the driver; ``exit_code`` is ``128 + signal``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum, self.exit_code = signum, 128 + signum
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+@contextmanager
+def signals_as_interrupts(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP)) -> Iterator[None]:
+    """Within the block SIGTERM and SIGHUP raise :class:`Interrupted`, as Ctrl-C raises KeyboardInterrupt,
+    so the same clean-up runs (main thread only: Python delivers signals there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, _raise_interrupted) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # already gone
+        pass
+    proc.wait()
+
+
+def exit_status(rc: int, stderr_tail: list[str]) -> tuple[str, str]:
+    """(status, message) of a cell process that ended without writing its row."""
+    tail = f": {' | '.join(stderr_tail)}" if stderr_tail else ""
+    if rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:  # a real-time signal without a name
+            name = f"signal {-rc}"
+        return "killed", (f"cell process killed by signal {-rc} ({name}) from outside the harness "
+                          f"(a user, or the kernel's OOM killer){tail}")
+    oom = any(m in line for line in stderr_tail for m in OOM_MARKERS)
+    return ("oom" if oom else "error"), f"cell process exited with code {rc}{tail}"
+
+
+def cell_environment(device: str) -> dict[str, Any]:
+    """Provenance for a cell's row; a device string torch cannot parse gets the machine's (no device)."""
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        return environment(None)
+    return environment(device)
+
+
+def _finished_row(cell: Cell, status: str, message: str, t0: float) -> dict[str, Any]:
+    row = base_row(cell)
+    row.update(status=status, message=message, wall_s=time.perf_counter() - t0, env=cell_environment(cell.device))
+    return row
+
+
+def measure_cell_isolated(cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
+    """Measure one cell in a fresh ``python -m harness.bench.child`` process with a time limit; always a row."""
+    with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX) as tmp:
+        tmpd = Path(tmp)
+        (tmpd / "cell.json").write_text(json.dumps(asdict(cell)))
+        (tmpd / "opts.json").write_text(json.dumps(asdict(opts)))
+        out = tmpd / "row.json"
+        env = {**os.environ, PARENT_ENV: str(os.getpid()),
+               "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        ranks = int(cell.settings.get("ranks", 1))
+        if ranks > 1:  # the ranks' parent is torchrun's agent (in the cell's group), not this driver
+            env.pop(PARENT_ENV)
+        cmd = distributed.launcher(ranks) + ["-m", CHILD_MODULE, str(tmpd / "cell.json"), str(tmpd / "opts.json"),
+                                             str(out)]
+        t0 = time.perf_counter()
+        with open(tmpd / "stderr.txt", "wb") as err:
+            # its own session (process group), so a kill also ends anything the cell started
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=str(REPO),
+                                    start_new_session=True)
+            try:
+                rc = proc.wait(timeout=opts.timeout_s)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                return _finished_row(cell, "timeout", f"cell exceeded its time limit of {opts.timeout_s:g} s", t0)
+            except BaseException:  # KeyboardInterrupt / Interrupted: do not leave the child behind
+                _kill_group(proc)
+                raise
+        if rc == 0 and out.exists():
+            return json.loads(out.read_text())
+        tail = (tmpd / "stderr.txt").read_text(errors="replace").strip().splitlines()[-3:]
+        return _finished_row(cell, *exit_status(rc, tail), t0)
+
+
+def _end_own_group(cleanup: Callable[[], None]) -> None:
+    cleanup()
+    if os.getpgrp() == os.getpid():  # we lead our group (start_new_session): end what we started too
+        os.killpg(os.getpid(), signal.SIGKILL)
+    os._exit(128 + signal.SIGTERM)
+
+
+def die_with_parent(parent_pid: int, cleanup: Callable[[], None], *, use_prctl: bool | None = None,
+                    on_orphan: Callable[[], None] | None = None, poll_s: float = 0.5) -> str:
+    """In the child: when ``parent_pid`` dies (even by SIGKILL), run ``cleanup`` and end this process group.
+
+    SIGTERM and SIGHUP get a handler doing that; on Linux the kernel sends SIGTERM on the parent's death
+    (PR_SET_PDEATHSIG), elsewhere a daemon thread polls ``os.getppid()``.  Returns the mechanism used.
+    ``on_orphan`` replaces the ending (tests).
+    """
+    end = on_orphan or (lambda: _end_own_group(cleanup))
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, lambda signum, frame: end())
+    use_prctl = sys.platform.startswith("linux") if use_prctl is None else use_prctl
+    if use_prctl:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent_pid:  # the parent died before the death signal was armed
+            end()
+        return "prctl"
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        end()
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+    return "watchdog"

@@ -1,0 +1,158 @@
+"""Claim: with ``vectorize=True`` (all tasks of a meta-batch in one ``torch.func.vmap``), the meta-gradients
+of the initial weights and of the raw learnable LRs equal the sequential engine's to 1e-12 in float64, for
+first and second order, fixed LRs and learnable ones at every granularity, per step or not, whole or in
+chunks -- and ``step`` fills ``.grad`` of the learner's own parameters.  What cannot be vectorized exactly
+(checkpointing, BatchNorm buffers, dropout, tasks of unequal shapes) is refused with a one-line ConfigError
+saying why.
+
+Run: ``python -m pytest tests/test_vectorized.py -q``
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+from torch.func import grad, vmap
+from torch.utils.checkpoint import checkpoint
+
+from harness.bench.cells import Cell, variant_for
+from harness.core.config import ConfigError, MetaConfig, Task
+from harness.core.engine import MetaLearner
+from harness.core.grads import agreement
+from harness.studies.peers import NO_VECTORIZE, supports
+from harness.variants import registry
+from tests.conftest import small_experiment
+
+TOL = 1e-12
+LRS = [(False, "layer", False)] + [(True, g, s) for g in ("layer", "tensor", "element") for s in (False, True)]
+COMBOS = [(fo, *lr) for fo, lr in itertools.product((False, True), LRS)]
+
+
+def _learners(preset: str, cfg: MetaConfig, **model):
+    """A sequential learner with perturbed LRs and a vectorized one sharing every parameter."""
+    exp = small_experiment("maml", preset, inner_steps=cfg.inner_steps, **model)
+    exp.sizes["meta_batch"] = 3
+    seq = MetaLearner(exp.learner.model, cfg, exp.learner.loss_fn)
+    if seq.lrs is not None:  # distinct LRs per group/element/step, so a wrong lookup shows
+        with torch.no_grad():
+            for v in seq.lrs.raw.values():
+                v.add_(0.3 * torch.randn_like(v))
+    vec = copy.copy(seq)
+    vec.cfg = replace(cfg, vectorize=True, vmap_chunk=2 if cfg.learn_lr else None)
+    return seq, vec, exp.sample()
+
+
+@pytest.mark.parametrize("first_order,learn_lr,granularity,per_step", COMBOS)
+@pytest.mark.parametrize("preset", ["quick", "cpu-bench"])
+def test_vectorized_meta_gradients_equal_the_sequential_engine(preset, first_order, learn_lr, granularity, per_step):
+    cfg = MetaConfig(inner_steps=3, inner_lr=0.05, first_order=first_order, learn_lr=learn_lr,
+                     lr_granularity=granularity, lr_per_step=per_step,
+                     adapt_last=2 if preset == "cpu-bench" else None)
+    seq, vec, tasks = _learners(preset, cfg)
+    ours, ours_loss = vec.meta_gradients(tasks)
+    ref, ref_loss = seq.meta_gradients(tasks)
+    assert ours.keys() == ref.keys()
+    agree = agreement(ours, ref)
+    assert agree["w_rel_err"] <= TOL, agree
+    assert (agree["lr_rel_err"] is None) == (not learn_lr)
+    if learn_lr:
+        assert agree["lr_rel_err"] <= TOL, agree
+    assert abs(ours_loss - ref_loss) <= TOL
+
+
+@pytest.mark.parametrize("learn_lr", [False, True])
+def test_vectorized_first_order_is_not_second_order(learn_lr):
+    cfg = MetaConfig(inner_steps=2, inner_lr=0.05, learn_lr=learn_lr)
+    _, so, tasks = _learners("quick", cfg)
+    fo = copy.copy(so)
+    fo.cfg = replace(so.cfg, first_order=True)
+    g_so, _ = so.meta_gradients(tasks)
+    g_fo, _ = fo.meta_gradients(tasks)
+    assert agreement(g_fo, g_so)["w_rel_err"] > 1e-6
+    assert all(g.abs().sum() > 0 for g in g_fo.values())
+
+
+def test_vectorized_step_fills_grad_of_the_learners_parameters():
+    _, vec, tasks = _learners("quick", MetaConfig(inner_steps=2, learn_lr=True, lr_granularity="element"))
+    grads, _ = vec.meta_gradients(tasks)
+    vec.step(tasks)
+    for k, p in vec.meta_parameters().items():
+        assert torch.equal(p.grad, grads[k]), k
+
+
+def test_vectorized_variants_are_registered_with_sequential_references():
+    reg = registry()
+    for name, base in {"vmaml": "maml", "vfo": "fo", "vlr": "lr", "vlr_fo": "lr_fo"}.items():
+        assert reg[name].vectorize and not reg[base].vectorize
+        assert {**reg[name].flags, "vectorize": False} == reg[base].flags
+        assert reg[name].reference().vectorize is False
+        assert reg[name].config().reference().vectorize is False
+        assert supports("higher", reg[name]) == (False, NO_VECTORIZE)
+    assert variant_for(Cell("maml", "quick", settings={"vectorize": 1})).vectorize is True
+    with pytest.raises(ConfigError, match="vectorize must be 0 or 1"):
+        variant_for(Cell("maml", "quick", settings={"vectorize": 2}))
+
+
+@pytest.mark.parametrize("flags", [{"layer_ckpt": True}, {"step_ckpt": 1}])
+def test_checkpointing_refuses_vectorize_and_says_why(flags):
+    with pytest.raises(ConfigError, match="saved tensor hooks"):
+        MetaConfig(vectorize=True, **flags)
+    with pytest.raises(ConfigError, match="vmap_chunk"):
+        MetaConfig(vectorize=True, vmap_chunk=0)
+
+
+def test_why_checkpointing_is_refused_non_reentrant_checkpoint_fails_under_torch_func():
+    w, xs = torch.randn(3, 3, dtype=torch.float64), torch.randn(4, 2, 3, dtype=torch.float64)
+
+    def loss(w, x):
+        return checkpoint(lambda x: torch.tanh(x @ w), x, use_reentrant=False).sum()
+
+    with pytest.raises(RuntimeError, match="saved tensor hooks"):
+        vmap(grad(loss), in_dims=(None, 0))(w, xs)
+
+
+def test_batchnorm_instancenorm_and_buffers_are_refused_naming_the_module():
+    exp = small_experiment("vmaml", "conv4", inner_steps=1)
+    with pytest.raises(ConfigError, match=r"module 'blocks\.0\.1' \(BatchNorm2d\) cannot be vectorized exactly"):
+        exp.learner.meta_gradients(exp.sample())
+    task = Task(*(torch.randn(2, 3, 4, dtype=torch.float64) for _ in range(4)))
+    inorm = MetaLearner(nn.Sequential(nn.InstanceNorm1d(3, affine=True)).double(), MetaConfig(vectorize=True),
+                        nn.functional.mse_loss)  # no buffers, but a wrong batching rule (functorch#534)
+    with pytest.raises(ConfigError, match=r"'0' \(InstanceNorm1d\).*functorch#534"):
+        inorm.meta_gradients([task, task])
+    model = nn.Sequential(nn.Linear(4, 4)).double()
+    model[0].register_buffer("scale", torch.ones(4, dtype=torch.float64))
+    buffered = MetaLearner(model, MetaConfig(vectorize=True), nn.functional.mse_loss)
+    with pytest.raises(ConfigError, match=r"'0' \(Linear\) has buffers \(scale\)"):
+        buffered.meta_gradients([task, task])
+    exp = small_experiment("vmaml", "conv4", inner_steps=1, norm="group")  # GroupNorm: no buffers, runs
+    ref, _ = exp.reference_learner().meta_gradients(tasks := exp.sample())
+    assert agreement(exp.learner.meta_gradients(tasks)[0], ref)["w_rel_err"] <= TOL
+
+
+def test_dropout_is_refused_and_unequal_tasks_are_refused():
+    model = nn.Sequential(nn.Linear(1, 8), nn.Dropout(0.1), nn.Linear(8, 1)).double()
+    learner = MetaLearner(model, MetaConfig(vectorize=True), nn.functional.mse_loss)
+    task = Task(*(torch.randn(5, 1, dtype=torch.float64) for _ in range(4)))
+    with pytest.raises(ConfigError, match="Dropout.*random stream"):
+        learner.meta_gradients([task, task])
+    model[1].p = 0.0
+    short = Task(*(torch.randn(n, 1, dtype=torch.float64) for n in (4, 4, 5, 5)))
+    with pytest.raises(ConfigError, match=r"unequal support_x shapes \[\(4, 1\), \(5, 1\)\]"):
+        learner.meta_gradients([task, short])
+
+
+def test_vectorized_fp16_loss_scale_path_equals_the_sequential_one():
+    """With a loss scale (the fp16 GradScaler path) the meta-gradients are those of the scaled loss, as
+    sequentially, and the inner gradients are unscaled before the update (float64: exact up to rounding)."""
+    seq, vec, tasks = _learners("quick", MetaConfig(inner_steps=2, learn_lr=True, lr_granularity="tensor"))
+    ours, ours_loss = vec.meta_gradients(tasks, loss_scale=1024.0)
+    ref, ref_loss = seq.meta_gradients(tasks, loss_scale=1024.0)
+    agree = agreement(ours, ref)
+    assert agree["w_rel_err"] <= TOL and agree["lr_rel_err"] <= TOL and abs(ours_loss - ref_loss) <= TOL
+    unscaled, _ = vec.meta_gradients(tasks)
+    assert agreement({k: g / 1024.0 for k, g in ours.items()}, unscaled)["w_rel_err"] <= TOL
