@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,peers]' || $(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,peers,cluster]'  # no fallback: CI must compare against the peers or fail
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -40,7 +40,7 @@ from torch import nn
 from harness.core.config import ConfigError
 
 __all__ = ["DataParallel", "RankFailed", "launched", "session", "current", "check_ranks", "launcher",
-           "BUCKET_BYTES", "TIMEOUT_ENV", "FAULT_ENV"]
+           "single_process_summary", "BUCKET_BYTES", "TIMEOUT_ENV", "FAULT_ENV"]
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 TIMEOUT_ENV = "HARNESS_DIST_TIMEOUT_S"
@@ -90,7 +90,7 @@ class DataParallel:
     rank: int
     world: int
     backend: str
-    steps: int = 0  # meta-steps taken in this process (the fault hook counts them, 0-based)
+    steps: int = 0  # meta-steps in this process, 0-based, incl. run's side measurement (the fault hook, messages)
     reduce_s: list[float] = field(default_factory=list)  # per meta-step: all-reduce incl. waiting for other ranks
 
     @property
@@ -184,8 +184,6 @@ def single_process_summary(memory: dict[str, Any], key: str = "cpu_peak_alloc_mi
             "max_rank_memory_mib": memory.get(key)}
 
 
-__all__.append("single_process_summary")
-
 
 @contextmanager
 def session(device: str, meta_batch: int | None = None) -> Iterator[DataParallel | None]:
@@ -240,4 +238,4 @@ def _unflatten_into(flat: torch.Tensor, bucket: list[torch.Tensor]) -> None:
 def _inject_fault(rank: int, step: int) -> None:
     spec = os.environ.get(FAULT_ENV)
     if spec and spec == f"{rank}:{step}":
-        raise RuntimeError(f"injected fault ({FAULT_ENV}={spec})")
+        raise RuntimeError(f"injected fault ({FAULT_ENV}={spec}) at unix time {time.time():.3f}")

@@ -143,9 +143,10 @@ class Experiment:
         return torch.amp.GradScaler(self.device.type) if self.spec.amp == "fp16" else None
 
 
-def unscaled_meta_gradients(learner: MetaLearner, tasks: list[Task]) -> dict[str, torch.Tensor]:
-    """Meta-gradients of the unscaled loss; fp16 takes them on a GradScaler-sized scaled loss."""
-    scale = 2.0 ** 16 if learner.cfg.amp == "fp16" else 1.0
+def unscaled_meta_gradients(learner: MetaLearner, tasks: list[Task], scale: float | None = None) -> dict[str, torch.Tensor]:
+    """Meta-gradients of the unscaled loss; fp16 takes them on the loss times ``scale`` (default GradScaler's
+    initial 2**16), then divides; other precisions ignore ``scale``."""
+    scale = (2.0 ** 16 if scale is None else scale) if learner.cfg.amp == "fp16" else 1.0
     grads, _ = learner.meta_gradients(tasks, loss_scale=scale)
     return {k: g / scale for k, g in grads.items()} if scale != 1.0 else grads
 

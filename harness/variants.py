@@ -20,6 +20,9 @@ from importlib.metadata import entry_points
 
 from harness.core.config import ConfigError, MetaConfig
 
+__all__ = ["CANONICAL", "ENTRY_POINT_GROUP", "RegistryError", "Variant", "build_registry", "canonical_name",
+           "get_variant", "registry"]
+
 ENTRY_POINT_GROUP = "maml_harness.variants"
 
 
@@ -50,8 +53,18 @@ class Variant:
         return self.layer_ckpt or self.step_ckpt > 0
 
     def config(self, **kwargs: object) -> MetaConfig:
-        """A :class:`MetaConfig` with this variant's flags over the given sizes."""
-        return MetaConfig(**{**kwargs, **self.flags})  # type: ignore[arg-type]
+        """A :class:`MetaConfig` with this variant's flags over the given sizes.
+
+        A keyword that names a variant flag is applied when it agrees with the variant and refused
+        (ConfigError naming the flag) when it does not: a variant's flags are what its name promises;
+        ``dataclasses.replace(variant, step_ckpt=2)`` makes another variant.
+        """
+        flags = self.flags
+        for key in kwargs.keys() & flags.keys():
+            if kwargs[key] != flags[key]:
+                raise ConfigError(f"variant {self.name!r} has {key}={flags[key]!r}; got {key}={kwargs[key]!r} "
+                                  f"(pick a variant with {key}={kwargs[key]!r}, or leave {key} out)")
+        return MetaConfig(**{**kwargs, **flags})  # type: ignore[arg-type]
 
     def reference(self) -> "Variant":
         """The same variant without checkpointing, task after task (the agreement oracle)."""

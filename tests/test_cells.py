@@ -2,6 +2,7 @@
 after a fault, results carry provenance, and re-running resumes (skips finished cells unless --force)."""
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -101,11 +102,15 @@ def test_pluggable_builder(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def build(peer, variant, exp):
         seen["args"] = (peer, variant.name)
-        return exp.learner  # any object with meta_gradients/step/parameters
+        other = copy.deepcopy(exp.learner)  # any object with meta_gradients/step/parameters: here a
+        other.cfg = replace(other.cfg, first_order=False)  # second-order learner, compared against FOMAML
+        return other
 
     monkeypatch.setitem(C.BUILDERS, "mine", build)
     row = measure_cell_inline(Cell("mine:fo", "cpu-bench", settings=TINY), FAST)
-    assert row["status"] == "ok" and seen["args"] == ("mine", "fo") and row["agreement"]["w_rel_err"] == 0.0
+    assert seen["args"] == ("mine", "fo")
+    assert row["status"] == "ok", row["message"]
+    assert row["agreement"]["w_rel_err"] > 1e-3  # the builder's learner is the one measured and compared
 
 
 def test_cells_file_errors(tmp_path: Path) -> None:

@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from harness.cli.main import main
-from harness.studies.seed.diagnose import AMP_TOL, ENGINES, INPLACE, Setup, check_expectations, run_probes, run_table
+from harness.studies.seed.diagnose import (AMP_TOL, ENGINES, INPLACE, Setup, check_expectations, explanation,
+                                           run_probes, run_table)
 from harness.studies.seed.engine import SeedConfig, SeedLearner
 from harness.zoo.tasks import mse
-from harness.variants import CANONICAL
+from harness.studies.seed.table import flags
+from harness.variants import CANONICAL, registry
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +181,32 @@ def test_bad_amp_lists_valid_choices(tmp_path, capsys) -> None:
     assert len(err.splitlines()) == 1 and "off, fp16, bf16" in err
     with pytest.raises(ValueError, match="valid choices"):
         Setup(amp="fp8")
+
+
+def test_the_explanation_states_the_run_s_own_figures_and_none_it_did_not_measure() -> None:
+    cell = lambda w, lr=None: {"status": "ok" if w <= 1e-12 else "wrong", "w_rel_err": w, "lr_rel_err": lr}  # noqa: E731
+    table = {v: {"functional": cell(3e-17), "seed_reentrant": cell(0.25)} for v in CANONICAL}
+    table["lr"]["functional"] = cell(0.5, 0.7)  # one broken functional cell: the text must say 7 of 8
+    probes = {"inplace": {"ckpt_reentrant_fixed_lr": {"grad_accumulated_in_place": ["blocks.0.weight"]},
+                          "ckpt_lr_reentrant": {"error_in": "inner step 2 backward",
+                                                "anomaly_forward_lines": ["update = lr * param.grad"]},
+                          "ckpt_lr_reentrant_1_step": {"error_in": "outer backward"},
+                          "lr_1_step": {"grad_accumulated_in_place": ["head.bias"]}},
+              "hook_routes": {"block_leaf_hooks_fired_inside_checkpoint_backward": True},
+              "lr_pollution": {"lr_rel_err": 0.31, "lr_rel_err_after_adding_inner_loss_grads": 4.4e-17}}
+    result = {"setup": {"inner_steps": 2}, "tolerance": 1e-12, "table": table, "probes": probes}
+    text = explanation(result)
+    for figure in ("modified in place: blocks.0.weight", "surfaced in: inner step 2 backward",
+                   "1 inner step: outer backward", "1 inner step: head.bias", "blames: `update = lr * param.grad`", "backward: True", "w rel err 0.25",
+                   "LR rel err 0.31", "d raw: 4.4e-17", "ok in 7 of 8 cells, largest rel err 0.7"):
+        assert figure in text, figure
+    assert "1e-16" not in text and "all eight" not in text
+    bare = explanation({**result, "probes": {}})  # mixed precision: no probes
+    assert bare.count("not measured in this run") == 8
+
+
+def test_the_seed_engine_s_switches_come_from_the_registry_not_the_name() -> None:
+    # `sckpt_lr` checkpoints inner-step segments, not layers: a name parser would read `ckpt` in it
+    assert flags("sckpt_lr") == {"layer_ckpt": False, "learn_lr": True, "first_order": False}
+    for name, variant in registry().items():
+        assert flags(name) == {k: variant.flags[k] for k in ("layer_ckpt", "learn_lr", "first_order")}

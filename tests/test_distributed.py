@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -89,12 +90,14 @@ def test_torchrun_harness_run_writes_one_row_from_rank_0_with_every_ranks_memory
 
 
 def test_a_rank_that_raises_ends_both_processes_promptly_and_rank_0_names_it(tmp_path) -> None:
-    t0 = time.monotonic()
-    proc = torchrun(*RUN, "--out", str(tmp_path), env={"MAML_HARNESS_FAIL_RANK": "1:2"}, timeout=120)
-    assert time.monotonic() - t0 < 60
+    proc = torchrun(*RUN, "--out", str(tmp_path), env={"MAML_HARNESS_FAIL_RANK": "1:2"})
+    ended = time.time()  # torchrun returns once both ranks have exited
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error: rank 1 failed")]
-    assert ours == ["error: rank 1 failed at meta-step 2: RuntimeError: injected fault (MAML_HARNESS_FAIL_RANK=1:2)"]
+    assert len(ours) == 1, proc.stderr[-3000:]
+    raised = re.fullmatch(r"error: rank 1 failed at meta-step 2: RuntimeError: injected fault "
+                          r"\(MAML_HARNESS_FAIL_RANK=1:2\) at unix time ([0-9.]+)", ours[0])
+    assert raised and ended - float(raised.group(1)) < 60  # from the raise to both processes gone
     assert not any(tmp_path.iterdir())
 
 

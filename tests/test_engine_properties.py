@@ -99,7 +99,7 @@ def test_lr_granularities_have_the_documented_shapes() -> None:
         if expect is not None:
             assert all(tuple(r.shape) == expect for r in learner.lrs.raw.values())
         else:
-            assert learner.lrs.raw["head__weight"].shape == model.head.weight.shape
+            assert learner.lrs.raw[learner.lrs.key_for("head.weight")].shape == model.head.weight.shape
         lr0 = torch.nn.functional.softplus(next(iter(learner.lrs.raw.values()))).flatten()[0].item()
         assert lr0 == pytest.approx(0.01)
 
@@ -125,7 +125,7 @@ class _ReadsModuleParams(nn.Module):
 class _RebindsParameters(MetaLearner):
     """A stateful binding, as in the seed: fast weights written into the modules; forward reads them."""
 
-    def forward_with(self, weights, x, *, recompute=False):  # type: ignore[override]
+    def forward_with(self, weights, x, *, buffers=None):  # type: ignore[override]
         for name, t in weights.items():
             mod = self.model.get_submodule(name.rpartition(".")[0])
             mod._parameters[name.rpartition(".")[2]] = t

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from harness.bench.cells import Cell, variant_for
 from harness.core.config import ConfigError, MetaConfig, Task
+from harness.core import vectorized
 from harness.core.engine import MetaLearner
 from harness.core.grads import agreement
 from harness.studies.peers import NO_VECTORIZE, supports
@@ -156,3 +157,24 @@ def test_vectorized_fp16_loss_scale_path_equals_the_sequential_one():
     assert agree["w_rel_err"] <= TOL and agree["lr_rel_err"] <= TOL and abs(ours_loss - ref_loss) <= TOL
     unscaled, _ = vec.meta_gradients(tasks)
     assert agreement({k: g / 1024.0 for k, g in ours.items()}, unscaled)["w_rel_err"] <= TOL
+
+
+class _Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.LSTMCell(1, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(self.cell(x)[0])
+
+
+def test_recurrent_modules_and_operators_without_a_batching_rule_are_refused():
+    learner = MetaLearner(_Recurrent().double(), MetaConfig(vectorize=True), nn.functional.mse_loss)
+    task = Task(*(torch.randn(5, 1, dtype=torch.float64) for _ in range(4)))
+    with pytest.raises(ConfigError, match=r"'cell' \(LSTMCell\) cannot be vmapped"):
+        learner.meta_gradients([task, task])
+    h = torch.zeros(5, 4, dtype=torch.float64)
+    with pytest.raises(ConfigError, match="no batching rule for aten::lstm_cell"):  # the operator itself
+        step = vmap(lambda x: torch.lstm_cell(x, (h, h), *learner.model.cell.parameters()))
+        vectorized._unbatchable_is_refused(step, torch.randn(2, 5, 1, dtype=torch.float64))

@@ -16,11 +16,13 @@ Try it: ``python -m harness bench --variants maml,fo --run-id m`` twice; the sec
 """
 from __future__ import annotations
 
+import functools
 import sys
 import time
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 from tqdm import tqdm
 
@@ -30,7 +32,8 @@ from harness.bench.process import CellExecutor, LocalExecutor, cell_environment,
 from harness.bench.store import LOCK_WAIT_S, RunDirBusy, claim_cell, live_claim, merge_rows, read_rows, release_cell, run_dir_lock
 from harness.variants import get_variant
 
-__all__ = ["run_matrix", "measure_cell", "matrix_exit_code", "is_finished", "LOCAL"]
+__all__ = ["run_matrix", "measure_cell", "matrix_exit_code", "is_finished", "LOCAL", "BatchExecutor",
+           "measure_here", "lost_cell_row"]
 
 LOCAL = LocalExecutor()
 POLL_S = 0.5  # how often a run re-reads the file while another process measures one of its cells
@@ -63,6 +66,26 @@ def measure_cell(cell: Cell, opts: MeasureOptions, executor: CellExecutor = LOCA
     row = base_row(cell)
     row.update(flags=get_variant(cell.base_variant).flags, status="unsupported", message=why, wall_s=0.0,
                env=cell_environment(cell.device))
+    return row
+
+
+class BatchExecutor(Protocol):
+    """Runs many cells at once (``harness.bench.executors.RayExecutor``): ``fn`` on every item, yielding
+    ``(item, fn(item))`` as each finishes, ``failed(item, reason)`` for one it lost."""
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any], *, failed: Callable[[Any, str], Any],
+            gpu: bool = False) -> Iterator[tuple[Any, Any]]: ...
+
+
+def measure_here(opts_of: Callable[[Cell], MeasureOptions], cell: Cell) -> dict[str, Any]:
+    """A batch executor's job: the cell measured where the job runs, exactly as ``local`` measures it."""
+    return measure_cell(cell, opts_of(cell), LOCAL)
+
+
+def lost_cell_row(cell: Cell, reason: str) -> dict[str, Any]:
+    """The ``error`` row of a cell its executor lost (its Ray worker died, say)."""
+    row = base_row(cell)
+    row.update(status="error", message=reason, wall_s=None, env=cell_environment(cell.device))
     return row
 
 
@@ -101,6 +124,36 @@ class _Run:
             raise
         return row
 
+    def measure_batch(self, cells: list[Cell], bar: tqdm) -> list[Cell]:
+        """Claim ``cells`` and hand them all to a batch executor at once, merging each row as it arrives;
+        returns the cells another process is measuring.  Claims last as if the cells ran one at a time."""
+        claimed, elsewhere = [], []
+        with self.lock():
+            rows = read_rows(self.run_dir)
+            for c in cells:
+                if not self.force and is_finished(rows.get(c.key()), self.opts_of(c)):
+                    continue
+                bound = self.opts_of(c).timeout_s * len(cells)
+                (elsewhere if claim_cell(self.run_dir, c.key(), bound) is not None else claimed).append(c)
+        open_keys = {c.key() for c in claimed}
+        try:
+            finished = self.executor.map(functools.partial(measure_here, self.opts_of), claimed,
+                                         failed=lost_cell_row, gpu=any(c.device == "cuda" for c in claimed))
+            with closing(finished):  # an exception here closes it: the executor cancels the rest
+                for cell, row in finished:
+                    row.update(run_id=self.run_dir.name, measure_opts=asdict(self.opts_of(cell)), **self.extra)
+                    with self.lock():
+                        merge_rows(self.run_dir, [row], self.order)
+                        release_cell(self.run_dir, cell.key())
+                    open_keys.discard(cell.key())
+                    bar.update(1)
+                    bar.set_postfix_str(cell.variant)
+                    _report(bar, cell, row)
+        finally:
+            for key in open_keys:
+                self._release_quietly(key)
+        return elsewhere
+
     def _release_quietly(self, key: str) -> None:
         try:
             with run_dir_lock(self.run_dir, wait_s=2.0):
@@ -134,7 +187,7 @@ def _report(bar: tqdm, cell: Cell, row: dict[str, Any]) -> None:
 
 def run_matrix(cells: Iterable[Cell], run_dir: Path, opts: MeasureOptions | Callable[[Cell], MeasureOptions], *,
                force: bool = False, progress: bool = True, log: Callable[[str], None] | None = None,
-               extra: dict[str, Any] | None = None, executor: CellExecutor = LOCAL,
+               extra: dict[str, Any] | None = None, executor: CellExecutor | BatchExecutor = LOCAL,
                lock_wait_s: float = LOCK_WAIT_S) -> list[dict[str, Any]]:
     """Measure every cell not finished in ``run_dir/cells.jsonl`` (all of them with ``force``), each through
     ``executor``, merging each row into the file as it comes; returns the request's rows in its order.
@@ -158,11 +211,14 @@ def run_matrix(cells: Iterable[Cell], run_dir: Path, opts: MeasureOptions | Call
             log(f"resuming {run.run_dir}: skipping {len(cells) - len(todo)} finished cell(s), running {len(todo)} "
                 "(--force re-runs all)")
         elsewhere: list[Cell] = []
-        bar = tqdm(todo, desc=f"cells -> {run.run_dir.name}", unit="cell", file=sys.stderr,
-                   disable=None if progress else True)
-        for cell in bar:
+        bar = tqdm(total=len(todo), desc=f"cells -> {run.run_dir.name}", unit="cell", file=sys.stderr,
+                   disable=None if progress else True)  # counts finished cells
+        if hasattr(executor, "map"):  # many at once (Ray)
+            elsewhere = run.measure_batch(todo, bar)
+        for cell in [] if hasattr(executor, "map") else todo:
             bar.set_postfix_str(cell.variant)
             result = run.measure_unless_taken(cell)
+            bar.update(1)
             if result == "elsewhere":
                 elsewhere.append(cell)
             elif isinstance(result, dict):

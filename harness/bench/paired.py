@@ -109,7 +109,8 @@ def measure_paired(cell: Any, step: Any, opts: Any) -> dict[str, Any] | None:
     ref = reference_name(cell.variant, registry())
     if ref is None:
         return None
-    kept = len(step.losses)
+    losses = getattr(step, "losses", None)
+    kept = len(losses) if losses is not None else 0
     try:
         ref_cell = replace(cell, variant=ref)
         spec_kw, model_kw, task_kw = ref_cell.overrides()
@@ -125,4 +126,5 @@ def measure_paired(cell: Any, step: Any, opts: Any) -> dict[str, Any] | None:
     except Exception as exc:  # noqa: BLE001 -- the cell's own figures stand; the row says why no ratio
         return {"reference": ref, "error": f"{type(exc).__name__}: {exc}"}
     finally:
-        del step.losses[kept:]  # the row's losses are the cell's measured steps only
+        if losses is not None:
+            del losses[kept:]  # the row's losses are the cell's measured steps only

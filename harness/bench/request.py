@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from harness.bench.cells import Cell, MeasureOptions, dedup_cells
+from harness.bench.executors import ExecutorSpec, open_executor
 from harness.bench.matrix import matrix_exit_code, run_matrix
 from harness.core.config import AMP_MODES, ConfigError
 from harness.reporting import tables
@@ -40,6 +41,7 @@ class MatrixRequest:
     force: bool = False
     plots_dir: Path | None = None  # None: no plots
     extra: dict[str, Any] | None = None  # written into every row (e.g. the swept parameter)
+    executor: ExecutorSpec = ExecutorSpec()  # default: each cell in a local process
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,7 @@ def run_request(req: MatrixRequest) -> MatrixOutcome:
     """Run the cells not already measured, then rebuild ``summary.csv``, ``table.md`` and the plots."""
     t0 = time.perf_counter()
     opts = (lambda c: replace(req.opts, cpu_mem_cap_mib=req.caps.get(c.variant))) if req.caps else req.opts
-    rows = run_matrix(req.cells, req.run_dir, opts, force=req.force, extra=req.extra)
+    with open_executor(req.executor) as executor:
+        rows = run_matrix(req.cells, req.run_dir, opts, force=req.force, extra=req.extra, executor=executor)
     built = tables.build(req.run_dir, plots=req.plots_dir is not None, plots_dir=req.plots_dir)
     return MatrixOutcome(rows, built["summary"], built["table"], built["plots"], time.perf_counter() - t0)

@@ -13,6 +13,7 @@ import inspect
 import shlex
 from typing import Any
 
+from harness.bench.executors import add_executor_arguments, executor_spec, open_executor
 from harness.cli.args import (EXIT_FAILED, EXIT_OK, UsageError, add_out_argument, check_numbers, check_out_dir,
                               merge_flags, nonempty, out_path, plots_root, run_dir)
 from harness.settings import ACCEPTED, dedupe, parse_settings, split_settings
@@ -58,6 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--results-dir", dest="out", type=out_path, help=argparse.SUPPRESS)  # the old name of --out
     p.add_argument("--plots-dir", type=out_path, default=None, help=argparse.SUPPRESS)  # default: plots/ beside --out
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_executor_arguments(p)
     p.set_defaults(handler=run)
 
 
@@ -134,8 +136,10 @@ def run(args: argparse.Namespace) -> int:
     out_dir = run_dir(args.out, spec.run_id)
     plots = args.plots_dir if args.plots_dir is not None else plots_root(args.out)
     check_out_dir(plots / spec.run_id, flag="--plots-dir" if args.plots_dir is not None else "plots folder")
-    summary = run_ablation(spec, out_dir.parent, plots, force=args.force,
-                           progress=False if args.no_progress else None, command=canonical_command(spec, args))
+    executor = executor_spec(args)
+    with open_executor(executor) as ex:
+        summary = run_ablation(spec, out_dir.parent, plots, force=args.force, executor=ex,
+                               progress=False if args.no_progress else None, command=canonical_command(spec, args))
     print(markdown_tables(summary), end="")
     print("checkpoint check: " + check_line(summary))
     paths = summary["paths"]

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import torch
 
 from harness.bench.cells import MeasureOptions
+from harness.bench.executors import add_executor_arguments
 from harness.bench.request import DEFAULT_PRESET, parse_amps
 from harness.core.config import AMP_MODES, ConfigError
 from harness.distributed import check_ranks
@@ -90,6 +91,7 @@ def add_matrix_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-nvml", action="store_true", help="no NVML sampler thread (CUDA)")
     p.add_argument("--cpu-mem-cap", action="append", default=[], metavar="VARIANT=MIB", help=argparse.SUPPRESS)
+    add_executor_arguments(p)
 
 
 def default_device() -> str:

@@ -21,7 +21,7 @@ from harness.cli.args import DEFAULT_OUT, EXIT_FAILED, EXIT_OK, add_out_argument
 from harness.core.config import AMP_MODES
 from harness.reporting.provenance import environment
 from harness.reporting.schema import SCHEMA_VERSION, write_json, write_text_atomic
-from harness.studies.seed.diagnose import ENGINE_TITLES, ENGINES, SHORT_EXPLANATION, Setup, diagnose, markdown
+from harness.studies.seed.diagnose import ENGINE_TITLES, ENGINES, Setup, diagnose, explanation, markdown
 from harness.train import DEVICES, check_amp, check_device
 
 __all__ = ["register", "run"]
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("probes: float64 only (run without --amp)")
     print()
-    print(SHORT_EXPLANATION)
+    print(explanation(result))
     print(f"\nwrote {md_path} and {json_path}; full explanation in docs/diagnosis.md")
     ok = not failed and all(row["functional"]["status"] == "ok" for row in result["table"].values())
     return EXIT_OK if ok else EXIT_FAILED

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from harness.bench.request import MatrixRequest, plan, resolve_variants, run_request
+from harness.bench.executors import executor_spec
 from harness.cli.args import (UsageError, add_matrix_arguments, check_out_dir, matrix_options, nonempty, plots_root,
                               run_dir)
 from harness.reporting.tables import _fmt as fmt_number, flatten
@@ -39,7 +40,7 @@ def request_from_args(args: argparse.Namespace) -> MatrixRequest:
     plots = None if args.no_plots else check_out_dir(plots_root(args.out) / run_id)
     cells = plan(variants, m.preset, m.device, args.dtype, args.seed, m.settings, m.amps, sweep=(name, values))
     return MatrixRequest(cells, out_dir, m.opts, force=args.force, plots_dir=plots,
-                         extra={"sweep_param": name})
+                         extra={"sweep_param": name}, executor=executor_spec(args))
 
 
 def run(args: argparse.Namespace) -> int:

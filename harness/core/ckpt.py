@@ -1,4 +1,4 @@
-"""Checkpointing that is correct under functional fast weights.
+"""Checkpointing that is correct under functional fast weights: :func:`harness.checkpoint`.
 
 Why this module exists: the seed report wraps each layer in
 ``torch.utils.checkpoint(m, x)``.  A checkpointed function that *reads module
@@ -10,20 +10,24 @@ fast weights that ``torch.func.functional_call`` bound) and passes them to
 ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`` as explicit
 inputs, so the recomputation sees exactly the tensors the forward saw.
 
-Buffers (BatchNorm running statistics) are the other trap: recomputation runs
-the layer's forward again and would update ``running_mean`` twice.  The rule
-here: the *first* call of a checkpointed function uses the module's real
-buffers (one update per forward, exactly as without checkpointing); every
-recomputation runs on private clones of the buffers, so the real ones are
-never touched by a recompute.  In training mode BatchNorm normalises with batch
-statistics, so the clone does not change the recomputed values; in eval mode
-the buffers are read only, so the clone holds the same values.
+The recomputation must also see the forward's buffers and RNG state:
 
-Usage inside a model's ``forward``::
+* buffers are snapshotted *before* the first call; the first call runs on the
+  module's bound buffers (one update per forward, exactly as without
+  checkpointing) and every recomputation runs on a fresh clone of the snapshot,
+  so buffer-updating layers (BatchNorm with any momentum, spectral norm's power
+  iteration, a user's own) recompute what the forward computed and the real
+  buffers are updated once;
+* the RNG state is saved and replayed by ``torch.utils.checkpoint``
+  (``preserve_rng_state=True``), so dropout draws the forward's masks.
+
+Usage inside a model's ``forward`` (arguments as for ``torch.utils.checkpoint.checkpoint``: positional or
+keyword, tensors, tuples of tensors such as an LSTM cell's ``(h, c)``, and non-tensors)::
 
     from harness import checkpoint
     for block in self.blocks:
         x = checkpoint(block, x)
+    h, c = checkpoint(self.cell, x_t, (h, c))
 
 The MAML engine switches it on and off per variant (``layer_checkpointing``);
 outside the engine it checkpoints, like the call it replaces.
@@ -31,132 +35,63 @@ outside the engine it checkpoints, like the call it replaces.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-import torch
 import torch.utils.checkpoint as _tuc
-from torch import nn
-from torch.func import functional_call
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
-__all__ = ["checkpoint", "checkpoint_function", "checkpoint_segment", "layer_checkpointing", "recomputing"]
+from harness.core.binding import call_with
+from harness.core.state import layer_checkpointing, layer_checkpointing_enabled, recompute_scope, recomputing
 
-
-class _State:
-    layer_ckpt: bool = True  # is harness.checkpoint active? (engine sets per variant)
-    recompute_depth: int = 0  # > 0 while a checkpointed function is being recomputed
+__all__ = ["checkpoint", "layer_checkpointing", "recomputing"]
 
 
-@contextlib.contextmanager
-def layer_checkpointing(enabled: bool) -> Iterator[None]:
-    """Switch :func:`checkpoint` on or off for the duration of the block."""
-    previous, _State.layer_ckpt = _State.layer_ckpt, enabled
-    try:
-        yield
-    finally:
-        _State.layer_ckpt = previous
+def _owning_module(function: Callable[..., Any]) -> nn.Module:
+    if isinstance(function, nn.Module):
+        return function
+    owner = getattr(function, "__self__", None)
+    if isinstance(owner, nn.Module):
+        return owner
+    raise TypeError("harness.checkpoint needs an nn.Module or a bound method of one (so that the fast weights "
+                    f"it reads can be bound); got {type(function).__name__}. A function of its tensor arguments "
+                    "alone can use torch.utils.checkpoint.checkpoint directly")
 
 
-def recomputing() -> bool:
-    """True while a checkpointed function is being recomputed for backward."""
-    return _State.recompute_depth > 0
+def checkpoint(function: Callable[..., Any], *args: Any, use_reentrant: bool | None = None,
+               preserve_rng_state: bool = True, **kwargs: Any) -> Any:
+    """Drop-in for ``torch.utils.checkpoint.checkpoint(module, *args, **kwargs)``.
 
-
-def checkpoint_function(fn: Callable[..., Any], *inputs: Any, **kwargs: Any) -> Any:
-    """Non-reentrant checkpoint of ``fn(*inputs, recompute=bool)``.
-
-    ``fn`` receives ``recompute=True`` on every call after the first (the
-    recomputations for backward), and :func:`recomputing` is true while it
-    runs, so nested checkpoints and buffer updates can tell the two apart.
-    Everything ``fn`` differentiates through must be among ``inputs``.
+    Binds the module's current parameter tensors (fast weights under ``functional_call``) as explicit
+    inputs of a non-reentrant checkpoint (``use_reentrant`` is accepted for compatibility; the
+    checkpoint is always non-reentrant).  ``function`` is a module or a bound method of one.  A plain
+    call while layer checkpointing is switched off.
     """
+    if not layer_checkpointing_enabled():
+        return function(*args, **kwargs)
+    module = _owning_module(function)
+    call = None if function is module else function
+    named = list(module.named_parameters())
+    names = [n for n, _ in named]
+    leaves, spec = tree_flatten((args, kwargs))
+    where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
+    snapshot = {n: b.clone() for n, b in module.named_buffers()}  # before the first call
     calls = 0
 
-    def run(*args: Any) -> Any:
+    def run(*flat: Tensor) -> Any:
         nonlocal calls
         calls += 1
-        is_recompute = calls > 1 or recomputing()
-        if is_recompute:
-            _State.recompute_depth += 1
-        try:
-            return fn(*args, recompute=is_recompute, **kwargs)
-        finally:
-            if is_recompute:
-                _State.recompute_depth -= 1
+        bound = dict(zip(names, flat[: len(names)]))
+        if calls > 1:  # a recomputation: a fresh clone of the buffers as they were before the first call
+            bound.update({n: b.clone() for n, b in snapshot.items()})
+        now = list(leaves)
+        for i, t in zip(where, flat[len(names):]):
+            now[i] = t
+        a, kw = tree_unflatten(now, spec)
+        with recompute_scope() if calls > 1 else contextlib.nullcontext():
+            return call_with(module, bound, a, kw, call=call)
 
-    return _tuc.checkpoint(run, *inputs, use_reentrant=False)
-
-
-class _Segment(torch.autograd.Function):
-    """Forward without a graph; backward recomputes with the full graph and differentiates it.
-
-    For functions that take gradients *inside* (whole MAML inner steps): a non-reentrant
-    checkpoint would recompute the region every time the inner ``autograd.grad`` unpacks
-    one of its saved tensors, which for a segment of n steps recomputes the earlier steps
-    again and again (measured: 133 MiB for one 8-step segment against 32 MiB unchecked).
-    """
-
-    @staticmethod
-    def forward(ctx, fn, *inputs):  # noqa: ANN001
-        ctx.fn = fn
-        ctx.save_for_backward(*inputs)
-        with torch.enable_grad():
-            args = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
-            out = fn(*args, recompute=False, build_graph=False)
-        return tuple(o.detach() for o in out)
-
-    @staticmethod
-    def backward(ctx, *grads_out):  # noqa: ANN001
-        inputs = ctx.saved_tensors
-        _State.recompute_depth += 1
-        try:
-            with torch.enable_grad():
-                args = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
-                out = ctx.fn(*args, recompute=True, build_graph=True)
-        finally:
-            _State.recompute_depth -= 1
-        wanted = [a for a in args if a.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grads_out, allow_unused=True))
-        return (None, *[next(grads) if a.requires_grad else None for a in args])
+    return _tuc.checkpoint(run, *[p for _, p in named], *[leaves[i] for i in where], use_reentrant=False,
+                           preserve_rng_state=preserve_rng_state)
 
 
-def checkpoint_segment(fn: Callable[..., Any], *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Checkpoint ``fn(*inputs, recompute=bool, build_graph=bool) -> tuple of tensors``.
-
-    The forward runs with ``build_graph=False`` (only values are needed) and keeps only
-    ``inputs``; the backward reruns ``fn`` with ``build_graph=True, recompute=True`` and
-    differentiates its outputs.  Supports one backward through it (meta-gradients), not
-    double backward.
-    """
-    return _Segment.apply(fn, *inputs)
-
-
-def _call_module(module: nn.Module, names: list[str], args: tuple, n_params: int,
-                 *flat: Any, recompute: bool) -> Any:
-    params = dict(zip(names, flat[:n_params]))
-    inputs = flat[n_params:]
-    if recompute:  # never update the real buffers from a recomputation
-        params.update({n: b.clone() for n, b in module.named_buffers()})
-    return functional_call(module, params, tuple(inputs) + tuple(args), strict=False)
-
-
-def checkpoint(module: nn.Module, *inputs: Any) -> Any:
-    """Drop-in for ``torch.utils.checkpoint.checkpoint(module, *inputs)``.
-
-    Binds the module's current parameter tensors (fast weights under
-    ``functional_call``) as explicit inputs of a non-reentrant checkpoint.
-    A no-op wrapper (plain ``module(*inputs)``) while layer checkpointing is
-    switched off.
-    """
-    if not _State.layer_ckpt:
-        return module(*inputs)
-    named = [(n, p) for n, p in module.named_parameters() if p is not None]
-    names = [n for n, _ in named]
-    tensors = [p for _, p in named]
-    tensor_inputs = [x for x in inputs if isinstance(x, torch.Tensor)]
-    other = tuple(x for x in inputs if not isinstance(x, torch.Tensor))
-    if len(tensor_inputs) != len(inputs):
-        raise TypeError("harness.checkpoint: pass tensors positionally; bind other arguments in the module")
-    return checkpoint_function(
-        lambda *flat, recompute: _call_module(module, names, other, len(tensors), *flat, recompute=recompute),
-        *tensors, *tensor_inputs,
-    )

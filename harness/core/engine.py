@@ -20,7 +20,7 @@ The four axes, all composable:
   non-reentrant checkpoints with the fast weights as explicit inputs.
 * ``step_ckpt`` -- every segment of ``step_ckpt`` inner steps (forward,
   ``autograd.grad``, update) runs inside one segment checkpoint
-  (:func:`harness.core.ckpt.checkpoint_segment`): values only in the forward, the
+  (:func:`harness.core.segment.checkpoint_segment`): values only in the forward, the
   full graph rebuilt in the outer backward, so only the segment's input
   weights are kept.
 
@@ -39,12 +39,14 @@ from typing import Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from harness.core.ckpt import checkpoint_segment, layer_checkpointing
+from harness.core.binding import call_with
 from harness.core.config import AMP_MODES, LossFn, MetaConfig, Task, Weights
+from harness.core.segment import checkpoint_segment
+from harness.core.state import layer_checkpointing
 from harness.core.vectorized import vectorized_meta_gradients
 
+__all__ = ["InnerLRs", "MetaLearner", "OuterLoop", "adapted_names", "lr_key", "owner"]
 
 
 def owner(name: str) -> str:
@@ -65,6 +67,22 @@ def adapted_names(model: nn.Module, adapt_last: int | None) -> list[str]:
     return [n for n in names if owner(n) in keep]
 
 
+_ESCAPES = (("%", "%25"), (":", "%3A"), ("<", "%3C"), (".", ":"))
+
+
+def lr_key(group: str) -> str:
+    """The ``InnerLRs.raw`` key of an LR group (a module path or a parameter name), one-to-one.
+
+    ``.`` becomes ``:`` (a ParameterDict key cannot hold a dot) after ``%``, ``:`` and ``<`` are
+    percent-escaped, so ``a.b`` -> ``a:b`` and ``a__b`` -> ``a__b`` stay apart; the root module is ``<root>``.
+    """
+    if group == "":
+        return "<root>"
+    for char, escaped in _ESCAPES:
+        group = group.replace(char, escaped)
+    return group
+
+
 def _inv_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
@@ -76,6 +94,10 @@ class InnerLRs(nn.Module):
     ``inner_lrs[idx]`` per module), ``tensor`` gives one per parameter tensor,
     ``element`` one per weight entry (Meta-SGD); ``per_step`` adds a leading
     inner-step axis (MAML++ LSLR).
+
+    The mapping is public: ``key_for(name)`` is the ``raw`` key (meta-gradient ``lr.<key>``) of
+    parameter ``name``, ``names_of(key)`` the parameters sharing that LR, ``lr_for(name)`` its
+    current value (``softplus``; all steps if per-step).
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str], cfg: MetaConfig) -> None:
@@ -83,25 +105,40 @@ class InnerLRs(nn.Module):
         self.granularity, self.per_step = cfg.lr_granularity, cfg.lr_per_step
         shapes = dict(model.named_parameters())
         steps = (max(cfg.inner_steps, 1),) if cfg.lr_per_step else ()
-        self.key_of: dict[str, str] = {}
+        self._key: dict[str, str] = {}
+        self._names: dict[str, list[str]] = {}
         raw: dict[str, nn.Parameter] = {}
         init = _inv_softplus(cfg.inner_lr)
         for n in names:
-            group = {"layer": owner(n) or "<root>", "tensor": n, "element": n}[cfg.lr_granularity]
-            key = group.replace(".", "__")
-            self.key_of[n] = key
+            key = lr_key(owner(n) if cfg.lr_granularity == "layer" else n)
+            self._key[n] = key
+            self._names.setdefault(key, []).append(n)
             if key not in raw:
-                shape = steps + (tuple(shapes[n].shape) if cfg.lr_granularity == "element" else ())
                 p = shapes[n]
+                shape = steps + (tuple(p.shape) if cfg.lr_granularity == "element" else ())
                 raw[key] = nn.Parameter(torch.full(shape, init, dtype=p.dtype, device=p.device))
         self.raw = nn.ParameterDict(raw)
+
+    def key_for(self, name: str) -> str:
+        """The ``raw`` key of parameter ``name``'s LR (its meta-gradient is ``lr.<key>``)."""
+        return self._key[name]
+
+    def names_of(self, key: str) -> list[str]:
+        """The parameters that share the LR ``raw[key]``, in ``named_parameters`` order."""
+        return list(self._names[key])
+
+    def lr_for(self, name: str, step: int | None = None) -> Tensor:
+        """Parameter ``name``'s current LR, ``softplus(raw)`` (at inner step ``step`` if per-step)."""
+        lr = F.softplus(self.raw[self._key[name]])
+        return lr[step] if (self.per_step and step is not None) else lr
 
     def values(self) -> dict[str, Tensor]:
         """softplus of every raw LR, once per meta-step (explicit inputs for step checkpoints)."""
         return {k: F.softplus(v) for k, v in self.raw.items()}
 
     def lookup(self, lrs: Mapping[str, Tensor], name: str, step: int) -> Tensor:
-        lr = lrs[self.key_of[name]]
+        """Parameter ``name``'s LR at inner step ``step``, from ``values()``."""
+        lr = lrs[self._key[name]]
         return lr[step] if self.per_step else lr
 
 
@@ -163,40 +200,47 @@ class MetaLearner(OuterLoop, nn.Module):
     def initial_weights(self) -> Weights:
         return dict(self.model.named_parameters())
 
-    def forward_with(self, weights: Mapping[str, Tensor], x: Tensor, *, recompute: bool = False) -> Tensor:
-        """The model's forward with ``weights`` bound; per-layer checkpointing per the config.
-
-        A recomputation (inside a step checkpoint) runs on clones of the buffers.
-        """
+    def forward_with(self, weights: Mapping[str, Tensor], x: Tensor, *,
+                     buffers: Mapping[str, Tensor] | None = None) -> Tensor:
+        """The model's forward with ``weights`` (and ``buffers``, if given) bound; per-layer
+        checkpointing per the config.  A step checkpoint's recomputation binds clones of the buffers
+        as they were before its forward."""
         bound: dict[str, Tensor] = dict(weights)
-        if recompute:
-            bound.update({n: b.clone() for n, b in self.model.named_buffers()})
+        if buffers is not None:
+            bound.update(buffers)
         with layer_checkpointing(self.cfg.layer_ckpt):
-            return functional_call(self.model, bound, (x,), strict=False)
+            return call_with(self.model, bound, (x,))
 
-    def loss_with(self, weights: Mapping[str, Tensor], x: Tensor, y: Tensor, *, recompute: bool = False) -> Tensor:
+    def loss_with(self, weights: Mapping[str, Tensor], x: Tensor, y: Tensor, *,
+                  buffers: Mapping[str, Tensor] | None = None) -> Tensor:
         """Forward and loss under the configured autocast (checkpoint recomputation replays it)."""
         amp_dtype = AMP_MODES[self.cfg.amp]
         with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            return self.loss_fn(self.forward_with(weights, x, recompute=recompute), y)
+            return self.loss_fn(self.forward_with(weights, x, buffers=buffers), y)
 
     def _lr_values(self) -> dict[str, Tensor] | None:
         return self.lrs.values() if self.lrs is not None else None
 
+    def lr_of(self, name: str, step: int | None = None) -> Tensor | float:
+        """The inner LR parameter ``name`` is updated with (learnable: ``lrs.lr_for``; else ``inner_lr``)."""
+        return self.lrs.lr_for(name, step) if self.lrs is not None else self.cfg.inner_lr
+
     def _inner_steps(self, weights: Weights, lrs: Mapping[str, Tensor] | None, x: Tensor, y: Tensor,
-                     steps: range, *, loss_scale: float = 1.0, recompute: bool = False,
+                     steps: range, *, loss_scale: float = 1.0, buffers: Mapping[str, Tensor] | None = None,
                      build_graph: bool = True) -> Weights:
         """Plain SGD on the support set for ``steps``; the one place the update rule lives.
 
         With a loss scale (fp16), the inner gradient is taken on the scaled loss and
         unscaled by hand (PyTorch's gradient-penalty recipe for GradScaler).  ``build_graph=False``
-        computes the values only (the forward of a step checkpoint).
+        computes the values only (the forward of a step checkpoint).  A parameter the loss does not
+        depend on has a zero inner gradient.
         """
         create_graph = build_graph and not self.cfg.first_order
         for k in steps:
-            loss = self.loss_with(weights, x, y, recompute=recompute)
-            grads = torch.autograd.grad(loss * loss_scale if loss_scale != 1.0 else loss,
-                                        [weights[n] for n in self.adapted], create_graph=create_graph)
+            loss = self.loss_with(weights, x, y, buffers=buffers)
+            adapted = [weights[n] for n in self.adapted]
+            grads = torch.autograd.grad(loss * loss_scale if loss_scale != 1.0 else loss, adapted,
+                                        create_graph=create_graph, allow_unused=True, materialize_grads=True)
             if loss_scale != 1.0:
                 grads = tuple(g / loss_scale for g in grads)
             weights = dict(weights)
@@ -207,7 +251,11 @@ class MetaLearner(OuterLoop, nn.Module):
 
     def adapt(self, support_x: Tensor, support_y: Tensor, weights: Weights | None = None,
               lrs: Mapping[str, Tensor] | None = None, loss_scale: float = 1.0) -> Weights:
-        """K inner steps from ``weights`` (default: the initial weights); returns fast weights."""
+        """K inner steps from ``weights`` (default: the initial weights); returns fast weights.
+
+        Under step checkpointing each segment snapshots the buffers before its forward; its
+        recomputation runs on a clone of that snapshot (the segment replays the RNG state).
+        """
         weights = self.initial_weights() if weights is None else dict(weights)
         lrs = self._lr_values() if lrs is None else lrs
         K, seg = self.cfg.inner_steps, self.cfg.step_ckpt
@@ -217,12 +265,15 @@ class MetaLearner(OuterLoop, nn.Module):
         lr_keys = list(lrs) if lrs is not None else []
         for start in range(0, K, seg):
             steps = range(start, min(start + seg, K))
+            snapshot = {n: b.clone() for n, b in self.model.named_buffers()}
 
-            def segment(*flat: Tensor, recompute: bool, build_graph: bool, steps: range = steps) -> tuple[Tensor, ...]:
+            def segment(*flat: Tensor, recompute: bool, build_graph: bool, steps: range = steps,
+                        snapshot: dict[str, Tensor] = snapshot) -> tuple[Tensor, ...]:
                 w = dict(zip(names, flat[: len(names)]))
                 lr = dict(zip(lr_keys, flat[len(names):])) if lr_keys else None
+                buffers = {n: b.clone() for n, b in snapshot.items()} if recompute else None
                 out = self._inner_steps(w, lr, support_x, support_y, steps, loss_scale=loss_scale,
-                                        recompute=recompute, build_graph=build_graph)
+                                        buffers=buffers, build_graph=build_graph)
                 return tuple(out[n] for n in names)
 
             flat_in = [weights[n] for n in names] + [lrs[k] for k in lr_keys]

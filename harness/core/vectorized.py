@@ -52,6 +52,8 @@ __all__ = ["ComposedLayerNorm", "VectorizableLearner", "check_vectorizable", "st
 # batching rules of these norms' backward are wrong for the input gradient (pytorch/functorch#534, open;
 # measured on torch 2.14.1: relative error 0.03-0.04 in the second-order term under vmap)
 WRONG_UNDER_VMAP = (nn.modules.batchnorm._NormBase,)  # BatchNorm*, InstanceNorm*, with or without buffers
+# recurrent modules: aten::lstm_cell has no batching rule, and LSTMCell's default state is written in place
+RECURRENT = (nn.RNNBase, nn.RNNCellBase)
 DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
@@ -73,6 +75,10 @@ def check_vectorizable(model: nn.Module) -> None:
             raise ConfigError(f"vectorize: module {name!r} ({type(module).__name__}) cannot be vectorized exactly: "
                               "its backward batching rule is wrong for the input gradient (pytorch/functorch#534) "
                               "and running statistics are updated task after task (use norm=group, or vectorize=0)")
+        if isinstance(module, RECURRENT):
+            raise ConfigError(f"vectorize: module {name!r} ({type(module).__name__}) cannot be vmapped over tasks "
+                              "(no batching rule for aten::lstm_cell; the default state is written in place); "
+                              "valid: vectorize=0")
         buffers = [n for n, b in module.named_buffers(recurse=False) if b is not None]
         if buffers:
             raise ConfigError(f"vectorize: module {name or '<root>'!r} ({type(module).__name__}) has buffers "
@@ -172,6 +178,18 @@ def _chunk_gradients(learner: VectorizableLearner, weights: dict[str, Tensor], r
         return grad(outer, argnums=(0, 1), has_aux=True)(weights, raw)
 
 
+def _unbatchable_is_refused(fn: Callable[..., object], *args: object):  # noqa: ANN202
+    """``fn(*args)``; an operator without a vmap batching rule (e.g. ``aten::lstm_cell``) is a ConfigError."""
+    try:
+        return fn(*args)
+    except RuntimeError as exc:
+        if "Batching rule not implemented for" not in str(exc):
+            raise
+        op = str(exc).split("Batching rule not implemented for", 1)[1].split(".")[0].strip()
+        raise ConfigError(f"vectorize: torch.func.vmap has no batching rule for {op}, which this model uses; "
+                          "valid: vectorize=0") from None
+
+
 def vectorized_meta_gradients(learner: VectorizableLearner, tasks: Sequence[Task], loss_scale: float = 1.0
                               ) -> tuple[dict[str, Tensor], float]:
     """Mean-over-tasks meta-gradients (keys ``w.<name>``, ``lr.<key>``) and the mean query loss, all tasks
@@ -188,8 +206,8 @@ def vectorized_meta_gradients(learner: VectorizableLearner, tasks: Sequence[Task
     losses: list[Tensor] = []
     for start in range(0, len(tasks), chunk):
         part = tasks[start:start + chunk]
-        (gw, gr), chunk_losses = _chunk_gradients(learner, weights, raw, stack_tasks(part),
-                                                  len(part) / len(tasks), loss_scale)
+        (gw, gr), chunk_losses = _unbatchable_is_refused(_chunk_gradients, learner, weights, raw,
+                                                         stack_tasks(part), len(part) / len(tasks), loss_scale)
         for n in trainable:
             total[f"w.{n}"] += gw[n]
         for k in raw:

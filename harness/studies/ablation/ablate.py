@@ -14,6 +14,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -74,8 +75,33 @@ def _cells_in_workers(spec: AblationSpec, todo: list[tuple[Variant, int]], threa
             yield cell
 
 
+def _train_in_worker(spec: AblationSpec, threads: int | None, job: tuple[Variant, int]) -> dict[str, Any]:
+    """One (variant, seed) in a Ray worker of its own, with the same thread count and determinism as here."""
+    _worker_setup(threads)
+    return run_cell(spec, job[0], job[1])
+
+
+def _lost_cell(spec: AblationSpec, job: tuple[Variant, int], reason: str) -> dict[str, Any]:
+    """The ``error`` cell of a (variant, seed) whose executor lost it (its Ray worker died)."""
+    v, seed = job
+    return {"schema": CELL_SCHEMA, "kind": "ablation-cell", "status": "error", "message": reason,
+            "variant": {"name": v.name, **v.flags}, "seed": seed, "spec": spec.fingerprint(), "sizes": {},
+            "train_loss": [], "curve_steps": [], "curve_test_loss": [], "curve_test_acc": None, "test_loss": [],
+            "test_acc": None, "learned_lrs": None, "wall_s": 0.0, "cpu_s": 0.0}
+
+
+def _cells_on(executor: Any, spec: AblationSpec, todo: list[tuple[Variant, int]], threads: int | None,
+              bar: tqdm) -> Iterator[dict[str, Any]]:
+    """Cells trained as tasks of a batch executor (``--executor ray``: a fresh Ray worker per cell)."""
+    for (v, seed), cell in executor.map(partial(_train_in_worker, spec, threads), todo,
+                                        failed=partial(_lost_cell, spec), gpu=spec.device == "cuda"):
+        bar.set_description(f"{v.name} s{seed}")
+        bar.update(spec.meta_steps)
+        yield cell
+
+
 def _train_missing(spec: AblationSpec, out: Path, todo: list[tuple[Variant, int]], cells: dict,
-                   progress: bool | None, threads: int | None) -> None:
+                   progress: bool | None, threads: int | None, executor: Any = None) -> None:
     prev_threads, prev_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     _worker_setup(threads)
@@ -91,7 +117,11 @@ def _train_missing(spec: AblationSpec, out: Path, todo: list[tuple[Variant, int]
 
     try:
         parallel = spec.jobs > 1 and len(todo) > 1
-        for cell in (_cells_in_workers(spec, todo, threads, bar) if parallel else sequential()):
+        if hasattr(executor, "map"):  # --executor ray
+            source = _cells_on(executor, spec, todo, threads, bar)
+        else:
+            source = _cells_in_workers(spec, todo, threads, bar) if parallel else sequential()
+        for cell in source:
             write_json(cell_path(out, cell["variant"]["name"], cell["seed"]), cell)
             cells[(cell["variant"]["name"], cell["seed"])] = cell
     finally:
@@ -102,7 +132,7 @@ def _train_missing(spec: AblationSpec, out: Path, todo: list[tuple[Variant, int]
 
 def run_ablation(spec: AblationSpec, results_root: Path = Path("results"), plots_root: Path = Path("plots"),
                  force: bool = False, progress: bool | None = None, log: Callable[[str], None] = print,
-                 command: str = "") -> dict[str, Any]:
+                 command: str = "", executor: Any = None) -> dict[str, Any]:
     """Train what is missing, then write ablation.csv, effects.csv, checks.csv, table.md, summary.json, plots."""
     out, plots = Path(results_root) / spec.run_id, Path(plots_root) / spec.run_id
     cells_plan = plan(spec)
@@ -121,7 +151,7 @@ def run_ablation(spec: AblationSpec, results_root: Path = Path("results"), plots
     threads = spec.threads if spec.threads is not None else default_threads(spec.device, get_preset(spec.preset).model())
     start = time.perf_counter()
     if todo:
-        _train_missing(spec, out, todo, cells, progress, threads)
+        _train_missing(spec, out, todo, cells, progress, threads, executor)
     train_s = time.perf_counter() - start
     summary = summarise(spec, cells_plan, cells)
     summary.update({"schema": SCHEMA_VERSION, "kind": "ablation", "run_id": spec.run_id, "command": command,

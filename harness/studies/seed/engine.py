@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from harness.core.ckpt import checkpoint as harness_checkpoint
 from harness.core.config import AMP_MODES, Task
 from harness.core.engine import _inv_softplus, owner
+from harness.core.engine import lr_key as engine_lr_key
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 CKPT_MODES = ("off", "reentrant", "non_reentrant", "harness")
@@ -133,7 +134,7 @@ class SeedConfig:
 
 def lr_key(module_path: str) -> str:
     """The per-layer LR key of :class:`harness.core.engine.InnerLRs` for a module path."""
-    return (module_path or "<root>").replace(".", "__")
+    return engine_lr_key(module_path)
 
 
 def adapted_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

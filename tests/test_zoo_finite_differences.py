@@ -1,0 +1,71 @@
+"""Claim: for every second-order registered variant, the meta-gradient the engine returns is the derivative
+of the meta-loss it computes: central finite differences in float64 (tests/zoo/oracle.py,
+``finite_difference_error``: step 1e-5, two random directions over all initial weights and raw LRs) agree
+to 1e-7 relative, for K in {1, 3, 5} inner steps and step-checkpoint segments of 2 (which divides none of them).
+
+Excluded zoo models, and why: spectral norm (hook and parametrization) and the user's running-centre layer
+update their buffers under ``no_grad`` from the weights (power iteration, running mean); autograd treats those
+updates as constants by design, finite differences do not, so the two differ by construction.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from harness.variants import registry
+from tests.zoo.models import ZOO, mse
+from tests.zoo.oracle import build_learner, finite_difference_error, refusal
+
+torch.set_num_threads(1)
+
+TOL = 1e-7
+NOT_DIFFERENTIABLE_BY_DESIGN = {"spectral_norm_hook", "spectral_norm_parametrize", "user_buffer_layer"}
+MODELS = [m for m in ZOO if m not in NOT_DIFFERENTIABLE_BY_DESIGN]
+SECOND_ORDER = [n for n, v in registry().items() if not v.first_order]
+
+
+# Open gaps, with the relative FD errors this test measured.  The engine agrees with the independent oracle
+# to 1e-12 on all of them, so the discrepancy is shared.  Weight norm is a PyTorch bug, not ours:
+# ``torch._weight_norm``'s double backward is wrong in torch 2.14.1 (``gradgradcheck`` fails on it while the
+# same formula written out, ``v * g / |v|``, passes; tests/test_upstream.py pins this), so every second-order
+# MAML through ``parametrizations.weight_norm`` gets a wrong meta-gradient, whatever the library.
+WEIGHT_NORM = "torch._weight_norm's double backward is wrong upstream (tests/test_upstream.py)"
+OPEN_GAPS = {
+    ("parametrize_symmetric_weight_norm", 1): f"1e-2 for every variant, maml included: {WEIGHT_NORM}",
+    ("parametrize_symmetric_weight_norm", 3): f"2e-2 for every variant, maml included: {WEIGHT_NORM}",
+    ("parametrize_symmetric_weight_norm", 5): f"2e-2 for every variant, maml included: {WEIGHT_NORM}",
+    ("conv_batchnorm", 3): "3e-7..1.4e-6 (ReLU + max-pool kinks, or BatchNorm curvature on 6-sample batches)",
+    ("conv_batchnorm", 5): "2e-7..6e-6",
+    ("batchnorm_momentum_none", 5): "2.5e-7 with element LRs on sckpt_lr only, independent of the FD step "
+                                    "(passes when the registry order gives that variant another granularity)",
+}
+NOT_STRICT = {("batchnorm_momentum_none", 5)}  # depends on which variant draws element LRs
+CASES = [pytest.param(m, k, marks=pytest.mark.xfail(reason=OPEN_GAPS[(m, k)], strict=(m, k) not in NOT_STRICT))
+         if (m, k) in OPEN_GAPS else (m, k) for m in MODELS for k in (1, 3, 5)]
+
+
+@pytest.mark.parametrize(("model_name", "inner_steps"), CASES)
+def test_second_order_meta_gradients_match_finite_differences(model_name: str, inner_steps: int) -> None:
+    entry = ZOO[model_name]
+    granularities = ["layer", "element", "tensor"]
+    failures = {}
+    for i, name in enumerate(SECOND_ORDER):
+        variant = registry()[name]
+        if variant.step_ckpt:
+            variant = replace(variant, step_ckpt=2)
+        torch.manual_seed(0)
+        model = entry.build().double()
+        tasks = entry.tasks(torch.Generator().manual_seed(11))
+        try:
+            learner = build_learner(variant, model, mse, inner_steps=inner_steps,
+                                    granularity=granularities[i % 3], adapt_last=entry.adapt_last)
+            err = finite_difference_error(learner, tasks)
+        except Exception as exc:  # noqa: BLE001 - only a ConfigError is a refusal
+            if refusal(exc) is None:
+                raise
+            continue
+        if not err <= TOL:
+            failures[name] = err
+    assert not failures, failures
