@@ -19,6 +19,7 @@ from harness.core.config import AMP_MODES, ConfigError, Task
 from harness.core.engine import MetaLearner
 from harness.core.grads import agreement
 from harness import distributed
+from harness.settings import check_int
 from harness.zoo.presets import Preset, get_preset
 from harness.variants import Variant, get_variant
 
@@ -85,12 +86,9 @@ class RunSpec:
         check_amp(self.amp, self.device)
         if self.amp != "off" and self.dtype != "float32":
             raise ConfigError(f"--amp {self.amp} runs float32 weights under autocast; use --dtype float32")
-        if self.inner_steps is not None and self.inner_steps < 0:
-            raise ConfigError(f"inner steps must be >= 0, got {self.inner_steps}")
-        if self.meta_batch is not None and self.meta_batch < 1:
-            raise ConfigError(f"meta-batch must be >= 1, got {self.meta_batch}")
-        if self.meta_steps is not None and self.meta_steps < 0:
-            raise ConfigError(f"meta-steps must be >= 0, got {self.meta_steps}")
+        for name in ("inner_steps", "meta_batch", "meta_steps", "seed"):  # the command line checked the
+            if getattr(self, name) is not None:  # tighter bounds unless --allow-huge; these always hold
+                check_int(name, getattr(self, name), allow_huge=True)
 
     @property
     def preset_obj(self) -> Preset:

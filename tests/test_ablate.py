@@ -169,7 +169,7 @@ def test_defaults_live_in_one_place() -> None:
 
 @pytest.mark.parametrize("argv, words", [
     (["--variants", "maml,nope"], "unknown variant"),
-    (["--seeds", "1"], "--seeds must be >= 2"),
+    (["--seeds", "1"], "--seeds must be in 2.."),
     (["--verify-seeds", "0"], "--verify-seeds"),
     (["--jobs", "0"], "--jobs"),
     (["--eval-tasks", "1000000000000"], "--eval-tasks"),

@@ -16,7 +16,7 @@ from harness.reporting import tables as report
 from harness.bench.cells import Cell, base_row, load_rows
 from harness.bench.child import measure_cell_inline
 from harness.bench.matrix import measure_cell
-from harness.cli.bench import add_peer_cells
+from harness.bench.request import add_peer_cells
 from harness.reporting.schema import write_jsonl
 from harness.variants import CANONICAL, get_variant
 from tests.conftest import FAST, TINY, harness
@@ -148,7 +148,7 @@ def test_bad_amp_for_the_device_is_one_line_exit_2(tmp_path: Path) -> None:
 @pytest.mark.parametrize("amp, needle", [("fp8", "unknown precision 'fp8'"), (",", "empty --amp"),
                                          ("fp16", "fp16 needs a CUDA device")])
 def test_parse_amps_names_the_valid_choices(amp: str, needle: str) -> None:
-    from harness.cli.bench import parse_amps
+    from harness.bench.request import parse_amps
     from harness.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="valid choices on cpu: off, bf16") as exc:

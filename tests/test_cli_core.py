@@ -24,7 +24,7 @@ def test_run_quick_writes_a_result_with_agreement_and_provenance(tmp_path: Path)
     out = harness("run", "--variant", "ckpt_lr", "--preset", "quick", "--device", "cpu",
                   "--meta-steps", "3", "--out", str(tmp_path))
     assert out.returncode == 0, out.stderr
-    files = list(tmp_path.glob("*.json"))
+    files = list((tmp_path / "runs").glob("*.json"))
     assert len(files) == 1
     result = json.loads(files[0].read_text())
     assert result["status"] == "ok"
@@ -38,8 +38,8 @@ def test_run_quick_writes_a_result_with_agreement_and_provenance(tmp_path: Path)
 @pytest.mark.parametrize("args, needle", [
     (["run", "--variant", "nope"], "valid variants: maml, fo, lr"),
     (["run", "--variant", "maml", "--preset", "nope"], "valid presets: quick"),
-    (["run", "--variant", "maml", "--inner-steps", "-1"], "inner steps must be >= 0"),
-    (["run", "--variant", "maml", "--meta-batch", "0"], "meta-batch must be >= 1"),
+    (["run", "--variant", "maml", "--inner-steps", "-1"], "--inner-steps must be in 0..1000"),
+    (["run", "--variant", "maml", "--meta-batch", "0"], "--meta-batch must be in 1..1024"),
     (["run", "--variant", "maml", "--dtype", "float16"], "valid dtypes: float32, float64"),
     (["run", "--variant", "maml", "--device", "tpu"], "valid devices: cpu, cuda"),
     (["run", "--variant", "maml", "--inner-steps", "x"], "invalid int value"),
@@ -76,14 +76,11 @@ def test_zero_shots_and_more_ways_than_classes_are_rejected() -> None:
 
 
 def test_a_diverging_run_is_recorded_as_diverged(tmp_path: Path) -> None:
-    import argparse
     from unittest import mock
 
-    from harness.cli.run import run as run_cmd
+    from harness.cli.main import main
 
-    args = argparse.Namespace(variant="maml", preset="quick", device="cpu", dtype="float32", inner_steps=None,
-                              meta_batch=None, meta_steps=3, seed=0, out=tmp_path, amp="off")
     with mock.patch("harness.core.engine.MetaLearner.step", return_value=float("nan")):
-        assert run_cmd(args) == 1
-    result = json.loads(next(tmp_path.glob("*.json")).read_text())
+        assert main(["run", "--variant", "maml", "--device", "cpu", "--meta-steps", "3", "--out", str(tmp_path)]) == 1
+    result = json.loads(next(tmp_path.glob("runs/*.json")).read_text())
     assert result["status"] == "diverged" and "nan" in result["message"]

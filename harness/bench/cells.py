@@ -25,6 +25,8 @@ from typing import Any, Callable
 from harness.bench.store import ResultsError, load_rows  # noqa: F401 -- their home is store; kept importable here
 from harness.core.config import ConfigError
 from harness.reporting.schema import CellRow
+from harness.settings import (LAUNCH_SETTINGS, MODEL_SETTINGS, SPEC_SETTINGS, SWEEP_PARAMS,  # the one list of keys
+                              VARIANT_SETTINGS, parse_value, split_settings)
 from harness.variants import Variant, get_variant
 
 __all__ = ["Cell", "MeasureOptions", "STATUSES", "PASSING_STATUSES", "SPEC_SETTINGS", "MODEL_SETTINGS",
@@ -34,11 +36,6 @@ __all__ = ["Cell", "MeasureOptions", "STATUSES", "PASSING_STATUSES", "SPEC_SETTI
 
 STATUSES = ("ok", "oom", "killed", "error", "timeout", "diverged", "unsupported")
 PASSING_STATUSES = ("ok", "unsupported")  # a matrix of only these exits 0 (see matrix.matrix_exit_code)
-SPEC_SETTINGS = ("inner_steps", "meta_batch")
-MODEL_SETTINGS = ("depth", "width")
-VARIANT_SETTINGS = ("step_ckpt", "vectorize")  # step-checkpoint segment length (0: off); vmap tasks (0/1)
-LAUNCH_SETTINGS = ("ranks",)  # data-parallel ranks: the cell runs under torch.distributed.run (harness.distributed)
-SWEEP_PARAMS = SPEC_SETTINGS + MODEL_SETTINGS + VARIANT_SETTINGS + LAUNCH_SETTINGS
 
 # Learner builders for ``peer:variant`` cells: prefix -> fn(peer, variant, exp) returning an object with
 # ``meta_gradients(tasks)``, ``step(tasks)`` and ``parameters()``; a prefix not registered here falls back to
@@ -105,24 +102,8 @@ class Cell:
         return f"{self.variant} on {self.preset}" + (f" [{s}]" if s else "")
 
     def overrides(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        """(run-spec kwargs, model overrides, task overrides)."""
-        spec, model, task = {}, {}, {}
-        for k, v in self.settings.items():
-            if k in SPEC_SETTINGS:
-                spec[k] = int(v)
-            elif k == "amp":
-                spec[k] = str(v)
-            elif k in VARIANT_SETTINGS or k in LAUNCH_SETTINGS:
-                continue  # applied to the variant (see variant_for) / to the launch (harness.bench.process)
-            elif k in MODEL_SETTINGS:
-                model[k] = v
-            elif k.startswith("model."):
-                model[k[6:]] = v
-            elif k.startswith("task."):
-                task[k[5:]] = v
-            else:
-                raise ConfigError(f"unknown cell setting {k!r}; accepted: {', '.join(SWEEP_PARAMS)}, "
-                                  "amp, model.<kw>, task.<kw>")
+        """(run-spec kwargs, model overrides, task overrides); keys as harness.settings lists them."""
+        spec, model, task, _, _ = split_settings(self.settings)  # variant: variant_for; launch: bench.process
         return spec, model, task
 
 
@@ -147,15 +128,6 @@ def variant_for(cell: Cell) -> Variant:
             raise ConfigError(f"vectorize must be 0 or 1, got {cell.settings['vectorize']!r}")
         variant = replace(variant, vectorize=bool(cell.settings["vectorize"]))
     return variant
-
-
-def parse_value(text: str) -> Any:
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    return text
 
 
 def base_row(cell: Cell) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from harness.bench.nvml import NvmlSampler
 from harness.core.config import ConfigError, Task
 from harness.train import DivergenceCheck, meta_step
 
-__all__ = ["LiveBytesTracker", "StepRunner", "measure", "measure_cpu_memory", "snapshot_meta_step", "time_stats",
+__all__ = ["CudaPeaks", "LiveBytesTracker", "StepRunner", "measure", "measure_cpu_memory", "snapshot_meta_step", "time_stats",
            "noise_warning", "NvmlSampler", "MIB", "NOISY_IQR", "NVML_STEPS", "CAP_ENV"]
 
 MIB = 1024.0 * 1024.0
@@ -176,6 +176,34 @@ def measure_cpu_memory(step: StepRunner, tasks: list[Task], cap_bytes: int | Non
     return {"cpu_peak_alloc_mib": tracker.peak / MIB, "cpu_total_alloc_mib": tracker.allocated / MIB}
 
 
+class CudaPeaks:
+    """CUDA allocator peaks over a block (MiB), absolute and above the block's start; shared by
+    :func:`measure` and ``harness.bench.single`` (``python -m harness run``)."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.dev = torch.device(device)
+        self.figures: dict[str, float] = {}
+
+    def __enter__(self) -> "CudaPeaks":
+        torch.cuda.synchronize(self.dev)
+        gc.collect()
+        torch.cuda.reset_peak_memory_stats(self.dev)
+        self.base_alloc = torch.cuda.memory_allocated(self.dev)
+        self.base_reserved = torch.cuda.memory_reserved(self.dev)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        torch.cuda.synchronize(self.dev)
+        peak_alloc = torch.cuda.max_memory_allocated(self.dev)
+        peak_reserved = torch.cuda.max_memory_reserved(self.dev)
+        self.figures = {
+            "cuda_peak_alloc_mib": peak_alloc / MIB,
+            "cuda_peak_alloc_above_base_mib": (peak_alloc - self.base_alloc) / MIB,
+            "cuda_peak_reserved_mib": peak_reserved / MIB,
+            "cuda_peak_reserved_above_base_mib": (peak_reserved - self.base_reserved) / MIB,
+        }
+
+
 def measure(step: StepRunner, device: torch.device | str, *, warmup: int = 1, repeats: int = 5,
             nvml: bool = True, cap_bytes: int | None = None) -> dict[str, Any]:
     """Warm-up, the CPU memory figure, then ``repeats`` timed meta-steps (CUDA allocator peaks over those),
@@ -192,24 +220,14 @@ def measure(step: StepRunner, device: torch.device | str, *, warmup: int = 1, re
     batches = [step.sample() for _ in range(repeats)]
     samples: list[float] = []
     if cuda:
-        torch.cuda.synchronize(dev)
-        gc.collect()
-        torch.cuda.reset_peak_memory_stats(dev)
-        base_alloc = torch.cuda.memory_allocated(dev)
-        base_reserved = torch.cuda.memory_reserved(dev)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in batches]
-        for tasks, (a, b) in zip(batches, events):
-            a.record()
-            step(tasks)
-            b.record()
-        torch.cuda.synchronize(dev)
+        with CudaPeaks(dev) as peaks:
+            for tasks, (a, b) in zip(batches, events):
+                a.record()
+                step(tasks)
+                b.record()
         samples = [a.elapsed_time(b) / 1e3 for a, b in events]
-        peak_alloc, peak_reserved = torch.cuda.max_memory_allocated(dev), torch.cuda.max_memory_reserved(dev)
-        out.update({
-            "cuda_peak_alloc_mib": peak_alloc / MIB, "cuda_peak_alloc_above_base_mib": (peak_alloc - base_alloc) / MIB,
-            "cuda_peak_reserved_mib": peak_reserved / MIB,
-            "cuda_peak_reserved_above_base_mib": (peak_reserved - base_reserved) / MIB,
-        })
+        out.update(peaks.figures)
         # NVML in its own, untimed pass: the sampler thread must not slow the timed steps
         sampler = NvmlSampler(dev.index if dev.index is not None else torch.cuda.current_device()) if nvml else None
         if sampler is not None:

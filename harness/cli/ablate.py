@@ -1,32 +1,36 @@
 """``python -m harness ablate --preset sinusoid``: what each variant buys in meta-test performance.
 
-Meta-trains every requested variant (default: the eight canonical ones) for
-``--seeds`` seeds from identical initialisations, evaluates on held-out tasks,
-and writes ``results/<run-id>/`` (ablation.csv, effects.csv, table.md,
-summary.json, cells/) and ``plots/<run-id>/learning_curves.png``.  Finished
-(variant, seed) cells are reused on a rerun unless ``--force``.
+Meta-trains every requested variant (default: the eight canonical ones) for ``--seeds`` seeds from
+identical initialisations, evaluates on held-out tasks, and writes ``<out>/<run-id>/``
+(ablation.csv, effects.csv, table.md, summary.json, cells/) and
+``plots/<run-id>/learning_curves.png`` beside ``<out>``.  Finished (variant, seed) cells are
+reused on a rerun unless ``--force``.  Every option is checked before a cell trains.
 """
 from __future__ import annotations
 
 import argparse
 import inspect
 import shlex
-from pathlib import Path
+from typing import Any
 
 from harness.bench.executors import add_executor_arguments, executor_spec, open_executor
+from harness.cli.args import (EXIT_FAILED, EXIT_OK, UsageError, add_out_argument, check_numbers, check_out_dir,
+                              merge_flags, nonempty, out_path, plots_root, run_dir)
+from harness.settings import ACCEPTED, dedupe, parse_settings, split_settings
 from harness.studies.ablation.ablate import run_ablation
 from harness.studies.ablation.spec import AblationSpec
 from harness.studies.ablation.tables import check_line, markdown_tables
-from harness.cli.main import UsageError
-from harness.train import DEVICES, DTYPES
-from harness.zoo.presets import get_preset
+from harness.train import DEVICES, DTYPES, check_device
 from harness.variants import CANONICAL
+from harness.zoo.presets import get_preset
+
+__all__ = ["canonical_command", "data_overrides", "register", "run", "spec_from_args"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ablate", help="meta-train variants from the same inits and compare meta-test performance")
-    p.add_argument("--preset", default="sinusoid", help="preset name (see `list`); default sinusoid")
-    p.add_argument("--variants", default=",".join(CANONICAL),
+    p.add_argument("--preset", default="sinusoid", type=nonempty, help="preset name (see `list`); default sinusoid")
+    p.add_argument("--variants", default=",".join(CANONICAL), type=nonempty,
                    help="comma-separated variant names (default: the eight canonical ones)")
     p.add_argument("--meta-steps", type=int, default=None, help="meta-training steps per cell (default per preset)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds 0..S-1 (default per preset, >= 10)")
@@ -38,53 +42,71 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inner-steps", type=int, default=None, help="inner steps K (default: the preset's)")
     p.add_argument("--ways", type=int, default=None, help="N of N-way episodes for image presets (task and model head)")
     p.add_argument("--shots", type=int, default=None, help="K of K-shot episodes for image presets")
-    p.add_argument("--device", default="cpu", help=f"one of {', '.join(DEVICES)}; default cpu")
-    p.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)}")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"cell setting: {ACCEPTED} (amp and step_ckpt are not ablated)")
+    p.add_argument("--allow-huge", action="store_true", help="raise the size limits")
+    p.add_argument("--device", default="cpu", type=nonempty, help=f"one of {', '.join(DEVICES)}; default cpu")
+    p.add_argument("--dtype", default="float32", type=nonempty, help=f"one of {', '.join(DTYPES)}")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: 1 for small models, where it is fastest; torch's default otherwise)")
     p.add_argument("--jobs", type=int, default=None,
                    help="cells trained at once in worker processes (default: one per core, at most 2)")
-    p.add_argument("--run-id", default=None, help="output folder name (default ablation-<preset>)")
-    p.add_argument("--data-root", default=None, help="dataset root for real-data presets (omniglot)")
+    p.add_argument("--run-id", default=None, type=nonempty, help="output folder name (default ablation-<preset>)")
+    p.add_argument("--data-root", default=None, type=nonempty, help="dataset root for real-data presets (omniglot)")
     p.add_argument("--download", action="store_true", help="download the dataset into --data-root (torchvision)")
     p.add_argument("--force", action="store_true", help="recompute cells already stored")
-    p.add_argument("--results-dir", type=Path, default=Path("results"), help="results root (default results)")
-    p.add_argument("--plots-dir", type=Path, default=Path("plots"), help="plots root (default plots)")
+    add_out_argument(p)
+    p.add_argument("--results-dir", dest="out", type=out_path, help=argparse.SUPPRESS)  # the old name of --out
+    p.add_argument("--plots-dir", type=out_path, default=None, help=argparse.SUPPRESS)  # default: plots/ beside --out
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_executor_arguments(p)
     p.set_defaults(handler=run)
 
 
-def spec_from_args(args: argparse.Namespace) -> AblationSpec:
+def data_overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(task, model) overrides from --data-root/--download/--ways/--shots, checked against the preset."""
     preset = get_preset(args.preset)
-    overrides = {}
-    takes_root = "data_root" in inspect.signature(preset.make_task).parameters
+    task_params = inspect.signature(preset.make_task).parameters
+    task: dict[str, Any] = {}
+    takes_root = "data_root" in task_params
     if args.data_root is not None or args.download:
         if not takes_root:
             raise UsageError(f"--data-root/--download are for real-data presets; preset {args.preset!r} "
                              "generates its tasks")
         if args.data_root is None:
             raise UsageError("--download needs --data-root DIR to download into")
-        overrides["data_root"] = args.data_root
+        task["data_root"] = args.data_root
         if args.download:
-            overrides["download"] = True
+            task["download"] = True
     elif takes_root:
         raise UsageError(f"preset {args.preset!r} reads real data: pass --data-root DIR (and --download to fetch it)")
-    model_overrides = {}
-    task_params = inspect.signature(preset.make_task).parameters
+    model: dict[str, Any] = {}
     for flag, value, key in (("--ways", args.ways, "n_way"), ("--shots", args.shots, "k_shot")):
         if value is None:
             continue
         if key not in task_params:
             raise UsageError(f"{flag} is for N-way K-shot image presets; preset {args.preset!r} has no {key}")
-        overrides[key] = value
+        task[key] = value
         if key == "n_way":
-            model_overrides["n_way"] = value
-    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+            model["n_way"] = value
+    return task, model
+
+
+def spec_from_args(args: argparse.Namespace) -> AblationSpec:
+    """The checked ablation; a UsageError/ConfigError naming the option before anything is trained."""
+    check_numbers(args)
+    check_device(args.device)
+    task, model = data_overrides(args)
+    parts = split_settings(merge_flags(args, parse_settings(args.set, args.preset, allow_huge=args.allow_huge)))
+    if parts.variant or parts.launch or "amp" in parts.spec:
+        raise UsageError("ablate compares the variants as registered: --set amp, step_ckpt, vectorize and ranks "
+                         "are not accepted")
+    task, model = {**parts.task, **task}, {**parts.model, **model}
+    variants = tuple(dedupe([v.strip() for v in args.variants.split(",") if v.strip()]))
     return AblationSpec(preset=args.preset, variants=variants, meta_steps=args.meta_steps, seeds=args.seeds,
                         eval_tasks=args.eval_tasks, eval_every=args.eval_every, verify_seeds=args.verify_seeds,
-                        device=args.device, dtype=args.dtype, meta_batch=args.meta_batch,
-                        inner_steps=args.inner_steps, task_overrides=overrides, model_overrides=model_overrides,
+                        device=args.device, dtype=args.dtype, meta_batch=parts.spec.get("meta_batch"),
+                        inner_steps=parts.spec.get("inner_steps"), task_overrides=task, model_overrides=model,
                         run_id=args.run_id or "", threads=args.threads, jobs=args.jobs)
 
 
@@ -101,6 +123,7 @@ def canonical_command(spec: AblationSpec, args: argparse.Namespace) -> str:
                         ("--data-root", spec.task_overrides.get("data_root"))):
         if value is not None:
             parts.append(f"{flag} {shlex.quote(str(value))}")
+    parts += [f"--set {shlex.quote(item)}" for item in args.set]
     if spec.device != "cpu" or spec.dtype != "float32":
         parts += [f"--device {spec.device}", f"--dtype {spec.dtype}"]
     if spec.run_id != f"ablation-{spec.preset}":
@@ -110,13 +133,17 @@ def canonical_command(spec: AblationSpec, args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
-    command = canonical_command(spec, args)
-    with open_executor(executor_spec(args)) as executor:
-        summary = run_ablation(spec, args.results_dir, args.plots_dir, force=args.force,
-                               progress=False if args.no_progress else None, command=command, executor=executor)
+    out_dir = run_dir(args.out, spec.run_id)
+    plots = args.plots_dir if args.plots_dir is not None else plots_root(args.out)
+    check_out_dir(plots / spec.run_id, flag="--plots-dir" if args.plots_dir is not None else "plots folder")
+    executor = executor_spec(args)
+    with open_executor(executor) as ex:
+        summary = run_ablation(spec, out_dir.parent, plots, force=args.force, executor=ex,
+                               progress=False if args.no_progress else None, command=canonical_command(spec, args))
     print(markdown_tables(summary), end="")
     print("checkpoint check: " + check_line(summary))
-    print(f"wrote {summary['paths']['dir']}/ablation.csv, table.md and {summary['paths']['plots']}/learning_curves.png "
+    paths = summary["paths"]
+    print(f"wrote {paths['dir']}/ablation.csv, table.md and {paths['plots']}/learning_curves.png "
           f"({summary['trained_cells']} cells trained in {summary['train_wall_s']:.1f} s, "
           f"{summary['reused_cells']} reused)")
-    return 0 if all(r["status"] == "ok" for r in summary["rows"]) else 1
+    return EXIT_OK if all(r["status"] == "ok" for r in summary["rows"]) else EXIT_FAILED

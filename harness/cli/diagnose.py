@@ -15,30 +15,31 @@ Full explanation: ``docs/diagnosis.md``.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
 import torch
 
-from harness.studies.seed.diagnose import ENGINE_TITLES, ENGINES, Setup, diagnose, explanation, markdown
+from harness.cli.args import DEFAULT_OUT, EXIT_FAILED, EXIT_OK, add_out_argument, check_out_dir, nonempty
 from harness.core.config import AMP_MODES
-from harness.train import DEVICES, check_amp, check_device
 from harness.reporting.provenance import environment
 from harness.reporting.schema import SCHEMA_VERSION, DiagnosisResult, write_json, write_text_atomic
+from harness.studies.seed.diagnose import ENGINE_TITLES, ENGINES, Setup, diagnose, explanation, markdown
+from harness.train import DEVICES, check_amp, check_device
 
-DEFAULT_OUT = Path("results")
+__all__ = ["register", "run"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("diagnose", help="reproduce and explain the seed report's failures")
-    p.add_argument("--device", default="cpu", help=f"one of {', '.join(DEVICES)}; default cpu")
-    p.add_argument("--amp", default="off", help=f"mixed precision; one of {', '.join(AMP_MODES)} (default off)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument("--device", default="cpu", type=nonempty, help=f"one of {', '.join(DEVICES)}; default cpu")
+    p.add_argument("--amp", default="off", type=nonempty,
+                   help=f"mixed precision; one of {', '.join(AMP_MODES)} (default off)")
+    add_out_argument(p)
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     check_amp(args.amp, args.device, fp16_on_cpu=True)  # the CPU GradScaler lets CI exercise the fp16 path
+    check_out_dir(args.out)
     device = torch.device(args.device)
     argv = ["python -m harness diagnose", f"--device {args.device}"]
     if args.amp != "off":
@@ -78,4 +79,5 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(explanation(result))
     print(f"\nwrote {md_path} and {json_path}; full explanation in docs/diagnosis.md")
-    return 0 if not failed and all(row["functional"]["status"] == "ok" for row in result["table"].values()) else 1
+    ok = not failed and all(row["functional"]["status"] == "ok" for row in result["table"].values())
+    return EXIT_OK if ok else EXIT_FAILED

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 
-from harness.zoo.presets import PRESETS
 from harness.variants import registry
+from harness.zoo.presets import PRESETS
+
+__all__ = ["register", "run"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,8 +1,10 @@
-"""``python -m harness <command>``: the dispatcher.
+"""``python -m harness <command>``: the dispatcher, and the one place that turns errors into exit codes.
 
-Bad input never shows a traceback: :class:`UsageError` (and the engine's
-``ConfigError``) print one line naming the problem and the valid choices, and
-exit with code 2 before anything is written.
+Bad input never shows a traceback: :class:`UsageError` (and the engine's ``ConfigError``) print one
+line naming the problem and the valid choices and exit 2 before anything is written; Ctrl-C exits
+130 (SIGTERM 143, SIGHUP 129 while a matrix runs).  A command's own result is 0 (all cells ok or unsupported) or 1 (a regression, or a cell that
+failed, diverged or timed out).  The codes: :mod:`harness.cli.args`; the list: README, "Bad input
+and exit codes".
 """
 from __future__ import annotations
 
@@ -10,14 +12,13 @@ import argparse
 import importlib
 import sys
 
+from harness.cli.args import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, UsageError
 from harness.core.config import ConfigError
 from harness.variants import RegistryError
 
-COMMANDS = ("list", "run", "diagnose", "ablate", "bench", "sweep", "report", "compare", "docs")  # modules in harness/commands/, in --help order
+__all__ = ["COMMANDS", "Parser", "UsageError", "build_parser", "main"]
 
-
-class UsageError(ConfigError):
-    """Bad command-line input: one line, exit code 2."""
+COMMANDS = ("list", "run", "diagnose", "ablate", "bench", "sweep", "report", "compare", "docs")  # harness/cli/<c>.py, --help order
 
 
 class Parser(argparse.ArgumentParser):
@@ -39,10 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except RegistryError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     except KeyboardInterrupt as exc:  # Ctrl-C: 130; SIGTERM/SIGHUP in a matrix (bench.process.Interrupted): 128+sig
         print("interrupted", file=sys.stderr)
-        return getattr(exc, "exit_code", 130)
+        return getattr(exc, "exit_code", EXIT_INTERRUPTED)

@@ -1,30 +1,33 @@
-"""``python -m harness report RUN``: rebuild summary.csv, table.md and the plots of a run."""
+"""``python -m harness report RUN``: rebuild summary.csv, table.md and the plots of a run.
+
+``RUN`` is a run directory or a run-id under ``--out`` (default ``results/``); the plots go to the
+``plots/`` tree beside it, as ``bench`` writes them.  Both folders are tried before anything is
+written, so a bad plots folder is exit 2 with the tables untouched.
+"""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from harness.cli.bench import DEFAULT_RESULTS
+from harness.cli.args import add_out_argument, check_out_dir, nonempty, plots_root, resolve_run
+from harness.reporting.tables import build
+
+__all__ = ["register", "run"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="rebuild tables and plots of a results run")
-    p.add_argument("run", help="a run directory (results/<run-id>) or a run-id under results/")
+    p.add_argument("run", type=nonempty, help="a run directory (results/<run-id>) or a run-id under --out")
+    add_out_argument(p)
     p.add_argument("--no-plots", action="store_true", help="tables only")
     p.set_defaults(handler=run)
 
 
-def resolve_run(text: str) -> Path:
-    p = Path(text)
-    if p.is_dir() or p.suffix == ".jsonl" or len(p.parts) > 1:
-        return p.parent if p.suffix == ".jsonl" else p
-    return DEFAULT_RESULTS / text
-
-
 def run(args: argparse.Namespace) -> int:
-    from harness.reporting import tables as report
-
-    out = report.build(resolve_run(args.run), plots=not args.no_plots)
+    run_dir = check_out_dir(resolve_run(args.run, args.out), flag="RUN")
+    plots = plots_root(run_dir.parent) / run_dir.name
+    if not args.no_plots:
+        check_out_dir(plots, flag="plots folder")
+    out = build(run_dir, plots=not args.no_plots, plots_dir=plots)
     print(out["table"].read_text(), end="")
     print(f"wrote {out['summary']}, {out['table']}"
           + (f", {len(out['plots'])} plots in {out['plots'][0].parent}" if out["plots"] else ""))

@@ -1,62 +1,57 @@
 """``python -m harness sweep --variant V[,V2] --param inner_steps=1,2,4,8``: scaling curves (memory, time).
 
 Accepted parameters: inner_steps, meta_batch (run spec), depth, width (model), step_ckpt (segment
-length of step checkpointing over the variant's own; 0 = off).
-Writes results/<run-id>/ (cells.jsonl, summary.csv, table.md) and
-plots/<run-id>/sweep_memory.png, sweep_time.png.
+length of step checkpointing over the variant's own; 0 = off); repeated values count once.
+Writes <out>/<run-id>/ (cells.jsonl, summary.csv, table.md) and plots/<run-id>/sweep_memory.png,
+sweep_time.png beside <out>.  Exit codes as bench.
 """
 from __future__ import annotations
 
 import argparse
-import time
 
-from harness.bench.cells import SWEEP_PARAMS, Cell, parse_value
-from harness.bench.executors import executor_spec, open_executor
-from harness.bench.matrix import run_matrix
-from harness.cli.bench import add_matrix_arguments, matrix_common, resolve_variants
-from harness.core.config import ConfigError
+from harness.bench.request import MatrixRequest, plan, resolve_variants, run_request
+from harness.bench.executors import executor_spec
+from harness.cli.args import (UsageError, add_matrix_arguments, check_out_dir, matrix_options, nonempty, plots_root,
+                              run_dir)
 from harness.reporting.frame import flatten
-from harness.reporting.render import fmt
+from harness.reporting.render import fmt as fmt_number
+from harness.settings import SWEEP_PARAMS, parse_param
+
+__all__ = ["register", "request_from_args", "run"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="scaling curves: memory and time against one parameter")
-    p.add_argument("--variant", required=True, help="variant(s), comma-separated")
+    p.add_argument("--variant", required=True, type=nonempty, help="variant(s), comma-separated")
     p.add_argument("--param", required=True, metavar="NAME=V1,V2,...",
                    help=f"the swept parameter, one of {', '.join(SWEEP_PARAMS)}")
     add_matrix_arguments(p)
     p.set_defaults(handler=run)
 
 
-def parse_param(text: str) -> tuple[str, list]:
-    name, sep, vals = text.partition("=")
-    name = name.strip()
-    if name not in SWEEP_PARAMS:
-        raise ConfigError(f"unknown --param {name!r}; accepted: {', '.join(SWEEP_PARAMS)} (as NAME=V1,V2,...)")
-    values = [parse_value(v.strip()) for v in vals.split(",") if v.strip()] if sep else []
-    if not values or not all(isinstance(v, int) and v >= (0 if name in ("inner_steps", "step_ckpt") else 1) for v in values):
-        raise ConfigError(f"bad --param {text!r}; expected {name}=V1,V2,... with integer values")
-    return name, values
+def request_from_args(args: argparse.Namespace) -> MatrixRequest:
+    """Every option checked and every output folder tried before a cell runs."""
+    m = matrix_options(args, multi_amp=False)
+    name, values = parse_param(args.param, m.preset, allow_huge=args.allow_huge)
+    if name in m.settings:
+        raise UsageError(f"--param {name} is swept; do not also fix it (--set {name}={m.settings[name]} or its flag)")
+    variants = resolve_variants(args.variant)
+    run_id = args.run_id or f"sweep-{m.preset}-{m.device}-{name}-{'_'.join(variants).replace(':', '-')}"
+    out_dir = run_dir(args.out, run_id)
+    plots = None if args.no_plots else check_out_dir(plots_root(args.out) / run_id)
+    cells = plan(variants, m.preset, m.device, args.dtype, args.seed, m.settings, m.amps, sweep=(name, values))
+    return MatrixRequest(cells, out_dir, m.opts, force=args.force, plots_dir=plots,
+                         extra={"sweep_param": name}, executor=executor_spec(args))
 
 
 def run(args: argparse.Namespace) -> int:
-    from harness.reporting import tables as report
-
-    name, values = parse_param(args.param)
-    device, preset, settings, opts = matrix_common(args)
-    variants = resolve_variants(args.variant)
-    run_id = args.run_id or f"sweep-{preset}-{device}-{name}-{'_'.join(variants).replace(':', '-')}"
-    run_dir = args.out / run_id
-    cells = [Cell(v, preset, device, args.dtype, {**settings, name: x}, args.seed) for v in variants for x in values]
-    with open_executor(executor_spec(args)) as executor:
-        t0 = time.perf_counter()
-        rows = run_matrix(cells, run_dir, opts, force=args.force, extra={"sweep_param": name}, executor=executor)
-    out = report.build(run_dir, plots=not args.no_plots)
-    print(f"sweep {run_id}: {len(rows)} cells in {time.perf_counter() - t0:.1f} s")
-    for r in rows:
-        f = flatten([r])[0]
+    req = request_from_args(args)
+    name = req.extra["sweep_param"]
+    outcome = run_request(req)
+    print(f"sweep {req.run_dir.name}: {len(outcome.rows)} cells in {outcome.wall_s:.1f} s")
+    for r, f in zip(outcome.rows, flatten(outcome.rows)):
         print(f"  {r['variant']:<18} {name}={r['settings'][name]:<4} {r['status']:<8} "
-              f"mem {fmt(f['mem_mib'])} MiB  time {fmt(f['time_median_ms'])} ms")
-    print(f"  wrote {out['summary']}, {out['table']}"
-          + (f", plots in {out['plots'][0].parent}" if out["plots"] else ""))
-    return 0
+              f"mem {fmt_number(f['mem_mib'])} MiB  time {fmt_number(f['time_median_ms'])} ms")
+    print(f"  wrote {outcome.summary}, {outcome.table}"
+          + (f", plots in {outcome.plots[0].parent}" if outcome.plots else ""))
+    return outcome.exit_code

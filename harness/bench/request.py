@@ -1,0 +1,153 @@
+"""A matrix as ``bench`` and ``sweep`` ask for it: the cells of checked options, run, reported, judged.
+
+:func:`plan` turns checked options into cells (duplicates collapsed), :func:`run_request` runs
+them through :func:`harness.bench.matrix.run_matrix`, rebuilds the tables and plots, and the
+outcome's ``exit_code`` (:func:`harness.bench.matrix.matrix_exit_code`) says what the matrix means
+for a script: 0 when every cell is ``ok`` or ``unsupported``, 1 when any failed, diverged, ran out
+of memory, was killed or timed out.  Try: ``python -m harness bench --variants maml,ckpt_lr; echo $?``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.bench.cells import Cell, MeasureOptions, dedup_cells
+from harness.bench.executors import ExecutorSpec, open_executor
+from harness.bench.matrix import matrix_exit_code, run_matrix
+from harness.core.config import AMP_MODES, ConfigError
+from harness.reporting import tables
+from harness.settings import dedupe
+from harness.studies.peers import PEERS, supports
+from harness.variants import CANONICAL, get_variant, registry
+
+__all__ = ["DEFAULT_PRESET", "MatrixOutcome", "MatrixRequest", "add_peer_cells", "default_run_id", "parse_amps",
+           "parse_caps", "plan", "resolve_variants", "run_request"]
+
+DEFAULT_PRESET = {"cuda": "seed", "cpu": "cpu-bench"}
+
+
+@dataclass(frozen=True)
+class MatrixRequest:
+    """Everything one matrix run needs, already checked."""
+
+    cells: tuple[Cell, ...]
+    run_dir: Path
+    opts: MeasureOptions
+    caps: dict[str, float] = field(default_factory=dict)  # variant -> CPU memory cap (MiB), a test hook
+    force: bool = False
+    plots_dir: Path | None = None  # None: no plots
+    extra: dict[str, Any] | None = None  # written into every row (e.g. the swept parameter)
+    executor: ExecutorSpec = ExecutorSpec()  # default: each cell in a local process
+
+
+@dataclass(frozen=True)
+class MatrixOutcome:
+    rows: list[dict[str, Any]]
+    summary: Path
+    table: Path
+    plots: list[Path]
+    wall_s: float
+
+    @property
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.rows:
+            out[r["status"]] = out.get(r["status"], 0) + 1
+        return out
+
+    @property
+    def exit_code(self) -> int:
+        return matrix_exit_code(self.rows)
+
+
+def resolve_variants(text: str | None) -> list[str]:
+    """``maml,ckpt_lr,higher:maml`` -> names; ``None``: every registered variant; ``''`` is an error."""
+    if text is None:
+        return list(registry())
+    names = [v.strip() for v in text.split(",") if v.strip()]  # repeated names: one cell (see plan)
+    if not names:
+        raise ConfigError(f"--variants is empty; valid variants: {', '.join(registry())}")
+    for n in names:  # any peer prefix: plugins may register builders (harness.bench.cells.BUILDERS)
+        get_variant(n.rpartition(":")[2])  # ConfigError listing the valid names
+    return names
+
+
+def add_peer_cells(variants: list[str]) -> list[str]:
+    """``variants`` plus ``<peer>:<v>`` for every canonical ``v`` among them, and for any other ``v`` a peer
+    can express (not duplicated)."""
+    out = list(variants)
+    for v in variants:
+        if v in CANONICAL:
+            out += [f"{p}:{v}" for p in PEERS if f"{p}:{v}" not in out]
+        elif ":" not in v:  # beyond the canonical eight, only cells a peer can express (torch_maml:sckpt)
+            out += [f"{p}:{v}" for p in PEERS if f"{p}:{v}" not in out and supports(p, get_variant(v))[0]]
+    return out
+
+
+def parse_amps(text: str, device: str) -> list[str]:
+    """``off,bf16[,fp16]`` -> precisions, each once, valid for ``device`` (ConfigError naming the valid ones)."""
+    if device == "cuda":
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        valid = ["off", *(["bf16"] if bf16 else []), "fp16"]
+    else:
+        valid = ["off", "bf16"]
+    names = dedupe([a.strip() for a in str(text).split(",") if a.strip()])
+    if not names:
+        raise ConfigError(f"empty --amp; valid choices on {device}: {', '.join(valid)}")
+    for a in names:
+        if a not in AMP_MODES:
+            raise ConfigError(f"unknown precision {a!r} in --amp; valid choices on {device}: {', '.join(valid)}")
+        if a not in valid:
+            why = "fp16 needs a CUDA device (GradScaler)" if a == "fp16" else f"{a} is not supported by this device"
+            raise ConfigError(f"--amp {a} is not available on {device} ({why}); valid choices on {device}: "
+                              f"{', '.join(valid)}")
+    return names
+
+
+def parse_caps(items: list[str]) -> dict[str, float]:
+    """``VARIANT=MIB`` items (the hidden ``--cpu-mem-cap`` test hook)."""
+    caps = {}
+    for item in items:
+        v, sep, mib = item.partition("=")
+        try:
+            caps[v.strip()] = float(mib)
+        except ValueError:
+            raise ConfigError(f"bad --cpu-mem-cap {item!r}; expected VARIANT=MIB") from None
+        if not sep:
+            raise ConfigError(f"bad --cpu-mem-cap {item!r}; expected VARIANT=MIB")
+    return caps
+
+
+def default_run_id(preset: str, device: str, settings: dict[str, Any]) -> str:
+    suffix = "".join(f"-{k.replace('.', '_')}{str(v).replace(',', '+')}" for k, v in sorted(settings.items()))
+    return f"{preset}-{device}{suffix}"
+
+
+def plan(variants: list[str], preset: str, device: str, dtype: str, seed: int, settings: dict[str, Any],
+         amps: list[str] = ["off"], sweep: tuple[str, list[Any]] | None = None) -> tuple[Cell, ...]:  # noqa: B006
+    """The cells, precision-major then variant (bench) or variant-major then value (sweep); each cell once
+    however often a variant or value is repeated (``--variants maml,maml`` is one cell)."""
+    def cell(v: str, amp: str, extra: dict[str, Any]) -> Cell:
+        s = {**settings, **extra, **({"amp": amp} if amp != "off" else {})}
+        return Cell(v, preset, device, dtype, s, seed)
+
+    if sweep is None:
+        cells = [cell(v, a, {}) for a in amps for v in variants]
+    else:
+        name, values = sweep
+        cells = [cell(v, a, {name: x}) for a in amps for v in variants for x in values]
+    return tuple(dedup_cells(cells))
+
+
+def run_request(req: MatrixRequest) -> MatrixOutcome:
+    """Run the cells not already measured, then rebuild ``summary.csv``, ``table.md`` and the plots."""
+    t0 = time.perf_counter()
+    opts = (lambda c: replace(req.opts, cpu_mem_cap_mib=req.caps.get(c.variant))) if req.caps else req.opts
+    with open_executor(req.executor) as executor:
+        rows = run_matrix(req.cells, req.run_dir, opts, force=req.force, extra=req.extra, executor=executor)
+    built = tables.build(req.run_dir, plots=req.plots_dir is not None, plots_dir=req.plots_dir)
+    return MatrixOutcome(rows, built["summary"], built["table"], built["plots"], time.perf_counter() - t0)

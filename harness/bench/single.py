@@ -1,0 +1,148 @@
+"""One cell in this process, meta-trained and measured: the library behind ``python -m harness run``.
+
+Checks the variant's meta-gradients against its non-checkpointed reference on the initial weights
+and the first task batch, takes the deterministic CPU memory figure of one meta-step on a copy of
+the learner and of the task stream (so the run itself is unchanged), meta-trains for N steps
+(CUDA allocator peaks over the training when on a GPU) and writes one JSON result.  Under torchrun
+the training is data-parallel over the ranks (:mod:`harness.distributed`) and rank 0 writes.
+Try: ``python -m harness run --variant ckpt_lr --preset quick``.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from harness import distributed
+from harness.bench.measure import CudaPeaks, StepRunner, measure_cpu_memory, snapshot_meta_step, time_stats
+from harness.core.config import ConfigError
+from harness.reporting.provenance import environment
+from harness.reporting.schema import SCHEMA_VERSION, RunResult, write_json
+from harness.settings import CellSettings
+from harness.train import Diverged, Experiment, RunSpec, TrainLog, check_agreement, default_threads, train
+
+__all__ = ["SingleRun", "result_path", "run_single", "side_measurements"]
+
+
+@dataclass(frozen=True)
+class SingleRun:
+    """What ``run`` prints: the result as written and where (rank 0), or the failure of a rank."""
+
+    path: Path | None  # None: not written (another rank than 0, or a rank failed)
+    result: dict[str, Any]
+    main: bool = True  # rank 0, or a one-process run: the one that reports
+
+    @property
+    def ok(self) -> bool:
+        return self.result["status"] == "ok"
+
+
+def result_path(out: Path, spec: RunSpec, world: int | None = None) -> Path:
+    """``<out>/runs/<variant>_<preset>_<device>_<dtype>[_<amp>]_s<seed>[_r<ranks>].json``."""
+    amp = "" if spec.amp == "off" else "_" + spec.amp
+    ranks = "" if world is None else f"_r{world}"
+    name = f"{spec.variant}_{spec.preset}_{spec.device}_{spec.dtype}{amp}_s{spec.seed}{ranks}.json"
+    return Path(out) / "runs" / name
+
+
+def build(spec: RunSpec, settings: CellSettings | None) -> Experiment:
+    """The experiment with the ``--set`` model, task and variant settings applied."""
+    s = settings or CellSettings({}, {}, {}, {}, {})
+    variant = replace(spec.variant_obj, **s.variant) if s.variant else None
+    return Experiment(spec, variant=variant, task_overrides=s.task or None, model_overrides=s.model or None)
+
+
+def run_single(spec: RunSpec, out: Path, *, settings: CellSettings | None = None, snapshot: Path | None = None,
+               progress: bool | None = None) -> SingleRun:
+    """Check, measure and meta-train one cell (data-parallel under torchrun); a diverging run is a result
+    with status ``diverged``, a failing rank one with status ``error`` that nobody writes."""
+    if snapshot is not None and spec.device != "cuda":
+        raise ConfigError("--memory-snapshot needs CUDA (it records the CUDA allocator history); "
+                          f"this run is on {spec.device}")
+    with distributed.session(spec.device, spec.resolved()["meta_batch"]) as group:
+        return _run(spec, out, settings, snapshot, progress, group)
+
+
+def _run(spec: RunSpec, out: Path, settings: CellSettings | None, snapshot: Path | None, progress: bool | None,
+         group: distributed.DataParallel | None) -> SingleRun:
+    exp = build(spec, settings)
+    main = group is None or group.main
+    threads = default_threads(spec.device, exp.learner.model)
+    if threads:
+        torch.set_num_threads(threads)
+    agree = check_agreement(exp, exp.sample())
+    memory = side_measurements(exp, snapshot)
+    status, message, log, stamps = "ok", None, TrainLog([]), [time.perf_counter()]
+    bar = tqdm(total=exp.sizes["meta_steps"], desc=f"{spec.variant} on {spec.preset}", unit="step", file=sys.stderr,
+               disable=True if not main else None if progress is None else not progress, leave=False)
+
+    def on_step(i: int, loss: float) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4g}")
+        stamps.append(_now(spec.device))
+
+    peaks = CudaPeaks(spec.device) if spec.device == "cuda" else None
+    try:
+        with peaks or nullcontext():
+            log = train(exp, exp.sizes["meta_steps"], on_step=on_step)
+    except Diverged as exc:
+        status, message = "diverged", str(exc)
+    except distributed.RankFailed as exc:  # every rank ends here at once; rank 0 says which rank failed
+        return SingleRun(None, {"status": "error", "message": str(exc)}, main)
+    finally:
+        bar.close()
+    wall_s = time.perf_counter() - stamps[0]
+    memory.update(peaks.figures if peaks is not None else {})
+    ranks_info = distributed.single_process_summary(memory) if group is None else group.summary(memory)
+    result = {
+        "schema": SCHEMA_VERSION, "kind": "run", "status": status, "message": message,
+        "spec": {**asdict(spec), **exp.sizes}, "settings": _settings_dict(settings),
+        "variant": {"name": exp.variant.name, **exp.variant.flags},
+        "agreement": agree, "query_loss": log.losses, "final_query_loss": log.losses[-1] if log.losses else None,
+        "skipped_steps": log.skipped_steps, "wall_s": wall_s, "memory": memory,
+        "time": time_stats([b - a for a, b in zip(stamps, stamps[1:])][1:]),  # the first meta-step: warm-up
+        "env": environment(spec.device), "distributed": ranks_info,
+    }
+    if not main:
+        return SingleRun(None, result, main)
+    path = result_path(out, spec, None if group is None else group.world)
+    return SingleRun(write_json(path, RunResult.from_dict(result, "run result")), result)
+
+
+def _settings_dict(settings: CellSettings | None) -> dict[str, Any]:
+    if settings is None:
+        return {}
+    return {**settings.spec, **settings.variant, **settings.launch, **{f"model.{k}": v for k, v in settings.model.items()},
+            **{f"task.{k}": v for k, v in settings.task.items()}}
+
+
+def _now(device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def side_measurements(exp: Experiment, snapshot: Path | None) -> dict[str, Any]:
+    """The deterministic CPU memory figure of one meta-step (and the CUDA snapshot), on a copy of the
+    learner and of the task stream, so the training run itself is unchanged."""
+    learner = copy.deepcopy(exp.learner)
+    gen = torch.Generator().manual_seed(0)
+    gen.set_state(exp.gen.get_state())
+
+    def sample() -> list:
+        return exp.sample(gen)
+
+    state = torch.get_rng_state()
+    step = StepRunner(learner, exp.sizes["outer_lr"], sample, scaler=exp.new_scaler(), check_finite=False)
+    out: dict[str, Any] = measure_cpu_memory(step, sample())
+    if snapshot is not None:
+        out["snapshot"] = snapshot_meta_step(step, snapshot, exp.device)
+    torch.set_rng_state(state)
+    return out

@@ -1,0 +1,207 @@
+"""The argument groups the commands share, and the checks of everything they name, done up front.
+
+Every option of ``run``, ``bench``, ``sweep`` and ``ablate`` goes through :func:`check_numbers`
+(the bounds in :mod:`harness.settings`), every ``--out`` through :func:`check_out_dir` and every
+run-id through :func:`run_dir`, before anything runs or is written.  A failure is a
+:class:`UsageError`: one line, exit code 2 (``EXIT_USAGE``).  Try: ``python -m harness run
+--variant maml --seed 100000000000000000000000``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from harness.bench.cells import MeasureOptions
+from harness.bench.executors import add_executor_arguments
+from harness.bench.request import DEFAULT_PRESET, parse_amps
+from harness.core.config import AMP_MODES, ConfigError
+from harness.distributed import check_ranks
+from harness.settings import ACCEPTED, check_int, check_seconds, parse_settings
+from harness.train import DEVICES, DTYPES, RunSpec, check_device
+from harness.zoo.presets import get_preset
+
+__all__ = ["DEFAULT_OUT", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "MatrixOptions", "UsageError",
+           "add_matrix_arguments", "add_out_argument", "add_spec_arguments", "check_numbers", "check_out_dir",
+           "check_run_id", "merge_flags",
+           "default_device", "matrix_options", "nonempty", "out_path", "plots_root", "resolve_run", "run_dir"]
+
+EXIT_OK = 0  # every cell ok (or unsupported)
+EXIT_FAILED = 1  # a regression, or a failed, diverged, killed, out-of-memory or timed-out cell
+EXIT_USAGE = 2  # bad input: nothing ran, nothing was written
+EXIT_INTERRUPTED = 130  # Ctrl-C
+DEFAULT_OUT = Path("results")
+INT_OPTIONS = ("inner_steps", "meta_batch", "meta_steps", "eval_tasks", "eval_every", "seeds", "verify_seeds", "seed",
+               "threads", "jobs", "warmup", "repeats", "ways", "shots")
+
+
+class UsageError(ConfigError):
+    """Bad command-line input: one line, exit code 2."""
+
+
+def nonempty(text: str) -> str:
+    """argparse type: a non-empty string (``--preset ''`` is not the default preset)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def out_path(text: str) -> Path:
+    """argparse type for ``--out``: a non-empty path (``--out ''`` would mean the current directory)."""
+    return Path(nonempty(text))
+
+
+def add_out_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=out_path, default=DEFAULT_OUT, metavar="DIR",
+                   help="results root (default results/); plots go to a plots/ folder beside it")
+
+
+def add_spec_arguments(p: argparse.ArgumentParser, *, variant_required: bool = True) -> None:
+    """The cell arguments shared by run, bench and sweep."""
+    if variant_required:
+        p.add_argument("--variant", required=True, type=nonempty, help="variant name (see `list`)")
+    p.add_argument("--preset", default=None, type=nonempty, help="preset name (see `list`)")
+    p.add_argument("--device", default=None, type=nonempty,
+                   help=f"one of {', '.join(DEVICES)}; default cuda when available")
+    p.add_argument("--dtype", default="float32", type=nonempty, help=f"one of {', '.join(DTYPES)}")
+    p.add_argument("--inner-steps", type=int, default=None, help="inner steps K (default: the preset's)")
+    p.add_argument("--meta-batch", type=int, default=None, help="tasks per meta-step (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0, help="RNG seed (0..2**62)")
+    p.add_argument("--amp", default="off", type=nonempty, help=f"mixed precision: {', '.join(AMP_MODES)}")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"cell setting: {ACCEPTED}")
+    p.add_argument("--allow-huge", action="store_true",
+                   help="raise the size limits that keep a typo from eating the machine")
+
+
+def add_matrix_arguments(p: argparse.ArgumentParser) -> None:
+    """The isolated-cell matrix arguments of bench and sweep."""
+    add_spec_arguments(p, variant_required=False)
+    p.add_argument("--run-id", default=None, type=nonempty,
+                   help="<out>/<run-id>/ (default <preset>-<device>[-settings]); reruns resume")
+    add_out_argument(p)
+    p.add_argument("--force", action="store_true", help="re-run cells that already have a result")
+    p.add_argument("--timeout", type=float, default=300.0, help="per-cell time limit in seconds (default 300)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up meta-steps per cell (default 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed meta-steps per cell (default 5 on CUDA, 3 on CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per cell (default: torch's)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--no-nvml", action="store_true", help="no NVML sampler thread (CUDA)")
+    p.add_argument("--cpu-mem-cap", action="append", default=[], metavar="VARIANT=MIB", help=argparse.SUPPRESS)
+    add_executor_arguments(p)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Every numeric option the command has, against the one set of bounds (:data:`harness.settings.BOUNDS`)."""
+    huge = bool(getattr(args, "allow_huge", False))
+    for name in INT_OPTIONS:
+        value = getattr(args, name, None)
+        if value is not None:
+            check_int(name, value, allow_huge=huge)
+    if getattr(args, "timeout", None) is not None:
+        check_seconds("timeout", args.timeout, allow_huge=huge)
+
+
+def _existing_ancestor(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        if p.is_symlink():  # a dangling link: its target's folder does not exist
+            raise UsageError(f"{path}: {p} is a broken symbolic link")
+        p = p.parent
+    return p
+
+
+def check_out_dir(path: Path, flag: str = "--out") -> Path:
+    """``path`` can hold our files: not a file, not below a file, writable (tried, not guessed from the mode
+    bits, which root ignores).  Creates nothing: the probe file is removed at once."""
+    if not str(path).strip():
+        raise UsageError(f"{flag} is empty; give a directory")
+    base = _existing_ancestor(Path(path))
+    if not base.is_dir():
+        raise UsageError(f"{flag} {path}: {base} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=base, prefix=".harness-probe-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot write in {base} ({exc.strerror or exc})") from None
+    return Path(path)
+
+
+def check_run_id(out: Path, run_id: str, flag: str = "--run-id") -> Path:
+    """``<out>/<run-id>``, with a run-id that is one plain folder name (no separator, no ``..``)."""
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    if (not run_id.strip() or any(s in run_id for s in seps) or run_id in (".", "..") or run_id.startswith(".")
+            or "\0" in run_id):
+        raise UsageError(f"{flag} must be one plain folder name (no path separator, not starting with '.'), "
+                         f"got {run_id!r}")
+    return Path(out) / run_id  # one name without a separator, not '.' or '..': it cannot leave out
+
+
+def run_dir(out: Path, run_id: str, flag: str = "--run-id") -> Path:
+    """:func:`check_run_id`, and the folder can be written."""
+    return check_out_dir(check_run_id(out, run_id, flag))
+
+
+def plots_root(out: Path) -> Path:
+    """The plots tree beside the results root: ``results/`` -> ``plots/``."""
+    return Path(out).parent / "plots"
+
+
+class MatrixOptions(NamedTuple):
+    """bench's and sweep's options, checked (nothing in ``args`` is changed)."""
+
+    device: str
+    preset: str
+    settings: dict[str, Any]
+    amps: list[str]
+    opts: MeasureOptions
+
+
+def merge_flags(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
+    """``--inner-steps``, ``--meta-batch`` and ``--amp`` into the ``--set`` settings (the same key twice must agree)."""
+    out = dict(settings)
+    flags = {"inner_steps": args.inner_steps, "meta_batch": args.meta_batch,
+             "amp": None if getattr(args, "amp", "off") == "off" else args.amp}
+    for name, value in flags.items():
+        if value is None:
+            continue
+        if name in out and out[name] != value:
+            raise UsageError(f"--{name.replace('_', '-')} {value} contradicts --set {name}={out[name]}")
+        out[name] = value
+    return out
+
+
+def matrix_options(args: argparse.Namespace, *, multi_amp: bool) -> MatrixOptions:
+    """Every option of a matrix command checked, in the order a user would fix them."""
+    check_numbers(args)
+    device = args.device if args.device is not None else default_device()
+    check_device(device)
+    preset = args.preset if args.preset is not None else DEFAULT_PRESET[device]
+    settings = merge_flags(args, parse_settings(args.set, preset, allow_huge=args.allow_huge))
+    amps = parse_amps(settings.pop("amp", "off"), device)
+    if "ranks" in settings:  # every rank needs a task: 1..meta-batch
+        settings["ranks"] = check_ranks(settings["ranks"], int(settings.get("meta_batch", get_preset(preset).meta_batch)))
+    if len(amps) > 1 and not multi_amp:
+        raise UsageError(f"--amp takes one precision here, got {args.amp!r} (bench takes a list)")
+    for amp in amps:  # the run-spec rules (dtype, precision, sizes) exactly as the cells will apply them
+        RunSpec(variant="maml", preset=preset, device=device, dtype=args.dtype, seed=args.seed, amp=amp,
+                inner_steps=settings.get("inner_steps"), meta_batch=settings.get("meta_batch"))
+    repeats = args.repeats if args.repeats is not None else (5 if device == "cuda" else 3)
+    opts = MeasureOptions(warmup=args.warmup, repeats=repeats, timeout_s=args.timeout, nvml=not args.no_nvml,
+                          threads=args.threads)
+    return MatrixOptions(device, preset, settings, amps, opts)
+
+
+def resolve_run(text: str, out: Path = DEFAULT_OUT) -> Path:
+    """A run directory (``results/<run-id>``, or its ``cells.jsonl``), or a bare run-id under ``out``."""
+    p = Path(text)
+    if p.is_dir() or p.suffix == ".jsonl" or len(p.parts) > 1:
+        return p.parent if p.suffix == ".jsonl" else p
+    return check_run_id(out, text, flag="run")

@@ -1,0 +1,223 @@
+"""What a valid option is: one set of rules for ``run``, ``bench``, ``sweep`` and ``ablate``.
+
+Issue 13: the same value is valid or invalid for every command, and it is checked before anything
+runs or is written.  Sizes are bounded so that a typo (``--inner-steps 1000000000``) is refused
+instead of eating the machine; ``--allow-huge`` raises the bounds to larger, still finite ones.
+
+Issue 11: the one ``--set KEY=VALUE`` parser with its one list of accepted keys
+(:data:`SETTING_KEYS`, plus ``model.<kw>`` and ``task.<kw>`` of the preset's model and task),
+used by the commands and by :meth:`harness.bench.cells.Cell.overrides`.
+Try: ``python -m harness bench --set width=abc`` (exit 2, nothing written).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, NamedTuple
+
+from harness.core.config import AMP_MODES, ConfigError
+from harness.zoo.presets import Preset, get_preset
+
+__all__ = ["ACCEPTED", "BOUNDS", "Bound", "CellSettings", "LAUNCH_SETTINGS", "MODEL_SETTINGS", "SEED_MAX", "SETTING_KEYS", "SPEC_SETTINGS",
+           "SWEEP_PARAMS", "VARIANT_SETTINGS", "check_int", "check_seconds", "dedupe",
+           "parse_param", "parse_settings", "parse_value", "split_settings", "validate_setting"]
+
+SEED_MAX = 2 ** 62  # torch.Generator takes 64-bit seeds; derived streams (seed + 1, held-out seeds) need room
+
+
+class Bound(NamedTuple):
+    """Valid values ``lo..hi``; ``huge`` replaces ``hi`` under ``--allow-huge`` (still finite)."""
+
+    lo: float
+    hi: float
+    huge: float
+
+
+BOUNDS: dict[str, Bound] = {
+    "inner_steps": Bound(0, 1_000, 100_000),
+    "meta_batch": Bound(1, 1_024, 1_000_000),
+    "meta_steps": Bound(0, 100_000, 100_000_000),
+    "eval_tasks": Bound(1, 100_000, 100_000),
+    "eval_every": Bound(1, 100_000, 100_000_000),
+    "seeds": Bound(2, 10_000, 10_000),  # ablate: intervals over seeds need 2 (harness.studies.ablation.spec)
+    "verify_seeds": Bound(1, 10_000, 10_000),
+    "jobs": Bound(1, 256, 256),
+    "seed": Bound(0, SEED_MAX, SEED_MAX),
+    "threads": Bound(1, 1_024, 1_024),
+    "warmup": Bound(0, 1_000, 1_000_000),
+    "repeats": Bound(1, 10_000, 1_000_000),
+    "depth": Bound(1, 256, 100_000),
+    "width": Bound(1, 16_384, 1_000_000),
+    "step_ckpt": Bound(0, 1_000, 100_000),
+    "vectorize": Bound(0, 1, 1),
+    "ranks": Bound(1, 64, 4_096),  # and at most the meta-batch (harness.distributed.check_ranks)
+    "ways": Bound(1, 1_000, 100_000),
+    "shots": Bound(1, 1_000, 100_000),
+    "size": Bound(1, 100_000, 100_000_000),  # any other integer model.<kw> / task.<kw>
+    "timeout": Bound(1e-3, 86_400.0, 30 * 86_400.0),  # seconds
+}
+
+SPEC_SETTINGS = ("inner_steps", "meta_batch")  # RunSpec fields
+MODEL_SETTINGS = ("depth", "width")  # model constructor keywords
+VARIANT_SETTINGS = ("step_ckpt", "vectorize")  # step-checkpoint segment length (0: off); vmap tasks (0/1)
+LAUNCH_SETTINGS = ("ranks",)  # data-parallel ranks: the cell runs under torch.distributed.run (harness.distributed)
+SWEEP_PARAMS = SPEC_SETTINGS + MODEL_SETTINGS + VARIANT_SETTINGS + LAUNCH_SETTINGS
+SETTING_KEYS = SWEEP_PARAMS + ("amp",)  # and model.<kw>, task.<kw>
+ACCEPTED = f"{', '.join(SETTING_KEYS)}, model.<kw> or task.<kw>"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _num(x: float) -> str:
+    return "2**62" if x == SEED_MAX else str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def check_int(name: str, value: Any, *, allow_huge: bool = False, flag: str | None = None) -> int:
+    """``value`` as an int within ``BOUNDS[name]``; a ConfigError naming the flag and the valid range."""
+    flag = flag or _flag(name)
+    b = BOUNDS[name]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{flag} must be an integer in {_num(b.lo)}..{_num(b.hi)}, got {value!r}")
+    hi = b.huge if allow_huge else b.hi
+    if not b.lo <= value <= hi:
+        more = f" (--allow-huge raises the limit to {_num(b.huge)})" if value > hi and b.huge > hi else ""
+        raise ConfigError(f"{flag} must be in {_num(b.lo)}..{_num(hi)}, got {value}{more}")
+    return value
+
+
+def check_seconds(name: str, value: float, *, allow_huge: bool = False, flag: str | None = None) -> float:
+    """A finite, positive, bounded number of seconds (``nan`` and ``inf`` are refused)."""
+    flag = flag or _flag(name)
+    b = BOUNDS[name]
+    hi = b.huge if allow_huge else b.hi
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or not b.lo <= value <= hi:
+        more = " (--allow-huge raises the limit)" if isinstance(value, (int, float)) and value > hi else ""
+        raise ConfigError(f"{flag} must be a finite number of seconds in {_num(b.lo)}..{_num(hi)}, got {value!r}{more}")
+    return float(value)
+
+
+def parse_value(text: str) -> Any:
+    """int, then float, then the string itself (``true``/``false`` as booleans)."""
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def _keywords(make: Any) -> dict[str, Any]:
+    """A constructor's keyword parameters and their defaults."""
+    return {n: p.default for n, p in inspect.signature(make).parameters.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"}
+
+
+def _typed(what: str, text: str, default: Any, bound: str, allow_huge: bool) -> Any:
+    """``text`` converted to the type of ``default`` (int, float, bool, str) and checked; ``what`` names it."""
+    if isinstance(default, bool):
+        value = parse_value(text)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{what} must be true or false, got {text!r}")
+        return value
+    if isinstance(default, int):
+        return check_int(bound, parse_value(text), allow_huge=allow_huge, flag=what)  # 1e21, abc: not an int
+    if isinstance(default, float):
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"{what} must be a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{what} must be finite, got {text!r}")
+        return value
+    if isinstance(default, (tuple, list, dict)):
+        raise ConfigError(f"{what}: {type(default).__name__} values cannot be set from the command line")
+    if not text:
+        raise ConfigError(f"{what} is empty")
+    return parse_value(text) if default is None or default is inspect.Parameter.empty else text
+
+
+def validate_setting(key: str, text: str, preset: Preset, *, allow_huge: bool = False, flag: str = "--set") -> Any:
+    """One ``KEY=VALUE`` for ``preset``: the key must be one the preset's run, variant, model or task takes."""
+    what = f"{flag} {key}"
+    if key in SPEC_SETTINGS + VARIANT_SETTINGS + LAUNCH_SETTINGS:
+        return _typed(what, text, 0, key, allow_huge)
+    if key == "amp":
+        if text not in AMP_MODES:
+            raise ConfigError(f"{what}={text}: unknown precision; valid choices: {', '.join(AMP_MODES)}")
+        return text
+    part, kw = ("model", key) if key in MODEL_SETTINGS else key.split(".", 1) if "." in key else ("", key)
+    if part not in ("model", "task") or not kw:
+        raise ConfigError(f"unknown {flag} key {key!r}; accepted: {ACCEPTED}")
+    make = preset.make_model if part == "model" else preset.make_task
+    params = _keywords(make)
+    if kw not in params:
+        raise ConfigError(f"{what}: preset {preset.name!r}'s {part} ({make.__name__}) takes no {kw!r}; "
+                          f"accepted: {', '.join(f'{part}.{p}' for p in params)}")
+    default = {**params, **(preset.model_kwargs if part == "model" else preset.task_kwargs)}[kw]
+    return _typed(what, text, default, kw if kw in BOUNDS else "size", allow_huge)
+
+
+def parse_settings(items: list[str], preset: str, *, allow_huge: bool = False) -> dict[str, Any]:
+    """``["width=32", "task.tokens=8"]`` -> ``{"width": 32, "task.tokens": 8}``, every value checked."""
+    p = get_preset(preset)
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"bad --set {item!r}; expected KEY=VALUE with KEY one of {ACCEPTED}")
+        out[key] = validate_setting(key, val.strip(), p, allow_huge=allow_huge)
+    return out
+
+
+def dedupe(values: list[Any]) -> list[Any]:
+    """The values in order, each once (``maml,maml`` is one cell)."""
+    return list(dict.fromkeys(values))
+
+
+def parse_param(text: str, preset: str, *, allow_huge: bool = False) -> tuple[str, list[Any]]:
+    """``sweep --param inner_steps=1,2,4`` -> ``("inner_steps", [1, 2, 4])`` (repeats collapse in the plan)."""
+    name, sep, vals = text.partition("=")
+    name = name.strip()
+    if name not in SWEEP_PARAMS:
+        raise ConfigError(f"unknown --param {name!r}; accepted: {', '.join(SWEEP_PARAMS)} (as NAME=V1,V2,...)")
+    texts = [v.strip() for v in vals.split(",") if v.strip()] if sep else []
+    if not texts:
+        raise ConfigError(f"bad --param {text!r}; expected {name}=V1,V2,... with integer values")
+    p = get_preset(preset)
+    return name, [validate_setting(name, t, p, allow_huge=allow_huge, flag="--param") for t in texts]
+
+
+class CellSettings(NamedTuple):
+    """A cell's settings by where they go."""
+
+    spec: dict[str, Any]  # RunSpec keywords (inner_steps, meta_batch, amp)
+    model: dict[str, Any]  # model constructor keywords
+    task: dict[str, Any]  # task sampler keywords
+    variant: dict[str, Any]  # replaced on the Variant (step_ckpt, vectorize)
+    launch: dict[str, Any]  # how the cell's process starts (ranks)
+
+
+def split_settings(settings: dict[str, Any]) -> CellSettings:
+    """Settings (already validated, e.g. read back from a row) sorted by destination; unknown keys raise."""
+    out = CellSettings({}, {}, {}, {}, {})
+    for k, v in settings.items():
+        if k in SPEC_SETTINGS:
+            out.spec[k] = int(v)
+        elif k == "amp":
+            out.spec[k] = str(v)
+        elif k in VARIANT_SETTINGS:
+            out.variant[k] = int(v)
+        elif k in LAUNCH_SETTINGS:
+            out.launch[k] = int(v)
+        elif k in MODEL_SETTINGS:
+            out.model[k] = v
+        elif k.startswith("model.") and len(k) > 6:
+            out.model[k[6:]] = v
+        elif k.startswith("task.") and len(k) > 5:
+            out.task[k[5:]] = v
+        else:
+            raise ConfigError(f"unknown cell setting {k!r}; accepted: {ACCEPTED}")
+    return out

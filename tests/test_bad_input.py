@@ -1,0 +1,243 @@
+"""Claims (issue 13, input side): every option of run, bench, sweep and ablate is checked up front by one
+set of rules -- the same value is refused by every command that takes it, with one line and exit 2,
+before anything runs or is written; output folders are tried before the work; duplicates collapse;
+exit codes mean one thing across commands; the README's list is the one the tests check."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+from pathlib import Path
+
+import pytest
+
+from harness.bench import cells as C
+from harness.bench import matrix as M
+from harness.bench.cells import Cell
+from harness.bench.request import MatrixRequest
+from harness.cli import args as A
+from harness.cli import bench as bench_cmd
+from harness.cli import sweep as sweep_cmd
+from harness.cli.main import build_parser, main
+from harness.settings import SEED_MAX, SETTING_KEYS, parse_settings, split_settings
+from harness.train import Experiment, RunSpec
+from tests.conftest import REPO, TINY, harness
+
+BASE = {  # each command on the same preset, so one bad value means the same thing everywhere
+    "run": ["run", "--variant", "maml", "--preset", "cpu-bench", "--device", "cpu"],
+    "bench": ["bench", "--preset", "cpu-bench", "--device", "cpu"],
+    "sweep": ["sweep", "--variant", "maml", "--param", "width=8,16", "--preset", "cpu-bench", "--device", "cpu"],
+    "ablate": ["ablate", "--preset", "cpu-bench", "--device", "cpu"],
+}
+BAD_EVERYWHERE = [  # (argv, words the one-line error must contain)
+    (["--inner-steps", "-1"], "--inner-steps"),
+    (["--inner-steps", "1000000000"], "--allow-huge"),
+    (["--meta-batch", "0"], "--meta-batch"),
+    (["--meta-batch", str(10 ** 21)], "--meta-batch"),
+    (["--dtype", "bogus"], "valid dtypes"),
+    (["--threads", "-1"], "--threads"),
+    (["--set", "width=abc"], "--set width must be an integer"),
+    (["--set", "inner_steps=-1"], "--set inner_steps"),
+    (["--set", "meta_batch=1e21"], "--set meta_batch must be an integer"),
+    (["--set", "task.bogus=1"], "takes no 'bogus'"),
+    (["--set", "nonsense=1"], "accepted: inner_steps, meta_batch"),
+    (["--preset", ""], "--preset"),
+    (["--device", ""], "--device"),
+    (["--device", "tpu"], "valid devices"),
+    (["--out", ""], "--out"),
+]
+SEEDED = [(["--seed", "1e23"], "--seed"), (["--seed", str(10 ** 23)], "--seed must be in 0..2**62")]
+MATRIX_ONLY = [(["--timeout", "nan"], "--timeout"), (["--timeout", "inf"], "--timeout"),
+               (["--timeout", "-1"], "--timeout"), (["--variants", ""], "--variants"),
+               (["--run-id", "../escaped"], "--run-id"), (["--run-id", "a/b"], "--run-id"),
+               (["--repeats", "0"], "--repeats")]
+CASES = ([(cmd, a, w) for cmd in BASE for a, w in BAD_EVERYWHERE]
+         + [(cmd, a, w) for cmd in ("run", "bench", "sweep") for a, w in SEEDED]
+         + [(cmd, a, w) for cmd in ("bench", "sweep") for a, w in MATRIX_ONLY if cmd == "bench" or a[0] != "--variants"]
+         + [("sweep", ["--param", "meta_batch=1e21"], "--param meta_batch must be an integer"),
+            ("sweep", ["--param", "width=0"], "--param width"),
+            ("ablate", ["--eval-tasks", str(10 ** 12)], "--eval-tasks"),
+            ("ablate", ["--variants", ""], "--variants"), ("ablate", ["--run-id", "../escaped"], "--run-id"),
+            ("run", ["--meta-steps", "1000000000"], "--meta-steps")])
+
+
+@pytest.fixture
+def no_work(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Any command that starts its work fails the test at once; the current directory is an empty folder."""
+    def refuse(*a: object, **k: object) -> None:
+        raise AssertionError("the work started: the bad input was not refused up front")
+
+    for target in ("harness.cli.run.run_single", "harness.cli.bench.run_request", "harness.cli.sweep.run_request",
+                   "harness.cli.ablate.run_ablation", "harness.cli.diagnose.diagnose", "harness.cli.report.build"):
+        monkeypatch.setattr(target, refuse)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def refused(argv: list[str], capsys: pytest.CaptureFixture, where: Path, words: str) -> None:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and words in err, err
+    assert sorted(p.name for p in where.rglob("*")) == [], "something was written"
+
+
+@pytest.mark.parametrize("command, argv, words", CASES, ids=lambda x: x if isinstance(x, str) else None)
+def test_a_bad_value_is_refused_by_every_command_before_anything_runs(no_work: Path, capsys, command, argv,
+                                                                       words) -> None:
+    refused([*BASE[command], *argv], capsys, no_work, words)
+
+
+def test_a_seed_too_large_is_one_line_exit_2_not_an_overflow_traceback(tmp_path: Path) -> None:
+    out = harness("run", "--variant", "maml", "--seed", "100000000000000000000000", "--out", str(tmp_path))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--seed" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and not any(tmp_path.iterdir())
+
+
+def test_the_largest_valid_seed_builds_a_cell_and_one_more_is_refused() -> None:
+    Experiment(RunSpec("maml", seed=SEED_MAX))  # seeds seed and seed + 1 without an OverflowError
+    with pytest.raises(ValueError, match="--seed"):
+        RunSpec("maml", seed=SEED_MAX + 1)
+
+
+def test_allow_huge_lifts_the_typo_limit_and_only_it(no_work: Path, capsys) -> None:
+    refused([*BASE["run"], "--inner-steps", "2000"], capsys, no_work, "--allow-huge")
+    from harness.cli.run import spec_from_args
+
+    spec, _ = spec_from_args(build_parser().parse_args([*BASE["run"], "--inner-steps", "2000", "--allow-huge"]))
+    assert spec.inner_steps == 2000
+    refused([*BASE["run"], "--inner-steps", "1000000000", "--allow-huge"], capsys, no_work, "--inner-steps")
+
+
+# -- output folders -------------------------------------------------------------
+def out_cases(tmp: Path) -> list[tuple[str, list[str]]]:
+    return [("run", [*BASE["run"], "--out"]), ("bench", [*BASE["bench"], "--out"]),
+            ("sweep", [*BASE["sweep"], "--out"]), ("ablate", [*BASE["ablate"], "--out"]),
+            ("diagnose", ["diagnose", "--out"])]
+
+
+@pytest.mark.parametrize("command", ["run", "bench", "sweep", "ablate", "diagnose"])
+@pytest.mark.parametrize("kind", ["a file", "below a file", "unwritable (/proc)"])
+def test_an_unusable_out_folder_is_exit_2_before_the_work(no_work: Path, capsys, command: str, kind: str) -> None:
+    blocker = no_work / "results.txt"
+    blocker.write_text("not a folder\n")
+    out = {"a file": str(blocker), "below a file": str(blocker / "sub"), "unwritable (/proc)": "/proc/harness"}[kind]
+    argv = dict(out_cases(no_work))[command]
+    code = main([*argv, out])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--out" in err, err
+    assert sorted(p.name for p in no_work.rglob("*")) == ["results.txt"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a mode-0o555 folder; the /proc case covers root")
+def test_a_read_only_out_folder_is_exit_2(no_work: Path, capsys) -> None:
+    ro = no_work / "ro"
+    ro.mkdir(mode=0o555)
+    refused([*BASE["bench"], "--out", str(ro)], capsys, ro, "--out")
+
+
+def test_the_writability_probe_really_tries_a_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not os.access (root passes it for a 0o555 folder): a file created and removed at once."""
+    with pytest.raises(A.UsageError, match="cannot write"):
+        A.check_out_dir(Path("/proc/x"))
+    assert A.check_out_dir(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+    assert list(tmp_path.iterdir()) == []  # nothing created, the probe removed
+
+
+def test_report_checks_the_plots_folder_before_rewriting_the_tables(no_work: Path, capsys,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    run = no_work / "results" / "r"
+    run.mkdir(parents=True)
+    row = {**C.base_row(Cell("maml", "cpu-bench")), "status": "ok", "env": {}}
+    (run / "cells.jsonl").write_text(json.dumps(row) + "\n")
+    (no_work / "plots").write_text("a file where the plots folder goes\n")
+    code = main(["report", "r", "--out", str(no_work / "results")])
+    assert code == 2 and "plots" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["cells.jsonl"]
+
+
+# -- one --set parser, one list of keys; duplicates collapse ---------------------
+def request(argv: list[str]) -> MatrixRequest:
+    return {"bench": bench_cmd, "sweep": sweep_cmd}[argv[0]].request_from_args(build_parser().parse_args(argv))
+
+
+def test_bench_accepts_every_key_cell_overrides_accepts(tmp_path: Path) -> None:
+    req = request([*BASE["bench"], "--variants", "lr", "--set", "step_ckpt=1", "--set", "amp=bf16",
+                   "--set", "width=16", "--set", "task.tokens=4", "--out", str(tmp_path)])
+    (cell,) = req.cells
+    assert cell.settings == {"step_ckpt": 1, "amp": "bf16", "width": 16, "task.tokens": 4}
+    spec, model, task = cell.overrides()
+    assert spec == {"amp": "bf16"} and model == {"width": 16} and task == {"tokens": 4}
+    assert set(split_settings(parse_settings([f"{k}=1" for k in SETTING_KEYS if k != "amp"], "cpu-bench"))
+               .spec) == {"inner_steps", "meta_batch"}
+
+
+@pytest.mark.parametrize("key", ["nonsense", "model.", "task.", "amp.x", "step-ckpt"])
+def test_the_parser_and_the_cells_refuse_the_same_keys(key: str) -> None:
+    with pytest.raises(ValueError):
+        parse_settings([f"{key}=1"], "cpu-bench")
+    with pytest.raises(ValueError):
+        Cell("maml", "cpu-bench", settings={key: 1}).overrides()
+
+
+def test_duplicate_variants_and_values_are_one_cell_each(tmp_path: Path) -> None:
+    out = ["--out", str(tmp_path)]
+    assert [c.variant for c in request([*BASE["bench"], "--variants", "maml,maml,fo", *out]).cells] == ["maml", "fo"]
+    sweep = request(["sweep", "--variant", "maml,maml", "--param", "inner_steps=1,1,2", "--device", "cpu", *out])
+    assert [(c.variant, c.settings["inner_steps"]) for c in sweep.cells] == [("maml", 1), ("maml", 2)]
+    from harness.cli.ablate import spec_from_args
+
+    assert spec_from_args(build_parser().parse_args(["ablate", "--variants", "maml,maml"])).variants == ("maml",)
+    assert not any(tmp_path.iterdir())
+
+
+# -- exit codes -----------------------------------------------------------------
+@pytest.mark.parametrize("status, code", [("ok", 0), ("unsupported", 0), ("diverged", 1), ("timeout", 1),
+                                          ("error", 1), ("oom", 1), ("killed", 1)])
+@pytest.mark.parametrize("command", ["bench", "sweep"])
+def test_the_exit_code_says_whether_every_cell_passed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      command: str, status: str, code: int) -> None:
+    def fake(cell: Cell, opts: C.MeasureOptions, executor: object = None) -> dict:
+        row = C.base_row(cell)
+        row.update(status="ok" if cell.variant == "fo" or cell.settings.get("width") == 8 else status, env={})
+        return row
+
+    monkeypatch.setattr(M, "measure_cell", fake)
+    sets = [a for k, v in TINY.items() if k != "width" for a in ("--set", f"{k}={v}")]
+    argv = [*BASE[command], *sets, "--out", str(tmp_path), "--run-id", "r", "--no-plots"]
+    assert main([*argv, "--variants", "fo,maml"] if command == "bench" else argv) == code
+
+
+def test_an_interrupt_is_130(no_work: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    def interrupted(*a: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("harness.cli.bench.run_request", interrupted)
+    assert main([*BASE["bench"], "--no-plots"]) == A.EXIT_INTERRUPTED == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def readme_section() -> str:
+    text = (REPO / "README.md").read_text()
+    return text.split("## Bad input and exit codes", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_readme_exit_codes_are_the_ones_the_commands_use() -> None:
+    table = dict(re.findall(r"^\| `(\d+)` \| (.+?) \|$", readme_section(), re.M))
+    codes = {A.EXIT_OK, A.EXIT_FAILED, A.EXIT_USAGE, A.EXIT_INTERRUPTED, 128 + signal.SIGTERM}
+    assert {int(k) for k in table} == codes == {0, 1, 2, 130, 143}
+    assert "unsupported" in table["0"] and "diverged" in table["1"] and "regression" in table["1"]
+    assert "nothing" in table["2"]
+
+
+def test_every_refused_example_in_the_readme_is_refused(no_work: Path, capsys) -> None:
+    block = readme_section().split("```console", 1)[1].split("```", 1)[0]
+    examples = [line.split("python -m harness ", 1)[1] for line in block.splitlines() if "python -m harness" in line]
+    assert len(examples) >= 10
+    for ex in examples:
+        code = main(shlex.split(ex))
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, (ex, err)
+    assert sorted(p.name for p in no_work.rglob("*")) == []
