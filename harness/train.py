@@ -23,6 +23,10 @@ from harness.settings import check_int
 from harness.zoo.presets import Preset, get_preset
 from harness.variants import Variant, get_variant
 
+__all__ = ["DEVICES", "DTYPES", "MAX_CONSECUTIVE_SKIPS", "SMALL_MODEL_PARAMS", "Diverged", "DivergenceCheck",
+           "Experiment", "RunSpec", "TrainLog", "check_agreement", "check_amp", "check_device",
+           "default_threads", "meta_step", "train", "unscaled_meta_gradients"]
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEVICES = ("cpu", "cuda")
 

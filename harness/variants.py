@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib.metadata import entry_points
 
+import variants as plugin_package  # the variants/ package: one plugin module per variant
 from harness.core.config import ConfigError, MetaConfig
 
 __all__ = ["CANONICAL", "ENTRY_POINT_GROUP", "RegistryError", "Variant", "build_registry", "canonical_name",
@@ -79,9 +80,7 @@ def canonical_name(layer_ckpt: bool, learn_lr: bool, first_order: bool) -> str:
 
 def _collect() -> list[Variant]:
     found: list[Variant] = []
-    import variants as pkg
-
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+    for info in sorted(pkgutil.iter_modules(plugin_package.__path__), key=lambda i: i.name):
         if info.name.startswith("_"):
             continue
         try:

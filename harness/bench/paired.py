@@ -27,7 +27,11 @@ import numpy as np
 import torch
 from scipy import stats
 
+from harness.bench.cells import variant_for
+from harness.bench.measure import StepRunner
 from harness.core.config import Task
+from harness.train import Experiment, RunSpec
+from harness.variants import registry
 
 __all__ = ["PAIRED_COLUMNS", "measure_paired", "paired_columns", "paired_ratios", "ratio_summary", "reference_name"]
 
@@ -101,11 +105,6 @@ def measure_paired(cell: Any, step: Any, opts: Any) -> dict[str, Any] | None:
     """In a cell's process, after its own measurement: build the reference (same preset, settings, seed and
     task stream) and time ``max(opts.repeats, 3)`` alternating pairs.  ``None`` for a cell without a reference;
     a failure to build or run the reference is kept as ``{"reference", "error"}``, never fails the cell."""
-    from harness.bench.cells import variant_for
-    from harness.bench.measure import StepRunner
-    from harness.train import Experiment, RunSpec
-    from harness.variants import registry
-
     ref = reference_name(cell.variant, registry())
     if ref is None:
         return None

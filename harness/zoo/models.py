@@ -13,6 +13,8 @@ from torch import Tensor, nn
 
 from harness.core.ckpt import checkpoint
 
+__all__ = ["NORMS", "Conv4", "MLP", "ResBlock", "ResMLP"]
+
 NORMS = ("batch", "group", "none")
 
 

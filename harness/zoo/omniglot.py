@@ -28,6 +28,8 @@ from torch import Tensor
 from harness.core.config import ConfigError, Task
 from harness.zoo.tasks import cross_entropy
 
+__all__ = ["LAYOUT", "SPLITS", "Omniglot", "load_characters"]
+
 SPLITS = ("images_background", "images_evaluation")
 LAYOUT = "<root>/omniglot-py/images_background/<alphabet>/<character>/*.png (images_evaluation/ likewise, optional)"
 

@@ -16,6 +16,8 @@ from harness.zoo.omniglot import Omniglot
 from harness.zoo.digits import Digits, digits_mlp
 from harness.zoo.resnet import ResNet18
 
+__all__ = ["PRESETS", "Preset", "get_preset"]
+
 
 @dataclass(frozen=True)
 class Preset:

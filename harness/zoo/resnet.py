@@ -12,6 +12,8 @@ from torch import Tensor, nn
 
 from harness.core.ckpt import checkpoint
 
+__all__ = ["ResNet18"]
+
 
 class ResNet18(nn.Module):
     def __init__(self, n_way: int = 5) -> None:

@@ -17,6 +17,8 @@ from torch import Tensor
 
 from harness.core.config import ConfigError, Task
 
+__all__ = ["SequenceRegression", "Sinusoid", "SyntheticImages", "cross_entropy", "mse"]
+
 
 def mse(pred: Tensor, target: Tensor) -> Tensor:
     return F.mse_loss(pred, target)

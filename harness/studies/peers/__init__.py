@@ -52,7 +52,6 @@ wired here, so fp16 peer cells are listed unsupported.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from harness.core.config import ConfigError, Task
 from harness.studies.peers.base import Peer
@@ -62,10 +61,9 @@ from harness.studies.peers.support import (NO_CKPT, NO_FIRST_ORDER, NO_FP16, NO_
                                            cell_name, cells, supports)
 from harness.studies.peers.torch_maml_peer import TorchMamlPeer
 from harness.studies.peers.torchopt_peer import TorchoptPeer
+from harness.train import Experiment, check_agreement
 
-if TYPE_CHECKING:  # pragma: no cover
-    from harness.train import Experiment
-    from harness.variants import Variant
+from harness.variants import Variant
 
 __all__ = ["NO_CKPT", "NO_FIRST_ORDER", "NO_FP16", "NO_LAYER_CKPT", "NO_LEARN_LR", "NO_LEARN_LR_TORCH_MAML",
            "NO_VECTORIZE", "PEERS", "VERSIONS", "HigherPeer", "Peer", "TorchMamlPeer", "TorchoptPeer", "available",
@@ -99,6 +97,4 @@ def build_peer(peer: str, variant: "Variant", exp: "Experiment") -> Peer:
 
 def peer_agreement(peer: Peer, exp: "Experiment", tasks: list[Task]) -> dict[str, float | None]:
     """The peer's meta-gradients vs our non-checkpointed reference of ``exp`` (``loop.check_agreement``)."""
-    from harness.train import check_agreement
-
     return check_agreement(exp, tasks, peer)

@@ -59,6 +59,8 @@ from harness.core.config import AMP_MODES, Task
 from harness.core.engine import _inv_softplus, owner
 from harness.core.engine import lr_key as engine_lr_key
 
+__all__ = ["CKPT_MODES", "SeedConfig", "SeedLearner", "SeedModel", "adapted_modules", "lr_key"]
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 CKPT_MODES = ("off", "reentrant", "non_reentrant", "harness")
 
