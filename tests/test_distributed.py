@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness.cli.main import main
 from harness.train import Experiment, RunSpec, train
 from tests.conftest import REPO, harness
 from tests.dist_worker import Case, cases, train_case
@@ -129,3 +130,15 @@ def test_a_bench_cell_with_two_ranks_records_the_failing_rank_as_error(tmp_path)
     (row,) = [json.loads(line) for line in (tmp_path / "r2" / "cells.jsonl").read_text().splitlines()]
     assert row["status"] == "error" and "rank 1 failed at meta-step 1" in row["message"]
     assert row["distributed"]["world_size"] == 2 and row["settings"]["ranks"] == 2
+
+
+def test_ablate_under_torchrun_is_refused_in_one_line(monkeypatch, capsys, tmp_path) -> None:
+    """Claim: ablate is not data-parallel yet, so under torchrun it refuses (exit 2) instead of every rank
+    training the whole ablation and writing the same files."""
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    assert main(["ablate", "--preset", "sinusoid", "--variants", "fo", "--seeds", "2", "--meta-steps", "1",
+                 "--eval-tasks", "2", "--jobs", "1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ablate does not run data-parallel yet") and "\n" not in err
+    assert not any(tmp_path.iterdir())  # nothing written

@@ -13,6 +13,7 @@ import inspect
 import shlex
 from typing import Any
 
+from harness import distributed
 from harness.bench.executors import add_executor_arguments, executor_spec, open_executor
 from harness.cli.args import (EXIT_FAILED, EXIT_OK, UsageError, add_out_argument, check_numbers, check_out_dir,
                               merge_flags, nonempty, out_path, plots_root, run_dir)
@@ -94,6 +95,9 @@ def data_overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
 
 def spec_from_args(args: argparse.Namespace) -> AblationSpec:
     """The checked ablation; a UsageError/ConfigError naming the option before anything is trained."""
+    if distributed.launched():  # every rank would train the whole ablation and write the same files
+        raise UsageError("ablate does not run data-parallel yet: start it without torchrun (it trains cells in "
+                         "parallel itself: --jobs, or --executor ray)")
     check_numbers(args)
     check_device(args.device)
     task, model = data_overrides(args)
