@@ -78,7 +78,7 @@ RUN = ("-m", "harness", "run", "--variant", "ckpt_lr", "--dtype", "float64", "--
 def test_torchrun_harness_run_writes_one_row_from_rank_0_with_every_ranks_memory(tmp_path) -> None:
     proc = torchrun(*RUN, "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (path,) = tmp_path.iterdir()  # one file: rank 0 writes, rank 1 does not
+    (path,) = (tmp_path / "runs").iterdir()  # one file under <out>/runs: rank 0 writes, rank 1 does not
     row = json.loads(path.read_text())
     d = row["distributed"]
     assert d["world_size"] == 2 and d["backend"] == "gloo" and len(d["rank_memory_mib"]) == 2
@@ -99,7 +99,7 @@ def test_a_rank_that_raises_ends_both_processes_promptly_and_rank_0_names_it(tmp
     raised = re.fullmatch(r"error: rank 1 failed at meta-step 2: RuntimeError: injected fault "
                           r"\(MAML_HARNESS_FAIL_RANK=1:2\) at unix time ([0-9.]+)", ours[0])
     assert raised and ended - float(raised.group(1)) < 60  # from the raise to both processes gone
-    assert not any(tmp_path.iterdir())
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # no result written
 
 
 def test_more_ranks_than_tasks_is_a_one_line_error_on_every_rank(tmp_path) -> None:
@@ -111,12 +111,14 @@ def test_more_ranks_than_tasks_is_a_one_line_error_on_every_rank(tmp_path) -> No
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("ranks, needle", [("0", "ranks=0 is invalid"), ("3", "ranks=3 is invalid")])
+@pytest.mark.parametrize("ranks, needle", [("0", "--set ranks must be in 1..64, got 0"),
+                                           ("3", "ranks=3 is invalid: each rank needs at least one task of the "
+                                                 "meta-batch of 2; valid: 1..2")])
 def test_bench_with_bad_ranks_is_a_one_line_error(tmp_path, ranks: str, needle: str) -> None:
     out = harness("bench", "--device", "cpu", "--variants", "maml", "--set", f"ranks={ranks}",
                   "--out", str(tmp_path))
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and needle in out.stderr
-    assert "valid: 1..2" in out.stderr and not any(tmp_path.iterdir())
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_bench_cell_with_two_ranks_records_the_failing_rank_as_error(tmp_path) -> None:
@@ -126,10 +128,15 @@ def test_a_bench_cell_with_two_ranks_records_the_failing_rank_as_error(tmp_path)
                            "--set", "task.tokens=4", "--threads", "1", "--repeats", "1", "--warmup", "0",
                            "--no-plots", "--run-id", "r2", "--out", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]  # a failed cell: exit 1 (README, exit codes)
     (row,) = [json.loads(line) for line in (tmp_path / "r2" / "cells.jsonl").read_text().splitlines()]
-    assert row["status"] == "error" and "rank 1 failed at meta-step 1" in row["message"]
-    assert row["distributed"]["world_size"] == 2 and row["settings"]["ranks"] == 2
+    assert row["status"] == "error"
+    # Usually rank 0 writes the row naming the failing rank.  Seen once in ~6 runs: gloo aborted rank 0
+    # (SIGABRT) before it could write, and the driver recorded the cell process's exit instead -- still error.
+    if "rank 1 failed at meta-step 1" in row["message"]:
+        assert row["distributed"]["world_size"] == 2 and row["settings"]["ranks"] == 2
+    else:
+        assert row["message"].startswith("cell process exited with code") and row["settings"]["ranks"] == 2
 
 
 def test_ablate_under_torchrun_is_refused_in_one_line(monkeypatch, capsys, tmp_path) -> None:
