@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 	$(MAKE) --no-print-directory regress
 
-# CI memory/gradient regression: the 12 registered variants on a tiny cpu-bench configuration,
+# CI memory/gradient regression: every registered variant on a tiny cpu-bench configuration,
 # each cell isolated, compared against the committed CPU baseline (results/baseline).
 REGRESS_MATRIX := --device cpu --preset cpu-bench --set width=16 --set depth=2 --set task.sequences=2 \
 	--set task.tokens=8 --warmup 0 --repeats 1 --threads 1 --no-plots
