@@ -84,6 +84,7 @@ def variants_table(root: Path, run: str) -> list[str]:
         "peak MiB": ours["mem_mib"].map(fmt),
         "mem / maml": ours["mem_vs_maml"].map(fmt_ratio),
         "median ms": ours["time_median_ms"].map(lambda v: fmt(v, 3)),
+        "time / ref (paired, IQR)": ours["time_vs_ref_paired_text"].fillna(""),  # same process, alternating
         "w rel err": ours["w_rel_err"].map(lambda v: fmt(v, 2)),
         "lr rel err": ours["lr_rel_err"].map(lambda v: fmt(v, 2)),
     })
