@@ -17,7 +17,7 @@ from torch import Tensor
 
 from harness.core.config import ConfigError, Task
 from harness.zoo.models import MLP
-from harness.zoo.tasks import cross_entropy
+from harness.zoo.tasks import cross_entropy, nway_kshot_episodes
 
 __all__ = ["Digits", "digit_images", "digits_mlp"]
 
@@ -78,19 +78,8 @@ class Digits:
         return replace(self, split="test")
 
     def sample(self, n_tasks: int, gen: torch.Generator) -> list[Task]:
-        tasks = []
-        for _ in range(n_tasks):
-            picked = torch.randperm(len(self._by_class), generator=gen)[: self.n_way].tolist()
-            sx, qx = [], []
-            for cls in picked:
-                imgs = self._by_class[cls]
-                idx = torch.randperm(len(imgs), generator=gen)[: self.k_shot + self.query]
-                sx.append(imgs[idx[: self.k_shot]])
-                qx.append(imgs[idx[self.k_shot:]])
-            ys = torch.arange(self.n_way).repeat_interleave(self.k_shot)
-            yq = torch.arange(self.n_way).repeat_interleave(self.query)
-            tasks.append(Task(torch.cat(sx), ys, torch.cat(qx), yq))
-        return tasks
+        return nway_kshot_episodes(n_tasks, len(self._by_class), self._by_class.__getitem__, self.n_way, self.k_shot,
+                                   self.query, gen)
 
 
 def digits_mlp(n_way: int = 3, hidden: tuple[int, ...] = (64, 64)) -> MLP:

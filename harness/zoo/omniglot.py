@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from harness.core.config import ConfigError, Task
-from harness.zoo.tasks import cross_entropy
+from harness.zoo.tasks import cross_entropy, nway_kshot_episodes
 
 __all__ = ["LAYOUT", "SPLITS", "Omniglot", "load_characters"]
 
@@ -160,16 +160,5 @@ class Omniglot:
         return torch.rot90(self.character_images(char), rot, dims=(2, 3))
 
     def sample(self, n_tasks: int, gen: torch.Generator) -> list[Task]:
-        tasks = []
-        for _ in range(n_tasks):
-            picked = torch.randperm(len(self.classes), generator=gen)[: self.n_way].tolist()
-            sx, qx = [], []
-            for cls in picked:
-                imgs = self.class_images(cls)
-                idx = torch.randperm(len(imgs), generator=gen)[: self.k_shot + self.query]
-                sx.append(imgs[idx[: self.k_shot]])
-                qx.append(imgs[idx[self.k_shot:]])
-            ys = torch.arange(self.n_way).repeat_interleave(self.k_shot)
-            yq = torch.arange(self.n_way).repeat_interleave(self.query)
-            tasks.append(Task(torch.cat(sx), ys, torch.cat(qx), yq))
-        return tasks
+        return nway_kshot_episodes(n_tasks, len(self.classes), self.class_images, self.n_way, self.k_shot,
+                                   self.query, gen)

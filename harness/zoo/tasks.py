@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from harness.core.config import ConfigError, Task
 
-__all__ = ["SequenceRegression", "Sinusoid", "SyntheticImages", "cross_entropy", "mse"]
+__all__ = ["SequenceRegression", "Sinusoid", "SyntheticImages", "cross_entropy", "mse", "nway_kshot_episodes"]
 
 
 def mse(pred: Tensor, target: Tensor) -> Tensor:
@@ -117,3 +118,22 @@ class SequenceRegression:
 
             tasks.append(Task(*draw(), *draw()))
         return tasks
+
+
+def nway_kshot_episodes(n_tasks: int, n_classes: int, images_of: Callable[[int], Tensor], n_way: int, k_shot: int,
+                        query: int, gen: torch.Generator) -> list[Task]:
+    """N-way K-shot episodes over classes ``0..n_classes-1`` (the image presets' one sampler): per task, draw
+    ``n_way`` classes, then ``k_shot + query`` images of each; labels are the class's position in the draw."""
+    tasks = []
+    for _ in range(n_tasks):
+        picked = torch.randperm(n_classes, generator=gen)[:n_way].tolist()
+        sx, qx = [], []
+        for cls in picked:
+            imgs = images_of(cls)
+            idx = torch.randperm(len(imgs), generator=gen)[: k_shot + query]
+            sx.append(imgs[idx[:k_shot]])
+            qx.append(imgs[idx[k_shot:]])
+        ys = torch.arange(n_way).repeat_interleave(k_shot)
+        yq = torch.arange(n_way).repeat_interleave(query)
+        tasks.append(Task(torch.cat(sx), ys, torch.cat(qx), yq))
+    return tasks
