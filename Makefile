@@ -21,7 +21,7 @@ test: $(STAMP)
 # CI memory/gradient regression: every registered variant on a tiny cpu-bench configuration,
 # each cell isolated, compared against the committed CPU baseline (results/baseline).
 REGRESS_MATRIX := --device cpu --preset cpu-bench --set width=16 --set depth=2 --set task.sequences=2 \
-	--set task.tokens=8 --warmup 0 --repeats 1 --threads 1 --no-plots
+	--set task.tokens=8 --warmup 0 --repeats 1 --pairs 1 --threads 1 --no-plots
 regress: $(STAMP)
 	$(PY) -m harness bench $(REGRESS_MATRIX) --out build/regress --run-id new --force
 	$(PY) -m harness compare results/baseline build/regress/new --fail mem:5% --fail grad:1e-6

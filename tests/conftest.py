@@ -29,7 +29,7 @@ def small_experiment(variant: str, preset: str = "quick", dtype: str = "float64"
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"width": 16, "depth": 2, "task.sequences": 2, "task.tokens": 4}  # a tiny cpu-bench cell
-FAST = MeasureOptions(warmup=0, repeats=1, timeout_s=120, nvml=False, threads=1)
+FAST = MeasureOptions(warmup=0, repeats=1, timeout_s=120, nvml=False, threads=1, pairs=3)
 
 
 def harness(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:

@@ -56,6 +56,7 @@ class MeasureOptions:
     nvml: bool = True
     cpu_mem_cap_mib: float | None = None
     threads: int | None = None  # torch.set_num_threads in the cell; None: torch's default
+    pairs: int | None = None  # alternating pairs for the paired ratio; None: harness.bench.paired.DEFAULT_PAIRS
 
     def identity(self) -> dict[str, Any]:
         """The options that change the measurement (everything but the time limit), as stored in rows."""

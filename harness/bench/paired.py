@@ -1,12 +1,20 @@
 """Paired time ratios: a cell's meta-step time against its reference's, measured in the same process by
-alternating the two (A B A B ...), so load that changes during a matrix changes both alike.
+alternating the two, so load that changes during a matrix changes both alike.
 
 Why: cells run one after another, so a CPU time ratio between two cells' medians moves with whatever else the
 machine did meanwhile (measured on a loaded machine: ``lr_fo`` 0.14x of ``maml``, 2012 ms against 40 ms quiet,
 while the memory figures were identical).  Here the cell's process also builds its reference and times
-``pairs`` pairs of meta-steps, one of each on the same task batch, back to back; the ratio of each pair is
+``pairs`` pairs of meta-steps, one of each on the same task batch, back to back, the order swapped every pair
+(A B, B A, A B, ...) so that a drift within a pair favours neither; the ratio of each pair is
 ``cell / reference`` (below 1: the cell is faster), and the row keeps their median, quartiles, min and max
 (``scipy.stats``).  The memory figure is not touched: it is measured in its own pass before this one.
+
+The clock (:func:`clock_for`): on the CPU with one torch thread, the process's CPU time
+(``time.process_time``), which leaves out the time the process waited for a core while another process ran;
+the wall-clock summary is kept beside it (``wall``).  With more threads (CPU time would add up their spinning)
+and on CUDA (asynchronous work, timed with ``synchronize``), the wall clock.  Why, measured on this 2-core
+machine (25 pairs per cell, seven cells of cpu-bench, once with a CPU-bound process beside the bench and once
+without): the CPU-time medians moved by at most 4%, the wall-clock medians by up to 16%.
 
 The reference (:func:`reference_name`): a peer cell ``peer:v`` -> our ``v``; our variant -> the registered
 variant with the same order and LRs but no checkpointing and no vectorization (``ckpt_lr`` -> ``lr``,
@@ -33,8 +41,9 @@ from harness.core.config import Task
 from harness.train import Experiment, RunSpec
 from harness.variants import registry
 
-__all__ = ["PAIRED_COLUMNS", "measure_paired", "paired_columns", "paired_ratios", "ratio_summary", "reference_name"]
+__all__ = ["DEFAULT_PAIRS", "PAIRED_COLUMNS", "clock_for", "measure_paired", "paired_columns", "paired_ratios", "ratio_summary", "reference_name"]
 
+DEFAULT_PAIRS = 21  # enough for a median that holds under load (see the docstring); odd: the median is a pair
 PAIRED_COLUMNS = ["paired_ref", "time_vs_ref_paired", "time_vs_ref_paired_q1", "time_vs_ref_paired_q3",
                   "time_vs_ref_paired_min", "time_vs_ref_paired_max", "time_vs_ref_pairs", "time_vs_ref_paired_text"]
 
@@ -54,39 +63,54 @@ def ratio_summary(ratios: list[float], reference: str) -> dict[str, Any]:
     """Median, quartiles, min and max of the per-pair ratios ``cell / reference``."""
     xs = np.asarray(ratios, dtype=float)
     q1, med, q3 = np.percentile(xs, [25, 50, 75])
-    return {"reference": reference, "order": "ABAB", "pairs": int(xs.size), "ratios": [float(x) for x in xs],
+    return {"reference": reference, "order": "alternating", "pairs": int(xs.size), "ratios": [float(x) for x in xs],
             "median": float(med), "q1": float(q1), "q3": float(q3), "iqr": float(stats.iqr(xs)),
             "min": float(xs.min()), "max": float(xs.max())}
 
 
-def _timed(step: Callable[[list[Task]], float], tasks: list[Task], cuda: bool) -> float:
+def clock_for(device: str) -> str:
+    """``"cpu"`` (process CPU time) on the CPU with one torch thread, else ``"wall"``; see the docstring."""
+    return "cpu" if torch.device(device).type == "cpu" and torch.get_num_threads() == 1 else "wall"
+
+
+def _timed(step: Callable[[list[Task]], float], tasks: list[Task], cuda: bool) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one step."""
     if cuda:
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     step(tasks)
     if cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def paired_ratios(cell_step: Callable[[list[Task]], float], ref_step: Callable[[list[Task]], float],
                   sample: Callable[[], list[Task]], pairs: int, reference: str, *, warmup: int = 1,
                   device: str = "cpu") -> dict[str, Any]:
-    """``pairs`` x (cell step, reference step) on the same fresh batch, alternating; :func:`ratio_summary`."""
+    """``pairs`` x (cell step, reference step) on the same fresh batch, the order swapped every pair;
+    :func:`ratio_summary` of the ratios on the clock of :func:`clock_for`, with the wall clock's as ``wall``."""
     if pairs < 1:
         raise ValueError(f"pairs must be >= 1, got {pairs}")
-    cuda = torch.device(device).type == "cuda"
+    cuda, clock = torch.device(device).type == "cuda", clock_for(device)
     for _ in range(warmup):
         tasks = sample()
         cell_step(tasks)
         ref_step(tasks)
-    ratios = []
-    for _ in range(pairs):
+    wall, cpu = [], []
+    for i in range(pairs):
         tasks = sample()
-        a = _timed(cell_step, tasks, cuda)
-        b = _timed(ref_step, tasks, cuda)
-        ratios.append(a / b)
-    return ratio_summary(ratios, reference)
+        if i % 2 == 0:
+            a = _timed(cell_step, tasks, cuda)
+            b = _timed(ref_step, tasks, cuda)
+        else:
+            b = _timed(ref_step, tasks, cuda)
+            a = _timed(cell_step, tasks, cuda)
+        wall.append(a[0] / b[0])
+        cpu.append(a[1] / b[1] if b[1] > 0 else float("nan"))
+    out = {**ratio_summary(cpu if clock == "cpu" else wall, reference), "clock": clock}
+    if clock == "cpu":
+        out["wall"] = ratio_summary(wall, reference)
+    return out
 
 
 def paired_columns(row: dict[str, Any]) -> dict[str, Any]:
@@ -103,7 +127,7 @@ def paired_columns(row: dict[str, Any]) -> dict[str, Any]:
 
 def measure_paired(cell: Any, step: Any, opts: Any) -> dict[str, Any] | None:
     """In a cell's process, after its own measurement: build the reference (same preset, settings, seed and
-    task stream) and time ``max(opts.repeats, 3)`` alternating pairs.  ``None`` for a cell without a reference;
+    task stream) and time ``opts.pairs`` alternating pairs (default :data:`DEFAULT_PAIRS`).  ``None`` for a cell without a reference;
     a failure to build or run the reference is kept as ``{"reference", "error"}``, never fails the cell."""
     ref = reference_name(cell.variant, registry())
     if ref is None:
@@ -120,7 +144,7 @@ def measure_paired(cell: Any, step: Any, opts: Any) -> dict[str, Any] | None:
                        **spec_kw)
         exp = Experiment(spec, variant=variant, model_overrides=model_kw or None, task_overrides=task_kw or None)
         ref_step = StepRunner(exp.learner, exp.sizes["outer_lr"], exp.sample, scaler=exp.new_scaler())
-        return paired_ratios(step, ref_step, step.sample, max(opts.repeats, 3), ref,
+        return paired_ratios(step, ref_step, step.sample, opts.pairs or DEFAULT_PAIRS, ref,
                              warmup=max(min(opts.warmup, 1), 0), device=cell.device)
     except Exception as exc:  # noqa: BLE001 -- the cell's own figures stand; the row says why no ratio
         return {"reference": ref, "error": f"{type(exc).__name__}: {exc}"}

@@ -18,6 +18,7 @@ import torch
 
 from harness.bench.cells import MeasureOptions
 from harness.bench.executors import add_executor_arguments
+from harness.bench.paired import DEFAULT_PAIRS
 from harness.bench.request import DEFAULT_PRESET, parse_amps
 from harness.core.config import AMP_MODES, ConfigError
 from harness.distributed import check_ranks
@@ -36,7 +37,7 @@ EXIT_USAGE = 2  # bad input: nothing ran, nothing was written
 EXIT_INTERRUPTED = 130  # Ctrl-C
 DEFAULT_OUT = Path("results")
 INT_OPTIONS = ("inner_steps", "meta_batch", "meta_steps", "eval_tasks", "eval_every", "seeds", "verify_seeds", "seed",
-               "threads", "jobs", "warmup", "repeats", "ways", "shots")
+               "threads", "jobs", "warmup", "repeats", "pairs", "ways", "shots")
 
 
 class UsageError(ConfigError):
@@ -87,7 +88,10 @@ def add_matrix_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=300.0, help="per-cell time limit in seconds (default 300)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up meta-steps per cell (default 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed meta-steps per cell (default 5 on CUDA, 3 on CPU)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per cell (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per cell (default 1 on CPU: reproducible, pairable timings; torch's on CUDA)")
+    p.add_argument("--pairs", type=int, default=None,
+                   help=f"alternating (cell, reference) pairs for the paired time ratio (default {DEFAULT_PAIRS})")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-nvml", action="store_true", help="no NVML sampler thread (CUDA)")
     p.add_argument("--cpu-mem-cap", action="append", default=[], metavar="VARIANT=MIB", help=argparse.SUPPRESS)
@@ -194,8 +198,9 @@ def matrix_options(args: argparse.Namespace, *, multi_amp: bool) -> MatrixOption
         RunSpec(variant="maml", preset=preset, device=device, dtype=args.dtype, seed=args.seed, amp=amp,
                 inner_steps=settings.get("inner_steps"), meta_batch=settings.get("meta_batch"))
     repeats = args.repeats if args.repeats is not None else (5 if device == "cuda" else 3)
+    threads = args.threads if args.threads is not None else (1 if device == "cpu" else None)
     opts = MeasureOptions(warmup=args.warmup, repeats=repeats, timeout_s=args.timeout, nvml=not args.no_nvml,
-                          threads=args.threads)
+                          threads=threads, pairs=args.pairs)
     return MatrixOptions(device, preset, settings, amps, opts)
 
 
