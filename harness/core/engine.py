@@ -142,6 +142,32 @@ class InnerLRs(nn.Module):
         return lr[step] if self.per_step else lr
 
 
+def _accumulate(total: dict[str, Tensor | None], params: Mapping[str, Tensor], owned: set[int],
+                grads: Sequence[Tensor | None]) -> None:
+    """Add one task's ``grads`` into ``total`` in place; the caller's reference to ``grads`` is its last.
+
+    A key's first gradient becomes its sum itself (as ``AccumulateGrad`` steals a fresh gradient into
+    ``.grad``) when the sum may own it: not a view, no storage beyond its own elements, the strides of its
+    parameter, and a storage no other sum holds (``owned``).  Otherwise the sum is ``zeros_like(p) + g``,
+    as before.  Either way every later gradient is added in place, so the sums are those of
+    ``zeros_like(p) + g1 + g2 + ...`` (bit for bit, up to the sign of a zero) and own their storage.
+    """
+    for (k, p), g in zip(params.items(), grads):
+        if g is None:
+            continue
+        if total[k] is not None:
+            total[k].add_(g)
+            continue
+        storage = g.untyped_storage()
+        if (g._base is None and not g.requires_grad and g.numel() > 0 and g.storage_offset() == 0
+                and storage.nbytes() == g.numel() * g.element_size() and g.stride() == p.stride()
+                and storage.data_ptr() not in owned):
+            owned.add(storage.data_ptr())
+            total[k] = g
+        else:
+            total[k] = torch.zeros_like(p).add_(g)
+
+
 class OuterLoop:
     """Outer-loop plumbing shared by :class:`MetaLearner` and the peers (``harness.studies.peers``).
 
@@ -160,20 +186,25 @@ class OuterLoop:
         Uses ``torch.autograd.grad`` so nothing is accumulated into ``.grad``.  With a
         ``loss_scale`` (fp16) the returned gradients are those of the *scaled* loss,
         ready for ``GradScaler.step``; divide by the scale to compare them.
+
+        Memory: the sum holds one copy of the meta-parameters, as ``.backward()`` into ``.grad`` does.
+        It takes the first task's gradients themselves (:func:`_accumulate`), so nothing weight-sized is
+        allocated before the first backward, and no task's gradients outlive their addition into the sum
+        (they would otherwise be a second copy during the next task's backward, the peak).
         """
         params = self.meta_parameters()
-        total: dict[str, Tensor] = {k: torch.zeros_like(p) for k, p in params.items()}
+        total: dict[str, Tensor | None] = dict.fromkeys(params)
+        owned: set[int] = set()
         losses: list[float] = []
         tasks = list(tasks)
         for task in tasks:
             loss = self.task_loss(task, loss_scale) / len(tasks)
-            grads = torch.autograd.grad(loss * loss_scale if loss_scale != 1.0 else loss, list(params.values()),
-                                        allow_unused=True)
-            for k, g in zip(params, grads):
-                if g is not None:
-                    total[k] += g
+            _accumulate(total, params, owned, torch.autograd.grad(
+                loss * loss_scale if loss_scale != 1.0 else loss, list(params.values()), allow_unused=True))
             losses.append(loss.detach().item() * len(tasks))
-        return total, sum(losses) / len(losses)
+            del loss  # its graph nodes (their saved tensors are already freed) do not wait for the next task
+        out = {k: torch.zeros_like(p) if total[k] is None else total[k] for k, p in params.items()}
+        return out, sum(losses) / len(losses)
 
     def step(self, tasks: Iterable[Task], loss_scale: float = 1.0) -> float:
         """Fill ``.grad`` of the meta-parameters for one outer step; returns the mean query loss.
