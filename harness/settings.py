@@ -51,6 +51,7 @@ BOUNDS: dict[str, Bound] = {
     "width": Bound(1, 16_384, 1_000_000),
     "step_ckpt": Bound(0, 1_000, 100_000),
     "vectorize": Bound(0, 1, 1),
+    "vmap_chunk": Bound(0, 100_000, 100_000_000),  # 0: all tasks at once
     "ranks": Bound(1, 64, 4_096),  # and at most the meta-batch (harness.distributed.check_ranks)
     "ways": Bound(1, 1_000, 100_000),
     "shots": Bound(1, 1_000, 100_000),
@@ -60,7 +61,8 @@ BOUNDS: dict[str, Bound] = {
 
 SPEC_SETTINGS = ("inner_steps", "meta_batch")  # RunSpec fields
 MODEL_SETTINGS = ("depth", "width")  # model constructor keywords
-VARIANT_SETTINGS = ("step_ckpt", "vectorize")  # step-checkpoint segment length (0: off); vmap tasks (0/1)
+# step-checkpoint segment length (0: off); vmap tasks (0/1); tasks per vmapped chunk (0: all)
+VARIANT_SETTINGS = ("step_ckpt", "vectorize", "vmap_chunk")
 LAUNCH_SETTINGS = ("ranks",)  # data-parallel ranks: the cell runs under torch.distributed.run (harness.distributed)
 SWEEP_PARAMS = SPEC_SETTINGS + MODEL_SETTINGS + VARIANT_SETTINGS + LAUNCH_SETTINGS
 SETTING_KEYS = SWEEP_PARAMS + ("amp",)  # and model.<kw>, task.<kw>
@@ -197,7 +199,7 @@ class CellSettings(NamedTuple):
     spec: dict[str, Any]  # RunSpec keywords (inner_steps, meta_batch, amp)
     model: dict[str, Any]  # model constructor keywords
     task: dict[str, Any]  # task sampler keywords
-    variant: dict[str, Any]  # replaced on the Variant (step_ckpt, vectorize)
+    variant: dict[str, Any]  # replaced on the Variant (step_ckpt, vectorize, vmap_chunk)
     launch: dict[str, Any]  # how the cell's process starts (ranks)
 
 

@@ -42,12 +42,14 @@ class Variant:
     step_ckpt: int = 0  # segments of n inner steps; 0 = off
     lr_per_step: bool = False
     vectorize: bool = False  # all tasks of a meta-batch at once (harness.core.vectorized)
+    vmap_chunk: int = 0  # vectorize: at most this many tasks per vmapped chunk (memory); 0 = all at once
     description: str = ""
 
     @property
     def flags(self) -> dict[str, bool | int]:
         return {"layer_ckpt": self.layer_ckpt, "learn_lr": self.learn_lr, "first_order": self.first_order,
-                "step_ckpt": self.step_ckpt, "lr_per_step": self.lr_per_step, "vectorize": self.vectorize}
+                "step_ckpt": self.step_ckpt, "lr_per_step": self.lr_per_step, "vectorize": self.vectorize,
+                "vmap_chunk": self.vmap_chunk}
 
     @property
     def checkpointed(self) -> bool:
@@ -65,11 +67,11 @@ class Variant:
             if kwargs[key] != flags[key]:
                 raise ConfigError(f"variant {self.name!r} has {key}={flags[key]!r}; got {key}={kwargs[key]!r} "
                                   f"(pick a variant with {key}={kwargs[key]!r}, or leave {key} out)")
-        return MetaConfig(**{**kwargs, **flags})  # type: ignore[arg-type]
+        return MetaConfig(**{**kwargs, **flags, "vmap_chunk": self.vmap_chunk or None})  # type: ignore[arg-type]
 
     def reference(self) -> "Variant":
         """The same variant without checkpointing, task after task (the agreement oracle)."""
-        return replace(self, name=self.name + "/ref", layer_ckpt=False, step_ckpt=0, vectorize=False)
+        return replace(self, name=self.name + "/ref", layer_ckpt=False, step_ckpt=0, vectorize=False, vmap_chunk=0)
 
 
 def canonical_name(layer_ckpt: bool, learn_lr: bool, first_order: bool) -> str:

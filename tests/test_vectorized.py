@@ -98,6 +98,15 @@ def test_vectorized_variants_are_registered_with_sequential_references():
         variant_for(Cell("maml", "quick", settings={"vectorize": 2}))
 
 
+def test_a_cell_setting_chunks_the_vectorized_tasks_and_is_refused_without_vectorize():
+    variant = variant_for(Cell("vmaml", "quick", settings={"vmap_chunk": 2}))
+    assert variant.vmap_chunk == 2 and variant.config().vmap_chunk == 2 and variant.flags["vmap_chunk"] == 2
+    assert variant.reference().vmap_chunk == 0 and variant.config().reference().vmap_chunk is None
+    assert registry()["vmaml"].config().vmap_chunk is None  # 0 in the variant: all tasks at once
+    with pytest.raises(ConfigError, match="vmap_chunk=2 needs vectorize"):
+        variant_for(Cell("maml", "quick", settings={"vmap_chunk": 2})).config()
+
+
 @pytest.mark.parametrize("flags", [{"layer_ckpt": True}, {"step_ckpt": 1}])
 def test_checkpointing_refuses_vectorize_and_says_why(flags):
     with pytest.raises(ConfigError, match="saved tensor hooks"):

@@ -117,7 +117,7 @@ def dedup_cells(cells: list[Cell]) -> list[Cell]:
 
 
 def variant_for(cell: Cell) -> Variant:
-    """The cell's variant with its variant-level settings (``step_ckpt``) applied."""
+    """The cell's variant with its variant-level settings (``step_ckpt``, ``vectorize``, ``vmap_chunk``) applied."""
     variant = get_variant(cell.base_variant)
     if "step_ckpt" in cell.settings:
         n = int(cell.settings["step_ckpt"])
@@ -128,6 +128,8 @@ def variant_for(cell: Cell) -> Variant:
         if cell.settings["vectorize"] not in (0, 1, True, False):
             raise ConfigError(f"vectorize must be 0 or 1, got {cell.settings['vectorize']!r}")
         variant = replace(variant, vectorize=bool(cell.settings["vectorize"]))
+    if "vmap_chunk" in cell.settings:
+        variant = replace(variant, vmap_chunk=int(cell.settings["vmap_chunk"]))
     return variant
 
 

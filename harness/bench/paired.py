@@ -53,7 +53,7 @@ def reference_name(variant: str, registry: dict[str, Any]) -> str | None:
     if ":" in variant:
         return variant.split(":", 1)[1]
     v = registry[variant]
-    want = {**replace(v, layer_ckpt=False, step_ckpt=0, vectorize=False).flags}
+    want = {**replace(v, layer_ckpt=False, step_ckpt=0, vectorize=False, vmap_chunk=0).flags}
     same = [n for n, r in registry.items() if r.flags == want]
     ref = same[0] if same and same[0] != variant else "maml"
     return None if ref == variant else ref
@@ -139,7 +139,7 @@ def measure_paired(cell: Any, step: Any, opts: Any) -> dict[str, Any] | None:
         spec_kw, model_kw, task_kw = ref_cell.overrides()
         variant = variant_for(ref_cell)
         if cell.peer is None:  # a cell-level step_ckpt/vectorize setting is not the reference's
-            variant = replace(variant, layer_ckpt=False, step_ckpt=0, vectorize=False)
+            variant = replace(variant, layer_ckpt=False, step_ckpt=0, vectorize=False, vmap_chunk=0)
         spec = RunSpec(variant=ref, preset=cell.preset, device=cell.device, dtype=cell.dtype, seed=cell.seed,
                        **spec_kw)
         exp = Experiment(spec, variant=variant, model_overrides=model_kw or None, task_overrides=task_kw or None)

@@ -15,10 +15,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    print(f"{'variant':<18} {'ckpt':>5} {'lr':>5} {'order':>6} {'step_ckpt':>9}  description")
+    print(f"{'variant':<18} {'ckpt':>5} {'lr':>5} {'order':>6} {'step_ckpt':>9} {'vmap':>5}  description")
     for v in registry().values():
         print(f"{v.name:<18} {'yes' if v.layer_ckpt else '-':>5} {'yes' if v.learn_lr else '-':>5} "
-              f"{'first' if v.first_order else 'second':>6} {v.step_ckpt or '-':>9}  {v.description}")
+              f"{'first' if v.first_order else 'second':>6} {v.step_ckpt or '-':>9} {'yes' if v.vectorize else '-':>5}"
+              f"  {v.description}")
     print()
     print(f"{'preset':<18} description")
     for p in PRESETS.values():

@@ -71,6 +71,9 @@ class MetaConfig:
             raise ConfigError(f"adapt_last must be >= 1 or None (all), got {self.adapt_last}")
         if self.vmap_chunk is not None and self.vmap_chunk < 1:
             raise ConfigError(f"vmap_chunk must be >= 1 or None (all tasks), got {self.vmap_chunk}")
+        if self.vmap_chunk is not None and not self.vectorize:
+            raise ConfigError(f"vmap_chunk={self.vmap_chunk} needs vectorize (a vectorized variant: vmaml, vfo, vlr, "
+                              "vlr_fo, or vectorize=1)")
         if self.vectorize and (self.layer_ckpt or self.step_ckpt):
             raise ConfigError("vectorize cannot be combined with layer_ckpt/step_ckpt: non-reentrant checkpointing "
                               "fails under torch.func transforms (\"don't yet support saved tensor hooks\"); "
@@ -78,4 +81,4 @@ class MetaConfig:
 
     def reference(self) -> "MetaConfig":
         """The same computation without any checkpointing, task after task: the agreement oracle."""
-        return replace(self, layer_ckpt=False, step_ckpt=0, vectorize=False)
+        return replace(self, layer_ckpt=False, step_ckpt=0, vectorize=False, vmap_chunk=None)

@@ -16,6 +16,10 @@ Kinds (:data:`KINDS`):
   over the first;
 * ``diagnosis FILE.json`` -- the diagnosis table, each cell shortened (``wrong (w 0.39)``,
   ``raises RuntimeError (in-place; ...)``, ``[vs float64: ...]`` under mixed precision);
+* ``cells RUN [a,b,...]`` -- chosen cells of a bench run (ours or peers', in the order named; all when
+  none are named): status, peak memory, median time, the paired ratio, gradient error;
+* ``paired-stability RUN_A RUN_B`` -- each cell's paired ratio in two runs of the same matrix (e.g. one on a
+  quiet machine, one under extra load) and how far the second moved from the first;
 * ``md-table FILE.md N`` -- the N-th Markdown table of a committed Markdown result, verbatim.
 """
 from __future__ import annotations
@@ -91,6 +95,41 @@ def variants_table(root: Path, run: str) -> list[str]:
     return markdown_table(table)
 
 
+def cells_table(root: Path, run: str, names: str = "") -> list[str]:
+    frame = cells_frame(read_cells(root / run)).set_index("variant", drop=False)
+    wanted = [n for n in names.split(",") if n] or list(frame.index)
+    missing = [n for n in wanted if n not in frame.index]
+    if missing:
+        raise ResultsError(f"{root / run}: no cell {', '.join(missing)}; cells: {', '.join(frame.index)}")
+    rows = frame.loc[wanted]
+    return markdown_table(pd.DataFrame({
+        "cell": rows["variant"].map(lambda v: f"`{v}`"),
+        "status": rows["status"],
+        "peak MiB": rows["mem_mib"].map(fmt),
+        "median ms": rows["time_median_ms"].map(lambda v: fmt(v, 3)),
+        "time / ref (paired, IQR)": rows["time_vs_ref_paired_text"].fillna(""),
+        "w rel err": rows["w_rel_err"].map(lambda v: fmt(v, 2)),
+    }))
+
+
+def paired_stability_table(root: Path, run_a: str, run_b: str) -> list[str]:
+    a, b = ({r.variant: r for r in read_cells(root / run) if (r.paired or {}).get("median") is not None}
+            for run in (run_a, run_b))
+    body, moves = [], []
+    for name in [v for v in a if v in b]:
+        pa, pb = a[name].paired, b[name].paired
+        move = pb["median"] / pa["median"] - 1
+        moves.append(abs(move))
+        body.append([f"`{name}`", f"`{pa['reference']}`", pa.get("clock", "wall"),
+                     f"{pa['median']:.3f}x [{pa['q1']:.3f}-{pa['q3']:.3f}]",
+                     f"{pb['median']:.3f}x [{pb['q1']:.3f}-{pb['q3']:.3f}]", f"{move:+.1%}"])
+    if not body:
+        raise ResultsError(f"{root / run_a} and {root / run_b}: no cell with a paired ratio in both")
+    within = sum(m <= 0.10 for m in moves)
+    body.append([f"**{len(moves)} cells**", "", "", "", "", f"**{within} within ±10%, largest {max(moves):.1%}**"])
+    return markdown_rows(["cell", "reference", "clock", f"paired ({run_a})", f"paired ({run_b})", "moved"], body)
+
+
 def sweep_memory_table(root: Path, run: str) -> list[str]:
     rows = read_cells(root / run)
     param = next((r.sweep_param for r in rows if r.sweep_param), None)
@@ -146,7 +185,9 @@ def markdown_table_of(root: Path, source: str, number: str = "1") -> list[str]:
     return tables[int(number) - 1]
 
 
-KINDS: dict[str, Callable[..., list[str]]] = {"variants": variants_table, "sweep-memory": sweep_memory_table,
+KINDS: dict[str, Callable[..., list[str]]] = {"variants": variants_table, "cells": cells_table,
+                                              "paired-stability": paired_stability_table,
+                                              "sweep-memory": sweep_memory_table,
                                               "diagnosis": diagnosis_table, "md-table": markdown_table_of}
 
 
@@ -207,4 +248,4 @@ def update(root: Path, files: list[Path] | None = None) -> list[Path]:
 
 
 __all__ = ["START", "END", "KINDS", "Block", "Drift", "find_blocks", "render", "rewrite", "doc_files", "drifted",
-           "update", "variants_table", "sweep_memory_table", "diagnosis_table", "markdown_table_of"]
+           "update", "variants_table", "cells_table", "paired_stability_table", "sweep_memory_table", "diagnosis_table", "markdown_table_of"]
