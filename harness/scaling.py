@@ -27,8 +27,9 @@ import torch
 from scipy import stats
 
 from harness import distributed
+from harness.reporting.files import write_json
 from harness.reporting.provenance import REPO, environment
-from harness.reporting.schema import SCHEMA_VERSION, write_json
+from harness.reporting.schema import SCHEMA_VERSION
 from harness.train import Experiment, RunSpec
 
 __all__ = ["launch", "measure_pairs", "sample_ms", "main"]

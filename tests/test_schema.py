@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from harness.bench.cells import Cell, base_row
-from harness.reporting.schema import (ROW_TYPES, SCHEMA_VERSION, CellRow, DiagnosisResult, ResultsError, RunResult,
-                                      _clean, read_cells, read_row, write_cells, write_json, write_jsonl)
+from harness.reporting.files import _clean, read_cells, read_row, write_cells, write_json, write_jsonl
+from harness.reporting.schema import ROW_TYPES, SCHEMA_VERSION, CellRow, DiagnosisResult, ResultsError, RunResult
 
 REPO = Path(__file__).resolve().parent.parent
 

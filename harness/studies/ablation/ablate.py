@@ -22,8 +22,9 @@ import torch
 from tqdm import tqdm
 
 from harness.core.config import ConfigError
+from harness.reporting.files import write_json
 from harness.reporting.provenance import environment
-from harness.reporting.schema import SCHEMA_VERSION, write_json
+from harness.reporting.schema import SCHEMA_VERSION
 from harness.studies.ablation.run import CELL_SCHEMA, run_cell
 from harness.studies.ablation.spec import AblationSpec, plan
 from harness.studies.ablation.summary import summarise

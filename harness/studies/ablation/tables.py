@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from harness.reporting.schema import write_json, write_text_atomic
+from harness.reporting.files import write_json, write_text_atomic
 from harness.studies.ablation.plots import plot_curves
 
 __all__ = ["check_line", "check_table", "effect_table", "fmt", "markdown", "markdown_tables", "variant_table",
