@@ -71,6 +71,12 @@ def _conforms(value: Any, tp: Any) -> bool:
     return isinstance(value, base)
 
 
+def _figure_list(tp: Any) -> bool:
+    """``list[float]`` or ``list[Figure]`` (possibly Optional): a list whose entries are figures."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+    return any(typing.get_origin(a) is list and typing.get_args(a) in ((float,), (Figure,)) for a in args)
+
+
 def _describe(tp: Any) -> str:
     args = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
     return " or ".join("null" if a is type(None) else _SIMPLE.get(typing.get_origin(a) or a, str(a)) for a in args)
@@ -123,6 +129,8 @@ class Row:
                 v = _figures(v, where, k)
             elif hints[k] in (Figure, float):  # any float field may hold NaN/inf (stored as strings)
                 v = _figure(v, where, k)
+            elif isinstance(v, list) and _figure_list(hints[k]):  # so may the entries of a list of floats
+                v = [_figure(x, where, f"{k}[{i}]") for i, x in enumerate(v)]
             elif not _conforms(v, hints[k]):
                 raise ResultsError(f"{where}: field {k!r} must be {_describe(hints[k])}, "
                                    f"got {type(v).__name__} {v!r}")
@@ -232,9 +240,75 @@ class DiagnosisResult(Row):
     extra: dict = field(default_factory=dict)
 
 
-# kind -> row type; the ablation's cell and summary rows join here (same pattern: a Row subclass)
-ROW_TYPES: dict[str, type[Row]] = {t.KIND: t for t in (CellRow, RunResult, DiagnosisResult)}
+@dataclass
+class AblationCell(Row):
+    """One ablation cell, ``results/<run-id>/cells/<variant>_s<seed>.json``: a (variant, seed) meta-trained and
+    evaluated on held-out tasks (``harness.studies.ablation.run.run_cell``), reused on a rerun when its ``spec``
+    is the ablation's fingerprint.  Cells written before the one :data:`SCHEMA_VERSION` (``"schema": 2``)
+    no longer read: ``ablate`` recomputes them."""
+
+    KIND: ClassVar[str] = "ablation-cell"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("status", "variant", "seed", "spec", "sizes", "train_loss", "curve_steps",
+                                           "curve_test_loss", "curve_test_acc", "test_loss", "test_acc",
+                                           "learned_lrs", "wall_s", "cpu_s")
+
+    schema: int = SCHEMA_VERSION
+    kind: str = "ablation-cell"
+    status: str = "ok"  # ok, diverged, or error (its Ray worker died)
+    message: Optional[str] = None
+    variant: dict = field(default_factory=dict)  # {"name": ..., **flags}
+    seed: int = 0
+    spec: dict = field(default_factory=dict)  # AblationSpec.fingerprint()
+    sizes: dict = field(default_factory=dict)
+    train_loss: list[float] = field(default_factory=list)  # per meta-step
+    curve_steps: list[int] = field(default_factory=list)  # the meta-test curve: after these meta-steps ...
+    curve_test_loss: list[float] = field(default_factory=list)  # ... the mean held-out query loss
+    curve_test_acc: Optional[list[Figure]] = None  # classification only
+    test_loss: list[float] = field(default_factory=list)  # per held-out task after training; [] if diverged
+    test_acc: Optional[list[float]] = None
+    learned_lrs: Optional[dict] = None  # mean learned inner LR per parameter
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class AblationSummary(Row):
+    """``python -m harness ablate``'s ``results/<run-id>/summary.json``: the variant rows, effects and checkpoint
+    checks (``harness.studies.ablation.summary``), the configuration, timings and provenance.  ``curves``
+    (what the plots draw) is kept in memory only: the cells hold them."""
+
+    KIND: ClassVar[str] = "ablation"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("run_id", "rows", "effects", "checks", "config")
+
+    # on-disk order as before the dataclass: the statistics first, then schema, kind and the run
+    classification: bool = False
+    rows: list = field(default_factory=list)
+    effects: list = field(default_factory=list)
+    checks: list = field(default_factory=list)
+    curves: Optional[dict] = _opt()
+    correction: str = "holm"
+    alpha: float = 0.05
+    bootstrap_resamples: int = 0
+    all_identical: bool = False
+    schema: int = SCHEMA_VERSION
+    kind: str = "ablation"
+    run_id: str = ""
+    command: str = ""
+    config: dict = field(default_factory=dict)
+    trained_cells: int = 0
+    reused_cells: int = 0
+    train_wall_s: float = 0.0
+    cells_wall_s: float = 0.0
+    cells_cpu_s: float = 0.0
+    env: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+
+# kind -> row type: every result shape the harness writes (a new one: a Row subclass, added here)
+ROW_TYPES: dict[str, type[Row]] = {t.KIND: t for t in (CellRow, RunResult, DiagnosisResult, AblationCell,
+                                                        AblationSummary)}
 
 
 __all__ = ["SCHEMA_VERSION", "Figure", "ResultsError", "Row", "CellRow", "RunResult", "DiagnosisResult",
-           "ROW_TYPES"]
+           "AblationCell", "AblationSummary", "ROW_TYPES"]
