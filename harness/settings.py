@@ -51,6 +51,7 @@ BOUNDS: dict[str, Bound] = {
     "step_ckpt": Bound(0, 1_000, 100_000),
     "vectorize": Bound(0, 1, 1),
     "ranks": Bound(1, 64, 4_096),  # and at most the meta-batch (harness.distributed.check_ranks)
+    "pairs": Bound(1, 1_000, 100_000),  # scaling: ABAB pairs of 1 and N ranks
     "ways": Bound(1, 1_000, 100_000),
     "shots": Bound(1, 1_000, 100_000),
     "size": Bound(1, 100_000, 100_000_000),  # any other integer model.<kw> / task.<kw>

@@ -13,7 +13,7 @@ import pytest
 from harness.bench.cells import Cell, base_row
 from harness.reporting.files import _clean, read_cells, read_row, write_cells, write_json, write_jsonl
 from harness.reporting.schema import (ROW_TYPES, SCHEMA_VERSION, AblationCell, AblationSummary, CellRow,
-                                      DiagnosisResult, ResultsError, RunResult)
+                                      DiagnosisResult, ResultsError, RunResult, ScalingResult)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,7 +29,7 @@ def a_cell(**changes) -> dict:
 
 
 def test_one_schema_version_for_every_row_type() -> None:
-    assert set(ROW_TYPES) == {"cell", "run", "diagnosis", "ablation-cell", "ablation"}
+    assert set(ROW_TYPES) == {"cell", "run", "diagnosis", "ablation-cell", "ablation", "scaling"}
     assert all(t().schema == SCHEMA_VERSION for t in ROW_TYPES.values())
 
 
@@ -59,6 +59,8 @@ def test_every_committed_result_file_reads_and_round_trips_unchanged() -> None:
     assert summaries
     for path in summaries:
         assert write_form(read_row(path, AblationSummary)) == json.loads(path.read_text()), path
+    scaling = REPO / "results" / "scaling-cpu" / "scaling.json"
+    assert write_form(read_row(scaling, ScalingResult)) == json.loads(scaling.read_text())
 
 
 def write_form(row) -> dict:
@@ -170,3 +172,39 @@ def test_a_truncated_ablation_cell_names_the_file(tmp_path: Path) -> None:
     path.write_text(path.read_text()[:40])
     with pytest.raises(ResultsError, match=r"lr_s1.json: not valid JSON"):
         read_row(path, AblationCell)
+
+
+def a_scaling_result() -> ScalingResult:
+    run = RunResult(spec={"variant": "ckpt_lr"}, time={"median_ms": 100.0}).to_dict()
+    return ScalingResult(ranks=2, pairs=1, run_args=["--variant", "ckpt_lr"], sample_meta_batch_ms=float("nan"),
+                         summary={"speedup_median": 1.6}, runs=[{"one": run, "many": run, "speedup": 1.6}],
+                         command="python -m harness scaling --pairs 1")
+
+
+def test_a_scaling_result_reads_back(tmp_path: Path) -> None:
+    back = read_row(write_json(tmp_path / "scaling-cpu" / "scaling.json", a_scaling_result()), ScalingResult)
+    assert (back.ranks, back.pairs, back.run_args) == (2, 1, ["--variant", "ckpt_lr"])
+    assert math.isnan(back.sample_meta_batch_ms) and back.runs[0]["one"]["time"] == {"median_ms": 100.0}
+    assert back.summary == {"speedup_median": 1.6} and back.command == "python -m harness scaling --pairs 1"
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("ranks", "two", "field 'ranks' must be an integer"),
+    ("runs", {}, "field 'runs' must be a list"),
+    ("summary", None, "field 'summary' must be an object"),
+    ("sample_meta_batch_ms", "fast", "field 'sample_meta_batch_ms' must be a number"),
+    ("schema", 2, "has schema version 2, expected 1"),
+])
+def test_a_malformed_scaling_file_names_the_file(tmp_path: Path, field, value, says) -> None:
+    path = tmp_path / "scaling.json"
+    write_json(path, {**a_scaling_result().to_dict(), field: value})
+    with pytest.raises(ResultsError) as err:
+        read_row(path, ScalingResult)
+    assert str(err.value).startswith(str(path)) and says in str(err.value)
+
+
+def test_a_scaling_file_without_its_runs_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "scaling.json"
+    write_json(path, {k: v for k, v in a_scaling_result().to_dict().items() if k != "runs"})
+    with pytest.raises(ResultsError, match=r"scaling.json lacks field 'runs'"):
+        read_row(path, ScalingResult)

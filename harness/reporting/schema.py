@@ -2,15 +2,18 @@
 
 Every result the harness writes is one of the row types below, stamped with :data:`SCHEMA_VERSION`
 and a ``kind``: a bench/sweep cell (:class:`CellRow`, one line of ``results/<run-id>/cells.jsonl``),
-a ``run`` result (:class:`RunResult`, ``results/runs/*.json``) and the diagnosis
-(:class:`DiagnosisResult`, ``results/diagnosis*.json``).  A new row shape: one more :class:`Row`
-subclass with a ``KIND`` and its fields, in :data:`ROW_TYPES`.  Every writer and reader goes through
-these types: :mod:`harness.reporting.files` writes them (validated, atomically) and reads them back.
+a ``run`` result (:class:`RunResult`, ``results/runs/*.json``), the diagnosis (:class:`DiagnosisResult`,
+``results/diagnosis*.json``), an ablation cell (:class:`AblationCell`, ``results/<run-id>/cells/*.json``)
+and the ablation's summary (:class:`AblationSummary`, ``results/<run-id>/summary.json``), and the 1 vs N
+ranks measurement (:class:`ScalingResult`, ``results/<run-id>/scaling.json``).  A new row shape: one
+more :class:`Row` subclass with a ``KIND`` and its fields, in :data:`ROW_TYPES`.  Every writer and reader
+goes through these types: :mod:`harness.reporting.files` writes them (validated, atomically) and reads them.
 
 Reading validates the field types from the dataclass annotations: a file that is truncated, of another
 schema or malformed (``"memory": "lots"``) is a :class:`ResultsError` naming file and line (exit 2).
-A figure (a float field, or a figure-dict entry ending in ``_mib``, ``_ms``, ``_err``, ``_cosine``, ``_loss``)
-is a number, ``None`` (not measured) or NaN/inf (stored as ``"nan"``/``"inf"``: JSON has none).
+A figure (a float field, an entry of a ``list[float]`` field, or a figure-dict entry ending in ``_mib``,
+``_ms``, ``_err``, ``_cosine``, ``_loss``) is a number, ``None`` (not measured) or NaN/inf (stored as
+``"nan"``/``"inf"``: JSON has none).  Nested structures (``dict``/``list`` fields) are kept as written.
 """
 from __future__ import annotations
 
@@ -305,10 +308,32 @@ class AblationSummary(Row):
     extra: dict = field(default_factory=dict)
 
 
+@dataclass
+class ScalingResult(Row):
+    """``python -m harness scaling``'s ``results/<run-id>/scaling.json`` (``harness.scaling``): 1 vs N data-parallel
+    ranks in ABAB pairs; ``runs`` holds each pair's two ``run`` rows and its speed-up, ``summary`` their spread."""
+
+    KIND: ClassVar[str] = "scaling"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("ranks", "pairs", "summary", "runs")
+
+    schema: int = SCHEMA_VERSION
+    kind: str = "scaling"
+    ranks: int = 2
+    pairs: int = 0
+    run_args: list[str] = field(default_factory=list)  # of every `python -m harness run`
+    threads_per_rank: int = 1
+    sample_meta_batch_ms: Figure = None
+    summary: dict = field(default_factory=dict)
+    runs: list = field(default_factory=list)  # per pair: {"one": run row, "many": run row, "speedup": ratio}
+    env: dict = field(default_factory=dict)
+    command: str = ""
+    extra: dict = field(default_factory=dict)
+
+
 # kind -> row type: every result shape the harness writes (a new one: a Row subclass, added here)
 ROW_TYPES: dict[str, type[Row]] = {t.KIND: t for t in (CellRow, RunResult, DiagnosisResult, AblationCell,
-                                                        AblationSummary)}
+                                                        AblationSummary, ScalingResult)}
 
 
 __all__ = ["SCHEMA_VERSION", "Figure", "ResultsError", "Row", "CellRow", "RunResult", "DiagnosisResult",
-           "AblationCell", "AblationSummary", "ROW_TYPES"]
+           "AblationCell", "AblationSummary", "ScalingResult", "ROW_TYPES"]
