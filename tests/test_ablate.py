@@ -21,6 +21,7 @@ from harness.reporting.files import read_row, write_json
 from harness.reporting.schema import AblationCell, AblationSummary
 from harness.studies.ablation.ablate import run_ablation
 from harness.studies.ablation.spec import AblationSpec
+from harness.variants import get_variant
 
 TINY = ["--preset", "quick", "--meta-steps", "3", "--seeds", "2", "--eval-tasks", "3", "--eval-every", "2",
         "--no-progress", "--jobs", "1"]
@@ -105,6 +106,13 @@ def test_cells_and_summary_are_rows_and_an_unreadable_cell_is_recomputed(tmp_pat
     assert again["trained_cells"] == 2 and again["rows"][0]["test_loss_mean"] == first["rows"][0]["test_loss_mean"]
     write_json(d / "cells" / "maml_s1.json", {**old, "test_loss": "low"})  # malformed
     assert run_ablation(s, tmp_path / "r", tmp_path / "p", progress=False, log=quiet)["trained_cells"] == 1
+
+
+def test_a_cell_its_executor_lost_is_an_error_row(tmp_path: Path) -> None:
+    lost = ablate._lost_cell(spec(), (get_variant("fo"), 1), "the Ray worker running the cell died")
+    back = read_row(write_json(ablate.cell_path(tmp_path, "fo", 1), lost), AblationCell)
+    assert (back.status, back.variant["name"], back.seed, back.test_loss) == ("error", "fo", 1, [])
+    assert back.message == "the Ray worker running the cell died" and back.spec == spec().fingerprint()
 
 
 @pytest.mark.parametrize("variants", [("ckpt_lr", "ckpt_fo"), ("sckpt_lr", "ckpt_sckpt_lr_fo")])
