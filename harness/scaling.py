@@ -5,45 +5,77 @@ see nearly the same load, so the per-pair ratio is steadier than a ratio of two 
 run is a real ``python -m harness run`` (the N-rank one under ``torch.distributed.run``) with one thread
 per rank (``OMP_NUM_THREADS=1``); its ``time`` is the median over its meta-steps after one warm-up::
 
-    python -m harness.scaling --out results/scaling-cpu --ranks 2 --pairs 7
+    python -m harness scaling --out results --run-id scaling-cpu --ranks 2 --pairs 7
 
-writes ``results/scaling-cpu/scaling.json`` (every run's row, the per-pair speed-ups with median and
-spread, the per-rank deterministic CPU memory figure, the time to sample one meta-batch, provenance).
+writes ``results/scaling-cpu/scaling.json``, a :class:`~harness.reporting.schema.ScalingResult` (every
+run's row, the per-pair speed-ups with median and spread, the per-rank deterministic CPU memory figure,
+the time to sample one meta-batch, provenance).  The command is :mod:`harness.cli.scaling`.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from scipy import stats
 
 from harness import distributed
+from harness.core.config import ConfigError
+from harness.reporting.files import read_row, write_json
 from harness.reporting.provenance import REPO, environment
-from harness.reporting.schema import SCHEMA_VERSION, write_json
+from harness.reporting.schema import RunResult, ScalingResult
 from harness.train import Experiment, RunSpec
 
-__all__ = ["launch", "measure_pairs", "sample_ms", "main"]
+__all__ = ["RESULT_FILE", "ScalingRequest", "launch", "measure_pairs", "run_scaling", "sample_ms", "summarize"]
+
+RESULT_FILE = "scaling.json"  # in <out>/<run-id>/
+
+
+@dataclass(frozen=True)
+class ScalingRequest:
+    """What to measure, checked at construction (a ConfigError naming the option, before anything runs)."""
+
+    ranks: int = 2
+    pairs: int = 7
+    variant: str = "ckpt_lr"
+    preset: str = "cpu-bench"
+    meta_batch: int = 8
+    meta_steps: int = 9  # per run; the first is the warm-up
+
+    def __post_init__(self) -> None:
+        self.spec()  # the variant, preset and sizes, as every run will check them
+        distributed.check_ranks(self.ranks, self.meta_batch)
+        if self.pairs < 1:
+            raise ConfigError(f"--pairs must be at least 1, got {self.pairs}")
+        if self.meta_steps < 2:
+            raise ConfigError(f"--meta-steps must be at least 2 (one warm-up, one timed), got {self.meta_steps}")
+
+    def spec(self) -> RunSpec:
+        return RunSpec(variant=self.variant, preset=self.preset, meta_batch=self.meta_batch,
+                       meta_steps=self.meta_steps)
+
+    def run_args(self) -> list[str]:
+        """The arguments of every ``python -m harness run``."""
+        return ["--variant", self.variant, "--preset", self.preset, "--device", "cpu",
+                "--meta-batch", str(self.meta_batch), "--meta-steps", str(self.meta_steps)]
 
 
 def launch(ranks: int, run_args: list[str], timeout_s: float = 900) -> dict[str, Any]:
-    """One ``harness run`` with ``ranks`` processes (one thread each); its result row."""
+    """One ``harness run`` with ``ranks`` processes (one thread each); its result row (read as a RunResult)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     with tempfile.TemporaryDirectory(prefix="harness-scaling-") as tmp:
         cmd = distributed.launcher(ranks) + ["-m", "harness", "run", *run_args, "--out", tmp]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
-        (path,) = Path(tmp).glob("*.json")
-        return json.loads(path.read_text())
+        (path,) = Path(tmp).glob("runs/*.json")  # harness run writes <out>/runs/<name>.json
+        return read_row(path, RunResult).to_dict()
 
 
 def sample_ms(spec: RunSpec, repeats: int = 20) -> float:
@@ -58,7 +90,8 @@ def sample_ms(spec: RunSpec, repeats: int = 20) -> float:
     return statistics.median(times) * 1e3
 
 
-def measure_pairs(ranks: int, pairs: int, run_args: list[str], log=print) -> list[dict[str, Any]]:
+def measure_pairs(ranks: int, pairs: int, run_args: list[str],
+                  log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """``pairs`` x (1 rank, then ``ranks`` ranks); each pair's rows and its speed-up."""
     out = []
     for i in range(pairs):
@@ -86,31 +119,12 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                                                         for p in runs) for r in range(len(last["rank_memory_mib"]))]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m harness.scaling", description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("results/scaling-cpu"))
-    p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--pairs", type=int, default=7)
-    p.add_argument("--variant", default="ckpt_lr")
-    p.add_argument("--preset", default="cpu-bench")
-    p.add_argument("--meta-batch", type=int, default=8)
-    p.add_argument("--meta-steps", type=int, default=9, help="per run; the first is the warm-up")
-    args = p.parse_args(argv)
-    spec = RunSpec(variant=args.variant, preset=args.preset, meta_batch=args.meta_batch, meta_steps=args.meta_steps)
-    distributed.check_ranks(args.ranks, args.meta_batch)
-    run_args = ["--variant", args.variant, "--preset", args.preset, "--device", "cpu",
-                "--meta-batch", str(args.meta_batch), "--meta-steps", str(args.meta_steps)]
-    runs = measure_pairs(args.ranks, args.pairs, run_args)
-    result = {"schema": SCHEMA_VERSION, "kind": "scaling", "ranks": args.ranks, "pairs": args.pairs,
-              "run_args": run_args, "threads_per_rank": 1, "sample_meta_batch_ms": sample_ms(spec),
-              "summary": summarize(runs), "runs": runs, "env": environment("cpu"),
-              "command": "python -m harness.scaling " + " ".join(sys.argv[1:] if argv is None else argv)}
-    path = write_json(args.out / "scaling.json", result)
-    s = result["summary"]
-    print(f"speed-up {args.ranks} ranks vs 1: median {s['speedup_median']:.2f}x (IQR {s['speedup_iqr']:.2f}, "
-          f"range {s['speedup_min']:.2f}-{s['speedup_max']:.2f}) over {args.pairs} ABAB pairs; wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def run_scaling(request: ScalingRequest, out_dir: Path, command: str = "",
+                log: Callable[[str], None] = print) -> ScalingResult:
+    """``request.pairs`` ABAB pairs, summarised; written to ``out_dir/scaling.json`` and returned."""
+    runs = measure_pairs(request.ranks, request.pairs, request.run_args(), log)
+    result = ScalingResult(ranks=request.ranks, pairs=request.pairs, run_args=request.run_args(), threads_per_rank=1,
+                           sample_meta_batch_ms=sample_ms(request.spec()), summary=summarize(runs), runs=runs,
+                           env=environment("cpu"), command=command)
+    write_json(Path(out_dir) / RESULT_FILE, result)
+    return result

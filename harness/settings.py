@@ -46,7 +46,7 @@ BOUNDS: dict[str, Bound] = {
     "threads": Bound(1, 1_024, 1_024),
     "warmup": Bound(0, 1_000, 1_000_000),
     "repeats": Bound(1, 10_000, 1_000_000),
-    "pairs": Bound(1, 10_000, 1_000_000),
+    "pairs": Bound(1, 10_000, 1_000_000),  # bench: paired-ratio pairs; scaling: 1-rank/N-rank pairs
     "depth": Bound(1, 256, 100_000),
     "width": Bound(1, 16_384, 1_000_000),
     "step_ckpt": Bound(0, 1_000, 100_000),

@@ -6,6 +6,7 @@ defaults from one place."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -16,8 +17,11 @@ import harness.train
 from harness.cli.ablate import canonical_command, spec_from_args
 from harness.cli.main import build_parser, main
 from harness.core.config import ConfigError
+from harness.reporting.files import read_row, write_json
+from harness.reporting.schema import AblationCell, AblationSummary
 from harness.studies.ablation.ablate import run_ablation
 from harness.studies.ablation.spec import AblationSpec
+from harness.variants import get_variant
 
 TINY = ["--preset", "quick", "--meta-steps", "3", "--seeds", "2", "--eval-tasks", "3", "--eval-every", "2",
         "--no-progress", "--jobs", "1"]
@@ -84,6 +88,33 @@ def test_resume_skips_finished_cells_and_force_retrains(tmp_path: Path, monkeypa
                      progress=False, log=quiet)
 
 
+def test_cells_and_summary_are_rows_and_an_unreadable_cell_is_recomputed(tmp_path: Path) -> None:
+    s = spec(variants=("maml",))
+    first = run_ablation(s, tmp_path / "r", tmp_path / "p", progress=False, log=quiet)
+    d = tmp_path / "r" / "tiny"
+    cells = [read_row(d / "cells" / f"maml_s{seed}.json", AblationCell) for seed in (0, 1)]
+    assert [(c.variant["name"], c.seed, c.status, c.spec) for c in cells] == [("maml", 0, "ok", s.fingerprint()),
+                                                                                ("maml", 1, "ok", s.fingerprint())]
+    assert len(cells[0].train_loss) == 3 and cells[0].curve_steps == [0, 2, 3]
+    summary = read_row(d / "summary.json", AblationSummary)
+    assert summary.curves is None and summary.rows == first["rows"] and summary.trained_cells == 2
+    text = (d / "cells" / "maml_s0.json").read_text()
+    (d / "cells" / "maml_s0.json").write_text(text[: len(text) // 2])  # truncated
+    old = json.loads((d / "cells" / "maml_s1.json").read_text())
+    write_json(d / "cells" / "maml_s1.json", {**old, "schema": 2})  # written before the one SCHEMA_VERSION
+    again = run_ablation(s, tmp_path / "r", tmp_path / "p", progress=False, log=quiet)
+    assert again["trained_cells"] == 2 and again["rows"][0]["test_loss_mean"] == first["rows"][0]["test_loss_mean"]
+    write_json(d / "cells" / "maml_s1.json", {**old, "test_loss": "low"})  # malformed
+    assert run_ablation(s, tmp_path / "r", tmp_path / "p", progress=False, log=quiet)["trained_cells"] == 1
+
+
+def test_a_cell_its_executor_lost_is_an_error_row(tmp_path: Path) -> None:
+    lost = ablate._lost_cell(spec(), (get_variant("fo"), 1), "the Ray worker running the cell died")
+    back = read_row(write_json(ablate.cell_path(tmp_path, "fo", 1), lost), AblationCell)
+    assert (back.status, back.variant["name"], back.seed, back.test_loss) == ("error", "fo", 1, [])
+    assert back.message == "the Ray worker running the cell died" and back.spec == spec().fingerprint()
+
+
 @pytest.mark.parametrize("variants", [("ckpt_lr", "ckpt_fo"), ("sckpt_lr", "ckpt_sckpt_lr_fo")])
 def test_checkpointed_curves_identical_and_counterparts_added(tmp_path: Path, variants) -> None:
     s = spec(variants=variants, meta_steps=4, eval_every=1)
@@ -125,7 +156,7 @@ def test_a_checkpointed_variant_that_differs_is_reported(tmp_path: Path, monkeyp
     def perturbed(spec, variant, seed, on_step=None):
         cell = real(spec, variant, seed, on_step)
         if variant.checkpointed:  # what a broken checkpoint would do
-            cell["test_loss"] = [x + 1e-6 for x in cell["test_loss"]]
+            cell.test_loss = [x + 1e-6 for x in cell.test_loss]
         return cell
 
     monkeypatch.setattr(ablate, "run_cell", perturbed)

@@ -70,7 +70,8 @@ def no_work(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
         raise AssertionError("the work started: the bad input was not refused up front")
 
     for target in ("harness.cli.run.run_single", "harness.cli.bench.run_request", "harness.cli.sweep.run_request",
-                   "harness.cli.ablate.run_ablation", "harness.cli.diagnose.diagnose", "harness.cli.report.build"):
+                   "harness.cli.ablate.run_ablation", "harness.cli.diagnose.diagnose", "harness.cli.report.build",
+                   "harness.cli.scaling.run_scaling"):
         monkeypatch.setattr(target, refuse)
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -115,10 +116,10 @@ def test_allow_huge_lifts_the_typo_limit_and_only_it(no_work: Path, capsys) -> N
 def out_cases(tmp: Path) -> list[tuple[str, list[str]]]:
     return [("run", [*BASE["run"], "--out"]), ("bench", [*BASE["bench"], "--out"]),
             ("sweep", [*BASE["sweep"], "--out"]), ("ablate", [*BASE["ablate"], "--out"]),
-            ("diagnose", ["diagnose", "--out"])]
+            ("diagnose", ["diagnose", "--out"]), ("scaling", ["scaling", "--out"])]
 
 
-@pytest.mark.parametrize("command", ["run", "bench", "sweep", "ablate", "diagnose"])
+@pytest.mark.parametrize("command", ["run", "bench", "sweep", "ablate", "diagnose", "scaling"])
 @pytest.mark.parametrize("kind", ["a file", "below a file", "unwritable (/proc)"])
 def test_an_unusable_out_folder_is_exit_2_before_the_work(no_work: Path, capsys, command: str, kind: str) -> None:
     blocker = no_work / "results.txt"

@@ -17,7 +17,7 @@ from harness.bench.cells import Cell, base_row, load_rows
 from harness.bench.child import measure_cell_inline
 from harness.bench.matrix import measure_cell
 from harness.bench.request import add_peer_cells
-from harness.reporting.schema import write_jsonl
+from harness.reporting.files import write_jsonl
 from harness.variants import CANONICAL, get_variant
 from tests.conftest import FAST, TINY, harness
 

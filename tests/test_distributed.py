@@ -1,5 +1,6 @@
 """Claims about data-parallel meta-training (issue 14), on the CPU with gloo and 2 ranks under torchrun:
-the sharded meta-step is the one-process meta-step, faults end every rank, bad input is one line."""
+the sharded meta-step is the one-process meta-step, faults end every rank, bad input is one line; the
+``scaling`` command writes one ScalingResult under ``--out`` and checks its options before the first run."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness import scaling
 from harness.cli.main import main
+from harness.reporting.files import read_row
+from harness.reporting.schema import RunResult, ScalingResult
 from harness.train import Experiment, RunSpec, train
 from tests.conftest import REPO, harness
 from tests.dist_worker import Case, cases, train_case
@@ -149,3 +153,54 @@ def test_ablate_under_torchrun_is_refused_in_one_line(monkeypatch, capsys, tmp_p
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ablate does not run data-parallel yet") and "\n" not in err
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+# -- python -m harness scaling: 1 vs N ranks in ABAB pairs (harness.scaling) ------------------------------
+def fake_launch(ranks: int, run_args: list[str], timeout_s: float = 900) -> dict:
+    """A ``run`` row as ``harness.scaling.launch`` returns it: 100 ms per meta-step on 1 rank, 60 ms on N."""
+    row = RunResult(spec={"variant": run_args[1]}, time={"median_ms": 100.0 if ranks == 1 else 60.0},
+                    memory={"cpu_peak_alloc_mib": 1.5}).to_dict()
+    if ranks > 1:
+        row["distributed"] = {"rank_memory_mib": [1.5] * ranks, "rank_reduce_median_ms": [2.0] * ranks}
+    return row
+
+
+def test_the_scaling_command_writes_one_scaling_result_under_out(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(scaling, "launch", fake_launch)
+    monkeypatch.setattr(scaling, "sample_ms", lambda spec: 0.5)
+    out = tmp_path / "res"
+    assert main(["scaling", "--pairs", "3", "--out", str(out), "--run-id", "sc"]) == 0
+    path = out / "sc" / "scaling.json"
+    assert f"median 1.67x (IQR 0.00, range 1.67-1.67) over 3 ABAB pairs; wrote {path}" in capsys.readouterr().out
+    result = read_row(path, ScalingResult)
+    assert (result.ranks, result.pairs, len(result.runs), result.sample_meta_batch_ms) == (2, 3, 3, 0.5)
+    assert result.summary["speedup_median"] == pytest.approx(100 / 60)
+    assert result.summary["rank_memory_mib"] == [1.5] * 2 and result.summary["rank_reduce_median_ms"] == [2.0] * 2
+    assert result.run_args == ["--variant", "ckpt_lr", "--preset", "cpu-bench", "--device", "cpu", "--meta-batch", "8",
+                               "--meta-steps", "9"]
+    assert result.command == ("python -m harness scaling --ranks 2 --pairs 3 --variant ckpt_lr --preset cpu-bench "
+                              f"--meta-batch 8 --meta-steps 9 --out {out} --run-id sc")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["res", "res/sc",
+                                                                                      "res/sc/scaling.json"]
+    monkeypatch.chdir(tmp_path)  # the defaults: results/scaling-cpu/scaling.json, as committed
+    assert main(["scaling", "--pairs", "1"]) == 0
+    assert read_row(tmp_path / "results" / "scaling-cpu" / "scaling.json", ScalingResult).pairs == 1
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--ranks", "9"], "ranks=9 is invalid"), (["--ranks", "0"], "--ranks"), (["--pairs", "0"], "--pairs"),
+    (["--meta-steps", "1"], "--meta-steps"), (["--variant", "nope"], "unknown variant"),
+    (["--run-id", "../x"], "--run-id"),
+])
+def test_scaling_bad_input_is_one_line_exit_2_nothing_run(tmp_path: Path, monkeypatch, capsys, argv, needle) -> None:
+    monkeypatch.setattr(scaling, "measure_pairs", lambda *a, **k: pytest.fail("the measurement started"))
+    assert main(["scaling", *argv, "--out", str(tmp_path / "res")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err and not any(tmp_path.iterdir())
+
+
+def test_launch_reads_the_run_row_that_harness_run_writes() -> None:
+    """One real 1-process run: ``launch`` finds the row under ``<out>/runs/`` and reads it as a RunResult."""
+    row = scaling.launch(1, ["--variant", "maml", "--preset", "quick", "--device", "cpu", "--meta-batch", "2",
+                             "--meta-steps", "2"])
+    assert row["kind"] == "run" and row["status"] == "ok" and row["time"]["median_ms"] > 0

@@ -19,7 +19,7 @@ from harness.bench.cells import Cell, base_row
 from harness.reporting.compare import Regression, Thresholds, compare, parse_fail
 from harness.reporting.frame import flatten
 from harness.core.config import ConfigError
-from harness.reporting.schema import write_jsonl
+from harness.reporting.files import write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {"python": "3.x", "torch": "2.x", "cuda": None, "cudnn": None, "gpu": None, "driver": None, "cpu": "x86_64",
@@ -101,7 +101,7 @@ def test_compare_fails_when_the_gradient_error_crosses_its_threshold(tmp_path: P
     regressions, _, _ = compare(base, new, parse_fail(["mem:5%", "grad:1e-6"]))
     assert regressions == [Regression("grad", "lr on cpu-bench [width=16]", 0.0, 2e-6, 1e-6, part="lr")]
     assert str(regressions[0]) == "lr on cpu-bench [width=16]: lr meta-gradient rel. error 2e-06 > 1e-06"
-    new_rows[3]["agreement"]["lr_rel_err"] = "nan"  # NaN stored as a string by schema._clean
+    new_rows[3]["agreement"]["lr_rel_err"] = "nan"  # NaN stored as a string by files._clean
     regressions, _, _ = compare(base, write_run(tmp_path / "new2", new_rows), parse_fail(["grad:1e-6"]))
     assert [(r.kind, r.cell.split()[0], r.part) for r in regressions] == [("grad", "lr", "lr")]
     assert math.isnan(regressions[0].new) and "NaN in the new run" in str(regressions[0])

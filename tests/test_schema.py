@@ -3,6 +3,7 @@ unchanged (NaN and missing figures included, unknown keys kept); a row of the wr
 a ResultsError naming the file and the line, and a writer refuses to write one."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -10,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from harness.bench.cells import Cell, base_row
-from harness.reporting.schema import (ROW_TYPES, SCHEMA_VERSION, CellRow, DiagnosisResult, ResultsError, RunResult,
-                                      _clean, read_cells, read_row, write_cells, write_json, write_jsonl)
+from harness.reporting.files import _clean, read_cells, read_row, write_cells, write_json, write_jsonl
+from harness.reporting.schema import (ROW_TYPES, SCHEMA_VERSION, AblationCell, AblationSummary, CellRow,
+                                      DiagnosisResult, ResultsError, RunResult, ScalingResult)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,7 +29,7 @@ def a_cell(**changes) -> dict:
 
 
 def test_one_schema_version_for_every_row_type() -> None:
-    assert set(ROW_TYPES) == {"cell", "run", "diagnosis"}
+    assert set(ROW_TYPES) == {"cell", "run", "diagnosis", "ablation-cell", "ablation", "scaling"}
     assert all(t().schema == SCHEMA_VERSION for t in ROW_TYPES.values())
 
 
@@ -53,6 +55,12 @@ def test_every_committed_result_file_reads_and_round_trips_unchanged() -> None:
         assert [json.loads(json.dumps(write_form(r))) for r in read_cells(path)] == lines, path
     for path in sorted((REPO / "results").glob("diagnosis*.json")):
         assert write_form(read_row(path, DiagnosisResult)) == json.loads(path.read_text()), path
+    summaries = sorted((REPO / "results").glob("*/summary.json"))
+    assert summaries
+    for path in summaries:
+        assert write_form(read_row(path, AblationSummary)) == json.loads(path.read_text()), path
+    scaling = REPO / "results" / "scaling-cpu" / "scaling.json"
+    assert write_form(read_row(scaling, ScalingResult)) == json.loads(scaling.read_text())
 
 
 def write_form(row) -> dict:
@@ -107,3 +115,96 @@ def test_run_result_and_diagnosis_read_back(tmp_path: Path) -> None:
         read_row(tmp_path / "d.json", DiagnosisResult)
     with pytest.raises(ResultsError, match="run.json: kind 'run', expected 'diagnosis'"):
         read_row(tmp_path / "run.json", DiagnosisResult)
+
+
+def an_ablation_cell(**changes) -> AblationCell:
+    cell = AblationCell(status="ok", variant={"name": "lr", "learn_lr": True}, seed=1, spec={"preset": "quick"},
+                        sizes={"params": 10}, train_loss=[0.5, 0.25], curve_steps=[0, 2],
+                        curve_test_loss=[0.9, float("nan")], curve_test_acc=[0.5, None], test_loss=[0.1, 0.3],
+                        test_acc=[1.0, 0.5], learned_lrs={"w": 0.01}, wall_s=1.5, cpu_s=float("inf"))
+    return dataclasses.replace(cell, **changes)
+
+
+def test_ablation_cell_and_summary_read_back(tmp_path: Path) -> None:
+    cell = read_row(write_json(tmp_path / "cells" / "lr_s1.json", an_ablation_cell()), AblationCell)
+    assert cell.variant["name"] == "lr" and cell.seed == 1 and cell.test_loss == [0.1, 0.3]
+    assert math.isnan(cell.curve_test_loss[1]) and math.isinf(cell.cpu_s)  # NaN/inf in lists and fields
+    assert cell.curve_test_acc == [0.5, None] and cell.extra == {}
+    assert list(json.loads((tmp_path / "cells" / "lr_s1.json").read_text()))[:3] == ["schema", "kind", "status"]
+    summary = AblationSummary(classification=True, rows=[{"variant": "lr", "test_loss_mean": 0.25}],
+                              effects=[], checks=[], curves=None, alpha=0.05, bootstrap_resamples=100,
+                              all_identical=True, run_id="a", command="python -m harness ablate",
+                              config={"seeds": 2}, trained_cells=2, reused_cells=0, train_wall_s=float("nan"),
+                              cells_wall_s=2.0, cells_cpu_s=1.5)
+    back = read_row(write_json(tmp_path / "summary.json", summary), AblationSummary)
+    assert back.run_id == "a" and back.classification and back.rows == summary.rows and back.config == {"seeds": 2}
+    assert math.isnan(back.train_wall_s) and back.trained_cells == 2 and back.curves is None
+    assert "curves" not in json.loads((tmp_path / "summary.json").read_text())  # optional: absent when None
+    write_json(tmp_path / "bad.json", {**summary.to_dict(), "trained_cells": "two"})
+    with pytest.raises(ResultsError, match=r"bad.json: field 'trained_cells' must be an integer"):
+        read_row(tmp_path / "bad.json", AblationSummary)
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("test_loss", "low", "field 'test_loss' must be a list, got str"),
+    ("test_loss", [0.1, "low"], "field 'test_loss[1]' must be a number"),
+    ("variant", "lr", "field 'variant' must be an object"),
+    ("wall_s", "slow", "field 'wall_s' must be a number"),
+    ("seed", 1.5, "field 'seed' must be an integer"),
+    ("schema", 2, "has schema version 2, expected 1"),  # cells written before the one SCHEMA_VERSION
+    ("kind", "cell", "kind 'cell', expected 'ablation-cell'"),
+])
+def test_a_malformed_ablation_cell_names_the_file(tmp_path: Path, field, value, says) -> None:
+    path = tmp_path / "lr_s1.json"
+    write_json(path, {**an_ablation_cell().to_dict(), field: value})  # plain data: written unvalidated
+    with pytest.raises(ResultsError) as err:
+        read_row(path, AblationCell)
+    assert str(err.value).startswith(str(path)) and says in str(err.value)
+
+
+def test_a_truncated_ablation_cell_names_the_file(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "lr_s1.json", an_ablation_cell())
+    data = json.loads(path.read_text())
+    del data["test_loss"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ResultsError, match=r"lr_s1.json lacks field 'test_loss'"):
+        read_row(path, AblationCell)
+    path.write_text(path.read_text()[:40])
+    with pytest.raises(ResultsError, match=r"lr_s1.json: not valid JSON"):
+        read_row(path, AblationCell)
+
+
+def a_scaling_result() -> ScalingResult:
+    run = RunResult(spec={"variant": "ckpt_lr"}, time={"median_ms": 100.0}).to_dict()
+    return ScalingResult(ranks=2, pairs=1, run_args=["--variant", "ckpt_lr"], sample_meta_batch_ms=float("nan"),
+                         summary={"speedup_median": 1.6}, runs=[{"one": run, "many": run, "speedup": 1.6}],
+                         command="python -m harness scaling --pairs 1")
+
+
+def test_a_scaling_result_reads_back(tmp_path: Path) -> None:
+    back = read_row(write_json(tmp_path / "scaling-cpu" / "scaling.json", a_scaling_result()), ScalingResult)
+    assert (back.ranks, back.pairs, back.run_args) == (2, 1, ["--variant", "ckpt_lr"])
+    assert math.isnan(back.sample_meta_batch_ms) and back.runs[0]["one"]["time"] == {"median_ms": 100.0}
+    assert back.summary == {"speedup_median": 1.6} and back.command == "python -m harness scaling --pairs 1"
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("ranks", "two", "field 'ranks' must be an integer"),
+    ("runs", {}, "field 'runs' must be a list"),
+    ("summary", None, "field 'summary' must be an object"),
+    ("sample_meta_batch_ms", "fast", "field 'sample_meta_batch_ms' must be a number"),
+    ("schema", 2, "has schema version 2, expected 1"),
+])
+def test_a_malformed_scaling_file_names_the_file(tmp_path: Path, field, value, says) -> None:
+    path = tmp_path / "scaling.json"
+    write_json(path, {**a_scaling_result().to_dict(), field: value})
+    with pytest.raises(ResultsError) as err:
+        read_row(path, ScalingResult)
+    assert str(err.value).startswith(str(path)) and says in str(err.value)
+
+
+def test_a_scaling_file_without_its_runs_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "scaling.json"
+    write_json(path, {k: v for k, v in a_scaling_result().to_dict().items() if k != "runs"})
+    with pytest.raises(ResultsError, match=r"scaling.json lacks field 'runs'"):
+        read_row(path, ScalingResult)

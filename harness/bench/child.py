@@ -30,7 +30,7 @@ from harness.bench import measure, paired
 from harness.bench.cells import BUILDERS, PLUGIN_ENV, Builder, Cell, MeasureOptions, base_row, variant_for
 from harness.bench.process import PARENT_ENV, TEMP_PREFIX, cell_environment, die_with_parent
 from harness.core.config import ConfigError
-from harness.reporting.schema import write_json
+from harness.reporting.files import write_json
 from harness.variants import get_variant
 
 __all__ = ["measure_cell_inline", "peer_precheck", "failure_status", "main", "ALLOC_FAILURES"]

@@ -23,8 +23,9 @@ from tqdm import tqdm
 from harness import distributed
 from harness.bench.measure import CudaPeaks, StepRunner, measure_cpu_memory, snapshot_meta_step, time_stats
 from harness.core.config import ConfigError
+from harness.reporting.files import write_json
 from harness.reporting.provenance import environment
-from harness.reporting.schema import SCHEMA_VERSION, RunResult, write_json
+from harness.reporting.schema import SCHEMA_VERSION, RunResult
 from harness.settings import CellSettings
 from harness.train import Diverged, Experiment, RunSpec, TrainLog, check_agreement, default_threads, train
 

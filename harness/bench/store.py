@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from harness.core.config import ConfigError
-from harness.reporting.schema import ResultsError, load_rows, write_cells, write_text_atomic
+from harness.reporting.files import load_rows, write_cells, write_text_atomic
+from harness.reporting.schema import ResultsError
 
 __all__ = ["ResultsError", "RunDirBusy", "CELLS_FILE", "LOCK_WAIT_S", "load_rows", "read_rows", "run_dir_lock",
            "merge_rows", "claim_cell", "release_cell", "live_claim", "pid_alive"]

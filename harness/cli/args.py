@@ -37,7 +37,7 @@ EXIT_USAGE = 2  # bad input: nothing ran, nothing was written
 EXIT_INTERRUPTED = 130  # Ctrl-C
 DEFAULT_OUT = Path("results")
 INT_OPTIONS = ("inner_steps", "meta_batch", "meta_steps", "eval_tasks", "eval_every", "seeds", "verify_seeds", "seed",
-               "threads", "jobs", "warmup", "repeats", "pairs", "ways", "shots")
+               "threads", "jobs", "warmup", "repeats", "ways", "shots", "ranks", "pairs")
 
 
 class UsageError(ConfigError):

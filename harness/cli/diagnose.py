@@ -19,8 +19,9 @@ import torch
 
 from harness.cli.args import DEFAULT_OUT, EXIT_FAILED, EXIT_OK, add_out_argument, check_out_dir, nonempty
 from harness.core.config import AMP_MODES
+from harness.reporting.files import write_json, write_text_atomic
 from harness.reporting.provenance import environment
-from harness.reporting.schema import SCHEMA_VERSION, DiagnosisResult, write_json, write_text_atomic
+from harness.reporting.schema import SCHEMA_VERSION, DiagnosisResult
 from harness.studies.seed.diagnose import ENGINE_TITLES, ENGINES, Setup, diagnose, explanation, markdown
 from harness.train import DEVICES, check_amp, check_device
 

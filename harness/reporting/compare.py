@@ -28,8 +28,9 @@ from typing import Any, NamedTuple
 
 from harness.bench.cells import Cell
 from harness.core.config import ConfigError
+from harness.reporting.files import read_cells
 from harness.reporting.frame import mem_figure, num, settings_str
-from harness.reporting.schema import CellRow, ResultsError, read_cells
+from harness.reporting.schema import CellRow, ResultsError
 
 FAIL_KINDS = {"mem": "relative rise, e.g. mem:5% or mem:0.05", "grad": "absolute rel. error, e.g. grad:1e-6",
               "time": "relative rise, e.g. time:20%"}

@@ -32,9 +32,10 @@ from typing import Callable, NamedTuple
 import pandas as pd
 
 from harness.core.config import ConfigError
+from harness.reporting.files import read_cells, read_row, write_text_atomic
 from harness.reporting.frame import cells_frame
 from harness.reporting.render import fmt, fmt_ratio, markdown_rows, markdown_table
-from harness.reporting.schema import DiagnosisResult, ResultsError, read_cells, read_row, write_text_atomic
+from harness.reporting.schema import DiagnosisResult, ResultsError
 
 START = re.compile(r"^<!-- generated:(?P<spec>[^>]*)-->$")
 END = "<!-- end generated -->"

@@ -1,30 +1,27 @@
-"""Result rows as dataclasses, one schema version, and the reading and writing of result files.
+"""Result rows as dataclasses with one schema version: the one place that says what a result file holds.
 
 Every result the harness writes is one of the row types below, stamped with :data:`SCHEMA_VERSION`
 and a ``kind``: a bench/sweep cell (:class:`CellRow`, one line of ``results/<run-id>/cells.jsonl``),
-a ``run`` result (:class:`RunResult`, ``results/runs/*.json``) and the diagnosis
-(:class:`DiagnosisResult`, ``results/diagnosis*.json``).  A new row shape (the ablation's cells): one more
-:class:`Row` subclass with a ``KIND`` and its fields, in :data:`ROW_TYPES`.
+a ``run`` result (:class:`RunResult`, ``results/runs/*.json``), the diagnosis (:class:`DiagnosisResult`,
+``results/diagnosis*.json``), an ablation cell (:class:`AblationCell`, ``results/<run-id>/cells/*.json``)
+and the ablation's summary (:class:`AblationSummary`, ``results/<run-id>/summary.json``), and the 1 vs N
+ranks measurement (:class:`ScalingResult`, ``results/<run-id>/scaling.json``).  A new row shape: one
+more :class:`Row` subclass with a ``KIND`` and its fields, in :data:`ROW_TYPES`.  Every writer and reader
+goes through these types: :mod:`harness.reporting.files` writes them (validated, atomically) and reads them.
 
 Reading validates the field types from the dataclass annotations: a file that is truncated, of another
 schema or malformed (``"memory": "lots"``) is a :class:`ResultsError` naming file and line (exit 2).
-A figure (a float field, or a figure-dict entry ending in ``_mib``, ``_ms``, ``_err``, ``_cosine``, ``_loss``)
-is a number, ``None`` (not measured) or NaN/inf (stored as ``"nan"``/``"inf"``: JSON has none).
-
-Files are written atomically (temporary file, then ``os.replace``): an interrupted run leaves no half file.
+A figure (a float field, an entry of a ``list[float]`` field, or a figure-dict entry ending in ``_mib``,
+``_ms``, ``_err``, ``_cosine``, ``_loss``) is a number, ``None`` (not measured) or NaN/inf (stored as
+``"nan"``/``"inf"``: JSON has none).  Nested structures (``dict``/``list`` fields) are kept as written.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, ClassVar, Iterable, Optional, TypeVar, Union
+from typing import Any, ClassVar, Optional, TypeVar, Union
 
 from harness.core.config import ConfigError
 
@@ -75,6 +72,12 @@ def _conforms(value: Any, tp: Any) -> bool:
     if base is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, base)
+
+
+def _figure_list(tp: Any) -> bool:
+    """``list[float]`` or ``list[Figure]`` (possibly Optional): a list whose entries are figures."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+    return any(typing.get_origin(a) is list and typing.get_args(a) in ((float,), (Figure,)) for a in args)
 
 
 def _describe(tp: Any) -> str:
@@ -129,6 +132,8 @@ class Row:
                 v = _figures(v, where, k)
             elif hints[k] in (Figure, float):  # any float field may hold NaN/inf (stored as strings)
                 v = _figure(v, where, k)
+            elif isinstance(v, list) and _figure_list(hints[k]):  # so may the entries of a list of floats
+                v = [_figure(x, where, f"{k}[{i}]") for i, x in enumerate(v)]
             elif not _conforms(v, hints[k]):
                 raise ResultsError(f"{where}: field {k!r} must be {_describe(hints[k])}, "
                                    f"got {type(v).__name__} {v!r}")
@@ -238,113 +243,97 @@ class DiagnosisResult(Row):
     extra: dict = field(default_factory=dict)
 
 
-# kind -> row type; the ablation's cell and summary rows join here (same pattern: a Row subclass)
-ROW_TYPES: dict[str, type[Row]] = {t.KIND: t for t in (CellRow, RunResult, DiagnosisResult)}
+@dataclass
+class AblationCell(Row):
+    """One ablation cell, ``results/<run-id>/cells/<variant>_s<seed>.json``: a (variant, seed) meta-trained and
+    evaluated on held-out tasks (``harness.studies.ablation.run.run_cell``), reused on a rerun when its ``spec``
+    is the ablation's fingerprint.  Cells written before the one :data:`SCHEMA_VERSION` (``"schema": 2``)
+    no longer read: ``ablate`` recomputes them."""
+
+    KIND: ClassVar[str] = "ablation-cell"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("status", "variant", "seed", "spec", "sizes", "train_loss", "curve_steps",
+                                           "curve_test_loss", "curve_test_acc", "test_loss", "test_acc",
+                                           "learned_lrs", "wall_s", "cpu_s")
+
+    schema: int = SCHEMA_VERSION
+    kind: str = "ablation-cell"
+    status: str = "ok"  # ok, diverged, or error (its Ray worker died)
+    message: Optional[str] = None
+    variant: dict = field(default_factory=dict)  # {"name": ..., **flags}
+    seed: int = 0
+    spec: dict = field(default_factory=dict)  # AblationSpec.fingerprint()
+    sizes: dict = field(default_factory=dict)
+    train_loss: list[float] = field(default_factory=list)  # per meta-step
+    curve_steps: list[int] = field(default_factory=list)  # the meta-test curve: after these meta-steps ...
+    curve_test_loss: list[float] = field(default_factory=list)  # ... the mean held-out query loss
+    curve_test_acc: Optional[list[Figure]] = None  # classification only
+    test_loss: list[float] = field(default_factory=list)  # per held-out task after training; [] if diverged
+    test_acc: Optional[list[float]] = None
+    learned_lrs: Optional[dict] = None  # mean learned inner LR per parameter
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    extra: dict = field(default_factory=dict)
 
 
-def _clean(obj: Any) -> Any:
-    """JSON has no NaN/inf: store them as strings so files stay standard JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
+@dataclass
+class AblationSummary(Row):
+    """``python -m harness ablate``'s ``results/<run-id>/summary.json``: the variant rows, effects and checkpoint
+    checks (``harness.studies.ablation.summary``), the configuration, timings and provenance.  ``curves``
+    (what the plots draw) is kept in memory only: the cells hold them."""
+
+    KIND: ClassVar[str] = "ablation"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("run_id", "rows", "effects", "checks", "config")
+
+    # on-disk order as before the dataclass: the statistics first, then schema, kind and the run
+    classification: bool = False
+    rows: list = field(default_factory=list)
+    effects: list = field(default_factory=list)
+    checks: list = field(default_factory=list)
+    curves: Optional[dict] = _opt()
+    correction: str = "holm"
+    alpha: float = 0.05
+    bootstrap_resamples: int = 0
+    all_identical: bool = False
+    schema: int = SCHEMA_VERSION
+    kind: str = "ablation"
+    run_id: str = ""
+    command: str = ""
+    config: dict = field(default_factory=dict)
+    trained_cells: int = 0
+    reused_cells: int = 0
+    train_wall_s: float = 0.0
+    cells_wall_s: float = 0.0
+    cells_cpu_s: float = 0.0
+    env: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+@dataclass
+class ScalingResult(Row):
+    """``python -m harness scaling``'s ``results/<run-id>/scaling.json`` (``harness.scaling``): 1 vs N data-parallel
+    ranks in ABAB pairs; ``runs`` holds each pair's two ``run`` rows and its speed-up, ``summary`` their spread."""
+
+    KIND: ClassVar[str] = "scaling"
+    REQUIRED: ClassVar[tuple[str, ...]] = ("ranks", "pairs", "summary", "runs")
+
+    schema: int = SCHEMA_VERSION
+    kind: str = "scaling"
+    ranks: int = 2
+    pairs: int = 0
+    run_args: list[str] = field(default_factory=list)  # of every `python -m harness run`
+    threads_per_rank: int = 1
+    sample_meta_batch_ms: Figure = None
+    summary: dict = field(default_factory=dict)
+    runs: list = field(default_factory=list)  # per pair: {"one": run row, "many": run row, "speedup": ratio}
+    env: dict = field(default_factory=dict)
+    command: str = ""
+    extra: dict = field(default_factory=dict)
 
 
-def _plain(obj: Any) -> Any:
-    """A row as the dict to write, validated first (a row of the wrong shape is a bug: it raises)."""
-    if not isinstance(obj, Row):
-        return obj
-    data = obj.to_dict()
-    type(obj).from_dict(_clean(data), f"{type(obj).__name__} being written")
-    return data
-
-
-def write_json(path: Path, obj: Any) -> Path:
-    """One JSON document (a :class:`Row` or plain data), atomically."""
-    return write_text_atomic(path, json.dumps(_clean(_plain(obj)), indent=2, sort_keys=False) + "\n")
-
-
-def write_jsonl(path: Path, rows: Iterable[Any]) -> Path:
-    """One JSON line per row (rows or plain data), atomically."""
-    return write_text_atomic(path, "".join(json.dumps(_clean(_plain(r))) + "\n" for r in rows))
-
-
-def write_cells(path: Path, rows: Iterable[CellRow | dict[str, Any]]) -> Path:
-    """``cells.jsonl``: each row validated as a :class:`CellRow` (a malformed row is a bug: it raises)."""
-    return write_jsonl(path, [r if isinstance(r, CellRow) else CellRow.from_dict(r, f"{path}: new row")
-                              for r in rows])
-
-
-# -- reading ---------------------------------------------------------------------------------------
-def cells_path(path: Path) -> Path:
-    """A run directory or its ``cells.jsonl`` -> the ``cells.jsonl``."""
-    path = Path(path)
-    return path / "cells.jsonl" if path.is_dir() or path.suffix != ".jsonl" else path
-
-
-def read_cells(path: Path) -> list[CellRow]:
-    """The rows of a ``cells.jsonl`` (or of a run directory), validated.
-
-    :class:`ResultsError` naming the file (and the line) when it is missing, empty, truncated, not JSON,
-    of another schema version, or has a field of the wrong type.
-    """
-    path = cells_path(path)
-    if not path.is_file():
-        raise ResultsError(f"{path}: no such results file (expected a run directory with cells.jsonl)")
-    text = path.read_text(errors="replace")
-    if text and not text.endswith("\n"):
-        raise ResultsError(f"{path}: truncated (last line is incomplete)")
-    rows = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError:
-            raise ResultsError(f"{path}: line {i} is not valid JSON (truncated or corrupted)") from None
-        rows.append(CellRow.from_dict(data, f"{path}: line {i}"))
-    if not rows:
-        raise ResultsError(f"{path}: empty results file")
-    return rows
-
-
-def load_rows(path: Path) -> list[dict[str, Any]]:
-    """:func:`read_cells` as plain dicts (the form the cell runner keeps and rewrites)."""
-    return [r.to_dict() for r in read_cells(path)]
-
-
-def read_row(path: Path, row_type: type[R]) -> R:
-    """One JSON result file (a run result, the diagnosis) as its row type; :class:`ResultsError` if not."""
-    path = Path(path)
-    if not path.is_file():
-        raise ResultsError(f"{path}: no such results file")
-    try:
-        data = json.loads(path.read_text(errors="replace"))
-    except json.JSONDecodeError as exc:
-        raise ResultsError(f"{path}: not valid JSON (line {exc.lineno}; truncated or corrupted)") from None
-    return row_type.from_dict(data, str(path))
+# kind -> row type: every result shape the harness writes (a new one: a Row subclass, added here)
+ROW_TYPES: dict[str, type[Row]] = {t.KIND: t for t in (CellRow, RunResult, DiagnosisResult, AblationCell,
+                                                        AblationSummary, ScalingResult)}
 
 
 __all__ = ["SCHEMA_VERSION", "Figure", "ResultsError", "Row", "CellRow", "RunResult", "DiagnosisResult",
-           "ROW_TYPES", "write_text_atomic", "write_json", "write_jsonl", "write_cells", "cells_path",
-           "read_cells", "load_rows", "read_row"]
+           "AblationCell", "AblationSummary", "ScalingResult", "ROW_TYPES"]

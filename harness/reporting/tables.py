@@ -21,7 +21,7 @@ from harness.bench.paired import PAIRED_COLUMNS
 from harness.reporting.frame import AMP_ORDER, FP32_KEYS, cells_frame, computation_key, flatten, num
 from harness.reporting.plots import make_plots, plots_dir_for
 from harness.reporting.render import fmt, fmt_ratio, markdown_rows, markdown_table
-from harness.reporting.schema import read_cells, write_text_atomic
+from harness.reporting.files import read_cells, write_text_atomic
 
 COLUMNS = ["variant", "preset", "device", "dtype", "settings", "status", "mem_mib", "mem_figure", "mem_vs_maml",
            "time_median_ms", "time_iqr_ms", "time_min_ms", "time_count", "time_vs_maml",

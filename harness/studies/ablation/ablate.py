@@ -3,12 +3,12 @@
 Base (non-checkpointed) variants are trained on every seed; each checkpointed variant only on the first
 ``verify_seeds`` seeds, where it is checked bit for bit against its non-checkpointed counterpart (added
 when not requested), because checkpointing recomputes the same numbers and adds no statistical
-information.  Every cell is written atomically to ``<out>/<run-id>/cells/<variant>_s<seed>.json`` and
-reused on a rerun, so an interrupted ablation resumes where it stopped.
+information.  Every cell is an :class:`~harness.reporting.schema.AblationCell`, written atomically to
+``<out>/<run-id>/cells/<variant>_s<seed>.json`` and reused on a rerun, so an interrupted ablation resumes
+where it stopped; the summary is an :class:`~harness.reporting.schema.AblationSummary` (``summary.json``).
 """
 from __future__ import annotations
 
-import json
 import multiprocessing
 import sys
 import time
@@ -22,9 +22,10 @@ import torch
 from tqdm import tqdm
 
 from harness.core.config import ConfigError
+from harness.reporting.files import read_row, write_json
 from harness.reporting.provenance import environment
-from harness.reporting.schema import SCHEMA_VERSION, write_json
-from harness.studies.ablation.run import CELL_SCHEMA, run_cell
+from harness.reporting.schema import AblationCell, AblationSummary, ResultsError
+from harness.studies.ablation.run import run_cell
 from harness.studies.ablation.spec import AblationSpec, plan
 from harness.studies.ablation.summary import summarise
 from harness.studies.ablation.tables import write_report
@@ -38,18 +39,18 @@ def cell_path(out: Path, variant: str, seed: int) -> Path:
     return out / "cells" / f"{variant.replace('/', '~')}_s{seed}.json"
 
 
-def load_cell(path: Path, spec: AblationSpec) -> dict[str, Any] | None:
+def load_cell(path: Path, spec: AblationSpec) -> AblationCell | None:
     """A stored cell of this configuration, None when absent or unreadable; another configuration is an error."""
     if not path.exists():
         return None
     try:
-        cell = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None  # unreadable: recompute
-    if cell.get("schema") != CELL_SCHEMA:
+        cell = read_row(path, AblationCell)
+    except (OSError, ResultsError):
+        # unreadable, truncated, malformed or of another schema version: recompute.  Cells of "schema": 2
+        # (before every row type shared SCHEMA_VERSION 1) land here too and are simply recomputed.
         return None
-    if cell.get("spec") != spec.fingerprint():
-        raise ConfigError(f"{path} was made with another configuration ({cell.get('spec')}); "
+    if cell.spec != spec.fingerprint():
+        raise ConfigError(f"{path} was made with another configuration ({cell.spec}); "
                           "pass --force to recompute or choose another --run-id")
     return cell
 
@@ -62,7 +63,7 @@ def _worker_setup(threads: int | None) -> None:
 
 
 def _cells_in_workers(spec: AblationSpec, todo: list[tuple[Variant, int]], threads: int | None,
-                      bar: tqdm) -> Iterator[dict[str, Any]]:
+                      bar: tqdm) -> Iterator[AblationCell]:
     """Cells trained ``spec.jobs`` at a time in spawned processes (independent, single-threaded, deterministic)."""
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=spec.jobs, mp_context=ctx, initializer=_worker_setup,
@@ -70,28 +71,26 @@ def _cells_in_workers(spec: AblationSpec, todo: list[tuple[Variant, int]], threa
         futures = [pool.submit(run_cell, spec, v, seed) for v, seed in todo]
         for fut in as_completed(futures):
             cell = fut.result()
-            bar.set_description(f"{cell['variant']['name']} s{cell['seed']}")
+            bar.set_description(f"{cell.variant['name']} s{cell.seed}")
             bar.update(spec.meta_steps)
             yield cell
 
 
-def _train_in_worker(spec: AblationSpec, threads: int | None, job: tuple[Variant, int]) -> dict[str, Any]:
+def _train_in_worker(spec: AblationSpec, threads: int | None, job: tuple[Variant, int]) -> AblationCell:
     """One (variant, seed) in a Ray worker of its own, with the same thread count and determinism as here."""
     _worker_setup(threads)
     return run_cell(spec, job[0], job[1])
 
 
-def _lost_cell(spec: AblationSpec, job: tuple[Variant, int], reason: str) -> dict[str, Any]:
-    """The ``error`` cell of a (variant, seed) whose executor lost it (its Ray worker died)."""
+def _lost_cell(spec: AblationSpec, job: tuple[Variant, int], reason: str) -> AblationCell:
+    """The ``error`` cell of a (variant, seed) whose executor lost it (its Ray worker died): nothing measured."""
     v, seed = job
-    return {"schema": CELL_SCHEMA, "kind": "ablation-cell", "status": "error", "message": reason,
-            "variant": {"name": v.name, **v.flags}, "seed": seed, "spec": spec.fingerprint(), "sizes": {},
-            "train_loss": [], "curve_steps": [], "curve_test_loss": [], "curve_test_acc": None, "test_loss": [],
-            "test_acc": None, "learned_lrs": None, "wall_s": 0.0, "cpu_s": 0.0}
+    return AblationCell(status="error", message=reason, variant={"name": v.name, **v.flags}, seed=seed,
+                        spec=spec.fingerprint())
 
 
 def _cells_on(executor: Any, spec: AblationSpec, todo: list[tuple[Variant, int]], threads: int | None,
-              bar: tqdm) -> Iterator[dict[str, Any]]:
+              bar: tqdm) -> Iterator[AblationCell]:
     """Cells trained as tasks of a batch executor (``--executor ray``: a fresh Ray worker per cell)."""
     for (v, seed), cell in executor.map(partial(_train_in_worker, spec, threads), todo,
                                         failed=partial(_lost_cell, spec), gpu=spec.device == "cuda"):
@@ -108,11 +107,11 @@ def _train_missing(spec: AblationSpec, out: Path, todo: list[tuple[Variant, int]
     bar = tqdm(total=len(todo) * spec.meta_steps, unit="step", file=sys.stderr,
                disable=None if progress is None else not progress, dynamic_ncols=True)
 
-    def sequential() -> Iterator[dict[str, Any]]:
+    def sequential() -> Iterator[AblationCell]:
         for v, seed in todo:
             bar.set_description(f"{v.name} s{seed}")
             cell = run_cell(spec, v, seed, on_step=lambda: bar.update(1))
-            bar.update(spec.meta_steps - len(cell["train_loss"]))
+            bar.update(spec.meta_steps - len(cell.train_loss))
             yield cell
 
     try:
@@ -122,8 +121,8 @@ def _train_missing(spec: AblationSpec, out: Path, todo: list[tuple[Variant, int]
         else:
             source = _cells_in_workers(spec, todo, threads, bar) if parallel else sequential()
         for cell in source:
-            write_json(cell_path(out, cell["variant"]["name"], cell["seed"]), cell)
-            cells[(cell["variant"]["name"], cell["seed"])] = cell
+            write_json(cell_path(out, cell.variant["name"], cell.seed), cell)
+            cells[(cell.variant["name"], cell.seed)] = cell.to_dict()  # the summary reads cells as dicts
     finally:
         bar.close()
         torch.set_num_threads(prev_threads)
@@ -133,7 +132,10 @@ def _train_missing(spec: AblationSpec, out: Path, todo: list[tuple[Variant, int]
 def run_ablation(spec: AblationSpec, results_root: Path = Path("results"), plots_root: Path = Path("plots"),
                  force: bool = False, progress: bool | None = None, log: Callable[[str], None] = print,
                  command: str = "", executor: Any = None) -> dict[str, Any]:
-    """Train what is missing, then write ablation.csv, effects.csv, checks.csv, table.md, summary.json, plots."""
+    """Train what is missing, then write ablation.csv, effects.csv, checks.csv, table.md, summary.json, plots.
+
+    Returns the :class:`AblationSummary` as a dict, with the ``curves`` and the ``paths`` written.
+    """
     out, plots = Path(results_root) / spec.run_id, Path(plots_root) / spec.run_id
     cells_plan = plan(spec)
     todo, cells = [], {}
@@ -143,7 +145,7 @@ def run_ablation(spec: AblationSpec, results_root: Path = Path("results"), plots
             if cell is None:
                 todo.append((v, seed))
             else:
-                cells[(v.name, seed)] = cell
+                cells[(v.name, seed)] = cell.to_dict()
     n_ckpt = sum(v.checkpointed for v, _ in cells_plan)
     log(f"ablate {spec.preset}: {len(cells_plan) - n_ckpt} base variants x {spec.seeds} seeds + {n_ckpt} "
         f"checkpointed x {spec.verify_seeds} seeds, {spec.meta_steps} meta-steps; "
@@ -153,13 +155,12 @@ def run_ablation(spec: AblationSpec, results_root: Path = Path("results"), plots
     if todo:
         _train_missing(spec, out, todo, cells, progress, threads, executor)
     train_s = time.perf_counter() - start
-    summary = summarise(spec, cells_plan, cells)
-    summary.update({"schema": SCHEMA_VERSION, "kind": "ablation", "run_id": spec.run_id, "command": command,
-                    "config": {**asdict(spec), "variants": list(spec.variants),
-                               "task_overrides": spec.fingerprint()["task_overrides"], "threads": threads},
-                    "trained_cells": len(todo), "reused_cells": len(cells) - len(todo), "train_wall_s": train_s,
-                    "cells_wall_s": sum(c["wall_s"] for c in cells.values()),
-                    "cells_cpu_s": sum(c.get("cpu_s", 0.0) for c in cells.values()), "env": environment(spec.device)})
+    summary = AblationSummary(
+        **summarise(spec, cells_plan, cells), run_id=spec.run_id, command=command,
+        config={**asdict(spec), "variants": list(spec.variants),
+                "task_overrides": spec.fingerprint()["task_overrides"], "threads": threads},
+        trained_cells=len(todo), reused_cells=len(cells) - len(todo), train_wall_s=train_s,
+        cells_wall_s=sum(c["wall_s"] for c in cells.values()),
+        cells_cpu_s=sum(c.get("cpu_s", 0.0) for c in cells.values()), env=environment(spec.device))
     write_report(summary, out, plots)
-    summary["paths"] = {"dir": str(out), "plots": str(plots)}
-    return summary
+    return {**summary.to_dict(), "paths": {"dir": str(out), "plots": str(plots)}}

@@ -16,15 +16,15 @@ import torch
 
 from harness.core.config import Task
 from harness.core.engine import MetaLearner
+from harness.reporting.schema import AblationCell
 from harness.studies.ablation.spec import AblationSpec
 from harness.train import Diverged, Experiment, RunSpec, train
 from harness.variants import Variant
 from harness.zoo.tasks import SyntheticImages
 
-__all__ = ["CELL_SCHEMA", "HELDOUT_SEED", "Evaluation", "evaluate", "heldout_sampler", "run_cell"]
+__all__ = ["HELDOUT_SEED", "Evaluation", "evaluate", "heldout_sampler", "run_cell"]
 
 HELDOUT_SEED = 1_000_003  # held-out tasks of seed s come from Generator(HELDOUT_SEED + s)
-CELL_SCHEMA = 2  # 2: cells trained through harness.train.train
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def evaluate(learner: MetaLearner, tasks: list[Task]) -> Evaluation:
 
 
 def run_cell(spec: AblationSpec, variant: Variant, seed: int,
-             on_step: Callable[[], None] | None = None) -> dict[str, Any]:
+             on_step: Callable[[], None] | None = None) -> AblationCell:
     """Meta-train one (variant, seed) with :func:`harness.train.train` and evaluate on the held-out tasks."""
     run_spec = RunSpec(variant=spec.variants[0], preset=spec.preset, device=spec.device, dtype=spec.dtype,
                        inner_steps=spec.inner_steps, meta_batch=spec.meta_batch, meta_steps=spec.meta_steps, seed=seed)
@@ -106,11 +106,9 @@ def run_cell(spec: AblationSpec, variant: Variant, seed: int,
     wall_s, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     learner = exp.learner
     lrs = {k: v.detach().double().mean().item() for k, v in learner.lrs.values().items()} if learner.lrs else None
-    classification = curve[0][1].accs is not None
-    return {"schema": CELL_SCHEMA, "kind": "ablation-cell", "status": status, "message": message,
-            "variant": {"name": variant.name, **variant.flags}, "seed": seed, "spec": spec.fingerprint(),
-            "sizes": exp.sizes, "train_loss": train_loss, "curve_steps": [s for s, _ in curve],
-            "curve_test_loss": [e.mean_loss for _, e in curve],
-            "curve_test_acc": [e.mean_acc for _, e in curve] if classification and final is not None else None,
-            "test_loss": final.losses if final else [], "test_acc": final.accs if final else None,
-            "learned_lrs": lrs, "wall_s": wall_s, "cpu_s": cpu_s}
+    acc_curve = [e.mean_acc for _, e in curve] if curve[0][1].accs is not None and final is not None else None
+    return AblationCell(status=status, message=message, variant={"name": variant.name, **variant.flags}, seed=seed,
+                        spec=spec.fingerprint(), sizes=exp.sizes, train_loss=train_loss,
+                        curve_steps=[s for s, _ in curve], curve_test_loss=[e.mean_loss for _, e in curve],
+                        curve_test_acc=acc_curve, test_loss=final.losses if final else [],
+                        test_acc=final.accs if final else None, learned_lrs=lrs, wall_s=wall_s, cpu_s=cpu_s)

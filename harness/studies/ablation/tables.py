@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from harness.reporting.schema import write_json, write_text_atomic
+from harness.reporting.files import write_json, write_text_atomic
+from harness.reporting.schema import AblationSummary
 from harness.studies.ablation.plots import plot_curves
 
 __all__ = ["check_line", "check_table", "effect_table", "fmt", "markdown", "markdown_tables", "variant_table",
@@ -156,8 +158,10 @@ def _header(summary: dict[str, Any], out: Path, plot_paths: list[Path]) -> list[
             "one a busy shared machine does not inflate).", ""]
 
 
-def write_report(summary: dict[str, Any], out: Path, plots: Path) -> None:
-    """ablation.csv, effects.csv, checks.csv, table.md, summary.json and the learning-curve plot."""
+def write_report(row: AblationSummary, out: Path, plots: Path) -> None:
+    """ablation.csv, effects.csv, checks.csv, table.md, summary.json (the row, without its curves) and the
+    learning-curve plot."""
+    summary = row.to_dict()
     write_text_atomic(out / "ablation.csv", pd.DataFrame(summary["rows"]).to_csv(index=False))
     write_text_atomic(out / "effects.csv", pd.DataFrame(summary["effects"]).to_csv(index=False))
     checks = pd.DataFrame(summary["checks"], columns=["variant", "counterpart", "seeds_checked", "seeds_total",
@@ -165,4 +169,4 @@ def write_report(summary: dict[str, Any], out: Path, plots: Path) -> None:
     write_text_atomic(out / "checks.csv", checks.to_csv(index=False))
     plot_paths = plot_curves(summary, plots)
     write_text_atomic(out / "table.md", "\n".join(_header(summary, out, plot_paths)))
-    write_json(out / "summary.json", {k: v for k, v in summary.items() if k != "curves"})
+    write_json(out / "summary.json", replace(row, curves=None))

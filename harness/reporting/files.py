@@ -1,0 +1,126 @@
+"""Reading and writing result files: every result goes through a row type of :mod:`harness.reporting.schema`.
+
+Writers validate a :class:`~harness.reporting.schema.Row` before writing it (a row of the wrong shape is a
+bug: it raises) and write atomically (temporary file, then ``os.replace``): an interrupted run leaves no
+half file.  JSON has no NaN/inf, so they are stored as ``"nan"``/``"inf"``.  Readers return the row type,
+validated: a file that is missing, truncated, not JSON, of another schema or malformed is a
+:class:`~harness.reporting.schema.ResultsError` naming the file (and the line of a ``.jsonl``), exit 2.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, TypeVar
+
+from harness.reporting.schema import CellRow, ResultsError, Row
+
+__all__ = ["cells_path", "load_rows", "read_cells", "read_row", "write_cells", "write_json", "write_jsonl",
+           "write_text_atomic"]
+
+R = TypeVar("R", bound=Row)
+
+
+def _clean(obj: Any) -> Any:
+    """JSON has no NaN/inf: store them as strings so files stay standard JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _plain(obj: Any) -> Any:
+    """A row as the dict to write, validated first (a row of the wrong shape is a bug: it raises)."""
+    if not isinstance(obj, Row):
+        return obj
+    data = obj.to_dict()
+    type(obj).from_dict(_clean(data), f"{type(obj).__name__} being written")
+    return data
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    """One JSON document (a :class:`Row` or plain data), atomically."""
+    return write_text_atomic(path, json.dumps(_clean(_plain(obj)), indent=2, sort_keys=False) + "\n")
+
+
+def write_jsonl(path: Path, rows: Iterable[Any]) -> Path:
+    """One JSON line per row (rows or plain data), atomically."""
+    return write_text_atomic(path, "".join(json.dumps(_clean(_plain(r))) + "\n" for r in rows))
+
+
+def write_cells(path: Path, rows: Iterable[CellRow | dict[str, Any]]) -> Path:
+    """``cells.jsonl``: each row validated as a :class:`CellRow` (a malformed row is a bug: it raises)."""
+    return write_jsonl(path, [r if isinstance(r, CellRow) else CellRow.from_dict(r, f"{path}: new row")
+                              for r in rows])
+
+
+# -- reading ---------------------------------------------------------------------------------------
+def cells_path(path: Path) -> Path:
+    """A run directory or its ``cells.jsonl`` -> the ``cells.jsonl``."""
+    path = Path(path)
+    return path / "cells.jsonl" if path.is_dir() or path.suffix != ".jsonl" else path
+
+
+def read_cells(path: Path) -> list[CellRow]:
+    """The rows of a ``cells.jsonl`` (or of a run directory), validated.
+
+    :class:`ResultsError` naming the file (and the line) when it is missing, empty, truncated, not JSON,
+    of another schema version, or has a field of the wrong type.
+    """
+    path = cells_path(path)
+    if not path.is_file():
+        raise ResultsError(f"{path}: no such results file (expected a run directory with cells.jsonl)")
+    text = path.read_text(errors="replace")
+    if text and not text.endswith("\n"):
+        raise ResultsError(f"{path}: truncated (last line is incomplete)")
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError:
+            raise ResultsError(f"{path}: line {i} is not valid JSON (truncated or corrupted)") from None
+        rows.append(CellRow.from_dict(data, f"{path}: line {i}"))
+    if not rows:
+        raise ResultsError(f"{path}: empty results file")
+    return rows
+
+
+def load_rows(path: Path) -> list[dict[str, Any]]:
+    """:func:`read_cells` as plain dicts (the form the cell runner keeps and rewrites)."""
+    return [r.to_dict() for r in read_cells(path)]
+
+
+def read_row(path: Path, row_type: type[R]) -> R:
+    """One JSON result file (a run result, the diagnosis) as its row type; :class:`ResultsError` if not."""
+    path = Path(path)
+    if not path.is_file():
+        raise ResultsError(f"{path}: no such results file")
+    try:
+        data = json.loads(path.read_text(errors="replace"))
+    except json.JSONDecodeError as exc:
+        raise ResultsError(f"{path}: not valid JSON (line {exc.lineno}; truncated or corrupted)") from None
+    return row_type.from_dict(data, str(path))
