@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench bench-cpu install clean regress baseline
+.PHONY: test bench bench-cpu install clean regress baseline results
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,42 @@ baseline: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m harness bench --peers
+
+# Regenerate every committed CPU result from this commit, one command after another (about an hour on
+# 2 cores), then the README's and docs' generated tables.  Commit from a clean tree: rows record git_dirty.
+# The timing-sensitive runs come first; cpu-bench-peers-load is `make bench` again with one CPU-bound
+# process beside it, the check that the paired ratios hold under load (docs/measurement.md).
+HOG := $(PY) -c 'while True: pass'
+results: $(STAMP)
+	$(MAKE) --no-print-directory baseline
+	$(PY) -m harness bench --device cpu --peers --run-id cpu-bench-peers --force
+	$(HOG) & hog=$$!; $(PY) -m harness bench --device cpu --peers --run-id cpu-bench-peers-load --force; rc=$$?; kill $$hog; exit $$rc
+	$(PY) -m harness bench --device cpu --amp off,bf16 --run-id cpu-bench-amp --force
+	$(PY) -m harness bench --device cpu --preset sinusoid --meta-batch 25 --variants maml,fo,lr,lr_fo,vmaml,vfo,vlr,vlr_fo \
+		--peers --repeats 7 --run-id sinusoid-mb25 --force
+	$(PY) -m harness bench --device cpu --preset conv4 --set model.norm=group --variants \
+		maml,fo,vmaml,vfo,higher:maml,torchopt:maml,torch_maml:maml,higher:fo,torchopt:fo \
+		--repeats 5 --pairs 11 --timeout 900 --run-id conv4-gn --force
+	for K in 8 32; do $(PY) -m harness bench --device cpu --preset cpu-bench --inner-steps $$K \
+		--variants maml,sckpt,torch_maml:maml,torch_maml:sckpt --repeats 5 --pairs 11 --timeout 900 \
+		--run-id sckpt-k$$K --force || exit 1; done
+	$(PY) -m harness scaling --ranks 2 --pairs 7 --run-id scaling-cpu
+	$(PY) -m harness sweep --device cpu --preset cpu-bench --variant lr,ckpt_lr,sckpt_lr,ckpt_sckpt_lr \
+		--param inner_steps=1,2,4,8,16 --run-id sweep-steps-cpu --repeats 3 --force
+	$(PY) -m harness sweep --device cpu --preset cpu-bench --variant lr,ckpt_lr,sckpt_lr,ckpt_sckpt_lr \
+		--param depth=2,4,8,16 --inner-steps 4 --run-id sweep-depth-cpu --repeats 3 --force
+	$(PY) -m harness sweep --device cpu --preset cpu-bench --variant lr,ckpt_lr,sckpt_lr,ckpt_sckpt_lr \
+		--param inner_steps=2,8 --set task.tokens=512 --run-id sweep-steps-cpu-tokens512 --repeats 1 --warmup 0 --force
+	$(PY) -m harness sweep --device cpu --preset cpu-bench --variant sckpt_lr,ckpt_sckpt_lr --param step_ckpt=1,2,4,8 \
+		--inner-steps 8 --run-id sweep-segments-cpu --repeats 3 --force
+	$(PY) -m harness sweep --device cpu --preset sinusoid --meta-batch 25 --variant vmaml,vlr --param vmap_chunk=0,1,5,25 \
+		--run-id sweep-vmap-chunk-cpu --repeats 5 --force
+	$(PY) -m harness ablate --device cpu --preset sinusoid --force
+	$(PY) -m harness ablate --device cpu --preset digits --force
+	$(PY) -m harness diagnose --device cpu
+	$(PY) -m harness diagnose --device cpu --amp bf16
+	$(PY) -m harness diagnose --device cpu --amp fp16
+	$(PY) -m harness docs
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -12,7 +12,8 @@ import pytest
 
 from harness.core.config import ConfigError
 from harness.reporting.docblocks import KINDS, doc_files, drifted, find_blocks, update
-from harness.reporting.schema import CellRow, ResultsError, write_cells
+from harness.reporting.files import write_cells
+from harness.reporting.schema import CellRow, ResultsError
 from tests.conftest import REPO, harness
 
 
