@@ -20,6 +20,8 @@ Kinds (:data:`KINDS`):
   none are named): status, peak memory, median time, the paired ratio, gradient error;
 * ``paired-stability RUN_A RUN_B`` -- each cell's paired ratio in two runs of the same matrix (e.g. one on a
   quiet machine, one under extra load) and how far the second moved from the first;
+* ``scaling FILE.json`` -- 1 vs N data-parallel ranks (``python -m harness scaling``): times, the per-pair
+  speed-up, the all-reduce, sampling and memory figures;
 * ``md-table FILE.md N`` -- the N-th Markdown table of a committed Markdown result, verbatim.
 """
 from __future__ import annotations
@@ -35,7 +37,7 @@ from harness.core.config import ConfigError
 from harness.reporting.files import read_cells, read_row, write_text_atomic
 from harness.reporting.frame import cells_frame
 from harness.reporting.render import fmt, fmt_ratio, markdown_rows, markdown_table
-from harness.reporting.schema import DiagnosisResult, ResultsError
+from harness.reporting.schema import DiagnosisResult, ResultsError, ScalingResult
 
 START = re.compile(r"^<!-- generated:(?P<spec>[^>]*)-->$")
 END = "<!-- end generated -->"
@@ -131,6 +133,24 @@ def paired_stability_table(root: Path, run_a: str, run_b: str) -> list[str]:
     return markdown_rows(["cell", "reference", "clock", f"paired ({run_a})", f"paired ({run_b})", "moved"], body)
 
 
+def scaling_table(root: Path, source: str) -> list[str]:
+    result = read_row(root / source, ScalingResult)
+    s, n, k = result.summary, result.ranks, result.pairs
+    per_rank = " / ".join(fmt(m, 4) for m in s["rank_memory_mib"])
+    return markdown_rows(["", "median", "spread"], [
+        ["time per meta-step, 1 rank", f"{s['one_rank_ms_median']:.0f} ms", f"IQR {s['one_rank_ms_iqr']:.0f} ms over {k} runs"],
+        [f"time per meta-step, {n} ranks", f"{s['many_ranks_ms_median']:.0f} ms",
+         f"IQR {s['many_ranks_ms_iqr']:.0f} ms over {k} runs"],
+        [f"**speed-up per pair (1 rank / {n} ranks)**", f"**{s['speedup_median']:.2f}x**",
+         f"IQR {s['speedup_iqr']:.2f}, range {s['speedup_min']:.2f}x to {s['speedup_max']:.2f}x"],
+        ["all-reduce per meta-step (incl. waiting for the other ranks), per rank",
+         " / ".join(f"{ms:.0f}" for ms in s["rank_reduce_median_ms"]) + " ms", "median over pairs"],
+        ["drawing one full meta-batch (each rank repeats it)", f"{result.sample_meta_batch_ms:.2f} ms", "median of 20"],
+        ["deterministic CPU memory peak (`cpu_peak_alloc_mib`), 1 process", f"{fmt(s['one_rank_memory_mib'], 4)} MiB", ""],
+        [f"the same, per rank with {n} ranks", f"{per_rank} MiB", ""],
+    ])
+
+
 def sweep_memory_table(root: Path, run: str) -> list[str]:
     rows = read_cells(root / run)
     param = next((r.sweep_param for r in rows if r.sweep_param), None)
@@ -188,7 +208,7 @@ def markdown_table_of(root: Path, source: str, number: str = "1") -> list[str]:
 
 KINDS: dict[str, Callable[..., list[str]]] = {"variants": variants_table, "cells": cells_table,
                                               "paired-stability": paired_stability_table,
-                                              "sweep-memory": sweep_memory_table,
+                                              "sweep-memory": sweep_memory_table, "scaling": scaling_table,
                                               "diagnosis": diagnosis_table, "md-table": markdown_table_of}
 
 
@@ -249,4 +269,4 @@ def update(root: Path, files: list[Path] | None = None) -> list[Path]:
 
 
 __all__ = ["START", "END", "KINDS", "Block", "Drift", "find_blocks", "render", "rewrite", "doc_files", "drifted",
-           "update", "variants_table", "cells_table", "paired_stability_table", "sweep_memory_table", "diagnosis_table", "markdown_table_of"]
+           "update", "variants_table", "cells_table", "paired_stability_table", "scaling_table", "sweep_memory_table", "diagnosis_table", "markdown_table_of"]
