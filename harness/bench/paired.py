@@ -41,11 +41,9 @@ from harness.core.config import Task
 from harness.train import Experiment, RunSpec
 from harness.variants import registry
 
-__all__ = ["DEFAULT_PAIRS", "PAIRED_COLUMNS", "clock_for", "measure_paired", "paired_columns", "paired_ratios", "ratio_summary", "reference_name"]
+__all__ = ["DEFAULT_PAIRS", "clock_for", "measure_paired", "paired_ratios", "ratio_summary", "reference_name"]
 
 DEFAULT_PAIRS = 21  # enough for a median that holds under load (see the docstring); odd: the median is a pair
-PAIRED_COLUMNS = ["paired_ref", "time_vs_ref_paired", "time_vs_ref_paired_q1", "time_vs_ref_paired_q3",
-                  "time_vs_ref_paired_min", "time_vs_ref_paired_max", "time_vs_ref_pairs", "time_vs_ref_paired_text"]
 
 
 def reference_name(variant: str, registry: dict[str, Any]) -> str | None:
@@ -111,18 +109,6 @@ def paired_ratios(cell_step: Callable[[list[Task]], float], ref_step: Callable[[
     if clock == "cpu":
         out["wall"] = ratio_summary(wall, reference)
     return out
-
-
-def paired_columns(row: dict[str, Any]) -> dict[str, Any]:
-    """The row's paired ratio as table columns (``None`` where the cell has none)."""
-    p = row.get("paired") or {}
-    med = p.get("median")
-    text = (f"{med:.3f}x [{p['q1']:.3f}-{p['q3']:.3f}] vs {p['reference']}" if med is not None
-            else (f"— ({p['error']})" if p.get("error") else "—"))
-    return {"paired_ref": p.get("reference"), "time_vs_ref_paired": med, "time_vs_ref_paired_q1": p.get("q1"),
-            "time_vs_ref_paired_q3": p.get("q3"), "time_vs_ref_paired_min": p.get("min"),
-            "time_vs_ref_paired_max": p.get("max"), "time_vs_ref_pairs": p.get("pairs"),
-            "time_vs_ref_paired_text": text}
 
 
 def measure_paired(cell: Any, step: Any, opts: Any) -> dict[str, Any] | None:

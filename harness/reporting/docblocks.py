@@ -35,8 +35,8 @@ import pandas as pd
 
 from harness.core.config import ConfigError
 from harness.reporting.files import read_cells, read_row, write_text_atomic
-from harness.reporting.frame import cells_frame
-from harness.reporting.render import fmt, fmt_ratio, markdown_rows, markdown_table
+from harness.reporting.frame import cells_frame, num
+from harness.reporting.render import fmt, fmt_ratio, markdown_rows, markdown_table, paired_text
 from harness.reporting.schema import DiagnosisResult, ResultsError, ScalingResult
 
 START = re.compile(r"^<!-- generated:(?P<spec>[^>]*)-->$")
@@ -116,7 +116,7 @@ def cells_table(root: Path, run: str, names: str = "") -> list[str]:
 
 
 def paired_stability_table(root: Path, run_a: str, run_b: str) -> list[str]:
-    a, b = ({r.variant: r for r in read_cells(root / run) if (r.paired or {}).get("median") is not None}
+    a, b = ({r.variant: r for r in read_cells(root / run) if num((r.paired or {}).get("median")) is not None}
             for run in (run_a, run_b))
     body, moves = [], []
     for name in [v for v in a if v in b]:
@@ -124,8 +124,7 @@ def paired_stability_table(root: Path, run_a: str, run_b: str) -> list[str]:
         move = pb["median"] / pa["median"] - 1
         moves.append(abs(move))
         body.append([f"`{name}`", f"`{pa['reference']}`", pa.get("clock", "wall"),
-                     f"{pa['median']:.3f}x [{pa['q1']:.3f}-{pa['q3']:.3f}]",
-                     f"{pb['median']:.3f}x [{pb['q1']:.3f}-{pb['q3']:.3f}]", f"{move:+.1%}"])
+                     paired_text(pa, reference=False), paired_text(pb, reference=False), f"{move:+.1%}"])
     if not body:
         raise ResultsError(f"{root / run_a} and {root / run_b}: no cell with a paired ratio in both")
     within = sum(m <= 0.10 for m in moves)

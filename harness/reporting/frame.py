@@ -16,8 +16,8 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from harness.bench.paired import paired_columns
 from harness.core.config import ConfigError
+from harness.reporting.render import paired_text
 from harness.reporting.schema import CellRow
 from harness.variants import RegistryError, get_variant
 
@@ -29,6 +29,17 @@ AGREEMENT_KEYS = ("w_rel_err", "w_cosine", "lr_rel_err", "lr_cosine")
 GROUP = ["preset", "device", "dtype", "settings"]  # cells compared with each other
 COMPUTATION = [*GROUP, "computes_first_order", "computes_learn_lr"]  # what a peer must compute to compare
 PRECISION_GROUP = ["variant", "preset", "device", "dtype", "settings_noamp"]
+PAIRED_COLUMNS = ["paired_ref", "time_vs_ref_paired", "time_vs_ref_paired_q1", "time_vs_ref_paired_q3",
+                  "time_vs_ref_paired_min", "time_vs_ref_paired_max", "time_vs_ref_pairs", "time_vs_ref_paired_text"]
+
+
+def paired_columns(paired: dict[str, Any] | None) -> dict[str, Any]:
+    """A row's paired ratio (``harness.bench.paired``) as table columns (``None`` where it has none)."""
+    p = paired or {}
+    return {"paired_ref": p.get("reference"), "time_vs_ref_paired": num(p.get("median")),
+            "time_vs_ref_paired_q1": num(p.get("q1")), "time_vs_ref_paired_q3": num(p.get("q3")),
+            "time_vs_ref_paired_min": num(p.get("min")), "time_vs_ref_paired_max": num(p.get("max")),
+            "time_vs_ref_pairs": p.get("pairs"), "time_vs_ref_paired_text": paired_text(p)}
 
 
 def settings_str(settings: dict[str, Any] | None) -> str:
@@ -81,7 +92,7 @@ def _record(r: CellRow) -> dict[str, Any]:
         "time_count": t.get("count"), **{k: m.get(k) for k in MEMORY_KEYS},
         **{k: a.get(k) for k in AGREEMENT_KEYS},
         "final_query_loss": r.final_query_loss, "message": r.message or "",
-        **paired_columns({"paired": r.paired}),  # time / reference from alternating pairs
+        **paired_columns(r.paired),  # time / reference from alternating pairs
     }
 
 
@@ -151,5 +162,5 @@ def best_peers(flat: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     return {computation_key(f): f for f in best.drop(columns=["_mem", "_time"]).to_dict("records")}
 
 
-__all__ = ["AMP_ORDER", "FP32_KEYS", "GROUP", "COMPUTATION", "settings_str", "mem_figure", "as_cell", "num",
+__all__ = ["AMP_ORDER", "FP32_KEYS", "GROUP", "COMPUTATION", "PAIRED_COLUMNS", "paired_columns", "settings_str", "mem_figure", "as_cell", "num",
            "cells_frame", "best_peer_frame", "flatten", "computation_key", "best_peers"]

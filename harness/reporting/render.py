@@ -34,6 +34,17 @@ def fmt_ratio(x: Any, missing: str = MISSING) -> str:
     return f"{x:.3f}x"
 
 
+def paired_text(p: dict[str, Any] | None, *, reference: bool = True) -> str:
+    """A paired ratio as ``0.441x [0.430-0.460] vs maml`` (median [quartiles], ``harness.bench.paired``);
+    ``—`` (with the reason when the row has one) when there is no finite median."""
+    p = p or {}
+    med = p.get("median")
+    if not isinstance(med, (int, float)) or isinstance(med, bool) or not math.isfinite(med):
+        return f"{MISSING} ({p['error']})" if p.get("error") else MISSING
+    text = f"{med:.3f}x [{p['q1']:.3f}-{p['q3']:.3f}]"
+    return f"{text} vs {p['reference']}" if reference else text
+
+
 def markdown_table(frame: pd.DataFrame) -> list[str]:
     """The frame as Markdown lines: header, separator, one line per row (cells already text)."""
     head = [str(c) for c in frame.columns]
@@ -48,4 +59,4 @@ def markdown_rows(head: Iterable[str], rows: Iterable[Iterable[Any]]) -> list[st
     return markdown_table(pd.DataFrame([list(r) for r in rows], columns=list(head)))
 
 
-__all__ = ["MISSING", "fmt", "fmt_ratio", "markdown_table", "markdown_rows"]
+__all__ = ["MISSING", "fmt", "fmt_ratio", "paired_text", "markdown_table", "markdown_rows"]

@@ -17,8 +17,8 @@ from typing import Any
 
 import pandas as pd
 
-from harness.bench.paired import PAIRED_COLUMNS
-from harness.reporting.frame import AMP_ORDER, FP32_KEYS, cells_frame, computation_key, flatten, num
+from harness.reporting.frame import (AMP_ORDER, FP32_KEYS, PAIRED_COLUMNS, cells_frame, computation_key, flatten,
+                                    num)
 from harness.reporting.plots import make_plots, plots_dir_for
 from harness.reporting.render import fmt, fmt_ratio, markdown_rows, markdown_table
 from harness.reporting.files import read_cells, write_text_atomic
