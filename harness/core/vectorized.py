@@ -16,7 +16,10 @@ of the learner's own parameters exactly as the sequential engine does.
 ``vmap_chunk=n`` bounds memory: the tasks are split into chunks of at most ``n`` and the outer gradient
 of each chunk is taken separately and summed (weighted by its share of the meta-batch), so only one
 chunk's graph is alive at a time.  (``vmap(chunk_size=n)`` under one outer ``grad`` would keep every
-chunk's saved tensors until the outer backward: no memory bound.)
+chunk's saved tensors until the outer backward: no memory bound.)  The weights and raw LRs go into
+``grad`` detached: the parameters themselves (``requires_grad``) made autograd record every chunk on the
+caller's tape too, and the returned gradients held all chunks' graphs to the end of the step (sinusoid,
+25 tasks, ``vmaml``: 0.706 MiB at ``n=1`` before, 0.068 after; ``maml`` 0.043; ``n=5``: 0.187).
 
 Refused with a one-line :class:`ConfigError` (see :func:`check_vectorizable`):
 
@@ -197,10 +200,15 @@ def vectorized_meta_gradients(learner: VectorizableLearner, tasks: Sequence[Task
     :meth:`~harness.core.engine.OuterLoop.meta_gradients`, fp16 loss scale included."""
     check_vectorizable(learner.model)
     tasks = list(tasks)
-    weights = {n: p for n, p in learner.model.named_parameters()}
-    raw = dict(learner.lrs.raw.items()) if learner.lrs is not None else {}  # type: ignore[attr-defined]
+    params = dict(learner.model.named_parameters())
+    trainable = [n for n, p in params.items() if p.requires_grad]
+    # detached: torch.func.grad differentiates on its own levels; the parameters themselves (requires_grad)
+    # would also have autograd record every operator of every chunk on the caller's tape, and the returned
+    # gradients (and their sum) would carry that graph -- every chunk's, until the step ends
+    weights = {n: p.detach() for n, p in params.items()}
+    raw = ({k: v.detach() for k, v in learner.lrs.raw.items()}  # type: ignore[attr-defined]
+           if learner.lrs is not None else {})
     chunk = learner.cfg.vmap_chunk or len(tasks)
-    trainable = [n for n, p in weights.items() if p.requires_grad]
     total = {**{f"w.{n}": torch.zeros_like(weights[n]) for n in trainable},
              **{f"lr.{k}": torch.zeros_like(v) for k, v in raw.items()}}
     losses: list[Tensor] = []
