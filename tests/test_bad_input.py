@@ -60,7 +60,11 @@ CASES = ([(cmd, a, w) for cmd in BASE for a, w in BAD_EVERYWHERE]
             ("sweep", ["--param", "width=0"], "--param width"),
             ("ablate", ["--eval-tasks", str(10 ** 12)], "--eval-tasks"),
             ("ablate", ["--variants", ""], "--variants"), ("ablate", ["--run-id", "../escaped"], "--run-id"),
-            ("run", ["--meta-steps", "1000000000"], "--meta-steps")])
+            ("run", ["--meta-steps", "1000000000"], "--meta-steps")]
+         + [(cmd, [*variant, "--set", setting], words) for cmd, variant in (("bench", ["--variants", "ckpt"]),
+                                                                            ("sweep", ["--variant", "ckpt"]))
+            for setting, words in (("vmap_chunk=2", "vmap_chunk=2 needs vectorize"),
+                                   ("vectorize=1", "vectorize cannot be combined with layer_ckpt"))])
 
 
 @pytest.fixture
@@ -89,6 +93,11 @@ def refused(argv: list[str], capsys: pytest.CaptureFixture, where: Path, words: 
 def test_a_bad_value_is_refused_by_every_command_before_anything_runs(no_work: Path, capsys, command, argv,
                                                                        words) -> None:
     refused([*BASE[command], *argv], capsys, no_work, words)
+
+
+def test_a_model_keyword_value_the_model_refuses_is_one_line_exit_2_and_nothing_written(tmp_path, capsys) -> None:
+    refused(["run", "--variant", "maml", "--preset", "conv4", "--device", "cpu", "--set", "model.norm=bogus",
+             "--out", str(tmp_path / "out")], capsys, tmp_path, "model.norm must be one of batch, group, none")
 
 
 def test_a_seed_too_large_is_one_line_exit_2_not_an_overflow_traceback(tmp_path: Path) -> None:

@@ -113,3 +113,28 @@ def test_bench_times_cpu_cells_on_one_thread_unless_told_so_their_ratios_use_the
     assert opts.threads == 1 and opts.pairs is None  # None: paired.DEFAULT_PAIRS
     opts = matrix_options(parse(["bench", "--device", "cpu", "--threads", "2", "--pairs", "5"]), multi_amp=True).opts
     assert opts.threads == 2 and opts.pairs == 5
+
+
+def test_no_pair_starts_that_would_end_past_the_deadline_and_the_result_says_it_was_cut(monkeypatch):
+    calls, sample, cell, reference = _fake_clocks(monkeypatch, [0.0] * 6)
+    monkeypatch.setattr(paired, "clock_for", lambda device: "wall")
+    # warm-up ends at 4, pair 1 (load 1) at 8, pair 2 (load 5) at 28: pair 3 would end past 12
+    out = paired.paired_ratios(cell, reference, sample, pairs=4, reference="maml", warmup=1, deadline=12.0)
+    assert out["pairs"] == 2 and out["ratios"] == [3.0, 3.0]
+    assert out["cut"] == "2 of 4 pairs: the next would end past the cell's time budget"
+    assert "cut" not in paired.paired_ratios(cell, reference, sample, pairs=1, reference="maml", warmup=0)
+
+
+def test_a_reference_that_fails_leaves_the_cell_ok_with_a_warning_and_a_bug_fails_the_cell(monkeypatch):
+    def broken_reference(*args, **kwargs):
+        raise RuntimeError("the reference ran out of memory")
+    monkeypatch.setattr(paired, "Experiment", broken_reference)
+    row = measure_cell_inline(Cell("fo", "cpu-bench", settings=TINY), FAST)
+    assert row["status"] == "ok" and row["paired"]["error"] == "RuntimeError: the reference ran out of memory"
+    assert any("no paired ratio: RuntimeError" in w for w in row["warnings"])
+
+    def bug(*args, **kwargs):
+        raise TypeError("a bug")
+    monkeypatch.setattr(paired, "Experiment", bug)
+    row = measure_cell_inline(Cell("fo", "cpu-bench", settings=TINY), FAST)
+    assert row["status"] == "error" and "TypeError: a bug" in row["message"]

@@ -31,12 +31,14 @@ from harness.bench.cells import BUILDERS, PLUGIN_ENV, Builder, Cell, MeasureOpti
 from harness.bench.process import PARENT_ENV, TEMP_PREFIX, cell_environment, die_with_parent
 from harness.core.config import ConfigError
 from harness.reporting.files import write_json
+from harness.studies import peers
 from harness.variants import get_variant
 
 __all__ = ["measure_cell_inline", "peer_precheck", "failure_status", "main", "ALLOC_FAILURES"]
 
 # what a failed allocation says when it is not a MemoryError: PyTorch's CPU allocator, C++'s operator new
 ALLOC_FAILURES = ("DefaultCPUAllocator: can't allocate memory", "std::bad_alloc")
+PAIRED_SHARE = 0.8  # the paired pass ends within this share of the cell's time limit, counted from its start
 
 
 class _Unsupported(Exception):
@@ -48,7 +50,6 @@ def _builder(peer: str) -> Builder:
         importlib.import_module(mod.strip())
     if peer in BUILDERS:
         return BUILDERS[peer]
-    peers = importlib.import_module("harness.studies.peers")  # optional (peers extra): ImportError -> unsupported
     return peers.build_peer
 
 
@@ -63,9 +64,8 @@ def peer_precheck(cell: Cell) -> str | None:
     if cell.peer is None or os.environ.get(PLUGIN_ENV) or cell.peer in BUILDERS:
         return None
     try:
-        peers = importlib.import_module("harness.studies.peers")
         variant = get_variant(cell.base_variant)
-    except (ImportError, ConfigError):
+    except ConfigError:
         return None
     if cell.peer not in peers.PEERS:
         return None
@@ -106,7 +106,7 @@ def _learner(cell: Cell, row: dict[str, Any]) -> tuple[loop.Experiment, Any]:
         raise _Unsupported(str(exc)) from exc
 
 
-def _measure(cell: Cell, opts: MeasureOptions, row: dict[str, Any]) -> None:
+def _measure(cell: Cell, opts: MeasureOptions, row: dict[str, Any], started: float) -> None:
     exp, learner = _learner(cell, row)
     row["agreement"] = loop.check_agreement(exp, exp.sample(), learner)
     step = measure.StepRunner(learner, exp.sizes["outer_lr"], exp.sample, scaler=exp.new_scaler())
@@ -114,10 +114,13 @@ def _measure(cell: Cell, opts: MeasureOptions, row: dict[str, Any]) -> None:
     m = measure.measure(step, cell.device, warmup=opts.warmup, repeats=opts.repeats, nvml=opts.nvml, cap_bytes=cap)
     row["time"] = m.pop("time")
     row.update(memory=m, losses=step.losses, final_query_loss=step.losses[-1] if step.losses else None, status="ok")
-    row["paired"] = paired.measure_paired(cell, step, opts)  # time / reference, ABAB in this process
-    warn = measure.noise_warning(row["time"], cell.label())
-    if warn:
-        row["warnings"].append(warn)
+    # time / reference, alternating in this process, within most of the cell's limit (the rest: start-up)
+    p = row["paired"] = paired.measure_paired(cell, step, opts, deadline=started + PAIRED_SHARE * opts.timeout_s)
+    for warn in (measure.noise_warning(row["time"], cell.label()),
+                 p and p.get("error") and f"{cell.label()}: no paired ratio: {p['error']}",
+                 p and p.get("cut") and f"{cell.label()}: paired ratio from {p['cut']}"):
+        if warn:
+            row["warnings"].append(warn)
 
 
 def measure_cell_inline(cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
@@ -127,7 +130,7 @@ def measure_cell_inline(cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     try:
-        _measure(cell, opts, row)
+        _measure(cell, opts, row, t0)
     except _Unsupported as exc:
         row["status"], row["message"] = "unsupported", str(exc)
     except loop.Diverged as exc:

@@ -37,7 +37,7 @@ from scipy import stats
 
 from harness.bench.cells import variant_for
 from harness.bench.measure import StepRunner
-from harness.core.config import Task
+from harness.core.config import ConfigError, Task
 from harness.train import Experiment, RunSpec
 from harness.variants import registry
 
@@ -51,7 +51,7 @@ def reference_name(variant: str, registry: dict[str, Any]) -> str | None:
     if ":" in variant:
         return variant.split(":", 1)[1]
     v = registry[variant]
-    want = {**replace(v, layer_ckpt=False, step_ckpt=0, vectorize=False, vmap_chunk=0).flags}
+    want = v.reference().flags
     same = [n for n, r in registry.items() if r.flags == want]
     ref = same[0] if same and same[0] != variant else "maml"
     return None if ref == variant else ref
@@ -84,9 +84,12 @@ def _timed(step: Callable[[list[Task]], float], tasks: list[Task], cuda: bool) -
 
 def paired_ratios(cell_step: Callable[[list[Task]], float], ref_step: Callable[[list[Task]], float],
                   sample: Callable[[], list[Task]], pairs: int, reference: str, *, warmup: int = 1,
-                  device: str = "cpu") -> dict[str, Any]:
+                  device: str = "cpu", deadline: float | None = None) -> dict[str, Any]:
     """``pairs`` x (cell step, reference step) on the same fresh batch, the order swapped every pair;
-    :func:`ratio_summary` of the ratios on the clock of :func:`clock_for`, with the wall clock's as ``wall``."""
+    :func:`ratio_summary` of the ratios on the clock of :func:`clock_for`, with the wall clock's as ``wall``.
+
+    ``deadline`` (``time.perf_counter`` seconds): no pair is started that the last one's duration says would
+    end after it; the result then has fewer pairs and says so in ``cut`` (at least one pair is timed)."""
     if pairs < 1:
         raise ValueError(f"pairs must be >= 1, got {pairs}")
     cuda, clock = torch.device(device).type == "cuda", clock_for(device)
@@ -94,8 +97,11 @@ def paired_ratios(cell_step: Callable[[list[Task]], float], ref_step: Callable[[
         tasks = sample()
         cell_step(tasks)
         ref_step(tasks)
-    wall, cpu = [], []
+    wall, cpu, cut, last = [], [], None, 0.0
     for i in range(pairs):
+        if deadline is not None and i > 0 and time.perf_counter() + last > deadline:
+            cut = f"{i} of {pairs} pairs: the next would end past the cell's time budget"
+            break
         tasks = sample()
         if i % 2 == 0:
             a = _timed(cell_step, tasks, cuda)
@@ -105,16 +111,21 @@ def paired_ratios(cell_step: Callable[[list[Task]], float], ref_step: Callable[[
             a = _timed(cell_step, tasks, cuda)
         wall.append(a[0] / b[0])
         cpu.append(a[1] / b[1] if b[1] > 0 else float("nan"))
+        last = a[0] + b[0]
     out = {**ratio_summary(cpu if clock == "cpu" else wall, reference), "clock": clock}
+    if cut:
+        out["cut"] = cut
     if clock == "cpu":
         out["wall"] = ratio_summary(wall, reference)
     return out
 
 
-def measure_paired(cell: Any, step: Any, opts: Any) -> dict[str, Any] | None:
+def measure_paired(cell: Any, step: Any, opts: Any, deadline: float | None = None) -> dict[str, Any] | None:
     """In a cell's process, after its own measurement: build the reference (same preset, settings, seed and
-    task stream) and time ``opts.pairs`` alternating pairs (default :data:`DEFAULT_PAIRS`).  ``None`` for a cell without a reference;
-    a failure to build or run the reference is kept as ``{"reference", "error"}``, never fails the cell."""
+    task stream) and time ``opts.pairs`` alternating pairs (default :data:`DEFAULT_PAIRS`) before ``deadline``.
+    ``None`` for a cell without a reference.  A reference that cannot be built or run (a ConfigError, a
+    runtime or out-of-memory error) is kept as ``{"reference", "error"}`` and leaves the cell's figures
+    alone; anything else is a bug and fails the cell."""
     ref = reference_name(cell.variant, registry())
     if ref is None:
         return None
@@ -125,14 +136,16 @@ def measure_paired(cell: Any, step: Any, opts: Any) -> dict[str, Any] | None:
         spec_kw, model_kw, task_kw = ref_cell.overrides()
         variant = variant_for(ref_cell)
         if cell.peer is None:  # a cell-level step_ckpt/vectorize setting is not the reference's
-            variant = replace(variant, layer_ckpt=False, step_ckpt=0, vectorize=False, vmap_chunk=0)
+            variant = replace(variant.reference(), name=variant.name)
         spec = RunSpec(variant=ref, preset=cell.preset, device=cell.device, dtype=cell.dtype, seed=cell.seed,
                        **spec_kw)
         exp = Experiment(spec, variant=variant, model_overrides=model_kw or None, task_overrides=task_kw or None)
         ref_step = StepRunner(exp.learner, exp.sizes["outer_lr"], exp.sample, scaler=exp.new_scaler())
+        if deadline is not None and time.perf_counter() > deadline:
+            return {"reference": ref, "error": "no time left in the cell's time budget"}
         return paired_ratios(step, ref_step, step.sample, opts.pairs or DEFAULT_PAIRS, ref,
-                             warmup=max(min(opts.warmup, 1), 0), device=cell.device)
-    except Exception as exc:  # noqa: BLE001 -- the cell's own figures stand; the row says why no ratio
+                             warmup=max(min(opts.warmup, 1), 0), device=cell.device, deadline=deadline)
+    except (ConfigError, RuntimeError, MemoryError, ValueError) as exc:  # RuntimeError: torch's, OOM, Diverged
         return {"reference": ref, "error": f"{type(exc).__name__}: {exc}"}
     finally:
         if losses is not None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from harness.bench.cells import Cell, MeasureOptions, dedup_cells
+from harness.bench.cells import Cell, MeasureOptions, dedup_cells, variant_for
 from harness.bench.executors import ExecutorSpec, open_executor
 from harness.bench.matrix import matrix_exit_code, run_matrix
 from harness.core.config import AMP_MODES, ConfigError
@@ -140,6 +140,12 @@ def plan(variants: list[str], preset: str, device: str, dtype: str, seed: int, s
     else:
         name, values = sweep
         cells = [cell(v, a, {name: x}) for a in amps for v in variants for x in values]
+    for c in cells:  # a setting the variant cannot take (vmap_chunk without vectorize, ...) is bad input
+        if c.peer is None:
+            try:
+                variant_for(c).config()
+            except ConfigError as exc:
+                raise ConfigError(f"{c.label()}: {exc}") from None
     return tuple(dedup_cells(cells))
 
 

@@ -4,8 +4,8 @@ GPU: preset ``seed``; CPU: ``cpu-bench``.  Writes ``<out>/<run-id>/cells.jsonl``
 ``table.md`` and ``plots/<run-id>/*.png`` beside ``<out>``.  Re-running the same run-id resumes
 (finished cells are skipped) unless ``--force``.
 
-``--peers`` adds ``higher:<v>`` and ``torchopt:<v>`` for every canonical variant ``v`` in the
-matrix (those a peer cannot express, or all of them when the ``peers`` extra is absent, are
+``--peers`` adds ``higher:<v>``, ``torchopt:<v>`` and ``torch_maml:<v>`` for every canonical variant ``v``
+in the matrix, and ``torch_maml:sckpt`` beside ``sckpt`` (those a peer cannot express, or all of them when the ``peers`` extra is absent, are
 recorded ``unsupported`` with the reason).  ``--amp off,bf16[,fp16]`` makes precision a
 dimension.  Exit 0 when every cell is ok or unsupported, 1 otherwise, 2 on bad input.
 """
@@ -28,8 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated variants (default: all registered); peer cells as peer:variant, "
                         "e.g. higher:maml")
     p.add_argument("--peers", action="store_true",
-                   help="add higher:<v> and torchopt:<v> for every canonical variant v in the matrix "
-                        "(unsupported ones are listed with the reason)")
+                   help="add higher:<v>, torchopt:<v> and torch_maml:<v> for every canonical variant v in the "
+                        "matrix, and the peer cells of other variants a peer can express (torch_maml:sckpt); "
+                        "unsupported ones are listed with the reason")
     p.set_defaults(handler=run)
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.core.ckpt import checkpoint
+from harness.core.config import ConfigError
 
 __all__ = ["NORMS", "Conv4", "MLP", "ResBlock", "ResMLP"]
 
@@ -38,7 +39,7 @@ def _norm(kind: str, channels: int) -> nn.Module:
         return nn.GroupNorm(min(32, channels), channels)
     if kind == "none":
         return nn.Identity()
-    raise ValueError(f"norm must be one of {', '.join(NORMS)}; got {kind!r}")
+    raise ConfigError(f"model.norm must be one of {', '.join(NORMS)}; got {kind!r}")
 
 
 class Conv4(nn.Module):

@@ -6,7 +6,7 @@ returns an object with the measurement interface of
 ``step(tasks)``, ``parameters()`` -- that shares the initial weights, the
 learnable LRs and the BatchNorm buffers of ``exp.learner``, so a peer cell
 and our cell start from the same state and their meta-gradients carry the
-same keys (``w.<name>``, ``lr.<key>``).  Both peers need the optional extra
+same keys (``w.<name>``, ``lr.<key>``).  All three peers need the optional extra
 ``pip install .[peers]``; they are imported lazily.  One module per peer (``higher_peer``,
 ``torchopt_peer``, ``torch_maml_peer``); :mod:`~harness.studies.peers.support` says what each can express.
 
@@ -42,7 +42,7 @@ What each peer can express (:func:`supports` says why not, per cell):
   one fixed inner LR, with or without step checkpoints (a variant's ``step_ckpt``); no first order, no
   learnable per-layer LR, no per-layer checkpointing (see ``torch_maml_peer``).
 
-Mixed precision: neither peer has an AMP mode of its own.  A bf16 cell
+Mixed precision: no peer has an AMP mode of its own.  A bf16 cell
 wraps each forward and loss in ``torch.autocast`` exactly as the engine does
 (what a user of the peer would write).  fp16 needs the inner loss scaled and
 the inner gradients unscaled inside the peer's own ``autograd.grad`` call
