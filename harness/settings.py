@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from typing import Any, NamedTuple
 
 from harness.core.config import AMP_MODES, ConfigError
 from harness.zoo.presets import Preset, get_preset
 
-__all__ = ["ACCEPTED", "BOUNDS", "Bound", "CellSettings", "LAUNCH_SETTINGS", "MODEL_SETTINGS", "SEED_MAX", "SETTING_KEYS", "SPEC_SETTINGS",
+__all__ = ["check_folder_name", "ACCEPTED", "BOUNDS", "Bound", "CellSettings", "LAUNCH_SETTINGS", "MODEL_SETTINGS", "SEED_MAX", "SETTING_KEYS", "SPEC_SETTINGS",
            "SWEEP_PARAMS", "VARIANT_SETTINGS", "check_int", "check_seconds", "dedupe",
            "parse_param", "parse_settings", "parse_value", "split_settings", "validate_setting"]
 
@@ -88,6 +89,16 @@ def check_int(name: str, value: Any, *, allow_huge: bool = False, flag: str | No
         more = f" (--allow-huge raises the limit to {_num(b.huge)})" if value > hi and b.huge > hi else ""
         raise ConfigError(f"{flag} must be in {_num(b.lo)}..{_num(hi)}, got {value}{more}")
     return value
+
+
+def check_folder_name(name: str, flag: str = "--run-id") -> str:
+    """A run-id: one plain folder name (no path separator, not ``.``/``..``, not hidden), else a ConfigError."""
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    if (not name.strip() or any(s in name for s in seps) or name in (".", "..") or name.startswith(".")
+            or "\0" in name):
+        raise ConfigError(f"{flag} must be one plain folder name (no path separator, not starting with '.'), "
+                          f"got {name!r}")
+    return name
 
 
 def check_seconds(name: str, value: float, *, allow_huge: bool = False, flag: str | None = None) -> float:

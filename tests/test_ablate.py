@@ -14,7 +14,8 @@ import pytest
 
 import harness.studies.ablation.ablate as ablate
 import harness.train
-from harness.cli.ablate import canonical_command, spec_from_args
+from harness.cli.ablate import spec_from_args
+from harness.studies.ablation.spec import command_line
 from harness.cli.main import build_parser, main
 from harness.core.config import ConfigError
 from harness.reporting.files import read_row, write_json
@@ -194,7 +195,7 @@ def test_defaults_live_in_one_place() -> None:
     from_cli = spec_from_args(args)
     assert from_cli == AblationSpec(preset="sinusoid")
     assert from_cli.seeds >= 10 and from_cli.verify_seeds >= 2 and from_cli.run_id == "ablation-sinusoid"
-    assert "--seeds 10 --verify-seeds 2" in canonical_command(from_cli, args)
+    assert "--seeds 10 --verify-seeds 2" in command_line(from_cli, args.set)
     assert AblationSpec(preset="quick", seeds=2).verify_seeds == 2  # never more than the seeds
 
 
@@ -218,6 +219,6 @@ def test_ways_and_shots_reach_task_and_model(tmp_path: Path, capsys) -> None:
     args = build_parser().parse_args(["ablate", "--preset", "conv4", "--ways", "3", "--shots", "2"])
     s = spec_from_args(args)
     assert s.task_overrides == {"n_way": 3, "k_shot": 2} and s.model_overrides == {"n_way": 3}
-    assert "--ways 3 --shots 2" in canonical_command(s, args)
+    assert "--ways 3 --shots 2" in command_line(s, args.set)
     assert main(["ablate", *TINY, "--ways", "3", "--results-dir", str(tmp_path / "r")]) == 2
     assert "--ways" in capsys.readouterr().err

@@ -74,7 +74,7 @@ def no_work(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
         raise AssertionError("the work started: the bad input was not refused up front")
 
     for target in ("harness.cli.run.run_single", "harness.cli.bench.run_request", "harness.cli.sweep.run_request",
-                   "harness.cli.ablate.run_ablation", "harness.cli.diagnose.diagnose", "harness.cli.report.build",
+                   "harness.cli.ablate.run_ablation", "harness.cli.diagnose.run_diagnosis", "harness.cli.report.build",
                    "harness.cli.scaling.run_scaling"):
         monkeypatch.setattr(target, refuse)
     monkeypatch.chdir(tmp_path)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import shlex
 from typing import Any
 
 from harness import distributed
@@ -19,13 +18,13 @@ from harness.cli.args import (EXIT_FAILED, EXIT_OK, UsageError, add_out_argument
                               merge_flags, nonempty, out_path, plots_root, run_dir)
 from harness.settings import ACCEPTED, dedupe, parse_settings, split_settings
 from harness.studies.ablation.ablate import run_ablation
-from harness.studies.ablation.spec import AblationSpec
+from harness.studies.ablation.spec import AblationSpec, command_line
 from harness.studies.ablation.tables import check_line, markdown_tables
 from harness.train import DEVICES, DTYPES, check_device
 from harness.variants import CANONICAL
 from harness.zoo.presets import get_preset
 
-__all__ = ["canonical_command", "data_overrides", "register", "run", "spec_from_args"]
+__all__ = ["data_overrides", "register", "run", "spec_from_args"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -103,8 +102,8 @@ def spec_from_args(args: argparse.Namespace) -> AblationSpec:
     task, model = data_overrides(args)
     parts = split_settings(merge_flags(args, parse_settings(args.set, args.preset, allow_huge=args.allow_huge)))
     if parts.variant or parts.launch or "amp" in parts.spec:
-        raise UsageError("ablate compares the variants as registered: --set amp, step_ckpt, vectorize and ranks "
-                         "are not accepted")
+        raise UsageError("ablate compares the variants as registered: --set amp, step_ckpt, vectorize, vmap_chunk "
+                         "and ranks are not accepted")
     task, model = {**parts.task, **task}, {**parts.model, **model}
     variants = tuple(dedupe([v.strip() for v in args.variants.split(",") if v.strip()]))
     return AblationSpec(preset=args.preset, variants=variants, meta_steps=args.meta_steps, seeds=args.seeds,
@@ -112,27 +111,6 @@ def spec_from_args(args: argparse.Namespace) -> AblationSpec:
                         device=args.device, dtype=args.dtype, meta_batch=parts.spec.get("meta_batch"),
                         inner_steps=parts.spec.get("inner_steps"), task_overrides=task, model_overrides=model,
                         run_id=args.run_id or "", threads=args.threads, jobs=args.jobs)
-
-
-def canonical_command(spec: AblationSpec, args: argparse.Namespace) -> str:
-    """The command line that reproduces ``spec`` (every default spelled out)."""
-    parts = ["python -m harness ablate", f"--preset {spec.preset}"]
-    if spec.variants != CANONICAL:
-        parts.append(f"--variants {','.join(spec.variants)}")
-    parts += [f"--meta-steps {spec.meta_steps}", f"--seeds {spec.seeds}", f"--verify-seeds {spec.verify_seeds}",
-              f"--eval-tasks {spec.eval_tasks}", f"--eval-every {spec.eval_every}"]
-    for flag, value in (("--meta-batch", spec.meta_batch), ("--inner-steps", spec.inner_steps),
-                        ("--threads", spec.threads), ("--ways", spec.task_overrides.get("n_way")),
-                        ("--shots", spec.task_overrides.get("k_shot")),
-                        ("--data-root", spec.task_overrides.get("data_root"))):
-        if value is not None:
-            parts.append(f"{flag} {shlex.quote(str(value))}")
-    parts += [f"--set {shlex.quote(item)}" for item in args.set]
-    if spec.device != "cpu" or spec.dtype != "float32":
-        parts += [f"--device {spec.device}", f"--dtype {spec.dtype}"]
-    if spec.run_id != f"ablation-{spec.preset}":
-        parts.append(f"--run-id {spec.run_id}")
-    return " ".join(parts)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -143,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     executor = executor_spec(args)
     with open_executor(executor) as ex:
         summary = run_ablation(spec, out_dir.parent, plots, force=args.force, executor=ex,
-                               progress=False if args.no_progress else None, command=canonical_command(spec, args))
+                               progress=False if args.no_progress else None, command=command_line(spec, args.set))
     print(markdown_tables(summary), end="")
     print("checkpoint check: " + check_line(summary))
     paths = summary["paths"]

@@ -9,7 +9,6 @@ run-id through :func:`run_dir`, before anything runs or is written.  A failure i
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,7 +21,7 @@ from harness.bench.paired import DEFAULT_PAIRS
 from harness.bench.request import DEFAULT_PRESET, parse_amps
 from harness.core.config import AMP_MODES, ConfigError
 from harness.distributed import check_ranks
-from harness.settings import ACCEPTED, check_int, check_seconds, parse_settings
+from harness.settings import ACCEPTED, check_folder_name, check_int, check_seconds, parse_settings
 from harness.train import DEVICES, DTYPES, RunSpec, check_device
 from harness.zoo.presets import get_preset
 
@@ -140,11 +139,10 @@ def check_out_dir(path: Path, flag: str = "--out") -> Path:
 
 def check_run_id(out: Path, run_id: str, flag: str = "--run-id") -> Path:
     """``<out>/<run-id>``, with a run-id that is one plain folder name (no separator, no ``..``)."""
-    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
-    if (not run_id.strip() or any(s in run_id for s in seps) or run_id in (".", "..") or run_id.startswith(".")
-            or "\0" in run_id):
-        raise UsageError(f"{flag} must be one plain folder name (no path separator, not starting with '.'), "
-                         f"got {run_id!r}")
+    try:
+        check_folder_name(run_id, flag)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
     return Path(out) / run_id  # one name without a separator, not '.' or '..': it cannot leave out
 
 

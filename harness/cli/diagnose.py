@@ -19,10 +19,7 @@ import torch
 
 from harness.cli.args import DEFAULT_OUT, EXIT_FAILED, EXIT_OK, add_out_argument, check_out_dir, nonempty
 from harness.core.config import AMP_MODES
-from harness.reporting.files import write_json, write_text_atomic
-from harness.reporting.provenance import environment
-from harness.reporting.schema import SCHEMA_VERSION, DiagnosisResult
-from harness.studies.seed.diagnose import ENGINE_TITLES, ENGINES, Setup, diagnose, explanation, markdown
+from harness.studies.seed.diagnose import ENGINE_TITLES, ENGINES, explanation, run_diagnosis
 from harness.train import DEVICES, check_amp, check_device
 
 __all__ = ["register", "run"]
@@ -47,12 +44,8 @@ def run(args: argparse.Namespace) -> int:
         argv.append(f"--amp {args.amp}")
     if args.out != DEFAULT_OUT:
         argv.append(f"--out {args.out}")
-    result = {"schema": SCHEMA_VERSION, "kind": "diagnosis", "command": " ".join(argv), "amp": args.amp,
-              **diagnose(device, Setup(amp=args.amp)), "env": environment(device)}
-    md = markdown(result)
-    stem = "diagnosis" if args.amp == "off" else f"diagnosis-{args.amp}"
-    json_path = write_json(args.out / f"{stem}.json", DiagnosisResult.from_dict(result, "diagnosis result"))
-    md_path = write_text_atomic(args.out / f"{stem}.md", md)
+    done = run_diagnosis(device, args.amp, args.out, " ".join(argv))
+    result, json_path, md_path = done.result.to_dict(), done.json_path, done.md_path
 
     width = max(len(v) for v in result["table"])
     if args.amp == "off":

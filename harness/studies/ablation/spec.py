@@ -7,15 +7,17 @@ the library and the tests agree on what "the default ablation" is.
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from harness.core.config import ConfigError
+from harness.settings import check_folder_name, check_int
 from harness.train import RunSpec
 from harness.variants import CANONICAL, Variant, get_variant, registry
 from harness.zoo.presets import get_preset
 
-__all__ = ["AblationSpec", "Cell", "counterpart", "plan", "DEFAULTS", "GENERIC", "SIZES", "MAX_EVAL_TASKS", "MAX_JOBS", "MAX_SEEDS"]
+__all__ = ["AblationSpec", "command_line", "Cell", "counterpart", "plan", "DEFAULTS", "GENERIC", "SIZES", "MAX_JOBS"]
 
 # Sizes of the default ablation per preset (CPU-sized; seeds >= 10 so that seed-level intervals mean something).
 # sinusoid: 10 seeds x 4 base variants + 4 checkpointed variants on 2 seeds fit in 10 minutes on 2 cores
@@ -30,8 +32,6 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 # Any other preset: its own meta-steps and meta-batch, these for the rest.
 GENERIC: dict[str, Any] = dict(seeds=10, eval_tasks=100, eval_every=None, verify_seeds=2)
 SIZES = ("meta_steps", "seeds", "meta_batch", "eval_tasks", "eval_every", "verify_seeds")
-MAX_EVAL_TASKS = 100_000  # a typo such as 1e12 would otherwise eat the machine's memory
-MAX_SEEDS = 10_000
 MAX_JOBS = 2  # default worker processes: the cells are single-threaded, the CPU machines here have 2 cores
 
 
@@ -80,20 +80,11 @@ class AblationSpec:
             get_variant(v)
         if len(set(self.variants)) != len(self.variants):
             raise ConfigError(f"--variants lists a variant twice: {','.join(self.variants)}")
-        for name, value, low, high in (("meta-steps", self.meta_steps, 1, None), ("seeds", self.seeds, 2, MAX_SEEDS),
-                                       ("eval-tasks", self.eval_tasks, 1, MAX_EVAL_TASKS),
-                                       ("eval-every", self.eval_every, 1, None),
-                                       ("verify-seeds", self.verify_seeds, 1, None)):
-            if value < low or (high is not None and value > high):
-                bound = f">= {low}" + (f" and <= {high}" if high is not None else "")
-                extra = " (intervals over seeds need at least 2)" if name == "seeds" else ""
-                raise ConfigError(f"--{name} must be {bound}, got {value}{extra}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
-        if not 1 <= self.jobs <= 256:
-            raise ConfigError(f"--jobs must be in 1..256, got {self.jobs}")
-        if "/" in self.run_id or "\\" in self.run_id or self.run_id.startswith("."):
-            raise ConfigError(f"--run-id must be a plain folder name, got {self.run_id!r}")
+        # the command line's bounds (harness.settings.BOUNDS); a library caller gets the --allow-huge ones
+        for name in ("meta_steps", "seeds", "eval_tasks", "eval_every", "verify_seeds", "jobs", "threads"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), allow_huge=True)
+        check_folder_name(self.run_id)
         RunSpec(variant=self.variants[0], preset=self.preset, device=self.device, dtype=self.dtype,
                 inner_steps=self.inner_steps, meta_batch=self.meta_batch)  # device/dtype/sizes checks
 
@@ -135,3 +126,24 @@ def plan(spec: AblationSpec) -> list[Cell]:
                 cells.append((c, "counterpart"))
                 names.add(c.name)
     return cells
+
+
+def command_line(spec: AblationSpec, sets: tuple[str, ...] | list[str] = ()) -> str:
+    """The command line that reproduces ``spec`` (every default spelled out; ``sets``: the ``--set`` items)."""
+    parts = ["python -m harness ablate", f"--preset {spec.preset}"]
+    if spec.variants != CANONICAL:
+        parts.append(f"--variants {','.join(spec.variants)}")
+    parts += [f"--meta-steps {spec.meta_steps}", f"--seeds {spec.seeds}", f"--verify-seeds {spec.verify_seeds}",
+              f"--eval-tasks {spec.eval_tasks}", f"--eval-every {spec.eval_every}"]
+    for flag, value in (("--meta-batch", spec.meta_batch), ("--inner-steps", spec.inner_steps),
+                        ("--threads", spec.threads), ("--ways", spec.task_overrides.get("n_way")),
+                        ("--shots", spec.task_overrides.get("k_shot")),
+                        ("--data-root", spec.task_overrides.get("data_root"))):
+        if value is not None:
+            parts.append(f"{flag} {shlex.quote(str(value))}")
+    parts += [f"--set {shlex.quote(item)}" for item in sets]
+    if spec.device != "cpu" or spec.dtype != "float32":
+        parts += [f"--device {spec.device}", f"--dtype {spec.dtype}"]
+    if spec.run_id != f"ablation-{spec.preset}":
+        parts.append(f"--run-id {spec.run_id}")
+    return " ".join(parts)

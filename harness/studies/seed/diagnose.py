@@ -13,17 +13,21 @@ explanation is docs/diagnosis.md.
 """
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
+from harness.reporting.files import write_json, write_text_atomic
+from harness.reporting.provenance import environment
+from harness.reporting.schema import SCHEMA_VERSION, DiagnosisResult
 from harness.studies.seed.probes import run_probes
 from harness.studies.seed.report import explanation, markdown
 from harness.studies.seed.table import (AMP_TOL, ENGINE_TITLES, ENGINES, INPLACE, TOL, Setup, check_expectations,
                                         expected, run_table)
 from harness.variants import CANONICAL
 
-__all__ = ["diagnose", "Setup", "run_table", "run_probes", "check_expectations", "explanation", "markdown",
+__all__ = ["diagnose", "run_diagnosis", "Diagnosis", "Setup", "run_table", "run_probes", "check_expectations", "explanation", "markdown",
            "ENGINES", "ENGINE_TITLES", "INPLACE", "TOL", "AMP_TOL"]
 
 
@@ -36,3 +40,22 @@ def diagnose(device: torch.device, setup: Setup | None = None) -> dict[str, Any]
             "expected": {v: {e: expected(e, v) for e in ENGINES} for v in CANONICAL},
             "differences": check_expectations(table),
             "probes": run_probes(setup, device) if setup.amp == "off" else {}}
+
+
+class Diagnosis(NamedTuple):
+    """A finished diagnosis: the result row and the two files written."""
+
+    result: DiagnosisResult
+    json_path: Path
+    md_path: Path
+
+
+def run_diagnosis(device: torch.device, amp: str, out: Path, command: str) -> Diagnosis:
+    """:func:`diagnose`, then ``<out>/diagnosis[-<amp>].json`` (a :class:`DiagnosisResult`) and ``.md``."""
+    result = DiagnosisResult.from_dict({"schema": SCHEMA_VERSION, "kind": DiagnosisResult.KIND, "command": command,
+                                        "amp": amp, **diagnose(device, Setup(amp=amp)),
+                                        "env": environment(device)}, "diagnosis result")
+    stem = "diagnosis" if amp == "off" else f"diagnosis-{amp}"
+    json_path = write_json(out / f"{stem}.json", result)
+    md_path = write_text_atomic(out / f"{stem}.md", markdown(result.to_dict()))
+    return Diagnosis(result, json_path, md_path)
