@@ -65,6 +65,17 @@ def test_imports_inside_functions_are_only_optional_dependencies(path: Path) -> 
     assert not inner, f"{_name(path)} imports inside functions: {', '.join(inner)}"
 
 
+@pytest.mark.parametrize("path", MODULES, ids=_name)
+def test_no_module_of_ours_is_imported_by_name_at_run_time(path: Path) -> None:
+    """``importlib.import_module("harness....")`` / ``__import__`` is an import inside a function in disguise."""
+    hidden = [f"{node.args[0].value} (line {node.lineno})" for node in ast.walk(_tree(path))
+              if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str) and node.args[0].value.split(".")[0] == "harness"
+              and ((isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
+                   or (isinstance(node.func, ast.Name) and node.func.id in ("__import__", "import_module")))]
+    assert not hidden, f"{_name(path)} imports by name: {', '.join(hidden)}"
+
+
 @pytest.mark.parametrize("path", [p for p in MODULES if p.name != "__main__.py"], ids=_name)
 def test_every_module_declares_its_public_names(path: Path) -> None:
     names = {t.id for node in _tree(path).body if isinstance(node, (ast.Assign, ast.AnnAssign))

@@ -23,10 +23,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from harness.bench.store import ResultsError, load_rows  # noqa: F401 -- their home is store; kept importable here
-from harness.core.config import ConfigError
 from harness.reporting.schema import CellRow
 from harness.settings import (LAUNCH_SETTINGS, MODEL_SETTINGS, SPEC_SETTINGS, SWEEP_PARAMS,  # the one list of keys
-                              VARIANT_SETTINGS, parse_value, split_settings)
+                              VARIANT_SETTINGS, check_int, parse_value, split_settings)
 from harness.variants import Variant, get_variant
 
 __all__ = ["Cell", "MeasureOptions", "STATUSES", "PASSING_STATUSES", "SPEC_SETTINGS", "MODEL_SETTINGS",
@@ -118,19 +117,11 @@ def dedup_cells(cells: list[Cell]) -> list[Cell]:
 
 def variant_for(cell: Cell) -> Variant:
     """The cell's variant with its variant-level settings (``step_ckpt``, ``vectorize``, ``vmap_chunk``) applied."""
-    variant = get_variant(cell.base_variant)
-    if "step_ckpt" in cell.settings:
-        n = int(cell.settings["step_ckpt"])
-        if n < 0:
-            raise ConfigError(f"step_ckpt must be >= 0 (0 = off), got {n}")
-        variant = replace(variant, step_ckpt=n)
-    if "vectorize" in cell.settings:
-        if cell.settings["vectorize"] not in (0, 1, True, False):
-            raise ConfigError(f"vectorize must be 0 or 1, got {cell.settings['vectorize']!r}")
-        variant = replace(variant, vectorize=bool(cell.settings["vectorize"]))
-    if "vmap_chunk" in cell.settings:
-        variant = replace(variant, vmap_chunk=int(cell.settings["vmap_chunk"]))
-    return variant
+    kw = {k: check_int(k, int(v) if isinstance(v, bool) else v, allow_huge=True, flag=k)  # the --set bounds
+          for k, v in cell.settings.items() if k in VARIANT_SETTINGS}
+    if "vectorize" in kw:
+        kw["vectorize"] = bool(kw["vectorize"])
+    return replace(get_variant(cell.base_variant), **kw)
 
 
 def base_row(cell: Cell) -> dict[str, Any]:
