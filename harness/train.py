@@ -37,8 +37,8 @@ SMALL_MODEL_PARAMS = 100_000
 def default_threads(device: str, model: torch.nn.Module) -> int | None:
     """1 for small models on the CPU, else None (torch's default).
 
-    Small meta-steps are dominated by per-op overhead; two intra-op threads made the
-    sinusoid MLP about 10x slower on a loaded 2-core machine (0.07 s vs 0.66 s per step).
+    Small meta-steps are dominated by per-op overhead, which intra-op threads only add to (and on a
+    loaded machine each op then waits for every thread); bigger models keep torch's default.
     """
     if device != "cpu":
         return None

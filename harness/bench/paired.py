@@ -12,9 +12,9 @@ while the memory figures were identical).  Here the cell's process also builds i
 The clock (:func:`clock_for`): on the CPU with one torch thread, the process's CPU time
 (``time.process_time``), which leaves out the time the process waited for a core while another process ran;
 the wall-clock summary is kept beside it (``wall``).  With more threads (CPU time would add up their spinning)
-and on CUDA (asynchronous work, timed with ``synchronize``), the wall clock.  Why, measured on this 2-core
-machine (25 pairs per cell, seven cells of cpu-bench, once with a CPU-bound process beside the bench and once
-without): the CPU-time medians moved by at most 4%, the wall-clock medians by up to 16%.
+and on CUDA (asynchronous work, timed with ``synchronize``), the wall clock.  How far the ratios move when
+another CPU-bound process runs beside the bench: docs/measurement.md, generated from the committed
+``results/cpu-bench-peers`` and ``results/cpu-bench-peers-load`` (``make results`` runs both).
 
 The reference (:func:`reference_name`): a peer cell ``peer:v`` -> our ``v``; our variant -> the registered
 variant with the same order and LRs but no checkpointing and no vectorization (``ckpt_lr`` -> ``lr``,

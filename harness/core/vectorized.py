@@ -52,8 +52,8 @@ from harness.core.config import ConfigError, MetaConfig, Task
 __all__ = ["ComposedLayerNorm", "VectorizableLearner", "check_vectorizable", "stack_tasks",
            "vectorized_meta_gradients"]
 
-# batching rules of these norms' backward are wrong for the input gradient (pytorch/functorch#534, open;
-# measured on torch 2.14.1: relative error 0.03-0.04 in the second-order term under vmap)
+# batching rules of these norms' backward are wrong for the input gradient (pytorch/functorch#534, open in
+# torch 2.14.1; layer_norm's is shown by tests/test_vectorized.py and worked around by ComposedLayerNorm)
 WRONG_UNDER_VMAP = (nn.modules.batchnorm._NormBase,)  # BatchNorm*, InstanceNorm*, with or without buffers
 # recurrent modules: aten::lstm_cell has no batching rule, and LSTMCell's default state is written in place
 RECURRENT = (nn.RNNBase, nn.RNNCellBase)
@@ -106,8 +106,9 @@ def _layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | Non
 
 class ComposedLayerNorm(TorchFunctionMode):
     """Inside the vectorized meta-gradient, ``layer_norm`` runs as :func:`_layer_norm`: the fused kernel's
-    backward batching rule gives a wrong input gradient in the second-order term (pytorch/functorch#534;
-    measured here: relative error 3e-3 in the meta-gradient of a pre-norm residual MLP)."""
+    backward batching rule gives a wrong input gradient in the second-order term (pytorch/functorch#534), a
+    relative error of about 4e-3 in the meta-gradient of a small pre-norm residual MLP in float64
+    (``tests/test_vectorized.py::test_without_the_composed_layer_norm_vmap_gets_the_second_order_term_wrong``)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         if func is F.layer_norm or func is torch.layer_norm:
