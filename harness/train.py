@@ -23,7 +23,7 @@ from harness.settings import check_int
 from harness.zoo.presets import Preset, get_preset
 from harness.variants import Variant, get_variant
 
-__all__ = ["DEVICES", "DTYPES", "MAX_CONSECUTIVE_SKIPS", "SMALL_MODEL_PARAMS", "Diverged", "DivergenceCheck",
+__all__ = ["valid_amps", "DEVICES", "DTYPES", "MAX_CONSECUTIVE_SKIPS", "SMALL_MODEL_PARAMS", "Diverged", "DivergenceCheck",
            "Experiment", "RunSpec", "TrainLog", "check_agreement", "check_amp", "check_device",
            "default_threads", "meta_step", "train", "unscaled_meta_gradients"]
 
@@ -57,15 +57,22 @@ def check_device(device: str) -> None:
         raise ConfigError("--device cuda requested but CUDA is not available on this machine; use --device cpu")
 
 
+def valid_amps(device: str, *, fp16_on_cpu: bool = False) -> list[str]:
+    """The precisions ``device`` can train in: fp16 needs CUDA (GradScaler) unless a CPU GradScaler is asked
+    for; bf16 needs a CPU or a GPU that supports it."""
+    if device == "cuda":
+        return ["off", *(["bf16"] if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else []), "fp16"]
+    return ["off", "bf16", *(["fp16"] if fp16_on_cpu else [])]
+
+
 def check_amp(amp: str, device: str, *, fp16_on_cpu: bool = False) -> None:
-    """Precision valid for the device? fp16 training needs CUDA, except where a CPU GradScaler is asked for."""
+    """The one precision check (``run``, ``diagnose``, and each entry of ``bench --amp``)."""
+    valid = ", ".join(valid_amps(device, fp16_on_cpu=fp16_on_cpu))
     if amp not in AMP_MODES:
-        raise ConfigError(f"unknown precision {amp!r}; valid choices: {', '.join(AMP_MODES)}")
-    if amp == "fp16" and device != "cuda" and not fp16_on_cpu:
-        raise ConfigError(f"--amp fp16 needs a CUDA device (GradScaler fp16 training); on {device} "
-                          "valid choices: off, bf16")
-    if amp == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("--amp bf16 is not supported by this GPU; valid choices: off, fp16")
+        raise ConfigError(f"unknown precision {amp!r} in --amp; valid choices on {device}: {valid}")
+    if amp not in valid.split(", "):
+        why = "fp16 needs a CUDA device (GradScaler)" if amp == "fp16" else f"{amp} is not supported by this GPU"
+        raise ConfigError(f"--amp {amp} is not available on {device} ({why}); valid choices on {device}: {valid}")
 
 
 @dataclass(frozen=True)

@@ -54,8 +54,8 @@ def test_forced_overflow_skips_the_step_and_leaves_weights_and_lrs_bit_identical
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--amp", "fp16", "--device", "cpu"], "valid choices: off, bf16"),
-    (["--amp", "fp8"], "valid choices: off, fp16, bf16"),
+    (["--amp", "fp16", "--device", "cpu"], "valid choices on cpu: off, bf16"),
+    (["--amp", "fp8", "--device", "cpu"], "unknown precision 'fp8' in --amp; valid choices on cpu: off, bf16"),
 ])
 def test_bad_precision_is_a_one_line_error(tmp_path, args, needle) -> None:
     out = harness("run", "--variant", "maml", *args, "--out", str(tmp_path))

@@ -13,15 +13,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from harness.bench.cells import Cell, MeasureOptions, dedup_cells, variant_for
 from harness.bench.executors import ExecutorSpec, open_executor
 from harness.bench.matrix import matrix_exit_code, run_matrix
-from harness.core.config import AMP_MODES, ConfigError
+from harness.core.config import ConfigError
 from harness.reporting import tables
 from harness.settings import dedupe
 from harness.studies.peers import PEERS, supports
+from harness.train import check_amp, valid_amps
 from harness.variants import CANONICAL, get_variant, registry
 
 __all__ = ["DEFAULT_PRESET", "MatrixOutcome", "MatrixRequest", "add_peer_cells", "default_run_id", "parse_amps",
@@ -90,21 +89,11 @@ def add_peer_cells(variants: list[str]) -> list[str]:
 
 def parse_amps(text: str, device: str) -> list[str]:
     """``off,bf16[,fp16]`` -> precisions, each once, valid for ``device`` (ConfigError naming the valid ones)."""
-    if device == "cuda":
-        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        valid = ["off", *(["bf16"] if bf16 else []), "fp16"]
-    else:
-        valid = ["off", "bf16"]
     names = dedupe([a.strip() for a in str(text).split(",") if a.strip()])
     if not names:
-        raise ConfigError(f"empty --amp; valid choices on {device}: {', '.join(valid)}")
+        raise ConfigError(f"empty --amp; valid choices on {device}: {', '.join(valid_amps(device))}")
     for a in names:
-        if a not in AMP_MODES:
-            raise ConfigError(f"unknown precision {a!r} in --amp; valid choices on {device}: {', '.join(valid)}")
-        if a not in valid:
-            why = "fp16 needs a CUDA device (GradScaler)" if a == "fp16" else f"{a} is not supported by this device"
-            raise ConfigError(f"--amp {a} is not available on {device} ({why}); valid choices on {device}: "
-                              f"{', '.join(valid)}")
+        check_amp(a, device)
     return names
 
 
