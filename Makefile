@@ -57,7 +57,7 @@ results: $(STAMP)
 	$(PY) -m harness sweep --device cpu --preset cpu-bench --variant lr,ckpt_lr,sckpt_lr,ckpt_sckpt_lr \
 		--param depth=2,4,8,16 --inner-steps 4 --run-id sweep-depth-cpu --repeats 3 --force
 	$(PY) -m harness sweep --device cpu --preset cpu-bench --variant lr,ckpt_lr,sckpt_lr,ckpt_sckpt_lr \
-		--param inner_steps=2,8 --set task.tokens=512 --run-id sweep-steps-cpu-tokens512 --repeats 1 --warmup 0 --force
+		--param inner_steps=2,8 --set task.tokens=512 --run-id sweep-steps-cpu-tokens512 --repeats 1 --warmup 0 --pairs 3 --force
 	$(PY) -m harness sweep --device cpu --preset cpu-bench --variant sckpt_lr,ckpt_sckpt_lr --param step_ckpt=1,2,4,8 \
 		--inner-steps 8 --run-id sweep-segments-cpu --repeats 3 --force
 	$(PY) -m harness sweep --device cpu --preset sinusoid --meta-batch 25 --variant vmaml,vlr --param vmap_chunk=0,1,5,25 \

@@ -36,8 +36,8 @@ MATRIX_COLUMNS = {"variant": "variant", "settings": "settings", "status": "statu
                   "w_rel_err": "w rel err", "lr_rel_err": "lr rel err",
                   "final_query_loss": "final query loss"}
 BEST_PEER_LEGEND = (
-    "**Best peer**: among the `ok` peer cells (`higher:*`, `torchopt:*`) that compute the same meta-gradient as "
-    "our variant -- same order (`first_order`) and same inner-LR setting (`learn_lr`; checkpointing is not part "
+    "**Best peer**: among the `ok` peer cells (`higher:*`, `torchopt:*`, `torch_maml:*`) that compute the same "
+    "meta-gradient as our variant -- same order (`first_order`) and same inner-LR setting (`learn_lr`; checkpointing is not part "
     "of the computation, so `ckpt_lr` is matched with `higher:lr`/`torchopt:lr`), same preset, settings and "
     "precision -- the one with the lowest peak memory (ties: lower median time). `mem / best peer` and "
     "`time / best peer` are our peak memory and median time divided by that one cell's; below 1 means ours "
