@@ -67,12 +67,13 @@ def valid_amps(device: str, *, fp16_on_cpu: bool = False) -> list[str]:
 
 def check_amp(amp: str, device: str, *, fp16_on_cpu: bool = False) -> None:
     """The one precision check (``run``, ``diagnose``, and each entry of ``bench --amp``)."""
-    valid = ", ".join(valid_amps(device, fp16_on_cpu=fp16_on_cpu))
+    valid = valid_amps(device, fp16_on_cpu=fp16_on_cpu)
+    choices = f"valid choices on {device}: {', '.join(valid)}"
     if amp not in AMP_MODES:
-        raise ConfigError(f"unknown precision {amp!r} in --amp; valid choices on {device}: {valid}")
-    if amp not in valid.split(", "):
+        raise ConfigError(f"unknown precision {amp!r} in --amp; {choices}")
+    if amp not in valid:
         why = "fp16 needs a CUDA device (GradScaler)" if amp == "fp16" else f"{amp} is not supported by this GPU"
-        raise ConfigError(f"--amp {amp} is not available on {device} ({why}); valid choices on {device}: {valid}")
+        raise ConfigError(f"--amp {amp} is not available on {device} ({why}); {choices}")
 
 
 @dataclass(frozen=True)

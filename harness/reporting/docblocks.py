@@ -82,20 +82,24 @@ def find_blocks(text: str, path: Path) -> list[Block]:
     return blocks
 
 
+def _cell_columns(rows: pd.DataFrame, first: str, *, vs_maml: bool, lr_err: bool) -> pd.DataFrame:
+    """The columns the ``variants`` and ``cells`` blocks share, from :func:`cells_frame` rows."""
+    cols = {first: rows["variant"].map(lambda v: f"`{v}`"), "status": rows["status"],
+            "peak MiB": rows["mem_mib"].map(fmt)}
+    if vs_maml:
+        cols["mem / maml"] = rows["mem_vs_maml"].map(fmt_ratio)
+    cols["median ms"] = rows["time_median_ms"].map(lambda v: fmt(v, 3))
+    cols["time / ref (paired, IQR)"] = rows["time_vs_ref_paired_text"].fillna("")  # same process, alternating
+    cols["w rel err"] = rows["w_rel_err"].map(lambda v: fmt(v, 2))
+    if lr_err:
+        cols["lr rel err"] = rows["lr_rel_err"].map(lambda v: fmt(v, 2))
+    return pd.DataFrame(cols)
+
+
 def variants_table(root: Path, run: str) -> list[str]:
     frame = cells_frame(read_cells(root / run))
     ours = frame[frame["peer"].isna() & (frame["amp"] == "off")]
-    table = pd.DataFrame({
-        "variant": ours["variant"].map(lambda v: f"`{v}`"),
-        "status": ours["status"],
-        "peak MiB": ours["mem_mib"].map(fmt),
-        "mem / maml": ours["mem_vs_maml"].map(fmt_ratio),
-        "median ms": ours["time_median_ms"].map(lambda v: fmt(v, 3)),
-        "time / ref (paired, IQR)": ours["time_vs_ref_paired_text"].fillna(""),  # same process, alternating
-        "w rel err": ours["w_rel_err"].map(lambda v: fmt(v, 2)),
-        "lr rel err": ours["lr_rel_err"].map(lambda v: fmt(v, 2)),
-    })
-    return markdown_table(table)
+    return markdown_table(_cell_columns(ours, "variant", vs_maml=True, lr_err=True))
 
 
 def cells_table(root: Path, run: str, names: str = "") -> list[str]:
@@ -104,15 +108,7 @@ def cells_table(root: Path, run: str, names: str = "") -> list[str]:
     missing = [n for n in wanted if n not in frame.index]
     if missing:
         raise ResultsError(f"{root / run}: no cell {', '.join(missing)}; cells: {', '.join(frame.index)}")
-    rows = frame.loc[wanted]
-    return markdown_table(pd.DataFrame({
-        "cell": rows["variant"].map(lambda v: f"`{v}`"),
-        "status": rows["status"],
-        "peak MiB": rows["mem_mib"].map(fmt),
-        "median ms": rows["time_median_ms"].map(lambda v: fmt(v, 3)),
-        "time / ref (paired, IQR)": rows["time_vs_ref_paired_text"].fillna(""),
-        "w rel err": rows["w_rel_err"].map(lambda v: fmt(v, 2)),
-    }))
+    return markdown_table(_cell_columns(frame.loc[wanted], "cell", vs_maml=False, lr_err=False))
 
 
 def paired_stability_table(root: Path, run_a: str, run_b: str) -> list[str]:
