@@ -55,6 +55,7 @@ class MetaConfig:
     amp: str = "off"  # off | fp16 | bf16: autocast over forward and loss
     vectorize: bool = False  # all tasks of a meta-batch at once (torch.func.vmap; harness.core.vectorized)
     vmap_chunk: int | None = None  # vectorize: at most this many tasks per vmapped chunk; None: all
+    ckpt_modules: tuple[str, ...] = ()  # submodules (fnmatch on qualified names) checkpointed under layer_ckpt
 
     def __post_init__(self) -> None:
         if self.inner_steps < 0:
@@ -69,6 +70,8 @@ class MetaConfig:
             raise ConfigError(f"unknown precision {self.amp!r}; valid choices: {', '.join(AMP_MODES)}")
         if self.adapt_last is not None and self.adapt_last < 1:
             raise ConfigError(f"adapt_last must be >= 1 or None (all), got {self.adapt_last}")
+        if isinstance(self.ckpt_modules, str) or not all(isinstance(p, str) and p for p in self.ckpt_modules):
+            raise ConfigError(f"ckpt_modules must be a tuple of module-name patterns, got {self.ckpt_modules!r}")
         if self.vmap_chunk is not None and self.vmap_chunk < 1:
             raise ConfigError(f"vmap_chunk must be >= 1 or None (all tasks), got {self.vmap_chunk}")
         if self.vmap_chunk is not None and not self.vectorize:

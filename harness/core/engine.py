@@ -41,9 +41,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.core.binding import call_with
-from harness.core.config import AMP_MODES, LossFn, MetaConfig, Task, Weights
+from harness.core.ckpt import matching_modules, modules_checkpointed
+from harness.core.config import AMP_MODES, ConfigError, LossFn, MetaConfig, Task, Weights
+from harness.core.recompute import bound_forward
 from harness.core.segment import checkpoint_segment
-from harness.core.state import layer_checkpointing
 from harness.core.vectorized import vectorized_meta_gradients
 
 __all__ = ["InnerLRs", "MetaLearner", "OuterLoop", "adapted_names", "lr_key", "owner"]
@@ -116,7 +117,8 @@ class InnerLRs(nn.Module):
             if key not in raw:
                 p = shapes[n]
                 shape = steps + (tuple(p.shape) if cfg.lr_granularity == "element" else ())
-                raw[key] = nn.Parameter(torch.full(shape, init, dtype=p.dtype, device=p.device))
+                # real even for a complex parameter: a step size, and softplus is defined on the reals
+                raw[key] = nn.Parameter(torch.full(shape, init, dtype=p.real.dtype, device=p.device))
         self.raw = nn.ParameterDict(raw)
 
     def key_for(self, name: str) -> str:
@@ -140,6 +142,14 @@ class InnerLRs(nn.Module):
         """Parameter ``name``'s LR at inner step ``step``, from ``values()``."""
         lr = lrs[self._key[name]]
         return lr[step] if self.per_step else lr
+
+
+def _refuse_meta_device(model: nn.Module) -> None:
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            if t.is_meta:
+                raise ConfigError(f"{kind} {name!r} is on the meta device (a shape without values); build the "
+                                  "model on a real device (or model.to_empty(device=...) and initialise it) first")
 
 
 def _accumulate(total: dict[str, Tensor | None], params: Mapping[str, Tensor], owned: set[int],
@@ -224,7 +234,9 @@ class MetaLearner(OuterLoop, nn.Module):
     def __init__(self, model: nn.Module, cfg: MetaConfig, loss_fn: LossFn) -> None:
         super().__init__()
         self.model, self.cfg, self.loss_fn = model, cfg, loss_fn
+        _refuse_meta_device(model)
         self.adapted = adapted_names(model, cfg.adapt_last)
+        self.ckpt_modules = matching_modules(model, cfg.ckpt_modules) if cfg.ckpt_modules else []
         self.lrs = InnerLRs(model, self.adapted, cfg) if cfg.learn_lr else None
 
     # -- pieces -------------------------------------------------------------
@@ -233,13 +245,15 @@ class MetaLearner(OuterLoop, nn.Module):
 
     def forward_with(self, weights: Mapping[str, Tensor], x: Tensor, *,
                      buffers: Mapping[str, Tensor] | None = None) -> Tensor:
-        """The model's forward with ``weights`` (and ``buffers``, if given) bound; per-layer
-        checkpointing per the config.  A step checkpoint's recomputation binds clones of the buffers
-        as they were before its forward."""
+        """The model's forward with ``weights`` (and ``buffers``, if given) bound.  Every checkpoint in it
+        (``harness.checkpoint``, torch's own, the ``ckpt_modules``) is a plain call, or under ``layer_ckpt`` a
+        region whose recomputation reads what this forward read (:mod:`harness.core.recompute`).  A step
+        checkpoint's recomputation binds clones of the buffers as they were before its forward."""
         bound: dict[str, Tensor] = dict(weights)
         if buffers is not None:
             bound.update(buffers)
-        with layer_checkpointing(self.cfg.layer_ckpt):
+        ckpt = self.cfg.layer_ckpt
+        with bound_forward(self.model, ckpt), modules_checkpointed(self.model, self.ckpt_modules if ckpt else []):
             return call_with(self.model, bound, (x,))
 
     def loss_with(self, weights: Mapping[str, Tensor], x: Tensor, y: Tensor, *,
