@@ -8,7 +8,6 @@ weights and the same task batch.
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable
@@ -18,6 +17,8 @@ import torch
 from harness.core.config import AMP_MODES, ConfigError, Task
 from harness.core.engine import MetaLearner
 from harness.core.grads import agreement
+from harness.core.recompute import owned_generators
+from harness.core.segment import capture_rng, replay_rng
 from harness import distributed
 from harness.settings import check_int
 from harness.zoo.presets import Preset, get_preset
@@ -146,9 +147,15 @@ class Experiment:
         return [t.to(self.device, self.spec.torch_dtype) for t in tasks]
 
     def reference_learner(self, amp: str | None = None) -> MetaLearner:
-        """Same initial weights, LRs and buffers; no checkpointing (and optionally another precision)."""
-        ref = copy.deepcopy(self.learner)
-        ref.cfg = replace(self.learner.cfg.reference(), amp=self.learner.cfg.amp if amp is None else amp)
+        """The same model, LRs and loss without checkpointing (and optionally another precision).
+
+        Shared, not copied: a hook or a closure in the model that reads its own module (``self``) reads the
+        same tensors in the reference; a deep copy would leave it reading the original's.  Buffers the
+        reference updates are the learner's: :func:`check_agreement` restores them between computations.
+        """
+        cfg = replace(self.learner.cfg.reference(), amp=self.learner.cfg.amp if amp is None else amp)
+        ref = MetaLearner(self.learner.model, cfg, self.learner.loss_fn)
+        ref.lrs = self.learner.lrs
         return ref
 
     def new_scaler(self) -> torch.amp.GradScaler | None:
@@ -167,21 +174,30 @@ def check_agreement(exp: Experiment, tasks: list[Task], learner: Any = None) -> 
     """Meta-gradients of ``learner`` (default ``exp.learner``; a peer works too) vs the non-checkpointed
     reference of ``exp``, on the same weights and tasks.
 
-    Buffers are restored before each computation and at the end, so all see the same running
-    statistics and the cell's state is left as found.  Under mixed precision the learner is also
-    compared with the fp32 non-checkpointed reference (keys prefixed ``fp32_``).
+    Every computation starts from the same buffers and random state (the global generators and the model's
+    own), so running statistics, dropout and a layer's own noise are the same in each, and the cell's state
+    is left as found.  Under mixed
+    precision the learner is also compared with the fp32 non-checkpointed reference (keys prefixed ``fp32_``).
     """
     learner = exp.learner if learner is None else learner
     buffers = {n: b.clone() for n, b in exp.learner.named_buffers()}
-    # the references are deep copies taken now, so they start from the same statistics
+    start = capture_rng(list(exp.learner.parameters()), owned_generators(exp.learner.model))
+
+    def from_start(run: Any) -> dict[str, torch.Tensor]:
+        with torch.no_grad():  # the running statistics as found, for every computation and at the end
+            for n, b in exp.learner.named_buffers():
+                b.copy_(buffers[n])
+        with replay_rng(start):
+            return unscaled_meta_gradients(run, tasks)
+
     refs = {"": exp.reference_learner()}
     if exp.learner.cfg.amp != "off":
         refs["fp32_"] = exp.reference_learner(amp="off")
-    grads = unscaled_meta_gradients(learner, tasks)
+    grads = from_start(learner)
     out: dict[str, float | None] = {}
     for prefix, ref in refs.items():
-        out.update({prefix + k: v for k, v in agreement(grads, unscaled_meta_gradients(ref, tasks)).items()})
-    with torch.no_grad():  # leave the cell's running statistics as found
+        out.update({prefix + k: v for k, v in agreement(grads, from_start(ref)).items()})
+    with torch.no_grad():
         for n, b in exp.learner.named_buffers():
             b.copy_(buffers[n])
     return out

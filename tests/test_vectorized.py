@@ -224,13 +224,13 @@ def test_vectorized_meta_gradients_carry_no_graph():
 
 
 def test_without_the_composed_layer_norm_vmap_gets_the_second_order_term_wrong(monkeypatch):
-    """Why ``ComposedLayerNorm`` exists: torch's fused ``layer_norm`` under vmap gives a wrong second-order
+    """Why ``VmapRules`` composes ``layer_norm``: torch's fused ``layer_norm`` under vmap gives a wrong second-order
     meta-gradient (pytorch/functorch#534).  When this starts failing the upstream rule is fixed and the
     workaround can go."""
     cfg = MetaConfig(inner_steps=3, inner_lr=0.05, adapt_last=2)
     seq, vec, tasks = _learners("cpu-bench", cfg)
     ref, _ = seq.meta_gradients(tasks)
     assert agreement(vec.meta_gradients(tasks)[0], ref)["w_rel_err"] <= TOL  # with the workaround
-    monkeypatch.setattr(vectorized, "ComposedLayerNorm", contextlib.nullcontext)
+    monkeypatch.setattr(vectorized, "VmapRules", contextlib.nullcontext)
     err = agreement(vec.meta_gradients(tasks)[0], ref)["w_rel_err"]
-    assert err > 1e-6, f"fused layer_norm under vmap agrees now ({err:.1e}): drop ComposedLayerNorm"
+    assert err > 1e-6, f"fused layer_norm under vmap agrees now ({err:.1e}): drop the composed layer_norm in VmapRules"

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from harness.core.binding import call_with
 from harness.core.ckpt import matching_modules, modules_checkpointed
 from harness.core.config import AMP_MODES, ConfigError, LossFn, MetaConfig, Task, Weights
-from harness.core.recompute import bound_forward
+from harness.core.recompute import bound_forward, owned_generators
 from harness.core.segment import checkpoint_segment
 from harness.core.vectorized import vectorized_meta_gradients
 
@@ -322,7 +322,7 @@ class MetaLearner(OuterLoop, nn.Module):
                 return tuple(out[n] for n in names)
 
             flat_in = [weights[n] for n in names] + [lrs[k] for k in lr_keys]
-            weights = dict(zip(names, checkpoint_segment(segment, *flat_in)))
+            weights = dict(zip(names, checkpoint_segment(segment, *flat_in, generators=owned_generators(self.model))))
         return weights
 
     def task_loss(self, task: Task, loss_scale: float = 1.0) -> Tensor:

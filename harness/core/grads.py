@@ -21,7 +21,9 @@ def split_grads(grads: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[st
 
 
 def _flat(ts: Mapping[str, Tensor]) -> Tensor:
-    return torch.cat([t.detach().reshape(-1).double() for t in ts.values()]) if ts else torch.zeros(0, dtype=torch.float64)
+    """All values as one float64 vector; a complex tensor contributes its real and imaginary parts."""
+    parts = [(torch.view_as_real(t.detach()) if t.is_complex() else t.detach()).reshape(-1).double() for t in ts.values()]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
 def agreement(grads: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> dict[str, float | None]:

@@ -4,7 +4,8 @@ The recomputation must compute what the forward computed.  What it depends on be
 
 * the RNG state (dropout masks): captured before the forward, replayed for the recomputation inside
   ``torch.random.fork_rng``, so the masks are the forward's and the stream after the backward is as the
-  backward found it -- the same rule as ``torch.utils.checkpoint`` (CPU, and every CUDA device in use);
+  backward found it -- the same rule as ``torch.utils.checkpoint`` (CPU, and every CUDA device in use),
+  and the same for the ``torch.Generator`` objects the model's modules own (a layer's own noise);
 * the buffers: the caller snapshots them before the forward and binds clones for the recomputation
   (``MetaLearner.adapt``);
 * parameters that need no gradient (frozen): passed through, marked non-differentiable.
@@ -23,10 +24,11 @@ __all__ = ["RngState", "capture_rng", "checkpoint_segment", "replay_rng"]
 
 
 class RngState(NamedTuple):
-    """The CPU generator state and the states of the CUDA devices in use."""
+    """The CPU generator state, the states of the CUDA devices in use, and of the generators given."""
 
     cpu: Tensor
     cuda: dict[int, Tensor]
+    owned: tuple[tuple[torch.Generator, Tensor], ...] = ()
 
 
 def _cuda_devices(tensors: Iterable[Tensor]) -> list[int]:
@@ -37,19 +39,27 @@ def _cuda_devices(tensors: Iterable[Tensor]) -> list[int]:
     return sorted(i for i in found if i is not None)
 
 
-def capture_rng(tensors: Iterable[Tensor] = ()) -> RngState:
-    """The RNG state now, for the CPU and the CUDA devices of ``tensors`` (and the current one)."""
-    return RngState(torch.get_rng_state(), {i: torch.cuda.get_rng_state(i) for i in _cuda_devices(tensors)})
+def capture_rng(tensors: Iterable[Tensor] = (), generators: Iterable[torch.Generator] = ()) -> RngState:
+    """The RNG state now, for the CPU, the CUDA devices of ``tensors`` (and the current one) and ``generators``."""
+    return RngState(torch.get_rng_state(), {i: torch.cuda.get_rng_state(i) for i in _cuda_devices(tensors)},
+                    tuple((g, g.get_state()) for g in generators))
 
 
 @contextlib.contextmanager
 def replay_rng(state: RngState) -> Iterator[None]:
     """Run the block from ``state``; the generators are restored afterwards (the stream is not consumed)."""
+    found = [(g, g.get_state()) for g, _ in state.owned]
     with torch.random.fork_rng(devices=list(state.cuda), enabled=True):
         torch.set_rng_state(state.cpu)
         for index, s in state.cuda.items():
             torch.cuda.set_rng_state(s, index)
-        yield
+        for g, s in state.owned:
+            g.set_state(s)
+        try:
+            yield
+        finally:
+            for g, s in found:
+                g.set_state(s)
 
 
 class _Segment(torch.autograd.Function):
@@ -62,8 +72,8 @@ class _Segment(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, fn, *inputs):  # noqa: ANN001
-        ctx.fn, ctx.rng = fn, capture_rng(inputs)
+    def forward(ctx, fn, generators, *inputs):  # noqa: ANN001
+        ctx.fn, ctx.rng = fn, capture_rng(inputs, generators)
         ctx.save_for_backward(*inputs)
         with torch.enable_grad():
             args = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
@@ -82,16 +92,17 @@ class _Segment(torch.autograd.Function):
         wanted = [a for a in args if a.requires_grad]
         grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
                      if pairs and wanted else [None] * len(wanted))
-        return (None, *[next(grads) if a.requires_grad else None for a in args])
+        return (None, None, *[next(grads) if a.requires_grad else None for a in args])
 
 
-def checkpoint_segment(fn: Callable[..., Any], *inputs: Tensor) -> tuple[Tensor, ...]:
+def checkpoint_segment(fn: Callable[..., Any], *inputs: Tensor,
+                       generators: Iterable[torch.Generator] = ()) -> tuple[Tensor, ...]:
     """Checkpoint ``fn(*inputs, recompute=bool, build_graph=bool) -> tuple of tensors``.
 
     The forward runs with ``build_graph=False`` (only values are needed) and keeps only
-    ``inputs`` and the RNG state; the backward replays the RNG state, reruns ``fn`` with
+    ``inputs`` and the RNG state (global, and of ``generators``); the backward replays it, reruns ``fn`` with
     ``build_graph=True, recompute=True`` and differentiates its outputs.  Outputs that need no
     gradient (frozen parameters passed through) are non-differentiable.  Supports one
     backward through it (meta-gradients), not double backward.
     """
-    return _Segment.apply(fn, *inputs)
+    return _Segment.apply(fn, tuple(generators), *inputs)

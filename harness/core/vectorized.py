@@ -30,8 +30,17 @@ Refused with a one-line :class:`ConfigError` (see :func:`check_vectorizable`):
   task, in place, which a batched forward cannot reproduce exactly -- use ``norm=group``;
 * dropout (any module of the ``nn.Dropout`` family in training mode): ``vmap(randomness='different')``
   draws another random stream than the sequential loop, so the meta-gradients would not be the
-  sequential engine's; randomness stays ``'error'``, so any other random operator raises too;
+  sequential engine's; randomness stays ``'error'``, and any other random operator (attention dropout
+  inside ``nn.MultiheadAttention``, a layer's own ``torch.Generator``) is refused when vmap meets it;
+* ``F.batch_norm`` / ``F.instance_norm`` called in the forward with an affine weight or bias (not as
+  modules): their batching rule gives meta-gradients wrong by about 1e-2 (measured on small float64
+  models); refused by :class:`VmapRules` when called (without affine parameters they are exact);
+* ``.data`` reads and old-style ``autograd.Function`` (no ``setup_context``): torch.func refuses them;
+  the harness says so in one line (:func:`_unbatchable_is_refused`);
 * tasks of unequal shapes (they are stacked).
+
+A checkpoint inside the model's forward (``harness.checkpoint`` or torch's own) is a plain call here:
+vectorized variants never checkpoint (:mod:`harness.core.recompute`).
 
 Run it::
 
@@ -49,11 +58,10 @@ from torch.overrides import TorchFunctionMode
 
 from harness.core.config import ConfigError, MetaConfig, Task
 
-__all__ = ["ComposedLayerNorm", "VectorizableLearner", "check_vectorizable", "stack_tasks",
-           "vectorized_meta_gradients"]
+__all__ = ["VmapRules", "VectorizableLearner", "check_vectorizable", "stack_tasks", "vectorized_meta_gradients"]
 
 # batching rules of these norms' backward are wrong for the input gradient (pytorch/functorch#534, open in
-# torch 2.14.1; layer_norm's is shown by tests/test_vectorized.py and worked around by ComposedLayerNorm)
+# torch 2.14.1; layer_norm's is shown by tests/test_vectorized.py and worked around by VmapRules)
 WRONG_UNDER_VMAP = (nn.modules.batchnorm._NormBase,)  # BatchNorm*, InstanceNorm*, with or without buffers
 # recurrent modules: aten::lstm_cell has no batching rule, and LSTMCell's default state is written in place
 RECURRENT = (nn.RNNBase, nn.RNNCellBase)
@@ -104,16 +112,36 @@ def _layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | Non
     return y + bias if bias is not None else y
 
 
-class ComposedLayerNorm(TorchFunctionMode):
-    """Inside the vectorized meta-gradient, ``layer_norm`` runs as :func:`_layer_norm`: the fused kernel's
-    backward batching rule gives a wrong input gradient in the second-order term (pytorch/functorch#534), a
-    relative error of about 4e-3 in the meta-gradient of a small pre-norm residual MLP in float64
-    (``tests/test_vectorized.py::test_without_the_composed_layer_norm_vmap_gets_the_second_order_term_wrong``)."""
+_AFFINE_NORMS = {F.batch_norm: "batch_norm", torch.batch_norm: "batch_norm", F.instance_norm: "instance_norm",
+                 torch.instance_norm: "instance_norm"}
+
+
+def _affine(func: Callable[..., Tensor], args: tuple, kwargs: dict) -> bool:
+    """Whether a batch/instance norm call passes a weight or a bias (positional or keyword).  ``F.*`` take
+    ``(input, running_mean, running_var, weight, bias, ...)``, ``torch.*`` ``(input, weight, bias, ...)``."""
+    first = 3 if func in (F.batch_norm, F.instance_norm) else 1
+    given = [kwargs.get("weight"), kwargs.get("bias"), *args[first:first + 2]]
+    return any(isinstance(t, Tensor) for t in given)
+
+
+class VmapRules(TorchFunctionMode):
+    """Inside the vectorized meta-gradient: ``layer_norm`` runs as :func:`_layer_norm`, and a batch/instance norm
+    with affine parameters is refused.
+
+    The fused ``layer_norm`` kernel's backward batching rule gives a wrong input gradient in the second-order
+    term (pytorch/functorch#534), a relative error of about 4e-3 in the meta-gradient of a small pre-norm
+    residual MLP in float64 (``tests/test_vectorized.py::test_without_the_composed_layer_norm_vmap_gets_the_
+    second_order_term_wrong``); ``F.batch_norm``/``F.instance_norm`` with a weight were wrong by 1e-2."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
         if func is F.layer_norm or func is torch.layer_norm:
-            return _layer_norm(*args, **(kwargs or {}))
-        return func(*args, **(kwargs or {}))
+            return _layer_norm(*args, **kwargs)
+        if func in _AFFINE_NORMS and _affine(func, args, kwargs):
+            raise ConfigError(f"vectorize: the forward calls {_AFFINE_NORMS[func]} with an affine weight/bias, whose "
+                              "vmap batching rule gives wrong meta-gradients (pytorch/functorch#534); use "
+                              "GroupNorm/LayerNorm, or vectorize=0")
+        return func(*args, **kwargs)
 
 
 def stack_tasks(tasks: Sequence[Task]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -178,20 +206,42 @@ def _chunk_gradients(learner: VectorizableLearner, weights: dict[str, Tensor], r
         losses = per_task(w, r, *stacked)
         return losses.mean() * share, losses.detach()
 
-    with ComposedLayerNorm():
+    with VmapRules():
         return grad(outer, argnums=(0, 1), has_aux=True)(weights, raw)
 
 
+# what torch.func raises for what it cannot transform -> the harness's one-line reason
+_REFUSED_BY_TORCH_FUNC = {
+    "called random operation while in randomness error mode":
+        "the model draws random numbers inside the forward (attention dropout, F.dropout, a layer's own "
+        "torch.Generator, ...); vmap's random stream is not the sequential engine's (remove it, or vectorize=0)",
+    "accessing `data` under vmap transform is not allowed":
+        "the forward reads a tensor's .data, which torch.func cannot transform (use the tensor itself, or "
+        "vectorize=0)",
+    "it must override the setup_context staticmethod":
+        "the forward calls an old-style torch.autograd.Function (forward with ctx, no setup_context), which "
+        "torch.func cannot transform (give it a setup_context, or vectorize=0)",
+    "don't yet support saved tensor hooks":
+        "the forward uses saved-tensor hooks (torch.autograd.graph.saved_tensors_hooks), which torch.func "
+        "cannot transform (vectorize=0)",
+}
+
+
 def _unbatchable_is_refused(fn: Callable[..., object], *args: object):  # noqa: ANN202
-    """``fn(*args)``; an operator without a vmap batching rule (e.g. ``aten::lstm_cell``) is a ConfigError."""
+    """``fn(*args)``; what torch.func cannot transform exactly (an operator without a vmap batching rule such as
+    ``aten::lstm_cell``, random numbers, ``.data``, old-style autograd Functions) is a one-line ConfigError."""
     try:
         return fn(*args)
     except RuntimeError as exc:
-        if "Batching rule not implemented for" not in str(exc):
-            raise
-        op = str(exc).split("Batching rule not implemented for", 1)[1].split(".")[0].strip()
-        raise ConfigError(f"vectorize: torch.func.vmap has no batching rule for {op}, which this model uses; "
-                          "valid: vectorize=0") from None
+        text = str(exc)
+        if "Batching rule not implemented for" in text:
+            op = text.split("Batching rule not implemented for", 1)[1].split(".")[0].strip()
+            raise ConfigError(f"vectorize: torch.func.vmap has no batching rule for {op}, which this model uses; "
+                              "valid: vectorize=0") from None
+        for needle, reason in _REFUSED_BY_TORCH_FUNC.items():
+            if needle in text:
+                raise ConfigError(f"vectorize: {reason}") from None
+        raise
 
 
 def vectorized_meta_gradients(learner: VectorizableLearner, tasks: Sequence[Task], loss_scale: float = 1.0

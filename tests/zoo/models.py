@@ -5,6 +5,7 @@ variants checkpoint them). ``ZOO``: name -> (builder, tasks, adapt_last); tiny, 
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import torch
@@ -14,6 +15,7 @@ from torch.nn.utils import parametrizations, parametrize
 
 from harness import checkpoint
 from harness.core.config import Task
+from tests.zoo.user_written import USER_WRITTEN
 
 __all__ = ["ZOO", "ZooEntry", "image_tasks", "mse", "regression_tasks", "sequence_tasks"]
 
@@ -348,3 +350,7 @@ ZOO: dict[str, ZooEntry] = {
     "conv_batchnorm": ZooEntry(ConvBatchNorm, image_tasks),
     "adapt_last_2": ZooEntry(LayerNormMLP, regression_tasks, adapt_last=2),
 }
+
+# torch's own checkpoint in every form, hooks and plain-list modules, a layer's own generator, max_norm
+# embeddings, complex weights (tests/zoo/user_written.py)
+ZOO.update({name: ZooEntry(functools.partial(cls, **kw), regression_tasks) for name, (cls, kw) in USER_WRITTEN.items()})

@@ -3,9 +3,10 @@
 ``oracle`` is MAML written from the paper, sharing no code with ``harness.core``: ``functional_call`` with
 the fast weights, ``torch.autograd.grad`` for the inner gradient (``create_graph`` unless first order), the
 SGD update with a softplus LR per group (layer = owning module, tensor, element; optionally one per step),
-the query loss, and the outer ``autograd.grad``.  The only thing it borrows from the harness is the switch
-that turns ``harness.checkpoint`` into a plain call (``layer_checkpointing(False)``), so the models run
-exactly as written.
+the query loss, and the outer ``autograd.grad``.  Every checkpoint runs as a plain call: ``harness.checkpoint``
+through its switch (``layer_checkpointing(False)``), torch's own by the oracle's own means (torch's
+``_checkpoint_impl`` patched to call the function for the oracle's duration), so the models run exactly as
+written, without any recomputation.
 
 RNG alignment (dropout): both the engine and the oracle draw random numbers only in forwards, in the same
 order (task by task: K support forwards, then the query forward).  ``run_engine`` and ``run_oracle`` seed the
@@ -14,12 +15,15 @@ recomputations restore the RNG state and leave the stream as they found it, whic
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from typing import Mapping, NamedTuple
+from typing import Iterator, Mapping, NamedTuple
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -63,6 +67,17 @@ def oracle_adapted(model: nn.Module, adapt_last: int | None) -> list[str]:
     return [n for n in names if _owner(n) in set(owners[-adapt_last:])]
 
 
+def _plain(function, args, kwargs, **_options):  # noqa: ANN001, ANN202 - torch's _checkpoint_impl signature
+    return function(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def no_checkpoints() -> Iterator[None]:
+    """Every checkpoint a plain call: harness's by its switch, torch's (every form) by patching torch."""
+    with layer_checkpointing(False), mock.patch.object(torch.utils.checkpoint, "_checkpoint_impl", _plain):
+        yield
+
+
 def oracle_group(name: str, granularity: str) -> str:
     return _owner(name) if granularity == "layer" else name
 
@@ -80,7 +95,7 @@ def run_oracle(model: nn.Module, tasks: list[Task], loss_fn, *, inner_steps: int
     lr_grads = {g: torch.zeros_like(r) for g, r in raws.items()}
     losses = []
     torch.manual_seed(seed)
-    with layer_checkpointing(False):
+    with no_checkpoints():
         for task in tasks:
             lrs = {g: F.softplus(r) for g, r in raws.items()}
             w = dict(init)
@@ -158,13 +173,23 @@ def oracle_lr_raw(learner: MetaLearner, granularity: str) -> dict[str, Tensor] |
     return out
 
 
+def _real_view(t: Tensor) -> Tensor:
+    """Flat float64 values; a complex tensor as its real and imaginary parts."""
+    t = t.detach()
+    return (torch.view_as_real(t) if t.is_complex() else t).reshape(-1).double()
+
+
+def _owned_generators(model: nn.Module) -> list[torch.Generator]:
+    return [v for m in model.modules() for v in vars(m).values() if isinstance(v, torch.Generator)]
+
+
 def rel_err(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
     """``|a - b| / |b|`` over all tensors paired by name (``|a - b|`` when ``b`` is zero)."""
     assert set(a) == set(b), sorted(set(a) ^ set(b))
     if not b:
         return 0.0
-    fa = torch.cat([a[k].detach().reshape(-1).double() for k in b])
-    fb = torch.cat([b[k].detach().reshape(-1).double() for k in b])
+    fa = torch.cat([_real_view(a[k]) for k in b])
+    fb = torch.cat([_real_view(b[k]) for k in b])
     ref = fb.norm().item()
     return (fa - fb).norm().item() / (ref if ref > 0 else 1.0)
 
@@ -194,6 +219,7 @@ def finite_difference_error(learner: MetaLearner, tasks: list[Task], *, directio
     params = learner.meta_parameters()
     buffers = {n: b.clone() for n, b in learner.model.named_buffers()}
     origin = {k: p.detach().clone() for k, p in params.items()}
+    generators = [(g, g.get_state()) for g in _owned_generators(learner.model)]
 
     def reset(offset: Mapping[str, Tensor] | None = None, scale: float = 0.0) -> None:
         with torch.no_grad():
@@ -202,6 +228,8 @@ def finite_difference_error(learner: MetaLearner, tasks: list[Task], *, directio
             for k, p in params.items():
                 p.copy_(origin[k] if offset is None else origin[k] + scale * offset[k])
         torch.manual_seed(seed)
+        for g, state in generators:
+            g.set_state(state)
 
     def meta_loss() -> float:
         return sum(learner.task_loss(t).item() for t in tasks) / len(tasks)
@@ -211,13 +239,14 @@ def finite_difference_error(learner: MetaLearner, tasks: list[Task], *, directio
     gen = torch.Generator().manual_seed(seed + 1)
     fd, gv = [], []
     for _ in range(directions):
-        v = {k: torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) for k, p in params.items()}
+        v = {k: torch.randn(p.shape, generator=gen, dtype=torch.complex128 if p.is_complex() else torch.float64)
+             .to(p.dtype) for k, p in params.items()}
         reset(v, h)
         plus = meta_loss()
         reset(v, -h)
         minus = meta_loss()
         fd.append((plus - minus) / (2 * h))
-        gv.append(sum((grads[k] * v[k]).sum().item() for k in params))
+        gv.append(sum((_real_view(grads[k]) @ _real_view(v[k])).item() for k in params))  # Re <g, v>
     reset()
     diff = math.sqrt(sum((a - b) ** 2 for a, b in zip(fd, gv)))
     return diff / math.sqrt(sum(b * b for b in gv))
