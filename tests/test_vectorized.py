@@ -234,3 +234,77 @@ def test_without_the_composed_layer_norm_vmap_gets_the_second_order_term_wrong(m
     monkeypatch.setattr(vectorized, "VmapRules", contextlib.nullcontext)
     err = agreement(vec.meta_gradients(tasks)[0], ref)["w_rel_err"]
     assert err > 1e-6, f"fused layer_norm under vmap agrees now ({err:.1e}): drop the composed layer_norm in VmapRules"
+
+
+class _OldStyle(torch.autograd.Function):  # forward(ctx, ...) without setup_context
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        return g * 2
+
+
+class _Functional(nn.Module):
+    """What modules do not show: functional norms with affine weights, .data, an old-style Function, and
+    the random numbers of attention dropout and of a layer's own generator."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.lin, self.head, self.kind = nn.Linear(3, 4), nn.Linear(4, 2), kind
+        self.gamma, self.beta = nn.Parameter(torch.ones(4)), nn.Parameter(torch.zeros(4))
+        self.attn = nn.MultiheadAttention(4, 1, dropout=0.2, batch_first=True)
+        self.gen = torch.Generator().manual_seed(0)
+
+    def forward(self, x):  # noqa: ANN001, ANN201
+        h = self.lin(x)
+        if self.kind == "batch_norm":
+            h = torch.nn.functional.batch_norm(h, None, None, self.gamma, self.beta, training=True)
+        elif self.kind == "instance_norm":
+            h = torch.nn.functional.instance_norm(h.unsqueeze(0).transpose(1, 2), weight=self.gamma).transpose(1, 2)[0]
+        elif self.kind == "data":
+            h = h * self.lin.weight.data.sum()
+        elif self.kind == "old_function":
+            h = _OldStyle.apply(h)
+        elif self.kind == "attention_dropout":
+            h = self.attn(h[None], h[None], h[None], need_weights=True)[0][0]
+        elif self.kind == "own_generator":
+            h = h + torch.randn(h.shape, generator=self.gen, dtype=h.dtype)
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize(("kind", "reason"), [
+    ("batch_norm", "calls batch_norm with an affine weight/bias"),
+    ("instance_norm", "calls instance_norm with an affine weight/bias"),
+    ("data", r"reads a tensor's \.data"),
+    ("old_function", "old-style torch.autograd.Function"),
+    ("attention_dropout", "draws random numbers inside the forward"),
+    ("own_generator", "draws random numbers inside the forward"),
+])
+def test_what_only_the_forward_shows_is_refused_in_one_line(kind: str, reason: str) -> None:
+    model = _Functional(kind).double()
+    gen = torch.Generator().manual_seed(0)
+    tasks = [Task(*(torch.randn(6, n, generator=gen, dtype=torch.float64) for n in (3, 2, 3, 2))) for _ in range(2)]
+    learner = MetaLearner(model, MetaConfig(inner_steps=1, vectorize=True), lambda p, t: (p - t).pow(2).mean())
+    with pytest.raises(ConfigError, match=f"^vectorize: .*{reason}") as caught:
+        learner.meta_gradients(tasks)
+    assert "\n" not in str(caught.value)
+
+
+def test_functional_batch_norm_without_affine_parameters_is_vectorized_exactly() -> None:
+    class Plain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):  # noqa: ANN001, ANN201
+            return self.head(torch.tanh(torch.nn.functional.batch_norm(self.lin(x), None, None, training=True)))
+
+    model = Plain().double()
+    gen = torch.Generator().manual_seed(0)
+    tasks = [Task(*(torch.randn(6, n, generator=gen, dtype=torch.float64) for n in (3, 2, 3, 2))) for _ in range(2)]
+    loss = lambda p, t: (p - t).pow(2).mean()  # noqa: E731
+    vec, _ = MetaLearner(model, MetaConfig(inner_steps=2, vectorize=True), loss).meta_gradients(tasks)
+    seq, _ = MetaLearner(model, MetaConfig(inner_steps=2), loss).meta_gradients(tasks)
+    assert agreement(vec, seq)["w_rel_err"] <= TOL

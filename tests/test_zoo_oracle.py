@@ -66,7 +66,7 @@ def test_meta_gradients_equal_the_independent_oracle(model_name: str, variant_na
 
 
 STATEFUL = ["dropout", "user_buffer_layer", "spectral_norm_hook", "batchnorm_momentum_none", "frozen",
-            "lstm_tuple_state", "unused", "dunder_names"]
+            "lstm_tuple_state", "unused", "dunder_names", "own_generator", "torch_ckpt_stateful"]
 
 
 @pytest.mark.parametrize("segment", [2, 4])

@@ -40,6 +40,54 @@ class SeedStyle(nn.Module):
         return x
 
 
+class RunningCentre(nn.Module):
+    """A user's buffer-updating layer whose output reads the buffer it just updated."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.register_buffer("centre", torch.zeros(width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            self.centre.mul_(0.5).add_(x.mean(0), alpha=0.5)
+        return x - self.centre
+
+
+class StatefulBlocks(nn.Module):
+    """torch's checkpoint around BatchNorm (cumulative average), a buffer-reading layer and dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(IN, HID), nn.BatchNorm1d(HID, momentum=None), nn.Tanh())
+        self.b = nn.Sequential(nn.Linear(HID, HID), RunningCentre(HID), nn.Tanh(), nn.Dropout(0.3))
+        self.head = nn.Linear(HID, OUT)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(checkpoint(self.b, checkpoint(self.a, x, use_reentrant=False), use_reentrant=False))
+
+
+class NestedTorch(nn.Module):
+    """A torch-checkpointed method that checkpoints its children again: with torch's checkpoint, or with
+    harness.checkpoint of a closure (which only the engine can bind, in the forward and the recomputation)."""
+
+    def __init__(self, inner_closure: bool = False) -> None:
+        super().__init__()
+        self.inner = nn.ModuleList([nn.Linear(IN, HID), nn.Linear(HID, HID)])
+        self.head = nn.Linear(HID, OUT)
+        self.inner_closure = inner_closure
+
+    def block(self, x: Tensor) -> Tensor:
+        for layer in self.inner:
+            if self.inner_closure:
+                x = harness_checkpoint(lambda t, layer=layer: torch.tanh(layer(t)), x)
+            else:
+                x = torch.tanh(checkpoint(layer, x, use_reentrant=False))
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(checkpoint(self.block, x, use_reentrant=False))
+
+
 class BoundMethod(nn.Module):
     """A bound method that reads two submodules and a root parameter, checkpointed by torch."""
 
@@ -188,12 +236,15 @@ class NoisyLayer(nn.Module):
 
 
 class OwnGenerator(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, use_torch: bool = False) -> None:
         super().__init__()
         self.inp, self.noisy, self.head = nn.Linear(IN, HID), NoisyLayer(HID), nn.Linear(HID, OUT)
+        self.use_torch = use_torch
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(harness_checkpoint(self.noisy, torch.tanh(self.inp(x))))
+        h = torch.tanh(self.inp(x))
+        h = checkpoint(self.noisy, h, use_reentrant=False) if self.use_torch else harness_checkpoint(self.noisy, h)
+        return self.head(h)
 
 
 class EmbeddingMaxNorm(nn.Module):
@@ -238,11 +289,15 @@ USER_WRITTEN = {
     "torch_ckpt_hugging_face_partial": (HuggingFaceStyle, {}),
     "torch_ckpt_sequential": (Sequential, {}),
     "torch_ckpt_decorator": (Decorated, {}),
+    "torch_ckpt_stateful": (StatefulBlocks, {}),
+    "torch_ckpt_nested": (NestedTorch, {}),
+    "torch_ckpt_nested_harness_closure": (NestedTorch, {"inner_closure": True}),
     "hook_reads_root_torch": (HookReadsRoot, {"use_torch": True}),
     "hook_reads_root_harness": (HookReadsRoot, {"use_torch": False}),
     "plain_list_module_torch": (PlainListModule, {"use_torch": True}),
     "plain_list_module_harness": (PlainListModule, {"use_torch": False}),
     "own_generator": (OwnGenerator, {}),
+    "own_generator_torch": (OwnGenerator, {"use_torch": True}),
     "embedding_max_norm": (EmbeddingMaxNorm, {}),
     "complex_weights": (ComplexWeights, {}),
 }
