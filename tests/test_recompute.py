@@ -23,7 +23,7 @@ from harness.core.engine import MetaLearner
 from harness.train import Experiment, RunSpec, check_agreement
 from tests.zoo.models import mse, regression_tasks
 from tests.zoo.oracle import no_checkpoints, rel_err
-from tests.zoo.user_written import OwnGenerator, SeedStyle, StatefulBlocks
+from tests.zoo.user_written import HookReadsRoot, OwnGenerator, SeedStyle, StatefulBlocks
 
 
 class Counted(nn.Module):
@@ -160,3 +160,33 @@ def test_learnable_lrs_of_complex_parameters_are_real() -> None:
     model = nn.Linear(3, 2).to(torch.cdouble)
     learner = MetaLearner(model, MetaConfig(learn_lr=True, lr_granularity="element"), mse)
     assert all(raw.dtype == torch.float64 for raw in learner.lrs.raw.values())
+
+
+def _kept_slots(model: nn.Module, monkeypatch) -> list[set[str]]:
+    """The parameter and buffer names each region keeps for its recomputation, region by region."""
+    names = {(id(m._parameters), k): f"{p}.{k}".lstrip(".") for p, m in model.named_modules() for k in m._parameters}
+    names.update({(id(m._buffers), k): f"{p}.{k}".lstrip(".") for p, m in model.named_modules() for k in m._buffers})
+    kept: list[set[str]] = []
+    finish = recompute._Region.finish
+
+    def recorded(region) -> None:  # noqa: ANN001
+        finish(region)
+        kept.append({names[(id(d), k)] for d, k, _ in (*region.params, *region.buffers)})
+
+    monkeypatch.setattr(recompute._Region, "finish", recorded)
+    _learner(model, layer_ckpt=True).meta_gradients(_tasks(1))
+    return kept
+
+
+def test_a_region_keeps_exactly_the_slots_its_forward_read(monkeypatch) -> None:
+    """A layer's region keeps that layer's fast weights only (holding every slot kept up to one more weight
+    copy alive through the outer backward); a hook's read of a root parameter and BatchNorm's buffers are kept."""
+    seed = _kept_slots(SeedStyle(), monkeypatch)
+    assert seed and set(map(frozenset, seed)) == {frozenset({"layers.0.0.weight", "layers.0.0.bias"}),
+                                                  frozenset({"layers.1.0.weight", "layers.1.0.bias"})}
+    monkeypatch.undo()
+    hooked = _kept_slots(HookReadsRoot(use_torch=True), monkeypatch)
+    assert hooked and all(k == {"scale", "block.0.weight", "block.0.bias"} for k in hooked)
+    monkeypatch.undo()
+    stateful = _kept_slots(StatefulBlocks(), monkeypatch)
+    assert {"a.1.running_mean", "a.1.running_var", "a.1.num_batches_tracked", "b.1.centre"} <= set().union(*stateful)

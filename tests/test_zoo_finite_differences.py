@@ -45,8 +45,10 @@ NOT_STRICT: set[tuple[str, int]] = set()
 # BatchNorm on 6-sample batches is strongly curved: at h = 1e-5 the central difference's truncation error
 # (h^2 |L'''| / 6) reached 3e-7 (conv_batchnorm, K=3), 1.4e-6 (K=5) and 5e-8 (batchnorm_momentum_none, K=5)
 # for the worst variant; at h = 1e-6 the same cases gave 3.1e-9, 1.4e-8 and 5.9e-10 -- 100x smaller, the
-# h^2 law, so the gap was the step, not the gradient.  Rounding at h = 1e-6 is about 1e-10.
-FD_STEP = {"conv_batchnorm": 1e-6, "batchnorm_momentum_none": 1e-6}
+# h^2 law, so the gap was the step, not the gradient.  Rounding at h = 1e-6 is about 1e-10.  The same for a
+# gain read through self.parameters() (parameters_iterated_in_forward, K=5): 1.6e-7 at h = 1e-5, identical for
+# lr, ckpt_sckpt_lr and vlr (the engine equals the oracle to 1e-12 there), below 1e-7 at h = 1e-6.
+FD_STEP = {"conv_batchnorm": 1e-6, "batchnorm_momentum_none": 1e-6, "parameters_iterated_in_forward": 1e-6}
 CASES = [pytest.param(m, k, marks=pytest.mark.xfail(reason=OPEN_GAPS[(m, k)], strict=(m, k) not in NOT_STRICT))
          if (m, k) in OPEN_GAPS else (m, k) for m in MODELS for k in (1, 3, 5)]
 

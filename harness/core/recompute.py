@@ -170,57 +170,116 @@ class _BufferCopies:
 _copies: "weakref.WeakKeyDictionary[nn.Module, _BufferCopies]" = weakref.WeakKeyDictionary()
 
 
-class _Entry(NamedTuple):
-    """A region's start: (slot dict, key, tensor) for every parameter, (slot dict, key, a copy of the values)
-    for every buffer, (generator, state) for the generators the model owns."""
+class _Region:
+    """One checkpointed region: the parameter and buffer slots its forward read, as they were when it started,
+    and the states of the model's own generators then.
 
-    root: nn.Module | None
-    params: list[tuple[dict, str, Tensor]]
-    buffers: list[tuple[dict, str, Tensor]]
-    generators: list[tuple[torch.Generator, Tensor]]
+    What the forward read is recorded while it runs (:func:`_recording_reads`): every tensor a module hands
+    out as an attribute (``self.weight``, ``self.running_mean``, hooks and plain-list modules included) or
+    through ``parameters()``/``buffers()``.  Only those slots are kept for the recomputation, so a region holds
+    the fast weights it needs and no others (holding every slot of the model kept up to one more weight copy
+    alive through the outer backward).  Slots read only through ``module._parameters[...]`` directly are not
+    seen (the agreement check's plain reference would show the difference).
+    """
+
+    def __init__(self, root: nn.Module | None, rng: bool) -> None:
+        self.root = root
+        self.read: set[int] = set()
+        self.params: list[tuple[dict, str, Tensor]] = []
+        self.buffers: list[tuple[dict, str, Tensor]] = []
+        self._at_start: list[tuple[dict, str, Tensor, Tensor]] = []
+        self.generators: list[tuple[torch.Generator, Tensor]] = []
+        if root is not None:
+            copies = _copies.setdefault(root, _BufferCopies())
+            self._at_start = [(m._buffers, k, t, copies.copy_of(t))
+                              for m in root.modules() for k, t in m._buffers.items() if t is not None]
+            self.generators = [(g, g.get_state()) for g in owned_generators(root)] if rng else []
+
+    def finish(self) -> None:
+        """After the forward: keep the slots it read (parameters as bound now, buffers as copied at the start)."""
+        if self.root is not None:
+            self.params = [(m._parameters, k, t) for m in self.root.modules()
+                           for k, t in m._parameters.items() if t is not None and id(t) in self.read]
+        self.buffers = [(d, k, copy) for d, k, live, copy in self._at_start if id(live) in self.read]
+        self._at_start, self.read = [], set()
 
 
-def _capture(root: nn.Module | None, rng: bool) -> _Entry:
-    if root is None:
-        return _Entry(None, [], [], [])
-    copies = _copies.setdefault(root, _BufferCopies())
-    params, buffers = [], []
-    for module in root.modules():
-        params.extend((module._parameters, k, t) for k, t in module._parameters.items() if t is not None)
-        buffers.extend((module._buffers, k, copies.copy_of(t)) for k, t in module._buffers.items() if t is not None)
-    generators = [(g, g.get_state()) for g in owned_generators(root)] if rng else []
-    return _Entry(root, params, buffers, generators)
+def _open_regions() -> list[_Region]:
+    regions = getattr(_local, "regions", None)
+    if regions is None:
+        regions = _local.regions = []
+    return regions
+
+
+_MODULE_GETATTR = nn.Module.__getattr__
+_MODULE_NAMED_MEMBERS = nn.Module._named_members
+_patch_lock, _patch_depth = threading.Lock(), [0]
+
+
+def _recording_getattr(self: nn.Module, name: str) -> Any:
+    value = _MODULE_GETATTR(self, name)
+    if isinstance(value, Tensor):
+        for region in _open_regions():
+            region.read.add(id(value))
+    return value
+
+
+def _recording_named_members(self: nn.Module, *args: Any, **kwargs: Any) -> Iterator[tuple[str, Any]]:
+    for name, value in _MODULE_NAMED_MEMBERS(self, *args, **kwargs):
+        if isinstance(value, Tensor):
+            for region in _open_regions():
+                region.read.add(id(value))
+        yield name, value
+
+
+@contextlib.contextmanager
+def _recording_reads(region: _Region) -> Iterator[None]:
+    """The forward context of a region: module attribute reads are recorded into it (and into the regions
+    around it) while it runs; ``nn.Module``'s lookup is patched only while some region is open."""
+    with _patch_lock:
+        if _patch_depth[0] == 0:
+            nn.Module.__getattr__, nn.Module._named_members = _recording_getattr, _recording_named_members
+        _patch_depth[0] += 1
+    _open_regions().append(region)
+    try:
+        yield
+    finally:
+        _open_regions().pop()
+        with _patch_lock:
+            _patch_depth[0] -= 1
+            if _patch_depth[0] == 0:
+                nn.Module.__getattr__, nn.Module._named_members = _MODULE_GETATTR, _MODULE_NAMED_MEMBERS
+        region.finish()
 
 
 class _Rebind:
-    """The recompute context of one region: its start's slots and generator states, restored afterwards."""
+    """The recompute context of one region: its slots and generator states, restored afterwards."""
 
-    def __init__(self, entry: _Entry) -> None:
-        self.entry = entry
+    def __init__(self, region: _Region) -> None:
+        self.region = region
         self._undo: list[contextlib.ExitStack] = []
 
     def __enter__(self) -> "_Rebind":
-        stack = contextlib.ExitStack()
-        found_params = [(d, k, d.get(k)) for d, k, _ in self.entry.params]
-        found_buffers = [(d, k, d.get(k)) for d, k, _ in self.entry.buffers]
-        found_states = [(g, g.get_state()) for g, _ in self.entry.generators]
+        region, stack = self.region, contextlib.ExitStack()
+        found = [(d, k, d.get(k)) for d, k, _ in (*region.params, *region.buffers)]
+        found_states = [(g, g.get_state()) for g, _ in region.generators]
 
         def undo() -> None:
-            for d, k, t in (*found_params, *found_buffers):
+            for d, k, t in found:
                 d[k] = t
             for g, state in found_states:
                 g.set_state(state)
 
         stack.callback(undo)
-        for d, k, t in self.entry.params:
+        for d, k, t in region.params:
             d[k] = t
         with torch.no_grad():  # a fresh clone: the recomputation may update it in place, undetectably
-            for d, k, copy in self.entry.buffers:
+            for d, k, copy in region.buffers:
                 d[k] = copy.clone()
-        for g, state in self.entry.generators:
+        for g, state in region.generators:
             g.set_state(state)
         stack.enter_context(recompute_scope())
-        stack.enter_context(_pushed(Frame(self.entry.root, True)))
+        stack.enter_context(_pushed(Frame(region.root, True)))
         self._undo.append(stack)
         return self
 
@@ -244,11 +303,11 @@ def checkpoint_region(root: nn.Module | None, function: Callable[..., Any], args
         raise ConfigError("checkpoint(debug=True) cannot be combined with the engine's exact recomputation "
                           "(torch allows no context_fn with debug); drop debug=True")
     install_routing()
-    entry = _capture(root, rng=options.get("preserve_rng_state", True))
+    region = _Region(root, rng=options.get("preserve_rng_state", True))
 
     def contexts() -> tuple[Any, Any]:
         forward, recompute = context_fn() if context_fn is not None else (contextlib.nullcontext(),) * 2
-        return forward, _Chained(_Rebind(entry), recompute)
+        return _Chained(_recording_reads(region), forward), _Chained(_Rebind(region), recompute)
 
     return _TORCH_IMPL(function, args, kwargs, use_reentrant=False, context_fn=contexts, **options)  # type: ignore[misc]
 

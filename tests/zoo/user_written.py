@@ -196,6 +196,27 @@ class HookReadsRoot(nn.Module):
         return self.head(h)
 
 
+class Gain(nn.Module):
+    """Reads its parameter only through ``self.parameters()`` (as a norm penalty or a scale would)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.g = nn.Parameter(torch.tensor(0.8))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * sum(p for p in self.parameters())
+
+
+class IteratedParameters(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(IN, HID), Gain(), nn.Tanh())
+        self.head = nn.Linear(HID, OUT)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(checkpoint(self.block, x, use_reentrant=False))
+
+
 class Mixer(nn.Module):
     def __init__(self, shared: nn.Module) -> None:
         super().__init__()
@@ -295,6 +316,7 @@ USER_WRITTEN = {
     "hook_reads_root_torch": (HookReadsRoot, {"use_torch": True}),
     "hook_reads_root_harness": (HookReadsRoot, {"use_torch": False}),
     "plain_list_module_torch": (PlainListModule, {"use_torch": True}),
+    "parameters_iterated_in_forward": (IteratedParameters, {}),
     "plain_list_module_harness": (PlainListModule, {"use_torch": False}),
     "own_generator": (OwnGenerator, {}),
     "own_generator_torch": (OwnGenerator, {"use_torch": True}),
