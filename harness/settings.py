@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 from harness.core.config import AMP_MODES, ConfigError
 from harness.zoo.presets import Preset, get_preset
+from harness.zoo.user import model_keywords, resolve, takes_any_keyword
 
 __all__ = ["check_folder_name", "ACCEPTED", "BOUNDS", "Bound", "CellSettings", "LAUNCH_SETTINGS", "MODEL_SETTINGS", "SEED_MAX", "SETTING_KEYS", "SPEC_SETTINGS",
            "SWEEP_PARAMS", "VARIANT_SETTINGS", "check_int", "check_seconds", "dedupe",
@@ -48,6 +49,7 @@ BOUNDS: dict[str, Bound] = {
     "warmup": Bound(0, 1_000, 1_000_000),
     "repeats": Bound(1, 10_000, 1_000_000),
     "pairs": Bound(1, 10_000, 1_000_000),  # bench: paired-ratio pairs; scaling: 1-rank/N-rank pairs
+    "fd_directions": Bound(0, 100, 10_000),  # check: finite-difference directions (0: none)
     "depth": Bound(1, 256, 100_000),
     "width": Bound(1, 16_384, 1_000_000),
     "step_ckpt": Bound(0, 1_000, 100_000),
@@ -122,12 +124,6 @@ def parse_value(text: str) -> Any:
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
-def _keywords(make: Any) -> dict[str, Any]:
-    """A constructor's keyword parameters and their defaults."""
-    return {n: p.default for n, p in inspect.signature(make).parameters.items()
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "self"}
-
-
 def _typed(what: str, text: str, default: Any, bound: str, allow_huge: bool) -> Any:
     """``text`` converted to the type of ``default`` (int, float, bool, str) and checked; ``what`` names it."""
     if isinstance(default, bool):
@@ -152,8 +148,23 @@ def _typed(what: str, text: str, default: Any, bound: str, allow_huge: bool) -> 
     return parse_value(text) if default is None or default is inspect.Parameter.empty else text
 
 
-def validate_setting(key: str, text: str, preset: Preset, *, allow_huge: bool = False, flag: str = "--set") -> Any:
-    """One ``KEY=VALUE`` for ``preset``: the key must be one the preset's run, variant, model or task takes."""
+def _maker(part: str, preset: Preset, model: str | None, tasks: str | None, what: str
+           ) -> tuple[Any, dict[str, Any], str]:
+    """(callable, its fixed keyword defaults, how to name it) of the model or the tasks a ``--set`` goes to."""
+    if part == "model" and model:
+        return resolve(model, "--model"), {}, f"--model {model}"
+    if part == "task" and tasks:
+        raise ConfigError(f"{what}: --tasks {tasks} is called as sampler(n, gen) and takes no keywords; "
+                          "set them in the sampler")
+    make = preset.make_model if part == "model" else preset.make_task
+    fixed = preset.model_kwargs if part == "model" else preset.task_kwargs
+    return make, fixed, f"preset {preset.name!r}'s {part} ({make.__name__})"
+
+
+def validate_setting(key: str, text: str, preset: Preset, *, allow_huge: bool = False, flag: str = "--set",
+                     model: str | None = None, tasks: str | None = None) -> Any:
+    """One ``KEY=VALUE`` for ``preset``: the key must be one the preset's run, variant, model or task takes
+    (with ``model``/``tasks``, a ``--model``/``--tasks`` spec: the keywords of the user's factory)."""
     what = f"{flag} {key}"
     if key in SPEC_SETTINGS + VARIANT_SETTINGS + LAUNCH_SETTINGS:
         return _typed(what, text, 0, key, allow_huge)
@@ -164,17 +175,19 @@ def validate_setting(key: str, text: str, preset: Preset, *, allow_huge: bool = 
     part, kw = ("model", key) if key in MODEL_SETTINGS else key.split(".", 1) if "." in key else ("", key)
     if part not in ("model", "task") or not kw:
         raise ConfigError(f"unknown {flag} key {key!r}; accepted: {ACCEPTED}")
-    make = preset.make_model if part == "model" else preset.make_task
-    params = _keywords(make)
-    if kw not in params:
-        raise ConfigError(f"{what}: preset {preset.name!r}'s {part} ({make.__name__}) takes no {kw!r}; "
-                          f"accepted: {', '.join(f'{part}.{p}' for p in params)}")
-    default = {**params, **(preset.model_kwargs if part == "model" else preset.task_kwargs)}[kw]
+    make, fixed, owner = _maker(part, preset, model, tasks, what)
+    params = model_keywords(make)
+    if kw not in params and not takes_any_keyword(make):
+        raise ConfigError(f"{what}: {owner} takes no {kw!r}; "
+                          f"accepted: {', '.join(f'{part}.{p}' for p in params) or '(none)'}")
+    default = {**params, **fixed}.get(kw, inspect.Parameter.empty)
     return _typed(what, text, default, kw if kw in BOUNDS else "size", allow_huge)
 
 
-def parse_settings(items: list[str], preset: str, *, allow_huge: bool = False) -> dict[str, Any]:
-    """``["width=32", "task.tokens=8"]`` -> ``{"width": 32, "task.tokens": 8}``, every value checked."""
+def parse_settings(items: list[str], preset: str, *, allow_huge: bool = False, model: str | None = None,
+                   tasks: str | None = None) -> dict[str, Any]:
+    """``["width=32", "task.tokens=8"]`` -> ``{"width": 32, "task.tokens": 8}``, every value checked (against
+    the ``--model`` factory's keywords when one is given)."""
     p = get_preset(preset)
     out: dict[str, Any] = {}
     for item in items:
@@ -182,7 +195,7 @@ def parse_settings(items: list[str], preset: str, *, allow_huge: bool = False) -
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"bad --set {item!r}; expected KEY=VALUE with KEY one of {ACCEPTED}")
-        out[key] = validate_setting(key, val.strip(), p, allow_huge=allow_huge)
+        out[key] = validate_setting(key, val.strip(), p, allow_huge=allow_huge, model=model, tasks=tasks)
     return out
 
 
@@ -191,7 +204,8 @@ def dedupe(values: list[Any]) -> list[Any]:
     return list(dict.fromkeys(values))
 
 
-def parse_param(text: str, preset: str, *, allow_huge: bool = False) -> tuple[str, list[Any]]:
+def parse_param(text: str, preset: str, *, allow_huge: bool = False, model: str | None = None
+                ) -> tuple[str, list[Any]]:
     """``sweep --param inner_steps=1,2,4`` -> ``("inner_steps", [1, 2, 4])`` (repeats collapse in the plan)."""
     name, sep, vals = text.partition("=")
     name = name.strip()
@@ -201,7 +215,7 @@ def parse_param(text: str, preset: str, *, allow_huge: bool = False) -> tuple[st
     if not texts:
         raise ConfigError(f"bad --param {text!r}; expected {name}=V1,V2,... with integer values")
     p = get_preset(preset)
-    return name, [validate_setting(name, t, p, allow_huge=allow_huge, flag="--param") for t in texts]
+    return name, [validate_setting(name, t, p, allow_huge=allow_huge, flag="--param", model=model) for t in texts]
 
 
 class CellSettings(NamedTuple):

@@ -22,6 +22,7 @@ from harness.core.segment import capture_rng, replay_rng
 from harness import distributed
 from harness.settings import check_int
 from harness.zoo.presets import Preset, get_preset
+from harness.zoo.user import make_model, make_tasks, normalize_spec
 from harness.variants import Variant, get_variant
 
 __all__ = ["valid_amps", "DEVICES", "DTYPES", "MAX_CONSECUTIVE_SKIPS", "SMALL_MODEL_PARAMS", "Diverged", "DivergenceCheck",
@@ -90,9 +91,16 @@ class RunSpec:
     meta_steps: int | None = None
     seed: int = 0
     amp: str = "off"  # off | fp16 | bf16
+    model: str | None = None  # --model pkg.module:factory or file.py:factory (harness.zoo.user); None: the preset's
+    tasks: str | None = None  # --tasks ...:sampler; None: the preset's task family
+    ckpt: tuple[str, ...] = ()  # --ckpt patterns: MetaConfig.ckpt_modules
 
     def __post_init__(self) -> None:
         get_variant(self.variant), get_preset(self.preset)  # raise ConfigError listing valid names
+        for flag, text in (("--model", self.model), ("--tasks", self.tasks)):
+            if text is not None:
+                normalize_spec(text, flag)  # the form only; importing is the Experiment's
+        object.__setattr__(self, "ckpt", tuple(self.ckpt))
         check_device(self.device)
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; valid dtypes: {', '.join(DTYPES)}")
@@ -124,7 +132,10 @@ class RunSpec:
 
 
 class Experiment:
-    """A built cell: the learner, its task sampler, and a generator for task batches."""
+    """A built cell: the learner, its task sampler, and a generator for task batches.
+
+    The model and tasks are the preset's, or the user's (``spec.model``/``spec.tasks``,
+    :mod:`harness.zoo.user`); the preset gives the sizes either way."""
 
     def __init__(self, spec: RunSpec, variant: Variant | None = None, task_overrides: dict | None = None,
                  model_overrides: dict | None = None) -> None:
@@ -133,11 +144,11 @@ class Experiment:
         r = spec.resolved()
         self.sizes = r
         self.device = torch.device(spec.device)
-        self.task = spec.preset_obj.task(**(task_overrides or {}))
+        self.task = make_tasks(spec.preset_obj, spec.tasks, task_overrides)
         torch.manual_seed(spec.seed)
-        model = spec.preset_obj.model(**(model_overrides or {})).to(self.device, spec.torch_dtype)
+        model = make_model(spec.preset_obj, spec.model, model_overrides).to(self.device, spec.torch_dtype)
         cfg = self.variant.config(inner_steps=r["inner_steps"], inner_lr=r["inner_lr"], adapt_last=r["adapt_last"],
-                                  amp=spec.amp)
+                                  amp=spec.amp, ckpt_modules=spec.ckpt)
         self.learner = MetaLearner(model, cfg, self.task.loss_fn).to(self.device)
         self.gen = torch.Generator().manual_seed(spec.seed + 1)
 

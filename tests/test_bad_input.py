@@ -66,6 +66,42 @@ CASES = ([(cmd, a, w) for cmd in BASE for a, w in BAD_EVERYWHERE]
             for setting, words in (("vmap_chunk=2", "vmap_chunk=2 needs vectorize"),
                                    ("vectorize=1", "vectorize cannot be combined with layer_ckpt"))])
 
+# issue 21: the user's --model / --tasks / --ckpt, refused up front by every command (tests/user_models.py)
+OWN, FITS = "tests.user_models:make_stack", "tests.user_models:regression"
+USER_BAD = [
+    (["--model", "tests/user_models.py"], "expected pkg.module:NAME or path/to/file.py:NAME"),
+    (["--model", "tests.user_model_unimportable:make"],
+     "cannot import module 'tests.user_model_unimportable': ModuleNotFoundError: No module named"),
+    (["--model", "tests.user_models:nope"], "has no attribute 'nope'"),
+    (["--model", "tests.user_models:raising_factory"], "raising_factory() raised ValueError: width must be even"),
+    (["--model", "tests.user_models:not_a_module"], "not_a_module() returned int, not a torch.nn.Module"),
+    (["--tasks", "tests.user_models:raising_sampler"], "raised RuntimeError: the data folder is missing"),
+    (["--tasks", "tests.user_models:tuple_sampler"], "returned tuple; expected a list of 1 harness.Task"),
+    (["--tasks", "tests.user_models:empty_sampler"], "returned an empty list"),
+    (["--tasks", "tests.user_models:wrong_items_sampler"], "item 0 is dict, not a harness.Task"),
+    (["--model", OWN], "preset 'cpu-bench''s tasks: the model's forward on a task's support set"),
+    (["--model", OWN, "--tasks", "tests.user_models:wide_sampler"], "mat1 and mat2 shapes cannot be multiplied"),
+    (["--model", OWN, "--tasks", FITS, "--set", "model.bogus=1"], "takes no 'bogus'; accepted: model.width, model.depth"),
+    (["--tasks", FITS, "--set", "task.tokens=4"], "takes no keywords"),
+    (["--ckpt", "nothing.*"], "--ckpt 'nothing.*' matches no submodule of ResMLP"),
+    (["--model", OWN, "--tasks", FITS, "--ckpt", "blocks.*"], "--ckpt 'blocks.*' matches no submodule of Stack"),
+]
+USER_BASE = {**BASE, "sweep": ["sweep", "--variant", "maml", "--param", "inner_steps=1,2", "--preset", "cpu-bench",
+                               "--device", "cpu"],
+             "check": ["check", "--preset", "cpu-bench", "--device", "cpu"]}
+CHECK_BAD = [  # check needs both specs; the rest as every command
+    (["--model", OWN], "check needs --model SPEC and --tasks SPEC"),
+    (["--model", "tests.user_models:raising_factory", "--tasks", FITS], "raised ValueError: width must be even"),
+    (["--model", OWN, "--tasks", "tests.user_models:empty_sampler"], "returned an empty list"),
+    (["--model", OWN, "--tasks", "tests.user_models:wide_sampler"], "mat1 and mat2 shapes cannot be multiplied"),
+    (["--model", OWN, "--tasks", FITS, "--ckpt", "nothing.*"], "--ckpt 'nothing.*' matches no submodule of Stack"),
+    (["--model", OWN, "--tasks", FITS, "--set", "model.bogus=1"], "takes no 'bogus'"),
+    (["--model", OWN, "--tasks", FITS, "--fd-directions", "-1"], "--fd-directions must be in 0..100"),
+    (["--model", OWN, "--tasks", FITS, "--run-id", "../escaped"], "--run-id"),
+]
+USER_CASES = ([(cmd, a, w) for cmd in BASE for a, w in USER_BAD]
+              + [("check", a, w) for a, w in CHECK_BAD])
+
 
 @pytest.fixture
 def no_work(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
@@ -74,6 +110,7 @@ def no_work(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
         raise AssertionError("the work started: the bad input was not refused up front")
 
     for target in ("harness.cli.run.run_single", "harness.cli.bench.run_request", "harness.cli.sweep.run_request",
+                   "harness.cli.check.run_check",
                    "harness.cli.ablate.run_ablation", "harness.cli.diagnose.run_diagnosis", "harness.cli.report.build",
                    "harness.cli.scaling.run_scaling"):
         monkeypatch.setattr(target, refuse)
@@ -93,6 +130,20 @@ def refused(argv: list[str], capsys: pytest.CaptureFixture, where: Path, words: 
 def test_a_bad_value_is_refused_by_every_command_before_anything_runs(no_work: Path, capsys, command, argv,
                                                                        words) -> None:
     refused([*BASE[command], *argv], capsys, no_work, words)
+
+
+@pytest.mark.parametrize("command, argv, words", USER_CASES, ids=lambda x: x if isinstance(x, str) else None)
+def test_a_bad_user_model_tasks_or_ckpt_is_refused_by_every_command_before_anything_runs(no_work: Path, capsys,
+                                                                                          command, argv, words) -> None:
+    refused([*USER_BASE[command], *argv], capsys, no_work, words)
+
+
+def test_a_broken_user_factory_is_one_line_exit_2_in_a_fresh_process(tmp_path: Path) -> None:
+    """The canary: as a user runs it, a relative file path; no traceback, nothing written."""
+    out = harness("run", "--variant", "maml", "--model", "tests/user_models.py:not_a_module", "--out", str(tmp_path))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "user_models.py:not_a_module: not_a_module() returned int, not a torch.nn.Module" in out.stderr
+    assert "Traceback" not in out.stderr and not any(tmp_path.iterdir())
 
 
 def test_a_model_keyword_value_the_model_refuses_is_one_line_exit_2_and_nothing_written(tmp_path, capsys) -> None:
@@ -125,10 +176,11 @@ def test_allow_huge_lifts_the_typo_limit_and_only_it(no_work: Path, capsys) -> N
 def out_cases(tmp: Path) -> list[tuple[str, list[str]]]:
     return [("run", [*BASE["run"], "--out"]), ("bench", [*BASE["bench"], "--out"]),
             ("sweep", [*BASE["sweep"], "--out"]), ("ablate", [*BASE["ablate"], "--out"]),
-            ("diagnose", ["diagnose", "--out"]), ("scaling", ["scaling", "--out"])]
+            ("diagnose", ["diagnose", "--out"]), ("scaling", ["scaling", "--out"]),
+            ("check", ["check", "--model", OWN, "--tasks", FITS, "--device", "cpu", "--out"])]
 
 
-@pytest.mark.parametrize("command", ["run", "bench", "sweep", "ablate", "diagnose", "scaling"])
+@pytest.mark.parametrize("command", ["run", "bench", "sweep", "ablate", "diagnose", "scaling", "check"])
 @pytest.mark.parametrize("kind", ["a file", "below a file", "unwritable (/proc)"])
 def test_an_unusable_out_folder_is_exit_2_before_the_work(no_work: Path, capsys, command: str, kind: str) -> None:
     blocker = no_work / "results.txt"

@@ -77,6 +77,9 @@ def write_form(row) -> dict:
     ("final_query_loss", "low", "field 'final_query_loss' must be a number"),
     ("schema", 2, "has schema version 2, expected 1"),
     ("kind", "run", "kind 'run', expected 'cell'"),
+    ("model", 3, "field 'model' must be a string or null"),
+    ("ckpt", "layers.*", "field 'ckpt' must be a list or null"),
+    ("fd_rel_err", "small", "field 'fd_rel_err' must be a number"),
 ])
 def test_a_malformed_row_names_the_file_and_the_line(tmp_path: Path, field, value, says) -> None:
     rows = [a_cell(), a_cell(**{field: value})]
@@ -102,6 +105,19 @@ def test_writers_refuse_a_row_of_the_wrong_shape(tmp_path: Path) -> None:
     with pytest.raises(ResultsError, match="RunResult being written: field 'skipped_steps' must be an integer"):
         write_json(tmp_path / "run.json", RunResult(spec={"variant": "maml"}, skipped_steps="none"))
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_a_user_models_cell_and_run_keep_their_specs_and_finite_differences(tmp_path: Path) -> None:
+    """Issue 21: optional fields, absent from preset rows (so every committed row reads and writes unchanged)."""
+    cell = Cell("vmaml", "quick", model="/m.py:make", tasks="pkg.tasks:sample", ckpt=("layers.*",))
+    row = {**a_cell(), **base_row(cell), "status": "ok", "fd_rel_err": float("nan")}
+    (back,) = read_cells(write_cells(tmp_path / "cells.jsonl", [row]))
+    assert (back.model, back.tasks, back.ckpt) == ("/m.py:make", "pkg.tasks:sample", ["layers.*"])
+    assert math.isnan(back.fd_rel_err) and back.key == cell.key() and back.extra == {"custom_note": "kept"}
+    assert not {"model", "tasks", "ckpt", "fd_rel_err"} & set(a_cell())
+    run = RunResult(status="ok", spec={"variant": "maml"}, model="/m.py:make", ckpt=["layers.*"])
+    again = read_row(write_json(tmp_path / "run.json", run), RunResult)
+    assert again.model == "/m.py:make" and again.tasks is None and "tasks" not in again.to_dict()
 
 
 def test_run_result_and_diagnosis_read_back(tmp_path: Path) -> None:

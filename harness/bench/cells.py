@@ -1,7 +1,8 @@
 """A cell: one (variant x preset x settings) measurement, and what makes two cells the same one.
 
 A cell's identity (:meth:`Cell.key`) is what changes its measurement: variant, preset, device, dtype,
-settings and seed.  How long it may take (``MeasureOptions.timeout_s``) is not part of it, so changing
+settings and seed, and the user's ``--model``/``--tasks``/``--ckpt`` when given (so a resumed run never takes a
+user model's cell for the preset's).  How long it may take (``MeasureOptions.timeout_s``) is not part of it, so changing
 only ``--timeout`` on a re-run resumes (``harness.bench.matrix``).  The statuses a cell's row can have:
 
 * ``ok`` -- measured;
@@ -11,7 +12,8 @@ only ``--timeout`` on a re-run resumes (``harness.bench.matrix``).  The statuses
   OOM killer: the message names the signal);
 * ``timeout`` -- the per-cell time limit passed and the harness killed the process;
 * ``diverged`` -- the meta-loss became NaN/inf;
-* ``unsupported`` -- a peer cell the peer cannot express (or not installed);
+* ``unsupported`` -- a peer cell the peer cannot express (or not installed), or a variant that refuses the
+  cell's model (a ``ConfigError`` while it is built or run, e.g. ``vmaml`` on BatchNorm; reason in ``message``);
 * ``error`` -- anything else (exception type and message in ``message``, traceback kept).
 
 Try it: ``python -m harness bench --variants maml,fo --run-id try`` (``results/try/cells.jsonl``).
@@ -27,8 +29,9 @@ from harness.reporting.schema import CellRow
 from harness.settings import (LAUNCH_SETTINGS, MODEL_SETTINGS, SPEC_SETTINGS, SWEEP_PARAMS,  # the one list of keys
                               VARIANT_SETTINGS, check_int, parse_value, split_settings)
 from harness.variants import Variant, get_variant
+from harness.zoo.user import UserSpecs, spec_name
 
-__all__ = ["Cell", "MeasureOptions", "STATUSES", "PASSING_STATUSES", "SPEC_SETTINGS", "MODEL_SETTINGS",
+__all__ = ["ADDED_LATER", "Cell", "MeasureOptions", "STATUSES", "PASSING_STATUSES", "SPEC_SETTINGS", "MODEL_SETTINGS",
            "VARIANT_SETTINGS", "LAUNCH_SETTINGS", "SWEEP_PARAMS", "base_row", "parse_value", "variant_for",
            "dedup_cells",
            "BUILDERS", "Builder", "PLUGIN_ENV", "ResultsError", "load_rows"]
@@ -41,6 +44,7 @@ PASSING_STATUSES = ("ok", "unsupported")  # a matrix of only these exits 0 (see 
 # ``harness.studies.peers.build_peer``.  A cell runs in a fresh process, so register at import of a module
 # named in ``HARNESS_CELL_PLUGINS`` (comma separated).
 PLUGIN_ENV = "HARNESS_CELL_PLUGINS"
+ADDED_LATER = {"fd_directions": 0}  # MeasureOptions fields newer than the stored rows, at their default
 Builder = Callable[[str, Any, Any], Any]
 BUILDERS: dict[str, Builder] = {}
 
@@ -56,10 +60,17 @@ class MeasureOptions:
     cpu_mem_cap_mib: float | None = None
     threads: int | None = None  # torch.set_num_threads in the cell; None: torch's default
     pairs: int | None = None  # alternating pairs for the paired ratio; None: harness.bench.paired.DEFAULT_PAIRS
+    fd_directions: int = 0  # check: finite-difference directions of second-order cells (harness.gradcheck); 0: none
 
     def identity(self) -> dict[str, Any]:
         """The options that change the measurement (everything but the time limit), as stored in rows."""
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "timeout_s"}
+        return MeasureOptions.identity_of({k: getattr(self, k) for k in self.__dataclass_fields__})
+
+    @staticmethod
+    def identity_of(stored: dict[str, Any]) -> dict[str, Any]:
+        """A row's ``measure_opts`` as :meth:`identity` has it: no time limit, and options added later left out
+        at their default (a row measured before they existed is the same measurement)."""
+        d = {k: v for k, v in stored.items() if k != "timeout_s" and not (k in ADDED_LATER and v == ADDED_LATER[k])}
         return json.loads(json.dumps(d))
 
 
@@ -78,6 +89,16 @@ class Cell:
     dtype: str = "float32"
     settings: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    model: str | None = None  # --model spec (harness.zoo.user); None: the preset's model
+    tasks: str | None = None  # --tasks spec; None: the preset's tasks
+    ckpt: tuple[str, ...] = ()  # --ckpt patterns (MetaConfig.ckpt_modules)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ckpt", tuple(self.ckpt))  # a list when read back from JSON
+
+    def user(self) -> dict[str, Any]:
+        """The user's model, tasks and checkpoint patterns that the cell names (none: the preset's)."""
+        return UserSpecs(self.model, self.tasks, self.ckpt).fields()
 
     @property
     def peer(self) -> str | None:
@@ -87,24 +108,30 @@ class Cell:
     def base_variant(self) -> str:
         return self.variant.split(":", 1)[1] if ":" in self.variant else self.variant
 
+    def _user_identity(self) -> list[Any]:
+        """``[]`` for a preset's model and tasks, so the keys of every cell measured before issue 21 stay."""
+        return [sorted((k, list(v) if k == "ckpt" else v) for k, v in self.user().items())] if self.user() else []
+
     def key(self) -> str:
         """Identity within a run: two cells with the same key are one measurement."""
         return json.dumps([self.variant, self.preset, self.device, self.dtype,
-                           sorted(self.settings.items()), self.seed])
+                           sorted(self.settings.items()), self.seed, *self._user_identity()])
 
     def compare_key(self) -> str:
         """Identity across machines (no device, no ``ranks``): what ``compare`` matches on, so 1 and N ranks pair up."""
         settings = sorted((k, v) for k, v in self.settings.items() if k not in LAUNCH_SETTINGS)
-        return json.dumps([self.variant, self.preset, self.dtype, settings, self.seed])
+        return json.dumps([self.variant, self.preset, self.dtype, settings, self.seed, *self._user_identity()])
 
     def label(self) -> str:
         s = ",".join(f"{k}={v}" for k, v in sorted(self.settings.items()))
-        return f"{self.variant} on {self.preset}" + (f" [{s}]" if s else "")
+        user = ", ".join(f"{k} {spec_name(v) if k != 'ckpt' else ','.join(v)}" for k, v in self.user().items())
+        return f"{self.variant} on {self.preset}" + (f" ({user})" if user else "") + (f" [{s}]" if s else "")
 
     def overrides(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        """(run-spec kwargs, model overrides, task overrides); keys as harness.settings lists them."""
+        """(run-spec kwargs, model overrides, task overrides); keys as harness.settings lists them.  The run-spec
+        kwargs carry the user's model, tasks and checkpoint patterns when the cell names them."""
         spec, model, task, _, _ = split_settings(self.settings)  # variant: variant_for; launch: bench.process
-        return spec, model, task
+        return {**spec, **self.user()}, model, task
 
 
 def dedup_cells(cells: list[Cell]) -> list[Cell]:
@@ -128,4 +155,5 @@ def base_row(cell: Cell) -> dict[str, Any]:
     """A cell's row before it ran: status ``error`` until something says otherwise."""
     return CellRow(key=cell.key(), variant=cell.variant, base_variant=cell.base_variant, peer=cell.peer,
                    preset=cell.preset, device=cell.device, dtype=cell.dtype, settings=dict(cell.settings),
-                   seed=cell.seed, amp=str(cell.settings.get("amp", "off"))).to_dict()
+                   seed=cell.seed, amp=str(cell.settings.get("amp", "off")), model=cell.model, tasks=cell.tasks,
+                   ckpt=list(cell.ckpt) or None).to_dict()

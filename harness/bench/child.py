@@ -3,7 +3,10 @@
 The driver (``harness.bench.process``) starts ``python -m harness.bench.child CELL.json OPTS.json ROW.json``
 in a temp folder; the child arms its death with the driver first (:func:`process.die_with_parent`), then
 measures.  A cell fault never raises out of :func:`measure_cell_inline`: its status says what happened
-(``harness.bench.cells`` lists them).  :func:`peer_precheck` is the one piece the driver calls itself, to
+(``harness.bench.cells`` lists them; a ``ConfigError`` of the variant is ``unsupported``, one of the user's
+factory or sampler ``error``).  With ``MeasureOptions.fd_directions`` (``python -m harness check``) a
+second-order cell also gets ``fd_rel_err``, finite differences against its meta-gradient
+(:mod:`harness.gradcheck`).  :func:`peer_precheck` is the one piece the driver calls itself, to
 record a peer cell that cannot run without starting a process.
 
 Debug one cell in this process: ``python -c "from harness.bench.child import measure_cell_inline;
@@ -30,9 +33,11 @@ from harness.bench import measure, paired
 from harness.bench.cells import BUILDERS, PLUGIN_ENV, Builder, Cell, MeasureOptions, base_row, variant_for
 from harness.bench.process import PARENT_ENV, TEMP_PREFIX, cell_environment, die_with_parent
 from harness.core.config import ConfigError
+from harness.gradcheck import finite_difference_error
 from harness.reporting.files import write_json
 from harness.studies import peers
 from harness.variants import get_variant
+from harness.zoo.user import UserCodeError
 
 __all__ = ["measure_cell_inline", "peer_precheck", "failure_status", "main", "ALLOC_FAILURES"]
 
@@ -108,7 +113,10 @@ def _learner(cell: Cell, row: dict[str, Any]) -> tuple[loop.Experiment, Any]:
 
 def _measure(cell: Cell, opts: MeasureOptions, row: dict[str, Any], started: float) -> None:
     exp, learner = _learner(cell, row)
-    row["agreement"] = loop.check_agreement(exp, exp.sample(), learner)
+    tasks = exp.sample()
+    row["agreement"] = loop.check_agreement(exp, tasks, learner)
+    if opts.fd_directions and cell.peer is None and not exp.variant.first_order:  # python -m harness check
+        row["fd_rel_err"] = finite_difference_error(learner, tasks, directions=opts.fd_directions)
     step = measure.StepRunner(learner, exp.sizes["outer_lr"], exp.sample, scaler=exp.new_scaler())
     cap = int(opts.cpu_mem_cap_mib * measure.MIB) if opts.cpu_mem_cap_mib is not None else None
     m = measure.measure(step, cell.device, warmup=opts.warmup, repeats=opts.repeats, nvml=opts.nvml, cap_bytes=cap)
@@ -132,6 +140,10 @@ def measure_cell_inline(cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
     try:
         _measure(cell, opts, row, t0)
     except _Unsupported as exc:
+        row["status"], row["message"] = "unsupported", str(exc)
+    except UserCodeError as exc:  # the user's factory or sampler failed: their error, not a variant's refusal
+        row["status"], row["message"] = "error", str(exc)
+    except ConfigError as exc:  # the variant refuses this model (vmaml on BatchNorm, ...): the reason, one line
         row["status"], row["message"] = "unsupported", str(exc)
     except loop.Diverged as exc:
         row["status"], row["message"] = "diverged", str(exc)

@@ -51,8 +51,8 @@ def is_finished(row: dict[str, Any] | None, opts: MeasureOptions) -> bool:
     if row is None:
         return False
     stored = dict(row.get("measure_opts") or {})
-    limit = stored.pop("timeout_s", None)
-    if stored != opts.identity():
+    limit = stored.get("timeout_s")
+    if MeasureOptions.identity_of(stored) != opts.identity():
         return False
     return not (row.get("status") == "timeout" and (limit is None or opts.timeout_s > limit))
 

@@ -42,6 +42,7 @@ from harness.bench.cells import Cell, MeasureOptions, base_row
 from harness.reporting.provenance import environment
 
 __all__ = ["CellExecutor", "LocalExecutor", "Interrupted", "signals_as_interrupts", "measure_cell_isolated",
+           "user_code_paths",
            "die_with_parent", "exit_status", "cell_environment", "PARENT_ENV", "CHILD_MODULE", "TEMP_PREFIX"]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -130,6 +131,24 @@ def _finished_row(cell: Cell, status: str, message: str, t0: float) -> dict[str,
     return row
 
 
+def user_code_paths(cell: Cell) -> tuple[list[str], str]:
+    """(extra ``PYTHONPATH`` entries, working directory) of a cell's process.
+
+    A cell of the user's ``--model``/``--tasks`` runs where the driver runs, with the driver's working directory
+    and the ``sys.path`` entries it has beyond the interpreter's own (where ``pkg.module:factory`` was found,
+    and a factory reading files next to it finds them); any other cell runs in the repository, as always."""
+    if not (cell.model or cell.tasks):
+        return [], str(REPO)
+    prefixes = tuple(str(Path(p).resolve()) for p in {sys.prefix, sys.base_prefix, sys.exec_prefix})
+    cwd = os.getcwd()
+    extra = [cwd]
+    for entry in sys.path:
+        path = str(Path(entry or cwd).resolve())
+        if path not in extra and path != str(REPO) and Path(path).is_dir() and not path.startswith(prefixes):
+            extra.append(path)
+    return extra, cwd
+
+
 def measure_cell_isolated(cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
     """Measure one cell in a fresh ``python -m harness.bench.child`` process with a time limit; always a row."""
     with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX) as tmp:
@@ -137,8 +156,9 @@ def measure_cell_isolated(cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
         (tmpd / "cell.json").write_text(json.dumps(asdict(cell)))
         (tmpd / "opts.json").write_text(json.dumps(asdict(opts)))
         out = tmpd / "row.json"
+        paths, cwd = user_code_paths(cell)
         env = {**os.environ, PARENT_ENV: str(os.getpid()),
-               "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+               "PYTHONPATH": os.pathsep.join([str(REPO), *paths, *filter(None, [os.environ.get("PYTHONPATH")])])}
         ranks = int(cell.settings.get("ranks", 1))
         if ranks > 1:  # the ranks' parent is torchrun's agent (in the cell's group), not this driver
             env.pop(PARENT_ENV)
@@ -147,7 +167,7 @@ def measure_cell_isolated(cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
         t0 = time.perf_counter()
         with open(tmpd / "stderr.txt", "wb") as err:
             # its own session (process group), so a kill also ends anything the cell started
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=str(REPO),
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=cwd,
                                     start_new_session=True)
             try:
                 rc = proc.wait(timeout=opts.timeout_s)

@@ -8,6 +8,7 @@ of memory, was killed or timed out.  Try: ``python -m harness bench --variants m
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,9 +23,10 @@ from harness.settings import dedupe
 from harness.studies.peers import PEERS, supports
 from harness.train import check_amp, valid_amps
 from harness.variants import CANONICAL, get_variant, registry
+from harness.zoo.user import UserSpecs, spec_name
 
 __all__ = ["DEFAULT_PRESET", "MatrixOutcome", "MatrixRequest", "add_peer_cells", "default_run_id", "parse_amps",
-           "parse_caps", "plan", "resolve_variants", "run_request"]
+           "parse_caps", "plan", "resolve_variants", "run_request", "user_suffix"]
 
 DEFAULT_PRESET = {"cuda": "seed", "cpu": "cpu-bench"}
 
@@ -111,18 +113,27 @@ def parse_caps(items: list[str]) -> dict[str, float]:
     return caps
 
 
-def default_run_id(preset: str, device: str, settings: dict[str, Any]) -> str:
+def user_suffix(user: UserSpecs) -> str:
+    """``-<factory>[-<sampler>][-ckpt_<patterns>]`` of a run of the user's code ('' for the preset's), folder-safe."""
+    parts = [spec_name(user.model) if user.model else "", spec_name(user.tasks) if user.tasks else "",
+             "ckpt_" + re.sub(r"[^A-Za-z0-9_+]", "_", "+".join(user.ckpt)) if user.ckpt else ""]
+    return "".join(f"-{p}" for p in parts if p)
+
+
+def default_run_id(preset: str, device: str, settings: dict[str, Any], user: UserSpecs = UserSpecs()) -> str:
     suffix = "".join(f"-{k.replace('.', '_')}{str(v).replace(',', '+')}" for k, v in sorted(settings.items()))
-    return f"{preset}-{device}{suffix}"
+    return f"{preset}{user_suffix(user)}-{device}{suffix}"
 
 
 def plan(variants: list[str], preset: str, device: str, dtype: str, seed: int, settings: dict[str, Any],
-         amps: list[str] = ["off"], sweep: tuple[str, list[Any]] | None = None) -> tuple[Cell, ...]:  # noqa: B006
+         amps: list[str] = ["off"], sweep: tuple[str, list[Any]] | None = None,  # noqa: B006
+         user: UserSpecs = UserSpecs()) -> tuple[Cell, ...]:
     """The cells, precision-major then variant (bench) or variant-major then value (sweep); each cell once
-    however often a variant or value is repeated (``--variants maml,maml`` is one cell)."""
+    however often a variant or value is repeated (``--variants maml,maml`` is one cell).  ``user``: the
+    ``--model``/``--tasks``/``--ckpt`` every cell carries."""
     def cell(v: str, amp: str, extra: dict[str, Any]) -> Cell:
         s = {**settings, **extra, **({"amp": amp} if amp != "off" else {})}
-        return Cell(v, preset, device, dtype, s, seed)
+        return Cell(v, preset, device, dtype, s, seed, **user.fields())
 
     if sweep is None:
         cells = [cell(v, a, {}) for a in amps for v in variants]

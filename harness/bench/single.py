@@ -10,6 +10,8 @@ Try: ``python -m harness run --variant ckpt_lr --preset quick``.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import sys
 import time
 from contextlib import nullcontext
@@ -28,6 +30,7 @@ from harness.reporting.provenance import environment
 from harness.reporting.schema import SCHEMA_VERSION, RunResult
 from harness.settings import CellSettings
 from harness.train import Diverged, Experiment, RunSpec, TrainLog, check_agreement, default_threads, train
+from harness.zoo.user import UserSpecs, spec_name
 
 __all__ = ["SingleRun", "result_path", "run_single", "side_measurements"]
 
@@ -46,10 +49,16 @@ class SingleRun:
 
 
 def result_path(out: Path, spec: RunSpec, world: int | None = None) -> Path:
-    """``<out>/runs/<variant>_<preset>_<device>_<dtype>[_<amp>]_s<seed>[_r<ranks>].json``."""
+    """``<out>/runs/<variant>_<preset>[_<model>-<hash>]_<device>_<dtype>[_<amp>]_s<seed>[_r<ranks>].json``; the
+    hash is of the ``--model``/``--tasks``/``--ckpt`` given, so a user model's run never overwrites the preset's."""
     amp = "" if spec.amp == "off" else "_" + spec.amp
     ranks = "" if world is None else f"_r{world}"
-    name = f"{spec.variant}_{spec.preset}_{spec.device}_{spec.dtype}{amp}_s{spec.seed}{ranks}.json"
+    user = UserSpecs(spec.model, spec.tasks, spec.ckpt)
+    own = ""
+    if user.given:
+        digest = hashlib.sha1(json.dumps([spec.model, spec.tasks, list(spec.ckpt)]).encode()).hexdigest()[:8]
+        own = f"_{spec_name(spec.model) if spec.model else 'own'}-{digest}"
+    name = f"{spec.variant}_{spec.preset}{own}_{spec.device}_{spec.dtype}{amp}_s{spec.seed}{ranks}.json"
     return Path(out) / "runs" / name
 
 
@@ -110,6 +119,7 @@ def _run(spec: RunSpec, out: Path, settings: CellSettings | None, snapshot: Path
         "skipped_steps": log.skipped_steps, "wall_s": wall_s, "memory": memory,
         "time": time_stats([b - a for a, b in zip(stamps, stamps[1:])][1:]),  # the first meta-step: warm-up
         "env": environment(spec.device), "distributed": ranks_info,
+        **{k: list(v) if k == "ckpt" else v for k, v in UserSpecs(spec.model, spec.tasks, spec.ckpt).fields().items()},
     }
     if not main:
         return SingleRun(None, result, main)

@@ -14,8 +14,9 @@ from typing import Any
 
 from harness import distributed
 from harness.bench.executors import add_executor_arguments, executor_spec, open_executor
-from harness.cli.args import (EXIT_FAILED, EXIT_OK, UsageError, add_out_argument, check_numbers, check_out_dir,
-                              merge_flags, nonempty, out_path, plots_root, run_dir)
+from harness.cli.args import (EXIT_FAILED, EXIT_OK, UsageError, add_out_argument, add_user_arguments, check_numbers,
+                              check_out_dir, check_user_code, merge_flags, nonempty, out_path, plots_root, run_dir,
+                              user_specs)
 from harness.settings import ACCEPTED, dedupe, parse_settings, split_settings
 from harness.studies.ablation.ablate import run_ablation
 from harness.studies.ablation.spec import AblationSpec, command_line
@@ -59,6 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--results-dir", dest="out", type=out_path, help=argparse.SUPPRESS)  # the old name of --out
     p.add_argument("--plots-dir", type=out_path, default=None, help=argparse.SUPPRESS)  # default: plots/ beside --out
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_user_arguments(p)
     add_executor_arguments(p)
     p.set_defaults(handler=run)
 
@@ -100,17 +102,21 @@ def spec_from_args(args: argparse.Namespace) -> AblationSpec:
     check_numbers(args)
     check_device(args.device)
     task, model = data_overrides(args)
-    parts = split_settings(merge_flags(args, parse_settings(args.set, args.preset, allow_huge=args.allow_huge)))
+    user = user_specs(args)
+    parts = split_settings(merge_flags(args, parse_settings(args.set, args.preset, allow_huge=args.allow_huge,
+                                                            model=user.model, tasks=user.tasks)))
     if parts.variant or parts.launch or "amp" in parts.spec:
         raise UsageError("ablate compares the variants as registered: --set amp, step_ckpt, vectorize, vmap_chunk "
                          "and ranks are not accepted")
     task, model = {**parts.task, **task}, {**parts.model, **model}
     variants = tuple(dedupe([v.strip() for v in args.variants.split(",") if v.strip()]))
-    return AblationSpec(preset=args.preset, variants=variants, meta_steps=args.meta_steps, seeds=args.seeds,
+    spec = AblationSpec(preset=args.preset, variants=variants, meta_steps=args.meta_steps, seeds=args.seeds,
                         eval_tasks=args.eval_tasks, eval_every=args.eval_every, verify_seeds=args.verify_seeds,
                         device=args.device, dtype=args.dtype, meta_batch=parts.spec.get("meta_batch"),
                         inner_steps=parts.spec.get("inner_steps"), task_overrides=task, model_overrides=model,
-                        run_id=args.run_id or "", threads=args.threads, jobs=args.jobs)
+                        run_id=args.run_id or "", threads=args.threads, jobs=args.jobs, **user.fields())
+    check_user_code(args.preset, user, parts._replace(model=model, task=task), args.dtype)
+    return spec
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,12 +21,15 @@ from harness.bench.paired import DEFAULT_PAIRS
 from harness.bench.request import DEFAULT_PRESET, parse_amps
 from harness.core.config import AMP_MODES, ConfigError
 from harness.distributed import check_ranks
-from harness.settings import ACCEPTED, check_folder_name, check_int, check_seconds, parse_settings
+from harness.settings import (ACCEPTED, CellSettings, check_folder_name, check_int, check_seconds, dedupe,
+                              parse_settings, split_settings)
 from harness.train import DEVICES, DTYPES, RunSpec, check_device
 from harness.zoo.presets import get_preset
+from harness.zoo.user import SPEC_FORM, UserSpecs, check_setup, normalize_spec
 
 __all__ = ["DEFAULT_OUT", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "MatrixOptions", "UsageError",
-           "add_matrix_arguments", "add_out_argument", "add_spec_arguments", "check_numbers", "check_out_dir",
+           "add_matrix_arguments", "add_out_argument", "add_spec_arguments", "add_user_arguments", "check_numbers",
+           "check_out_dir", "check_user_code", "user_specs",
            "check_run_id", "merge_flags",
            "default_device", "matrix_options", "nonempty", "out_path", "plots_root", "resolve_run", "run_dir"]
 
@@ -36,7 +39,7 @@ EXIT_USAGE = 2  # bad input: nothing ran, nothing was written
 EXIT_INTERRUPTED = 130  # Ctrl-C
 DEFAULT_OUT = Path("results")
 INT_OPTIONS = ("inner_steps", "meta_batch", "meta_steps", "eval_tasks", "eval_every", "seeds", "verify_seeds", "seed",
-               "threads", "jobs", "warmup", "repeats", "ways", "shots", "ranks", "pairs")
+               "threads", "jobs", "warmup", "repeats", "ways", "shots", "ranks", "pairs", "fd_directions")
 
 
 class UsageError(ConfigError):
@@ -75,6 +78,36 @@ def add_spec_arguments(p: argparse.ArgumentParser, *, variant_required: bool = T
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"cell setting: {ACCEPTED}")
     p.add_argument("--allow-huge", action="store_true",
                    help="raise the size limits that keep a typo from eating the machine")
+    add_user_arguments(p)
+
+
+def add_user_arguments(p: argparse.ArgumentParser) -> None:
+    """``--model``, ``--tasks``, ``--ckpt``: the user's own code in place of the preset's (:mod:`harness.zoo.user`)."""
+    p.add_argument("--model", default=None, type=nonempty, metavar="SPEC",
+                   help=f"your model: {SPEC_FORM}, a callable returning an nn.Module (imported from the current "
+                        "directory); its keywords via --set model.<kw>=VALUE. The preset gives the sizes")
+    p.add_argument("--tasks", default=None, type=nonempty, metavar="SPEC",
+                   help=f"your tasks: {SPEC_FORM}, a callable sampler(n, gen) -> list[harness.Task] (n tasks drawn "
+                        "from the torch.Generator gen). Loss: the sampler's loss_fn attribute, else cross-entropy "
+                        "for integer (long) query targets and MSE otherwise. Default: the preset's tasks")
+    p.add_argument("--ckpt", action="append", default=[], metavar="PATTERN", type=nonempty,
+                   help="checkpoint the submodules whose qualified names match (fnmatch, e.g. 'layers.*'; "
+                        "repeatable) under a layer_ckpt variant, without editing the model")
+
+
+def user_specs(args: argparse.Namespace) -> UserSpecs:
+    """The ``--model``/``--tasks``/``--ckpt`` of a command, in the form the cells record (file paths absolute)."""
+    model, tasks = getattr(args, "model", None), getattr(args, "tasks", None)
+    return UserSpecs(normalize_spec(model, "--model") if model else None,
+                     normalize_spec(tasks, "--tasks") if tasks else None,
+                     tuple(dedupe(list(getattr(args, "ckpt", None) or []))))
+
+
+def check_user_code(preset: str, specs: UserSpecs, parts: CellSettings, dtype: str) -> None:
+    """The user's model and tasks built, run once on one task and the ``--ckpt`` patterns matched, before
+    anything is written (:func:`harness.zoo.user.check_setup`); a ConfigError of one line otherwise.  Call it
+    after the run spec is checked (``dtype`` is then valid)."""
+    check_setup(get_preset(preset), specs, model_kwargs=parts.model, task_kwargs=parts.task, dtype=DTYPES[dtype])
 
 
 def add_matrix_arguments(p: argparse.ArgumentParser) -> None:
@@ -164,6 +197,7 @@ class MatrixOptions(NamedTuple):
     settings: dict[str, Any]
     amps: list[str]
     opts: MeasureOptions
+    user: UserSpecs = UserSpecs()
 
 
 def merge_flags(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
@@ -186,7 +220,9 @@ def matrix_options(args: argparse.Namespace, *, multi_amp: bool) -> MatrixOption
     device = args.device if args.device is not None else default_device()
     check_device(device)
     preset = args.preset if args.preset is not None else DEFAULT_PRESET[device]
-    settings = merge_flags(args, parse_settings(args.set, preset, allow_huge=args.allow_huge))
+    user = user_specs(args)
+    settings = merge_flags(args, parse_settings(args.set, preset, allow_huge=args.allow_huge, model=user.model,
+                                                tasks=user.tasks))
     amps = parse_amps(settings.pop("amp", "off"), device)
     if "ranks" in settings:  # every rank needs a task: 1..meta-batch
         settings["ranks"] = check_ranks(settings["ranks"], int(settings.get("meta_batch", get_preset(preset).meta_batch)))
@@ -195,11 +231,12 @@ def matrix_options(args: argparse.Namespace, *, multi_amp: bool) -> MatrixOption
     for amp in amps:  # the run-spec rules (dtype, precision, sizes) exactly as the cells will apply them
         RunSpec(variant="maml", preset=preset, device=device, dtype=args.dtype, seed=args.seed, amp=amp,
                 inner_steps=settings.get("inner_steps"), meta_batch=settings.get("meta_batch"))
+    check_user_code(preset, user, split_settings(settings), args.dtype)
     repeats = args.repeats if args.repeats is not None else (5 if device == "cuda" else 3)
     threads = args.threads if args.threads is not None else (1 if device == "cpu" else None)
     opts = MeasureOptions(warmup=args.warmup, repeats=repeats, timeout_s=args.timeout, nvml=not args.no_nvml,
                           threads=threads, pairs=args.pairs)
-    return MatrixOptions(device, preset, settings, amps, opts)
+    return MatrixOptions(device, preset, settings, amps, opts, user)
 
 
 def resolve_run(text: str, out: Path = DEFAULT_OUT) -> Path:

@@ -7,7 +7,8 @@ GPU: preset ``seed``; CPU: ``cpu-bench``.  Writes ``<out>/<run-id>/cells.jsonl``
 ``--peers`` adds ``higher:<v>``, ``torchopt:<v>`` and ``torch_maml:<v>`` for every canonical variant ``v``
 in the matrix, and ``torch_maml:sckpt`` beside ``sckpt`` (those a peer cannot express, or all of them when the ``peers`` extra is absent, are
 recorded ``unsupported`` with the reason).  ``--amp off,bf16[,fp16]`` makes precision a
-dimension.  Exit 0 when every cell is ok or unsupported, 1 otherwise, 2 on bad input.
+dimension.  ``--model``/``--tasks``/``--ckpt`` run the matrix on your own model and tasks (checked up front,
+:mod:`harness.zoo.user`).  Exit 0 when every cell is ok or unsupported, 1 otherwise, 2 on bad input.
 """
 from __future__ import annotations
 
@@ -43,10 +44,10 @@ def request_from_args(args: argparse.Namespace) -> MatrixRequest:
     caps = parse_caps(args.cpu_mem_cap)
     amp_key = {"amp": ",".join(m.amps)} if m.amps != ["off"] else {}
     peers = "-peers" if args.peers else ""
-    run_id = args.run_id or default_run_id(m.preset, m.device, {**m.settings, **amp_key}) + peers
+    run_id = args.run_id or default_run_id(m.preset, m.device, {**m.settings, **amp_key}, m.user) + peers
     out_dir = run_dir(args.out, run_id)
     plots = None if args.no_plots else check_out_dir(plots_root(args.out) / run_id)
-    cells = plan(variants, m.preset, m.device, args.dtype, args.seed, m.settings, m.amps)
+    cells = plan(variants, m.preset, m.device, args.dtype, args.seed, m.settings, m.amps, user=m.user)
     return MatrixRequest(cells, out_dir, m.opts, caps=caps, force=args.force, plots_dir=plots,
                          executor=executor_spec(args))
 

@@ -18,7 +18,7 @@ from harness.variants import RegistryError
 
 __all__ = ["COMMANDS", "Parser", "UsageError", "build_parser", "main"]
 
-COMMANDS = ("list", "run", "diagnose", "ablate", "bench", "sweep", "scaling", "report", "compare",
+COMMANDS = ("list", "run", "check", "diagnose", "ablate", "bench", "sweep", "scaling", "report", "compare",
             "docs")  # harness/cli/<c>.py, --help order
 
 

@@ -1,6 +1,7 @@
 """``python -m harness run --variant ckpt_lr [--preset quick] ...``: one cell, in this process.
 
-Parses and checks the options, calls :func:`harness.bench.single.run_single` (meta-gradient check,
+Parses and checks the options (``--model``/``--tasks``/``--ckpt``: your own model and tasks, built and run
+once on one task before anything is written), calls :func:`harness.bench.single.run_single` (meta-gradient check,
 memory figure, meta-training, one JSON result under ``<out>/runs/``) and prints the summary.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from harness.bench.measure import noise_warning
 from harness.bench.single import SingleRun, result_path, run_single
 from harness.cli.args import (EXIT_FAILED, EXIT_OK, UsageError, add_out_argument, add_spec_arguments, check_numbers,
-                              check_out_dir, default_device, merge_flags)
+                              check_out_dir, check_user_code, default_device, merge_flags, user_specs)
 from harness.settings import CellSettings, parse_settings, split_settings
 from harness.train import RunSpec, check_device
 
@@ -36,12 +37,15 @@ def spec_from_args(args: argparse.Namespace) -> tuple[RunSpec, CellSettings]:
     device = args.device if args.device is not None else default_device()
     check_device(device)
     preset = args.preset if args.preset is not None else "quick"
-    parts = split_settings(merge_flags(args, parse_settings(args.set, preset, allow_huge=args.allow_huge)))
+    user = user_specs(args)
+    parts = split_settings(merge_flags(args, parse_settings(args.set, preset, allow_huge=args.allow_huge,
+                                                            model=user.model, tasks=user.tasks)))
     if parts.launch:
         raise UsageError("--set ranks is for bench and sweep; run one cell data-parallel with "
                          "python -m torch.distributed.run --nproc-per-node N -m harness run ...")
     spec = RunSpec(variant=args.variant, preset=preset, device=device, dtype=args.dtype, meta_steps=args.meta_steps,
-                   seed=args.seed, **parts.spec)
+                   seed=args.seed, **parts.spec, **user.fields())
+    check_user_code(preset, user, parts, args.dtype)
     return spec, parts
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from harness.bench.request import MatrixRequest, plan, resolve_variants, run_request
+from harness.bench.request import MatrixRequest, plan, resolve_variants, run_request, user_suffix
 from harness.bench.executors import executor_spec
 from harness.cli.args import (UsageError, add_matrix_arguments, check_out_dir, matrix_options, nonempty, plots_root,
                               run_dir)
@@ -32,14 +32,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def request_from_args(args: argparse.Namespace) -> MatrixRequest:
     """Every option checked and every output folder tried before a cell runs."""
     m = matrix_options(args, multi_amp=False)
-    name, values = parse_param(args.param, m.preset, allow_huge=args.allow_huge)
+    name, values = parse_param(args.param, m.preset, allow_huge=args.allow_huge, model=m.user.model)
     if name in m.settings:
         raise UsageError(f"--param {name} is swept; do not also fix it (--set {name}={m.settings[name]} or its flag)")
     variants = resolve_variants(args.variant)
-    run_id = args.run_id or f"sweep-{m.preset}-{m.device}-{name}-{'_'.join(variants).replace(':', '-')}"
+    run_id = args.run_id or (f"sweep-{m.preset}{user_suffix(m.user)}-{m.device}-{name}-"
+                             f"{'_'.join(variants).replace(':', '-')}")
     out_dir = run_dir(args.out, run_id)
     plots = None if args.no_plots else check_out_dir(plots_root(args.out) / run_id)
-    cells = plan(variants, m.preset, m.device, args.dtype, args.seed, m.settings, m.amps, sweep=(name, values))
+    cells = plan(variants, m.preset, m.device, args.dtype, args.seed, m.settings, m.amps, sweep=(name, values),
+                 user=m.user)
     return MatrixRequest(cells, out_dir, m.opts, force=args.force, plots_dir=plots,
                          extra={"sweep_param": name}, executor=executor_spec(args))
 

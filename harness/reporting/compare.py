@@ -107,7 +107,8 @@ def parse_fail(exprs: list[str] | None) -> Thresholds:
 
 
 def _ident(row: CellRow) -> str:
-    return Cell(row.variant, row.preset or "", row.device, row.dtype, row.settings or {}, row.seed).compare_key()
+    return Cell(row.variant, row.preset or "", row.device, row.dtype, row.settings or {}, row.seed, model=row.model,
+                tasks=row.tasks, ckpt=tuple(row.ckpt or ())).compare_key()
 
 
 def _label(row: CellRow) -> str:

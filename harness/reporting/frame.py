@@ -26,9 +26,9 @@ FP32_KEYS = ("fp32_w_rel_err", "fp32_w_cosine", "fp32_lr_rel_err", "fp32_lr_cosi
 MEMORY_KEYS = ("cpu_peak_alloc_mib", "cuda_peak_alloc_mib", "cuda_peak_alloc_above_base_mib",
                "cuda_peak_reserved_mib", "nvml_peak_mib")
 AGREEMENT_KEYS = ("w_rel_err", "w_cosine", "lr_rel_err", "lr_cosine")
-GROUP = ["preset", "device", "dtype", "settings"]  # cells compared with each other
+GROUP = ["preset", "device", "dtype", "settings", "user"]  # cells compared with each other (user: --model/--tasks/--ckpt)
 COMPUTATION = [*GROUP, "computes_first_order", "computes_learn_lr"]  # what a peer must compute to compare
-PRECISION_GROUP = ["variant", "preset", "device", "dtype", "settings_noamp"]
+PRECISION_GROUP = ["variant", "preset", "device", "dtype", "settings_noamp", "user"]
 PAIRED_COLUMNS = ["paired_ref", "time_vs_ref_paired", "time_vs_ref_paired_q1", "time_vs_ref_paired_q3",
                   "time_vs_ref_paired_min", "time_vs_ref_paired_max", "time_vs_ref_pairs", "time_vs_ref_paired_text"]
 
@@ -44,6 +44,12 @@ def paired_columns(paired: dict[str, Any] | None) -> dict[str, Any]:
 
 def settings_str(settings: dict[str, Any] | None) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted((settings or {}).items()))
+
+
+def user_str(row: CellRow) -> str:
+    """The user's ``--model``/``--tasks``/``--ckpt`` of a row as one text (``""``: the preset's model and tasks)."""
+    parts = [("model", row.model), ("tasks", row.tasks), ("ckpt", ",".join(row.ckpt or []))]
+    return "; ".join(f"{k} {v}" for k, v in parts if v)
 
 
 def mem_figure(row: CellRow) -> tuple[str, float | None]:
@@ -87,7 +93,9 @@ def _record(r: CellRow) -> dict[str, Any]:
         "first_order": flags.get("first_order"), "learn_lr": flags.get("learn_lr"),
         "settings_noamp": settings_str(settings), **{k: a.get(k) for k in FP32_KEYS},
         "variant": r.variant, "preset": r.preset, "device": r.device, "dtype": r.dtype,
-        "settings": settings_str(r.settings), "status": r.status, "mem_mib": mem, "mem_figure": fig,
+        "settings": settings_str(r.settings), "user": user_str(r), "model": r.model, "tasks": r.tasks,
+        "ckpt": ",".join(r.ckpt) if r.ckpt else None, "fd_rel_err": r.fd_rel_err,
+        "status": r.status, "mem_mib": mem, "mem_figure": fig,
         "time_median_ms": t.get("median_ms"), "time_iqr_ms": t.get("iqr_ms"), "time_min_ms": t.get("min_ms"),
         "time_count": t.get("count"), **{k: m.get(k) for k in MEMORY_KEYS},
         **{k: a.get(k) for k in AGREEMENT_KEYS},
@@ -151,7 +159,8 @@ def flatten(rows: Iterable[CellRow | dict[str, Any]]) -> list[dict[str, Any]]:
 def computation_key(f: dict[str, Any]) -> tuple:
     """What a peer must compute to be compared: preset, device, dtype, settings (precision included),
     order and inner-LR setting.  Checkpointing is not part of it."""
-    return (f["preset"], f["device"], f["dtype"], f["settings"], bool(f.get("first_order")), bool(f.get("learn_lr")))
+    return (f["preset"], f["device"], f["dtype"], f["settings"], f.get("user") or "", bool(f.get("first_order")),
+            bool(f.get("learn_lr")))
 
 
 def best_peers(flat: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
@@ -162,5 +171,6 @@ def best_peers(flat: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     return {computation_key(f): f for f in best.drop(columns=["_mem", "_time"]).to_dict("records")}
 
 
-__all__ = ["AMP_ORDER", "FP32_KEYS", "GROUP", "COMPUTATION", "PAIRED_COLUMNS", "paired_columns", "settings_str", "mem_figure", "as_cell", "num",
+__all__ = ["AMP_ORDER", "FP32_KEYS", "GROUP", "COMPUTATION", "PAIRED_COLUMNS", "paired_columns", "settings_str",
+           "user_str", "mem_figure", "as_cell", "num",
            "cells_frame", "best_peer_frame", "flatten", "computation_key", "best_peers"]

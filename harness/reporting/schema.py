@@ -187,6 +187,10 @@ class CellRow(Row):
     run_id: Optional[str] = _opt()
     measure_opts: Optional[dict] = _opt()
     sweep_param: Optional[str] = _opt()
+    model: Optional[str] = _opt()  # --model pkg.module:factory / file.py:factory (harness.zoo.user); absent: preset's
+    tasks: Optional[str] = _opt()  # --tasks ...:sampler; absent: the preset's tasks
+    ckpt: Optional[list] = _opt()  # --ckpt patterns (MetaConfig.ckpt_modules)
+    fd_rel_err: Figure = _opt()  # `check`: finite differences vs the meta-gradient (harness.gradcheck)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -217,6 +221,9 @@ class RunResult(Row):
     memory: dict = _figures_field()
     time: dict = _figures_field()
     env: dict = field(default_factory=dict)
+    model: Optional[str] = _opt()  # as CellRow: the user's --model, --tasks, --ckpt when given
+    tasks: Optional[str] = _opt()
+    ckpt: Optional[list] = _opt()
     extra: dict = field(default_factory=dict)
 
 

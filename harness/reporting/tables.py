@@ -29,7 +29,7 @@ COLUMNS = ["variant", "preset", "device", "dtype", "settings", "status", "mem_mi
            "nvml_peak_mib", "w_rel_err", "w_cosine", "lr_rel_err", "lr_cosine", "final_query_loss", "message",
            "peer", "base_variant", "amp", "first_order", "learn_lr", "best_peer", "mem_vs_best_peer",
            "time_vs_best_peer", "mem_vs_fp32", "time_vs_fp32", "fp32_w_rel_err", "fp32_w_cosine", "fp32_lr_rel_err",
-           "fp32_lr_cosine", *PAIRED_COLUMNS]
+           "fp32_lr_cosine", *PAIRED_COLUMNS, "model", "tasks", "ckpt", "fd_rel_err"]  # issue 21: appended
 MATRIX_COLUMNS = {"variant": "variant", "settings": "settings", "status": "status", "mem_mib": "peak mem MiB",
                   "mem_vs_maml": "mem / maml", "time_median_ms": "median ms", "time_iqr_ms": "IQR ms",
                   "time_vs_maml": "time / maml", "time_vs_ref_paired_text": "time / ref (paired, IQR)",
@@ -56,7 +56,10 @@ def summary_csv(frame: pd.DataFrame | list[dict[str, Any]]) -> str:
 def matrix_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """The main table's cells as text: ratios as ``0.406x``, errors to 3 significant digits, others to 4."""
     out = pd.DataFrame(index=frame.index)
-    for col, head in MATRIX_COLUMNS.items():
+    columns = dict(MATRIX_COLUMNS)
+    if "fd_rel_err" in frame and frame["fd_rel_err"].notna().any():  # `check`: finite differences
+        columns["fd_rel_err"] = "fd rel err"
+    for col, head in columns.items():
         if col.endswith("vs_maml"):
             out[head] = frame[col].map(lambda v: fmt_ratio(v, missing=""))
         else:
@@ -69,7 +72,8 @@ def table_md(frame: pd.DataFrame | list[dict[str, Any]], title: str) -> str:
     frame = _frame(frame)
     flat = frame.to_dict("records")
     figs = sorted(set(frame["mem_figure"]))
-    presets = sorted({f"{f['preset']} ({f['device']}, {f['dtype']})" for f in flat})
+    presets = sorted({f"{f['preset']} ({f['device']}, {f['dtype']}" + (f"; {f['user']}" if f.get("user") else "") + ")"
+                      for f in flat})
     lines = [f"# {title}", "", f"Preset: {'; '.join(presets)}. Memory figure: {', '.join(figs)}. "
              "Ratios are against `maml` in the same preset/settings."
              + (" On the CPU the memory figure is deterministic (live tensor bytes); the times depend on the "

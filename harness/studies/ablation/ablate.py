@@ -32,6 +32,7 @@ from harness.studies.ablation.tables import write_report
 from harness.train import default_threads
 from harness.variants import Variant
 from harness.zoo.presets import get_preset
+from harness.zoo.user import build_model
 
 __all__ = ["cell_path", "load_cell", "run_ablation"]
 
@@ -129,6 +130,13 @@ def _train_missing(spec: AblationSpec, out: Path, todo: list[tuple[Variant, int]
         torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
 
 
+def _model_for_threads(spec: AblationSpec) -> torch.nn.Module:
+    """The model whose size picks the default thread count: the user's (``--model``, with its keywords) or the
+    preset's default one."""
+    preset = get_preset(spec.preset)
+    return build_model(spec.model, spec.model_overrides) if spec.model else preset.model()
+
+
 def run_ablation(spec: AblationSpec, results_root: Path = Path("results"), plots_root: Path = Path("plots"),
                  force: bool = False, progress: bool | None = None, log: Callable[[str], None] = print,
                  command: str = "", executor: Any = None) -> dict[str, Any]:
@@ -150,7 +158,7 @@ def run_ablation(spec: AblationSpec, results_root: Path = Path("results"), plots
     log(f"ablate {spec.preset}: {len(cells_plan) - n_ckpt} base variants x {spec.seeds} seeds + {n_ckpt} "
         f"checkpointed x {spec.verify_seeds} seeds, {spec.meta_steps} meta-steps; "
         f"{len(cells)} cells reused, {len(todo)} to train in {min(spec.jobs, max(1, len(todo)))} process(es)")
-    threads = spec.threads if spec.threads is not None else default_threads(spec.device, get_preset(spec.preset).model())
+    threads = spec.threads if spec.threads is not None else default_threads(spec.device, _model_for_threads(spec))
     start = time.perf_counter()
     if todo:
         _train_missing(spec, out, todo, cells, progress, threads, executor)

@@ -77,7 +77,8 @@ def run_cell(spec: AblationSpec, variant: Variant, seed: int,
              on_step: Callable[[], None] | None = None) -> AblationCell:
     """Meta-train one (variant, seed) with :func:`harness.train.train` and evaluate on the held-out tasks."""
     run_spec = RunSpec(variant=spec.variants[0], preset=spec.preset, device=spec.device, dtype=spec.dtype,
-                       inner_steps=spec.inner_steps, meta_batch=spec.meta_batch, meta_steps=spec.meta_steps, seed=seed)
+                       inner_steps=spec.inner_steps, meta_batch=spec.meta_batch, meta_steps=spec.meta_steps, seed=seed,
+                       **spec.user().fields())
     exp = Experiment(run_spec, variant=variant, task_overrides=spec.task_overrides,
                      model_overrides=spec.model_overrides)
     gen = torch.Generator().manual_seed(HELDOUT_SEED + seed)

@@ -16,6 +16,7 @@ from harness.settings import check_folder_name, check_int
 from harness.train import RunSpec
 from harness.variants import CANONICAL, Variant, get_variant, registry
 from harness.zoo.presets import get_preset
+from harness.zoo.user import UserSpecs, spec_name
 
 __all__ = ["AblationSpec", "command_line", "Cell", "counterpart", "plan", "DEFAULTS", "GENERIC", "SIZES", "MAX_JOBS"]
 
@@ -56,11 +57,15 @@ class AblationSpec:
     model_overrides: dict[str, Any] = field(default_factory=dict)
     threads: int | None = None  # None: 1 for small models on the CPU, torch's default otherwise
     jobs: int | None = None  # cells trained at once in worker processes; None: one per core, at most MAX_JOBS
+    model: str | None = None  # --model / --tasks / --ckpt: the user's own model and tasks (harness.zoo.user)
+    tasks: str | None = None
+    ckpt: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         preset = get_preset(self.preset)
+        object.__setattr__(self, "ckpt", tuple(self.ckpt))
         if not self.run_id:
-            object.__setattr__(self, "run_id", f"ablation-{self.preset}")
+            object.__setattr__(self, "run_id", f"ablation-{self.preset}{self._user_suffix()}")
         given = {f.name: getattr(self, f.name) for f in fields(self) if f.name in SIZES}
         base = {"meta_steps": preset.meta_steps, "meta_batch": None, **GENERIC, **DEFAULTS.get(self.preset, {})}
         for name, value in given.items():
@@ -86,7 +91,17 @@ class AblationSpec:
                 check_int(name, getattr(self, name), allow_huge=True)
         check_folder_name(self.run_id)
         RunSpec(variant=self.variants[0], preset=self.preset, device=self.device, dtype=self.dtype,
-                inner_steps=self.inner_steps, meta_batch=self.meta_batch)  # device/dtype/sizes checks
+                inner_steps=self.inner_steps, meta_batch=self.meta_batch,
+                **self.user().fields())  # device/dtype/sizes checks
+
+    def user(self) -> UserSpecs:
+        return UserSpecs(self.model, self.tasks, self.ckpt)
+
+    def _user_suffix(self) -> str:
+        u = self.user()
+        names = [spec_name(u.model) if u.model else "", spec_name(u.tasks) if u.tasks else "",
+                 "ckpt" if u.ckpt else ""]
+        return "".join(f"-{n}" for n in names if n)
 
     def seeds_for(self, checkpointed: bool) -> range:
         """Every seed for base variants; the first ``verify_seeds`` for checkpointed ones (they are bit-identical)."""
@@ -100,6 +115,7 @@ class AblationSpec:
                "meta_batch": self.meta_batch, "inner_steps": self.inner_steps, "task_overrides": overrides}
         if self.model_overrides:
             out["model_overrides"] = {k: str(v) for k, v in self.model_overrides.items()}
+        out.update({k: list(v) if k == "ckpt" else v for k, v in self.user().fields().items()})
         return out
 
 
@@ -141,9 +157,11 @@ def command_line(spec: AblationSpec, sets: tuple[str, ...] | list[str] = ()) -> 
                         ("--data-root", spec.task_overrides.get("data_root"))):
         if value is not None:
             parts.append(f"{flag} {shlex.quote(str(value))}")
+    parts += [f"{flag} {shlex.quote(v)}" for flag, v in (("--model", spec.model), ("--tasks", spec.tasks)) if v]
+    parts += [f"--ckpt {shlex.quote(p)}" for p in spec.ckpt]
     parts += [f"--set {shlex.quote(item)}" for item in sets]
     if spec.device != "cpu" or spec.dtype != "float32":
         parts += [f"--device {spec.device}", f"--dtype {spec.dtype}"]
-    if spec.run_id != f"ablation-{spec.preset}":
+    if spec.run_id != f"ablation-{spec.preset}{spec._user_suffix()}":
         parts.append(f"--run-id {spec.run_id}")
     return " ".join(parts)
