@@ -89,8 +89,8 @@ USER_BAD = [
 USER_BASE = {**BASE, "sweep": ["sweep", "--variant", "maml", "--param", "inner_steps=1,2", "--preset", "cpu-bench",
                                "--device", "cpu"],
              "check": ["check", "--preset", "cpu-bench", "--device", "cpu"]}
-CHECK_BAD = [  # check needs both specs; the rest as every command
-    (["--model", OWN], "check needs --model SPEC and --tasks SPEC"),
+CHECK_BAD = [  # check needs --model (the preset gives the tasks without --tasks); the rest as every command
+    (["--tasks", FITS], "check needs --model SPEC"),
     (["--model", "tests.user_models:raising_factory", "--tasks", FITS], "raised ValueError: width must be even"),
     (["--model", OWN, "--tasks", "tests.user_models:empty_sampler"], "returned an empty list"),
     (["--model", OWN, "--tasks", "tests.user_models:wide_sampler"], "mat1 and mat2 shapes cannot be multiplied"),

@@ -1,4 +1,5 @@
-"""``python -m harness check --model SPEC --tasks SPEC [--ckpt PATTERN]``: every variant on your own model.
+"""``python -m harness check --model SPEC [--tasks SPEC] [--ckpt PATTERN]``: every variant on your own model
+(without ``--tasks``, the preset's task family, when its shapes fit the model).
 
 Runs EVERY registered variant on the model and tasks as bench cells (each in its own process, float64 by
 default), through :func:`harness.bench.check.run_check`: agreement with the non-checkpointed reference,
@@ -38,8 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def request_from_args(args: argparse.Namespace):  # noqa: ANN201 -- a MatrixRequest
     """Every option checked, the user's code run once and every output folder tried before a cell runs."""
-    if args.model is None or args.tasks is None:
-        raise UsageError("check needs --model SPEC and --tasks SPEC (pkg.module:NAME or path/to/file.py:NAME)")
+    if args.model is None:
+        raise UsageError("check needs --model SPEC (pkg.module:NAME or path/to/file.py:NAME); --tasks SPEC, or the "
+                         "preset's task family when the shapes fit")
     m = matrix_options(args, multi_amp=False)
     run_id = args.run_id or f"check{user_suffix(m.user)}-{m.preset}-{m.device}-{args.dtype}"
     out_dir = run_dir(args.out, run_id)
