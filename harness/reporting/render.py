@@ -46,11 +46,14 @@ def paired_text(p: dict[str, Any] | None, *, reference: bool = True) -> str:
 
 
 def markdown_table(frame: pd.DataFrame) -> list[str]:
-    """The frame as Markdown lines: header, separator, one line per row (cells already text)."""
+    """The frame as Markdown lines: header, separator, one line per row (cells already text; a ``|`` inside a
+    cell is escaped)."""
+    def cell(v: Any) -> str:
+        return "" if v is None else str(v).replace("|", "\\|")
+
     head = [str(c) for c in frame.columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    lines += ["| " + " | ".join("" if v is None else str(v) for v in row) + " |"
-              for row in frame.itertuples(index=False, name=None)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False, name=None)]
     return lines
 
 

@@ -14,20 +14,11 @@ from typing import Any
 import pandas as pd
 
 from harness.reporting.files import write_json, write_text_atomic
+from harness.reporting.render import fmt, markdown_table
 from harness.reporting.schema import AblationSummary
 from harness.studies.ablation.plots import plot_curves
 
-__all__ = ["check_line", "check_table", "effect_table", "fmt", "markdown", "markdown_tables", "variant_table",
-           "write_report"]
-
-
-def fmt(x: Any, digits: int = 4) -> str:
-    """One number for a reader: ``digits`` significant digits, '' for None, NaN/inf spelled out."""
-    if x is None:
-        return ""
-    if isinstance(x, float):
-        return f"{x:.{digits}g}" if math.isfinite(x) else str(x)
-    return str(x)
+__all__ = ["check_line", "check_table", "effect_table", "markdown", "markdown_tables", "variant_table", "write_report"]
 
 
 def _interval(mean: float, low: float, high: float, signed: bool = False) -> str:
@@ -96,11 +87,8 @@ def check_table(summary: dict[str, Any]) -> pd.DataFrame:
 
 
 def markdown(df: pd.DataFrame) -> str:
-    """A GitHub markdown table of a DataFrame's cells as strings."""
-    cells = df.astype(str).map(lambda s: s.replace("|", "\\|"))
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(row) + " |" for row in cells.itertuples(index=False, name=None)]
-    return "\n".join(lines) + "\n"
+    """A GitHub markdown table of a DataFrame's cells (the one table writer, :mod:`harness.reporting.render`)."""
+    return "\n".join(markdown_table(df.astype(str))) + "\n"
 
 
 def check_line(summary: dict[str, Any]) -> str:
