@@ -28,6 +28,7 @@ from harness.core.schedules import Advance, Load, Rebuild, Schedule, Store, bino
 from harness.core.scheduled import traced
 from harness.variants import registry
 from tests.conftest import small_experiment
+from tests.zoo.models import RunningCentre
 from tests.zoo.user_written import NoisyLayer
 
 TOL = 1e-12
@@ -45,18 +46,20 @@ class Tiny(nn.Module):
 
 
 class Stateful(nn.Module):
-    """BatchNorm buffers, dropout (global stream) and a layer's own generator, inside harness.checkpoint."""
+    """BatchNorm buffers, a buffer the output reads (RunningCentre: BatchNorm's are not read in training), dropout
+    (global stream) and a layer's own generator, inside harness.checkpoint."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.inp, self.bn, self.drop = nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.3)
+        self.inp, self.norm = nn.Linear(3, 4), nn.Sequential(nn.BatchNorm1d(4), RunningCentre(4))
+        self.drop = nn.Dropout(0.3)
         self.noisy, self.head = NoisyLayer(4), nn.Linear(4, 2)
 
     def block(self, h: torch.Tensor) -> torch.Tensor:
         return self.noisy(self.drop(h))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(checkpoint(self.block, torch.tanh(self.bn(self.inp(x)))))
+        return self.head(checkpoint(self.block, torch.tanh(self.norm(self.inp(x)))))
 
 
 def tasks_for(model: type[nn.Module], n: int) -> list[Task]:
@@ -269,7 +272,8 @@ def _peak(variant: str, K: int, **replaced) -> float:
 
 def test_the_binomial_peak_grows_far_slower_with_the_steps_than_one_copy_per_step() -> None:
     """cpu-bench at width 16, depth 2 (weights dominate), float32, one task, K = 8 -> 64: sckpt keeps one weight
-    copy per step (56 more); binomial with ceil(log2 K) snapshots 3 more (3 -> 6).  Generous margins."""
+    copy per step (56 more); binomial with ceil(log2 K) snapshots 3 more (3 -> 6; measured: exactly 3 copies);
+    with learnable LRs no more (the values-only steps are detached one by one).  Generous margins."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -277,8 +281,9 @@ def test_the_binomial_peak_grows_far_slower_with_the_steps_than_one_copy_per_ste
         copy = sum(p.numel() * p.element_size() for p in exp.learner.parameters())
         sckpt = {K: _peak("sckpt", K) for K in (8, 64)}
         bckpt = {K: _peak("bckpt", K) for K in (8, 64)}
+        bckpt_lr = _peak("bckpt_lr", 64)
     finally:
         torch.set_num_threads(before)
     assert sckpt[64] - sckpt[8] >= 40 * copy, (sckpt, copy)
-    assert bckpt[64] - bckpt[8] <= 8 * copy, (bckpt, copy)
+    assert bckpt[64] - bckpt[8] <= 5 * copy and bckpt_lr <= bckpt[64] + copy, (bckpt, bckpt_lr, copy)
     assert bckpt[64] - bckpt[8] <= 0.2 * (sckpt[64] - sckpt[8]) and bckpt[64] < 0.5 * sckpt[64]
