@@ -75,7 +75,8 @@ class Variant:
                                   f"(pick a variant with {key}={kwargs[key]!r}, or leave {key} out)")
         snapshots = self.snapshots
         if snapshots == AUTO_SNAPSHOTS:
-            snapshots = default_snapshots(int(kwargs.get("inner_steps", MetaConfig.inner_steps)))  # type: ignore[arg-type]
+            steps = kwargs.get("inner_steps", MetaConfig.inner_steps)
+            snapshots = default_snapshots(int(steps))  # type: ignore[call-overload]
         return MetaConfig(**{**kwargs, **flags, "vmap_chunk": self.vmap_chunk or None,  # type: ignore[arg-type]
                              "snapshots": snapshots})
 
