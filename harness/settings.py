@@ -16,7 +16,7 @@ import math
 import os
 from typing import Any, NamedTuple
 
-from harness.core.config import AMP_MODES, ConfigError
+from harness.core.config import AMP_MODES, STEP_REBUILDS, ConfigError
 from harness.zoo.presets import Preset, get_preset
 from harness.zoo.user import model_keywords, resolve, takes_any_keyword
 
@@ -53,6 +53,7 @@ BOUNDS: dict[str, Bound] = {
     "depth": Bound(1, 256, 100_000),
     "width": Bound(1, 16_384, 1_000_000),
     "step_ckpt": Bound(0, 1_000, 100_000),
+    "snapshots": Bound(0, 1_000, 100_000),  # binomial step checkpointing's stored states; 0: off
     "vectorize": Bound(0, 1, 1),
     "vmap_chunk": Bound(0, 100_000, 100_000_000),  # 0: all tasks at once
     "ranks": Bound(1, 64, 4_096),  # and at most the meta-batch (harness.distributed.check_ranks)
@@ -64,8 +65,9 @@ BOUNDS: dict[str, Bound] = {
 
 SPEC_SETTINGS = ("inner_steps", "meta_batch")  # RunSpec fields
 MODEL_SETTINGS = ("depth", "width")  # model constructor keywords
-# step-checkpoint segment length (0: off); vmap tasks (0/1); tasks per vmapped chunk (0: all)
-VARIANT_SETTINGS = ("step_ckpt", "vectorize", "vmap_chunk")
+# step-checkpoint segment length (0: off), its rebuild (segment | step), binomial stored states (0: off);
+# vmap tasks (0/1); tasks per vmapped chunk (0: all)
+VARIANT_SETTINGS = ("step_ckpt", "step_rebuild", "snapshots", "vectorize", "vmap_chunk")
 LAUNCH_SETTINGS = ("ranks",)  # data-parallel ranks: the cell runs under torch.distributed.run (harness.distributed)
 SWEEP_PARAMS = SPEC_SETTINGS + MODEL_SETTINGS + VARIANT_SETTINGS + LAUNCH_SETTINGS
 SETTING_KEYS = SWEEP_PARAMS + ("amp",)  # and model.<kw>, task.<kw>
@@ -166,6 +168,10 @@ def validate_setting(key: str, text: str, preset: Preset, *, allow_huge: bool = 
     """One ``KEY=VALUE`` for ``preset``: the key must be one the preset's run, variant, model or task takes
     (with ``model``/``tasks``, a ``--model``/``--tasks`` spec: the keywords of the user's factory)."""
     what = f"{flag} {key}"
+    if key == "step_rebuild":
+        if text not in STEP_REBUILDS:
+            raise ConfigError(f"{what}={text}: valid choices: {', '.join(STEP_REBUILDS)}")
+        return text
     if key in SPEC_SETTINGS + VARIANT_SETTINGS + LAUNCH_SETTINGS:
         return _typed(what, text, 0, key, allow_huge)
     if key == "amp":
@@ -224,7 +230,7 @@ class CellSettings(NamedTuple):
     spec: dict[str, Any]  # RunSpec keywords (inner_steps, meta_batch, amp)
     model: dict[str, Any]  # model constructor keywords
     task: dict[str, Any]  # task sampler keywords
-    variant: dict[str, Any]  # replaced on the Variant (step_ckpt, vectorize, vmap_chunk)
+    variant: dict[str, Any]  # replaced on the Variant (step_ckpt, step_rebuild, snapshots, vectorize, vmap_chunk)
     launch: dict[str, Any]  # how the cell's process starts (ranks)
 
 
@@ -237,7 +243,7 @@ def split_settings(settings: dict[str, Any]) -> CellSettings:
         elif k == "amp":
             out.spec[k] = str(v)
         elif k in VARIANT_SETTINGS:
-            out.variant[k] = int(v)
+            out.variant[k] = str(v) if k == "step_rebuild" else int(v)
         elif k in LAUNCH_SETTINGS:
             out.launch[k] = int(v)
         elif k in MODEL_SETTINGS:

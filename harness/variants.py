@@ -20,9 +20,12 @@ from importlib.metadata import entry_points
 
 import variants as plugin_package  # the variants/ package: one plugin module per variant
 from harness.core.config import ConfigError, MetaConfig
+from harness.core.schedules import default_snapshots
 
-__all__ = ["CANONICAL", "ENTRY_POINT_GROUP", "RegistryError", "Variant", "build_registry", "canonical_name",
-           "get_variant", "registry"]
+__all__ = ["AUTO_SNAPSHOTS", "CANONICAL", "ENTRY_POINT_GROUP", "RegistryError", "Variant", "build_registry",
+           "canonical_name", "get_variant", "registry"]
+
+AUTO_SNAPSHOTS = -1  # Variant.snapshots: binomial with ceil(log2 K) stored states (at least 1)
 
 ENTRY_POINT_GROUP = "maml_harness.variants"
 
@@ -40,38 +43,47 @@ class Variant:
     learn_lr: bool = False
     first_order: bool = False
     step_ckpt: int = 0  # segments of n inner steps; 0 = off
+    step_rebuild: str = "segment"  # step_ckpt: a segment's steps rebuilt at once ("segment") or one at a time ("step")
+    snapshots: int = 0  # binomial over all K steps with at most this many stored states; 0 = off; AUTO_SNAPSHOTS
     lr_per_step: bool = False
     vectorize: bool = False  # all tasks of a meta-batch at once (harness.core.vectorized)
     vmap_chunk: int = 0  # vectorize: at most this many tasks per vmapped chunk (memory); 0 = all at once
     description: str = ""
 
     @property
-    def flags(self) -> dict[str, bool | int]:
+    def flags(self) -> dict[str, bool | int | str]:
         return {"layer_ckpt": self.layer_ckpt, "learn_lr": self.learn_lr, "first_order": self.first_order,
-                "step_ckpt": self.step_ckpt, "lr_per_step": self.lr_per_step, "vectorize": self.vectorize,
-                "vmap_chunk": self.vmap_chunk}
+                "step_ckpt": self.step_ckpt, "step_rebuild": self.step_rebuild, "snapshots": self.snapshots,
+                "lr_per_step": self.lr_per_step, "vectorize": self.vectorize, "vmap_chunk": self.vmap_chunk}
 
     @property
     def checkpointed(self) -> bool:
-        return self.layer_ckpt or self.step_ckpt > 0
+        return self.layer_ckpt or self.step_ckpt > 0 or self.snapshots != 0
 
     def config(self, **kwargs: object) -> MetaConfig:
         """A :class:`MetaConfig` with this variant's flags over the given sizes.
 
         A keyword that names a variant flag is applied when it agrees with the variant and refused
         (ConfigError naming the flag) when it does not: a variant's flags are what its name promises;
-        ``dataclasses.replace(variant, step_ckpt=2)`` makes another variant.
+        ``dataclasses.replace(variant, step_ckpt=2)`` makes another variant.  ``AUTO_SNAPSHOTS`` becomes
+        ceil(log2 inner_steps), at least 1.
         """
         flags = self.flags
         for key in kwargs.keys() & flags.keys():
             if kwargs[key] != flags[key]:
                 raise ConfigError(f"variant {self.name!r} has {key}={flags[key]!r}; got {key}={kwargs[key]!r} "
                                   f"(pick a variant with {key}={kwargs[key]!r}, or leave {key} out)")
-        return MetaConfig(**{**kwargs, **flags, "vmap_chunk": self.vmap_chunk or None})  # type: ignore[arg-type]
+        snapshots = self.snapshots
+        if snapshots == AUTO_SNAPSHOTS:
+            steps = kwargs.get("inner_steps", MetaConfig.inner_steps)
+            snapshots = default_snapshots(int(steps))  # type: ignore[call-overload]
+        return MetaConfig(**{**kwargs, **flags, "vmap_chunk": self.vmap_chunk or None,  # type: ignore[arg-type]
+                             "snapshots": snapshots})
 
     def reference(self) -> "Variant":
         """The same variant without checkpointing, task after task (the agreement oracle)."""
-        return replace(self, name=self.name + "/ref", layer_ckpt=False, step_ckpt=0, vectorize=False, vmap_chunk=0)
+        return replace(self, name=self.name + "/ref", layer_ckpt=False, step_ckpt=0, step_rebuild="segment",
+                       snapshots=0, vectorize=False, vmap_chunk=0)
 
 
 def canonical_name(layer_ckpt: bool, learn_lr: bool, first_order: bool) -> str:

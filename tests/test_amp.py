@@ -18,7 +18,7 @@ def _with_amp(exp: Experiment, amp: str) -> Experiment:
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
-@pytest.mark.parametrize("variant", ["ckpt", "ckpt_lr", "ckpt_lr_fo", "ckpt_sckpt_lr"])
+@pytest.mark.parametrize("variant", ["ckpt", "ckpt_lr", "ckpt_lr_fo", "ckpt_sckpt_lr", "bckpt_lr", "ckpt_bckpt_lr"])
 def test_checkpointed_and_non_checkpointed_agree_under_each_precision(variant: str, amp: str) -> None:
     exp = _with_amp(small_experiment(variant, "cpu-bench", dtype="float32", inner_steps=2), amp)
     agree = check_agreement(exp, exp.sample())

@@ -15,7 +15,8 @@ def test_names_follow_the_flag_order() -> None:
     assert canonical_name(True, True, False) == "ckpt_lr"
     assert canonical_name(True, True, True) == "ckpt_lr_fo"
     for v in reg.registry().values():
-        if v.step_ckpt == 0 and not v.lr_per_step:  # vectorized ones: a 'v' before the name (vmaml, vlr_fo)
+        # vectorized ones: a 'v' before the name (vmaml, vlr_fo); step-checkpointed ones are named sckpt*, bckpt*
+        if v.step_ckpt == 0 and not v.snapshots and not v.lr_per_step:
             assert v.name == "v" * v.vectorize + canonical_name(v.layer_ckpt, v.learn_lr, v.first_order)
 
 

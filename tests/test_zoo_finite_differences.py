@@ -1,7 +1,8 @@
 """Claim: for every second-order registered variant, the meta-gradient the engine returns is the derivative
 of the meta-loss it computes: central finite differences in float64 (tests/zoo/oracle.py,
 ``finite_difference_error``: step 1e-5, two random directions over all initial weights and raw LRs) agree
-to 1e-7 relative, for K in {1, 3, 5} inner steps and step-checkpoint segments of 2 (which divides none of them).
+to 1e-7 relative, for K in {1, 3, 5} inner steps and step-checkpoint segments of 2 (which divides none of them);
+binomial variants with 2 stored states (K = 3, 5: steps recomputed from a snapshot).
 
 Excluded zoo models, and why: spectral norm (hook and parametrization) and the user's running-centre layer
 update their buffers under ``no_grad`` from the weights (power iteration, running mean; so does the
@@ -62,6 +63,8 @@ def test_second_order_meta_gradients_match_finite_differences(model_name: str, i
         variant = registry()[name]
         if variant.step_ckpt:
             variant = replace(variant, step_ckpt=2)
+        if variant.snapshots:
+            variant = replace(variant, snapshots=2)
         torch.manual_seed(0)
         model = entry.build().double()
         tasks = entry.tasks(torch.Generator().manual_seed(11))

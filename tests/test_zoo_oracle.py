@@ -78,3 +78,23 @@ def test_step_segments_that_do_not_divide_the_steps_equal_the_oracle(model_name:
     for variant in stepped:
         err = check_against_oracle(model_name, replace(variant, step_ckpt=segment), inner_steps=5)
         assert max(err.values()) <= TOL, (variant.name, err)
+
+
+@pytest.mark.parametrize("segment", [2, 4])
+@pytest.mark.parametrize("model_name", STATEFUL)
+def test_step_segments_rebuilt_one_step_at_a_time_equal_the_oracle(model_name: str, segment: int) -> None:
+    """K = 5 in segments of 2 or 4, each rebuilt one step at a time (``step_rebuild="step"``)."""
+    for variant in [v for v in registry().values() if v.step_ckpt > 0]:
+        err = check_against_oracle(model_name, replace(variant, step_ckpt=segment, step_rebuild="step"), inner_steps=5)
+        assert max(err.values()) <= TOL, (variant.name, err)
+
+
+@pytest.mark.parametrize("snapshots", [1, 2])
+@pytest.mark.parametrize("model_name", STATEFUL)
+def test_binomial_with_few_snapshots_equals_the_oracle(model_name: str, snapshots: int) -> None:
+    """K = 5 with 1 or 2 stored states: most steps recomputed from a snapshot, every binomial variant."""
+    binomial = [v for v in registry().values() if v.snapshots]
+    assert binomial, "no binomial variant registered"
+    for variant in binomial:
+        err = check_against_oracle(model_name, replace(variant, snapshots=snapshots), inner_steps=5)
+        assert max(err.values()) <= TOL, (variant.name, err)

@@ -143,8 +143,10 @@ def dedup_cells(cells: list[Cell]) -> list[Cell]:
 
 
 def variant_for(cell: Cell) -> Variant:
-    """The cell's variant with its variant-level settings (``step_ckpt``, ``vectorize``, ``vmap_chunk``) applied."""
-    kw = {k: check_int(k, int(v) if isinstance(v, bool) else v, allow_huge=True, flag=k)  # the --set bounds
+    """The cell's variant with its variant-level settings (``step_ckpt``, ``step_rebuild``, ``snapshots``,
+    ``vectorize``, ``vmap_chunk``) applied."""
+    kw = {k: v if k == "step_rebuild" else check_int(k, int(v) if isinstance(v, bool) else v, allow_huge=True,
+                                                     flag=k)  # the --set bounds (step_rebuild: the config checks it)
           for k, v in cell.settings.items() if k in VARIANT_SETTINGS}
     if "vectorize" in kw:
         kw["vectorize"] = bool(kw["vectorize"])

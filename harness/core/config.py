@@ -12,12 +12,13 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["AMP_MODES", "LR_GRANULARITIES", "ConfigError", "LossFn", "MetaConfig", "Task", "Weights"]
+__all__ = ["AMP_MODES", "LR_GRANULARITIES", "STEP_REBUILDS", "ConfigError", "LossFn", "MetaConfig", "Task", "Weights"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Weights = dict[str, Tensor]
 LR_GRANULARITIES = ("layer", "tensor", "element")
 AMP_MODES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+STEP_REBUILDS = ("segment", "step")  # a step_ckpt segment's backward: all its steps' graphs at once, or one at a time
 
 
 class ConfigError(ValueError):
@@ -51,6 +52,8 @@ class MetaConfig:
     lr_per_step: bool = False  # MAML++ LSLR: a separate LR for every inner step
     layer_ckpt: bool = False
     step_ckpt: int = 0  # 0: off; n: checkpoint segments of n inner steps
+    step_rebuild: str = "segment"  # step_ckpt: rebuild a segment's n steps at once, or "step": one at a time
+    snapshots: int = 0  # 0: off; s: binomial (Revolve) checkpointing of all K steps, <= s states stored
     adapt_last: int | None = None  # adapt only the last N parameter-owning modules; None: all
     amp: str = "off"  # off | fp16 | bf16: autocast over forward and loss
     vectorize: bool = False  # all tasks of a meta-batch at once (torch.func.vmap; harness.core.vectorized)
@@ -66,6 +69,7 @@ class MetaConfig:
             raise ConfigError(f"lr_granularity must be one of {', '.join(LR_GRANULARITIES)}; got {self.lr_granularity!r}")
         if self.step_ckpt < 0:
             raise ConfigError(f"step_ckpt must be >= 0 (0 = off), got {self.step_ckpt}")
+        self._check_schedule()
         if self.amp not in AMP_MODES:
             raise ConfigError(f"unknown precision {self.amp!r}; valid choices: {', '.join(AMP_MODES)}")
         if self.adapt_last is not None and self.adapt_last < 1:
@@ -77,11 +81,26 @@ class MetaConfig:
         if self.vmap_chunk is not None and not self.vectorize:
             raise ConfigError(f"vmap_chunk={self.vmap_chunk} needs vectorize (a vectorized variant: vmaml, vfo, vlr, "
                               "vlr_fo, or vectorize=1)")
-        if self.vectorize and (self.layer_ckpt or self.step_ckpt):
-            raise ConfigError("vectorize cannot be combined with layer_ckpt/step_ckpt: non-reentrant checkpointing "
-                              "fails under torch.func transforms (\"don't yet support saved tensor hooks\"); "
-                              "valid: vectorize=0, or no checkpointing")
+        if self.vectorize and (self.layer_ckpt or self.step_ckpt or self.snapshots):
+            raise ConfigError("vectorize cannot be combined with layer_ckpt/step_ckpt/snapshots: non-reentrant "
+                              "checkpointing fails under torch.func transforms (\"don't yet support saved tensor "
+                              "hooks\"); valid: vectorize=0, or no checkpointing")
+
+    def _check_schedule(self) -> None:
+        """The step-checkpoint schedule: segments (``step_ckpt``, rebuilt per segment or per step) or binomial."""
+        if self.step_rebuild not in STEP_REBUILDS:
+            raise ConfigError(f"step_rebuild must be one of {', '.join(STEP_REBUILDS)}; got {self.step_rebuild!r}")
+        if isinstance(self.snapshots, bool) or not isinstance(self.snapshots, int) or self.snapshots < 0:
+            raise ConfigError(f"snapshots must be an integer >= 0 (0 = off; s: binomial checkpointing with at most "
+                              f"s stored states), got {self.snapshots!r}")
+        if self.snapshots and self.step_ckpt:
+            raise ConfigError(f"snapshots={self.snapshots} (binomial over all inner steps) and step_ckpt="
+                              f"{self.step_ckpt} (segments) are exclusive; valid: one of them 0")
+        if self.step_rebuild == "step" and not self.step_ckpt:
+            raise ConfigError("step_rebuild='step' rebuilds step_ckpt segments one step at a time and needs "
+                              "step_ckpt=n > 0; valid: step_rebuild='segment', or step_ckpt=n")
 
     def reference(self) -> "MetaConfig":
         """The same computation without any checkpointing, task after task: the agreement oracle."""
-        return replace(self, layer_ckpt=False, step_ckpt=0, vectorize=False, vmap_chunk=None)
+        return replace(self, layer_ckpt=False, step_ckpt=0, step_rebuild="segment", snapshots=0, vectorize=False,
+                       vmap_chunk=None)

@@ -22,7 +22,8 @@ The four axes, all composable:
   ``autograd.grad``, update) runs inside one segment checkpoint
   (:func:`harness.core.segment.checkpoint_segment`): values only in the forward, the
   full graph rebuilt in the outer backward, so only the segment's input
-  weights are kept.
+  weights are kept.  ``step_rebuild="step"`` rebuilds a segment one step at a time, ``snapshots=s`` runs
+  a binomial schedule over all K steps (:mod:`harness.core.scheduled`).
 
 Library use, in one's own loop::
 
@@ -44,6 +45,7 @@ from harness.core.binding import call_with
 from harness.core.ckpt import matching_modules, modules_checkpointed
 from harness.core.config import AMP_MODES, ConfigError, LossFn, MetaConfig, Task, Weights
 from harness.core.recompute import bound_forward, owned_generators
+from harness.core.scheduled import checkpoint_schedule
 from harness.core.segment import checkpoint_segment
 from harness.core.vectorized import vectorized_meta_gradients
 
@@ -304,6 +306,8 @@ class MetaLearner(OuterLoop, nn.Module):
         weights = self.initial_weights() if weights is None else dict(weights)
         lrs = self._lr_values() if lrs is None else lrs
         K, seg = self.cfg.inner_steps, self.cfg.step_ckpt
+        if K and (self.cfg.snapshots or (seg and self.cfg.step_rebuild == "step")):
+            return checkpoint_schedule(self, weights, lrs, support_x, support_y, loss_scale)
         if seg == 0 or K == 0:
             return self._inner_steps(weights, lrs, support_x, support_y, range(K), loss_scale=loss_scale)
         names = list(weights)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from harness.core.state import recompute_scope
 
-__all__ = ["RngState", "capture_rng", "checkpoint_segment", "replay_rng"]
+__all__ = ["RngState", "capture_rng", "checkpoint_segment", "replay_rng", "set_rng"]
 
 
 class RngState(NamedTuple):
@@ -45,16 +45,21 @@ def capture_rng(tensors: Iterable[Tensor] = (), generators: Iterable[torch.Gener
                     tuple((g, g.get_state()) for g in generators))
 
 
+def set_rng(state: RngState) -> None:
+    """Set the generators of ``state`` (CPU, its CUDA devices, the owned ones) to the states it holds."""
+    torch.set_rng_state(state.cpu)
+    for index, s in state.cuda.items():
+        torch.cuda.set_rng_state(s, index)
+    for g, s in state.owned:
+        g.set_state(s)
+
+
 @contextlib.contextmanager
 def replay_rng(state: RngState) -> Iterator[None]:
     """Run the block from ``state``; the generators are restored afterwards (the stream is not consumed)."""
     found = [(g, g.get_state()) for g, _ in state.owned]
     with torch.random.fork_rng(devices=list(state.cuda), enabled=True):
-        torch.set_rng_state(state.cpu)
-        for index, s in state.cuda.items():
-            torch.cuda.set_rng_state(s, index)
-        for g, s in state.owned:
-            g.set_state(s)
+        set_rng(state)
         try:
             yield
         finally:

@@ -14,7 +14,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from harness.variants import Variant
 
 __all__ = ["NO_CKPT", "NO_FIRST_ORDER", "NO_FP16", "NO_LAYER_CKPT", "NO_LEARN_LR", "NO_LEARN_LR_TORCH_MAML",
-           "NO_VECTORIZE", "PEERS", "VERSIONS", "available", "cell_name", "cells", "check_peer", "supports"]
+           "NO_SCHEDULE", "NO_VECTORIZE", "PEERS", "VERSIONS", "available", "cell_name", "cells", "check_peer",
+           "supports"]
 
 PEERS = ("higher", "torchopt", "torch_maml")
 VERSIONS = {"higher": "0.2.1", "torchopt": "0.7.3", "torch_maml": "1.0"}
@@ -24,6 +25,8 @@ NO_VECTORIZE = "no vectorized tasks (the adapter loops over the meta-batch's tas
 NO_LEARN_LR = "no learnable inner LR (torchopt.sgd takes one fixed scalar LR per transformation)"
 NO_LEARN_LR_TORCH_MAML = ("no learnable per-layer inner LR (IngraphGradientDescent takes one fixed learning_rate; "
                           "IngraphRMSProp's learnable one is a single scalar)")
+NO_SCHEDULE = ("no binomial or one-step-at-a-time step checkpointing (torch-maml rebuilds whole chunks of inner "
+               "steps)")
 NO_FIRST_ORDER = ("no first order (torch-maml's detach=True detaches the updated weights themselves, so no gradient "
                   "reaches the initial weights)")
 NO_FP16 = ("fp16 loss scaling through the peer's inner loop is not wired (higher could via grad_callback, "
@@ -52,7 +55,7 @@ def supports(peer: str, variant: "Variant", amp: str = "off") -> tuple[bool, str
         raise ConfigError(f"unknown precision {amp!r}; valid choices: {', '.join(AMP_MODES)}")
     if peer == "torch_maml":
         return _supports_torch_maml(variant, amp)
-    if variant.layer_ckpt or variant.step_ckpt:
+    if variant.layer_ckpt or variant.step_ckpt or getattr(variant, "snapshots", 0):
         return False, NO_CKPT
     if getattr(variant, "vectorize", False):
         return False, NO_VECTORIZE
@@ -65,7 +68,9 @@ def supports(peer: str, variant: "Variant", amp: str = "off") -> tuple[bool, str
 
 def _supports_torch_maml(variant: "Variant", amp: str) -> tuple[bool, str]:
     """Second order with one fixed LR, with or without step checkpoints (GradientCheckpointMAML)."""
-    for refused, reason in ((variant.layer_ckpt, NO_LAYER_CKPT), (getattr(variant, "vectorize", False), NO_VECTORIZE),
+    schedule = getattr(variant, "snapshots", 0) or getattr(variant, "step_rebuild", "segment") != "segment"
+    for refused, reason in ((variant.layer_ckpt, NO_LAYER_CKPT), (schedule, NO_SCHEDULE),
+                            (getattr(variant, "vectorize", False), NO_VECTORIZE),
                             (variant.learn_lr or variant.lr_per_step, NO_LEARN_LR_TORCH_MAML),
                             (variant.first_order, NO_FIRST_ORDER), (amp == "fp16", NO_FP16)):
         if refused:
