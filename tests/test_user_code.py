@@ -45,9 +45,13 @@ SMALL = ["--inner-steps", "2", "--meta-batch", "2", "--device", "cpu"]
 
 
 # -- resolving and building -------------------------------------------------------------------------------
-def test_a_file_spec_is_made_absolute_and_a_module_spec_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_file_spec_is_relative_below_the_directory_else_absolute_and_a_module_spec_kept(
+        monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.chdir(REPO)
-    assert user.normalize_spec(MODEL) == ABS_MODEL
+    assert user.normalize_spec(MODEL) == MODEL  # below the current directory: as committed rows can name it
+    assert user.normalize_spec("./" + MODEL) == MODEL
+    monkeypatch.chdir(tmp_path)
+    assert user.normalize_spec(str(REPO / MODEL)) == ABS_MODEL
     assert user.normalize_spec("tests.user_models:make_stack") == "tests.user_models:make_stack"
     with pytest.raises(ConfigError, match="expected pkg.module:NAME or path/to/file.py:NAME"):
         user.normalize_spec("tests/user_models.py")
@@ -116,13 +120,13 @@ def test_resume_never_takes_a_user_models_cell_for_the_presets(tmp_path: Path) -
                                                                ("maml", ABS_MODEL)]
 
 
-def test_bench_plans_cells_with_the_absolute_specs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bench_plans_cells_with_the_recorded_specs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)
     args = build_parser().parse_args(["bench", "--preset", "quick", "--variants", "maml,ckpt", "--model", MODEL,
                                       "--tasks", TASKS, "--ckpt", "layers.*", "--ckpt", "layers.*", *SMALL,
                                       "--out", str(tmp_path)])
     req = bench_cmd.request_from_args(args)
-    assert {(c.model, c.tasks, c.ckpt) for c in req.cells} == {(ABS_MODEL, ABS_TASKS, ("layers.*",))}
+    assert {(c.model, c.tasks, c.ckpt) for c in req.cells} == {(MODEL, TASKS, ("layers.*",))}
     assert req.run_dir.name == "quick-make_stack-regression-ckpt_layers__-cpu-inner_steps2-meta_batch2"
     assert not any(tmp_path.iterdir())
 
@@ -138,7 +142,7 @@ def test_run_with_a_user_model_tasks_and_ckpt_patterns_is_exact_and_records_them
     assert path.name.startswith("ckpt_lr_quick_make_stack-") and str(path) in out
     result = read_row(path, RunResult)
     assert result.status == "ok" and result.agreement["w_rel_err"] == 0 and result.agreement["lr_rel_err"] == 0
-    assert (result.model, result.tasks, result.ckpt) == (ABS_MODEL, ABS_TASKS, ["layers.*"])
+    assert (result.model, result.tasks, result.ckpt) == (MODEL, TASKS, ["layers.*"])
     assert result.spec["ckpt"] == ["layers.*"] and result.extra["settings"] == {"inner_steps": 2, "meta_batch": 2,
                                                                              "model.width": 4}
 
@@ -182,7 +186,7 @@ def test_a_bench_cell_imports_the_users_module_from_the_directory_the_command_ra
     assert r.returncode == 0, r.stderr + r.stdout
     (row,) = read_cells(tmp_path / "results" / "r")
     assert row.status == "ok", row.message
-    assert row.model == "mymodel:make" and row.tasks == f"{tmp_path.resolve()}/data/sampler.py:regression"
+    assert row.model == "mymodel:make" and row.tasks == "data/sampler.py:regression"  # relative: the cell runs where the command ran
     assert row.agreement["w_rel_err"] == 0 and row.ckpt == ["0"]
 
 
@@ -242,9 +246,9 @@ def test_check_on_a_model_calling_torch_checkpoint_itself_every_variant_is_exact
         assert fd is None or float(fd[1]) <= FD_TOL
         assert name == "maml" or "x maml" in rest
     table = (out / "c" / "table.md").read_text()
-    assert "| fd rel err |" in table.splitlines()[4] and f"model {ABS_MODEL}" in table
+    assert "| fd rel err |" in table.splitlines()[4] and f"model {MODEL}" in table
     summary = {row["variant"]: row for row in csv.DictReader((out / "c" / "summary.csv").open())}
     assert {v for v, row in summary.items() if row["fd_rel_err"]} == {v for v in registry()
                                                                       if not get_variant(v).first_order}
-    assert {row["model"] for row in summary.values()} == {ABS_MODEL}
+    assert {row["model"] for row in summary.values()} == {MODEL}
     assert len(list((tmp_path / "plots" / "c").glob("*.png"))) >= 1

@@ -96,7 +96,7 @@ def add_user_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def user_specs(args: argparse.Namespace) -> UserSpecs:
-    """The ``--model``/``--tasks``/``--ckpt`` of a command, in the form the cells record (file paths absolute)."""
+    """The ``--model``/``--tasks``/``--ckpt`` of a command, in the form the cells record (file paths relative to the current directory when below it)."""
     model, tasks = getattr(args, "model", None), getattr(args, "tasks", None)
     return UserSpecs(normalize_spec(model, "--model") if model else None,
                      normalize_spec(tasks, "--tasks") if tasks else None,

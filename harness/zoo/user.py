@@ -92,10 +92,14 @@ def _is_file(where: str) -> bool:
 
 
 def normalize_spec(text: str, flag: str = "--model") -> str:
-    """The spec as a run records it: a file path made absolute (so a cell's process finds it), a module
-    kept as written; a spec without ``:`` is a ConfigError naming the valid form."""
+    """The spec as a run records it: a file path relative to the current directory when the file is below it
+    (cells run in the directory the command ran in, and committed rows name no machine's folders), else
+    absolute; a module kept as written; a spec without ``:`` is a ConfigError naming the valid form."""
     where, name = _split(text, flag)
-    return f"{Path(where).expanduser().resolve()}:{name}" if _is_file(where) else f"{where}:{name}"
+    if not _is_file(where):
+        return f"{where}:{name}"
+    path, here = Path(where).expanduser().resolve(), Path.cwd().resolve()
+    return f"{path.relative_to(here) if path.is_relative_to(here) else path}:{name}"
 
 
 def spec_name(text: str) -> str:
