@@ -22,6 +22,8 @@ Kinds (:data:`KINDS`):
   quiet machine, one under extra load) and how far the second moved from the first;
 * ``scaling FILE.json`` -- 1 vs N data-parallel ranks (``python -m harness scaling``): times, the per-pair
   speed-up, the all-reduce, sampling and memory figures;
+* ``check RUN`` -- the verdict of every variant of a ``python -m harness check`` run (exact / refused / WRONG /
+  FAILED, with the errors, peak memory and time), as the command prints it.
 * ``md-table FILE.md N`` -- the N-th Markdown table of a committed Markdown result, verbatim.
 """
 from __future__ import annotations
@@ -38,6 +40,7 @@ from harness.reporting.files import read_cells, read_row, write_text_atomic
 from harness.reporting.frame import cells_frame, num
 from harness.reporting.render import fmt, fmt_ratio, markdown_rows, markdown_table, paired_text
 from harness.reporting.schema import DiagnosisResult, ResultsError, ScalingResult
+from harness.reporting.verdicts import verdicts
 
 START = re.compile(r"^<!-- generated:(?P<spec>[^>]*)-->$")
 END = "<!-- end generated -->"
@@ -201,7 +204,13 @@ def markdown_table_of(root: Path, source: str, number: str = "1") -> list[str]:
     return tables[int(number) - 1]
 
 
-KINDS: dict[str, Callable[..., list[str]]] = {"variants": variants_table, "cells": cells_table,
+def check_table(root: Path, run: str) -> list[str]:
+    """``python -m harness check``'s verdicts, one row per variant (:mod:`harness.reporting.verdicts`)."""
+    rows = [r.to_dict() for r in read_cells(root / run)]
+    return markdown_rows(["variant", "verdict"], [[f"`{v.variant}`", v.line] for v in verdicts(rows)])
+
+
+KINDS: dict[str, Callable[..., list[str]]] = {"variants": variants_table, "cells": cells_table, "check": check_table,
                                               "paired-stability": paired_stability_table,
                                               "sweep-memory": sweep_memory_table, "scaling": scaling_table,
                                               "diagnosis": diagnosis_table, "md-table": markdown_table_of}
