@@ -1,6 +1,6 @@
 """Finite differences of the meta-loss against the meta-gradient: the check that does not trust the engine.
 
-Why: the agreement check (:func:`harness.train.check_agreement`) compares a variant with the non-checkpointed
+Why: the agreement check (:func:`harness.loop.agreement.check_agreement`) compares a variant with the non-checkpointed
 reference, which runs the same engine; a mistake the two share (a wrong second-order term, say) agrees with
 itself.  Central differences of the mean query loss along random directions of the meta-parameters (initial
 weights and learnable LRs) need only the forward.  ``python -m harness check`` records the error of every

@@ -16,14 +16,18 @@ import math
 import os
 from typing import Any, NamedTuple
 
+import torch
+
 from harness.core.config import AMP_MODES, STEP_REBUILDS, ConfigError
 from harness.zoo.presets import Preset, get_preset
 from harness.zoo.user import model_keywords, resolve, takes_any_keyword
 
-__all__ = ["check_folder_name", "ACCEPTED", "BOUNDS", "Bound", "CellSettings", "LAUNCH_SETTINGS", "MODEL_SETTINGS", "SEED_MAX", "SETTING_KEYS", "SPEC_SETTINGS",
+__all__ = ["DEVICES", "DTYPES", "check_amp", "check_device", "valid_amps", "check_folder_name", "ACCEPTED", "BOUNDS", "Bound", "CellSettings", "LAUNCH_SETTINGS", "MODEL_SETTINGS", "SEED_MAX", "SETTING_KEYS", "SPEC_SETTINGS",
            "SWEEP_PARAMS", "VARIANT_SETTINGS", "check_int", "check_seconds", "dedupe",
            "parse_param", "parse_settings", "parse_value", "split_settings", "validate_setting"]
 
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DEVICES = ("cpu", "cuda")
 SEED_MAX = 2 ** 62  # torch.Generator takes 64-bit seeds; derived streams (seed + 1, held-out seeds) need room
 
 
@@ -56,7 +60,7 @@ BOUNDS: dict[str, Bound] = {
     "snapshots": Bound(0, 1_000, 100_000),  # binomial step checkpointing's stored states; 0: off
     "vectorize": Bound(0, 1, 1),
     "vmap_chunk": Bound(0, 100_000, 100_000_000),  # 0: all tasks at once
-    "ranks": Bound(1, 64, 4_096),  # and at most the meta-batch (harness.distributed.check_ranks)
+    "ranks": Bound(1, 64, 4_096),  # and at most the meta-batch (harness.loop.distributed.check_ranks)
     "ways": Bound(1, 1_000, 100_000),
     "shots": Bound(1, 1_000, 100_000),
     "size": Bound(1, 100_000, 100_000_000),  # any other integer model.<kw> / task.<kw>
@@ -68,7 +72,7 @@ MODEL_SETTINGS = ("depth", "width")  # model constructor keywords
 # step-checkpoint segment length (0: off), its rebuild (segment | step), binomial stored states (0: off);
 # vmap tasks (0/1); tasks per vmapped chunk (0: all)
 VARIANT_SETTINGS = ("step_ckpt", "step_rebuild", "snapshots", "vectorize", "vmap_chunk")
-LAUNCH_SETTINGS = ("ranks",)  # data-parallel ranks: the cell runs under torch.distributed.run (harness.distributed)
+LAUNCH_SETTINGS = ("ranks",)  # data-parallel ranks: the cell runs under torch.distributed.run (harness.loop.distributed)
 SWEEP_PARAMS = SPEC_SETTINGS + MODEL_SETTINGS + VARIANT_SETTINGS + LAUNCH_SETTINGS
 SETTING_KEYS = SWEEP_PARAMS + ("amp",)  # and model.<kw>, task.<kw>
 ACCEPTED = f"{', '.join(SETTING_KEYS)}, model.<kw> or task.<kw>"
@@ -255,3 +259,30 @@ def split_settings(settings: dict[str, Any]) -> CellSettings:
         else:
             raise ConfigError(f"unknown cell setting {k!r}; accepted: {ACCEPTED}")
     return out
+
+
+def check_device(device: str) -> None:
+    """An unknown device, or CUDA without CUDA: a ConfigError naming the valid choices."""
+    if device not in DEVICES:
+        raise ConfigError(f"unknown device {device!r}; valid devices: {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda requested but CUDA is not available on this machine; use --device cpu")
+
+
+def valid_amps(device: str, *, fp16_on_cpu: bool = False) -> list[str]:
+    """The precisions ``device`` can train in: fp16 needs CUDA (GradScaler) unless a CPU GradScaler is asked
+    for; bf16 needs a CPU or a GPU that supports it."""
+    if device == "cuda":
+        return ["off", *(["bf16"] if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else []), "fp16"]
+    return ["off", "bf16", *(["fp16"] if fp16_on_cpu else [])]
+
+
+def check_amp(amp: str, device: str, *, fp16_on_cpu: bool = False) -> None:
+    """The one precision check (``run``, ``diagnose``, and each entry of ``bench --amp``)."""
+    valid = valid_amps(device, fp16_on_cpu=fp16_on_cpu)
+    choices = f"valid choices on {device}: {', '.join(valid)}"
+    if amp not in AMP_MODES:
+        raise ConfigError(f"unknown precision {amp!r} in --amp; {choices}")
+    if amp not in valid:
+        why = "fp16 needs a CUDA device (GradScaler)" if amp == "fp16" else f"{amp} is not supported by this GPU"
+        raise ConfigError(f"--amp {amp} is not available on {device} ({why}); {choices}")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from harness.bench.cells import MeasureOptions
-from harness.train import Experiment, RunSpec
+from harness.loop.spec import Experiment, RunSpec
 
 
 def small_experiment(variant: str, preset: str = "quick", dtype: str = "float64", inner_steps: int | None = None,

@@ -17,8 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script by torchrun
 
-from harness import distributed  # noqa: E402
-from harness.train import Experiment, RunSpec, meta_step, train  # noqa: E402
+from harness.loop import distributed  # noqa: E402
+from harness.loop.spec import Experiment, RunSpec
+from harness.loop.train import meta_step, train  # noqa: E402
 from harness.variants import get_variant, registry  # noqa: E402
 
 __all__ = ["Case", "cases", "train_case", "META_STEPS"]

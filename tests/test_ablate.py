@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import harness.studies.ablation.ablate as ablate
-import harness.train
+import harness.loop.train
 from harness.cli.ablate import spec_from_args
 from harness.studies.ablation.spec import command_line
 from harness.cli.main import build_parser, main
@@ -169,14 +169,14 @@ def test_a_checkpointed_variant_that_differs_is_reported(tmp_path: Path, monkeyp
 
 def test_diverged_cells_get_no_equality_claim(tmp_path: Path, monkeypatch, capsys) -> None:
     """Issue 13: with diverged cells `ablate` printed "all checkpointed curves bit-identical"."""
-    real = harness.train.meta_step
+    real = harness.loop.train.meta_step
 
     def nan_after_one(learner, opt, scaler, tasks):
         first = not opt.state  # Adam has no state before its first step
         loss, skipped = real(learner, opt, scaler, tasks)
         return (loss if first else math.nan), skipped  # the second step of every cell diverges
 
-    monkeypatch.setattr(harness.train, "meta_step", nan_after_one)
+    monkeypatch.setattr(harness.loop.train, "meta_step", nan_after_one)
     code = main(["ablate", *TINY, "--variants", "maml,fo,ckpt", "--results-dir", str(tmp_path / "r"),
                  "--plots-dir", str(tmp_path / "p")])
     out = capsys.readouterr().out

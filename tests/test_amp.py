@@ -7,7 +7,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from harness.train import Experiment, RunSpec, check_agreement, meta_step, train
+from harness.loop.agreement import check_agreement
+
+from harness.loop.spec import Experiment, RunSpec
+
+from harness.loop.train import meta_step, train
 from tests.conftest import small_experiment
 from tests.test_cli_core import harness
 
@@ -64,7 +68,7 @@ def test_bad_precision_is_a_one_line_error(tmp_path, args, needle) -> None:
 
 
 def test_the_bench_step_runner_skips_an_fp16_overflow_instead_of_calling_it_divergence() -> None:
-    from harness.bench.measure import StepRunner
+    from harness.loop.train import StepRunner
 
     exp = _with_amp(small_experiment("lr", "cpu-bench", dtype="float32", inner_steps=2), "fp16")
     runner = StepRunner(exp.learner, 1e-2, exp.sample, scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 127))

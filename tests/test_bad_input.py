@@ -22,7 +22,7 @@ from harness.cli import bench as bench_cmd
 from harness.cli import sweep as sweep_cmd
 from harness.cli.main import build_parser, main
 from harness.settings import SEED_MAX, SETTING_KEYS, parse_settings, split_settings
-from harness.train import Experiment, RunSpec
+from harness.loop.spec import Experiment, RunSpec
 from tests.conftest import REPO, TINY, harness
 
 BASE = {  # each command on the same preset, so one bad value means the same thing everywhere

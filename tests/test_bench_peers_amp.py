@@ -59,7 +59,7 @@ def test_bench_peers_lists_unsupported_cells_with_reasons(tmp_path: Path) -> Non
 
 
 def test_peer_cells_without_the_extra_are_unsupported_with_the_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
-    import harness.studies.peers as P
+    import harness.peers as P
 
     monkeypatch.delenv(C.PLUGIN_ENV, raising=False)
     monkeypatch.setattr(P, "available", lambda peer: (False, f"{peer} is not importable (ModuleNotFoundError); "

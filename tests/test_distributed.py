@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import scaling
+from harness.bench import scaling
 from harness.cli.main import main
 from harness.reporting.files import read_row
 from harness.reporting.schema import RunResult, ScalingResult
-from harness.train import Experiment, RunSpec, train
+from harness.loop.spec import Experiment, RunSpec
+from harness.loop.train import train
 from tests.conftest import REPO, harness
 from tests.dist_worker import Case, cases, train_case
 
@@ -155,9 +156,9 @@ def test_ablate_under_torchrun_is_refused_in_one_line(monkeypatch, capsys, tmp_p
     assert not any(tmp_path.iterdir())  # nothing written
 
 
-# -- python -m harness scaling: 1 vs N ranks in ABAB pairs (harness.scaling) ------------------------------
+# -- python -m harness scaling: 1 vs N ranks in ABAB pairs (harness.bench.scaling) ------------------------------
 def fake_launch(ranks: int, run_args: list[str], timeout_s: float = 900) -> dict:
-    """A ``run`` row as ``harness.scaling.launch`` returns it: 100 ms per meta-step on 1 rank, 60 ms on N."""
+    """A ``run`` row as ``harness.bench.scaling.launch`` returns it: 100 ms per meta-step on 1 rank, 60 ms on N."""
     row = RunResult(spec={"variant": run_args[1]}, time={"median_ms": 100.0 if ranks == 1 else 60.0},
                     memory={"cpu_peak_alloc_mib": 1.5}).to_dict()
     if ranks > 1:

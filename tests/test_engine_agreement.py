@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 
 from harness.core.engine import MetaLearner
-from harness.train import check_agreement
+from harness.loop.agreement import check_agreement
 from harness.variants import CANONICAL, registry
 from tests.conftest import small_experiment
 

@@ -12,7 +12,7 @@ from harness.core.ckpt import checkpoint
 from harness.core.config import MetaConfig, Task
 from harness.core.engine import MetaLearner, adapted_names
 from harness.core.grads import agreement, split_grads
-from harness.train import check_agreement
+from harness.loop.agreement import check_agreement
 from tests.conftest import small_experiment
 
 SECOND_ORDER = ["maml", "lr", "ckpt", "ckpt_lr", "sckpt_lr", "ckpt_sckpt_lr"]

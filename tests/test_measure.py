@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.bench.measure import LiveBytesTracker, StepRunner, measure, measure_cpu_memory, noise_warning, snapshot_meta_step, time_stats
+from harness.bench.measure import LiveBytesTracker, measure, measure_cpu_memory, noise_warning, snapshot_meta_step, time_stats
+
+from harness.loop.train import StepRunner
 from harness.bench.nvml import NvmlSampler
 from harness.core.config import ConfigError
-from harness.train import Experiment, RunSpec
+from harness.loop.spec import Experiment, RunSpec
 from tests.conftest import small_experiment
 
 MODEL = {"width": 16, "depth": 2}
@@ -96,7 +98,7 @@ def test_memory_snapshot_needs_cuda(tmp_path) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_figures_and_snapshot(tmp_path) -> None:
-    from harness.train import Experiment, RunSpec
+    from harness.loop.spec import Experiment, RunSpec
 
     exp = Experiment(RunSpec(variant="ckpt_fo", preset="quick", device="cuda"))
     step = StepRunner(exp.learner, exp.sizes["outer_lr"], exp.sample)

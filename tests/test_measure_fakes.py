@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from harness.bench import measure as M
-from harness.bench.measure import MIB, StepRunner, measure, snapshot_meta_step
+from harness.bench.measure import MIB, measure, snapshot_meta_step
+from harness.loop.train import StepRunner
 from harness.bench.nvml import NvmlSampler
-from harness.train import Experiment, RunSpec
+from harness.loop.spec import Experiment, RunSpec
 
 
 class NVMLError(Exception):

@@ -11,7 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from harness.bench.measure import LiveBytesTracker, StepRunner, measure_cpu_memory
+from harness.bench.measure import LiveBytesTracker, measure_cpu_memory
+
+from harness.loop.train import StepRunner
 from harness.core.engine import OuterLoop
 from tests.conftest import small_experiment
 
@@ -45,7 +47,7 @@ def test_sckpt_cpu_figure_is_torch_maml_s(tasks: int) -> None:
     GradientCheckpointMAML(checkpoint_steps=1), same weights and tasks: within a small fraction of a weight
     copy (measured after the fix: 32 bytes above; before: the weights' 19,584 bytes + 32 above)."""
     pytest.importorskip("torch_maml", reason="torch_maml not installed: pip install '.[peers]'")
-    from harness.studies.peers import build_peer
+    from harness.peers import build_peer
 
     figures = {}
     for who in ("ours", "torch_maml"):

@@ -21,7 +21,7 @@ from harness.core.ckpt import layer_checkpointing
 from harness.core.config import ConfigError
 from harness.core.engine import MetaLearner
 from harness.core.grads import agreement
-from harness.studies.peers import (NO_CKPT, NO_FIRST_ORDER, NO_LAYER_CKPT, NO_LEARN_LR_TORCH_MAML, NO_VECTORIZE,
+from harness.peers import (NO_CKPT, NO_FIRST_ORDER, NO_LAYER_CKPT, NO_LEARN_LR_TORCH_MAML, NO_VECTORIZE,
                                    PEERS, build_peer, cell_name, cells, peer_agreement, supports)
 from harness.variants import CANONICAL, Variant, registry
 from tests.conftest import small_experiment

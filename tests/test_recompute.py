@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from harness.core import recompute
 from harness.core.config import ConfigError, MetaConfig, Task
 from harness.core.engine import MetaLearner
-from harness.train import Experiment, RunSpec, check_agreement
+from harness.loop.agreement import check_agreement
+from harness.loop.spec import Experiment, RunSpec
 from tests.zoo.models import mse, regression_tasks
 from tests.zoo.oracle import no_checkpoints, rel_err
 from tests.zoo.user_written import HookReadsRoot, OwnGenerator, SeedStyle, StatefulBlocks

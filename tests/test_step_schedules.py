@@ -22,7 +22,8 @@ from torch import nn
 
 from harness import checkpoint
 from harness.bench.cells import Cell, variant_for
-from harness.bench.measure import StepRunner, measure_cpu_memory
+from harness.bench.measure import measure_cpu_memory
+from harness.loop.train import StepRunner
 from harness.core import ConfigError, MetaConfig, MetaLearner, Task
 from harness.core.schedules import Advance, Load, Rebuild, Schedule, Store, binomial, one_step_segments
 from harness.core.scheduled import traced

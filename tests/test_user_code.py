@@ -31,7 +31,7 @@ from harness.reporting.files import read_cells, read_row
 from harness.reporting.schema import RunResult
 from harness.studies.ablation.run import run_cell
 from harness.studies.ablation.spec import AblationSpec, command_line
-from harness.train import Experiment, RunSpec
+from harness.loop.spec import Experiment, RunSpec
 from harness.variants import get_variant, registry
 from harness.zoo import user
 from harness.zoo.presets import get_preset

@@ -21,12 +21,13 @@ from torch.func import grad, vmap
 from torch.utils.checkpoint import checkpoint
 
 from harness.bench.cells import Cell, variant_for
-from harness.bench.measure import StepRunner, measure_cpu_memory
+from harness.bench.measure import measure_cpu_memory
+from harness.loop.train import StepRunner
 from harness.core.config import ConfigError, MetaConfig, Task
 from harness.core import vectorized
 from harness.core.engine import MetaLearner
 from harness.core.grads import agreement
-from harness.studies.peers import NO_VECTORIZE, supports
+from harness.peers import NO_VECTORIZE, supports
 from harness.variants import registry
 from tests.conftest import small_experiment
 

@@ -41,7 +41,7 @@ PASSING_STATUSES = ("ok", "unsupported")  # a matrix of only these exits 0 (see 
 
 # Learner builders for ``peer:variant`` cells: prefix -> fn(peer, variant, exp) returning an object with
 # ``meta_gradients(tasks)``, ``step(tasks)`` and ``parameters()``; a prefix not registered here falls back to
-# ``harness.studies.peers.build_peer``.  A cell runs in a fresh process, so register at import of a module
+# ``harness.peers.build_peer``.  A cell runs in a fresh process, so register at import of a module
 # named in ``HARNESS_CELL_PLUGINS`` (comma separated).
 PLUGIN_ENV = "HARNESS_CELL_PLUGINS"
 ADDED_LATER = {"fd_directions": 0}  # MeasureOptions fields newer than the stored rows, at their default

@@ -27,15 +27,17 @@ from typing import Any
 
 import torch
 
-from harness import distributed
-from harness import train as loop
+from harness.loop import distributed
 from harness.bench import measure, paired
 from harness.bench.cells import BUILDERS, PLUGIN_ENV, Builder, Cell, MeasureOptions, base_row, variant_for
 from harness.bench.process import PARENT_ENV, TEMP_PREFIX, cell_environment, die_with_parent
 from harness.core.config import ConfigError
 from harness.gradcheck import finite_difference_error
+from harness.loop.agreement import check_agreement
+from harness.loop.spec import Experiment, RunSpec
+from harness.loop.train import Diverged, StepRunner
 from harness.reporting.files import write_json
-from harness.studies import peers
+from harness import peers
 from harness.variants import get_variant
 from harness.zoo.user import UserCodeError
 
@@ -93,13 +95,13 @@ def failure_status(exc: BaseException) -> tuple[str, str]:
     return "error", f"{type(exc).__name__}: {exc}"
 
 
-def _learner(cell: Cell, row: dict[str, Any]) -> tuple[loop.Experiment, Any]:
+def _learner(cell: Cell, row: dict[str, Any]) -> tuple[Experiment, Any]:
     spec_kw, model_kw, task_kw = cell.overrides()
     variant = variant_for(cell)
     row["flags"] = variant.flags
-    spec = loop.RunSpec(variant=cell.base_variant, preset=cell.preset, device=cell.device, dtype=cell.dtype,
+    spec = RunSpec(variant=cell.base_variant, preset=cell.preset, device=cell.device, dtype=cell.dtype,
                         seed=cell.seed, **spec_kw)
-    exp = loop.Experiment(spec, variant=variant, model_overrides=model_kw or None, task_overrides=task_kw or None)
+    exp = Experiment(spec, variant=variant, model_overrides=model_kw or None, task_overrides=task_kw or None)
     row["sizes"] = exp.sizes
     if cell.peer is None:
         return exp, exp.learner
@@ -114,10 +116,10 @@ def _learner(cell: Cell, row: dict[str, Any]) -> tuple[loop.Experiment, Any]:
 def _measure(cell: Cell, opts: MeasureOptions, row: dict[str, Any], started: float) -> None:
     exp, learner = _learner(cell, row)
     tasks = exp.sample()
-    row["agreement"] = loop.check_agreement(exp, tasks, learner)
+    row["agreement"] = check_agreement(exp, tasks, learner)
     if opts.fd_directions and cell.peer is None and not exp.variant.first_order:  # python -m harness check
         row["fd_rel_err"] = finite_difference_error(learner, tasks, directions=opts.fd_directions)
-    step = measure.StepRunner(learner, exp.sizes["outer_lr"], exp.sample, scaler=exp.new_scaler())
+    step = StepRunner(learner, exp.sizes["outer_lr"], exp.sample, scaler=exp.new_scaler())
     cap = int(opts.cpu_mem_cap_mib * measure.MIB) if opts.cpu_mem_cap_mib is not None else None
     m = measure.measure(step, cell.device, warmup=opts.warmup, repeats=opts.repeats, nvml=opts.nvml, cap_bytes=cap)
     row["time"] = m.pop("time")
@@ -145,7 +147,7 @@ def measure_cell_inline(cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
         row["status"], row["message"] = "error", str(exc)
     except ConfigError as exc:  # the variant refuses this model (vmaml on BatchNorm, ...): the reason, one line
         row["status"], row["message"] = "unsupported", str(exc)
-    except loop.Diverged as exc:
+    except Diverged as exc:
         row["status"], row["message"] = "diverged", str(exc)
     except Exception as exc:  # noqa: BLE001 -- any fault of the measured code is the cell's status, not a crash
         row["status"], row["message"] = failure_status(exc)

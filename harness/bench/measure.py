@@ -1,6 +1,6 @@
 """Memory and time of one meta-step.
 
-A *meta-step* is what :func:`harness.train.train` does once: ``MetaLearner.step(tasks)``
+A *meta-step* is what :func:`harness.loop.train.train` does once: ``MetaLearner.step(tasks)``
 (forward, inner loop, outer backward into ``.grad``) plus the Adam step and
 ``zero_grad``.  Task sampling happens outside the measured region.
 
@@ -39,9 +39,9 @@ from torch.utils._pytree import tree_flatten
 
 from harness.bench.nvml import NvmlSampler
 from harness.core.config import ConfigError, Task
-from harness.train import DivergenceCheck, meta_step
+from harness.loop.train import StepRunner
 
-__all__ = ["CudaPeaks", "LiveBytesTracker", "StepRunner", "measure", "measure_cpu_memory", "snapshot_meta_step", "time_stats",
+__all__ = ["CudaPeaks", "LiveBytesTracker", "measure", "measure_cpu_memory", "snapshot_meta_step", "time_stats",
            "noise_warning", "NvmlSampler", "MIB", "NOISY_IQR", "NVML_STEPS", "CAP_ENV"]
 
 MIB = 1024.0 * 1024.0
@@ -142,30 +142,6 @@ def noise_warning(stats: dict[str, Any], label: str) -> str | None:
 
 
 # -- meta-step ----------------------------------------------------------------
-@dataclass
-class StepRunner:
-    """One meta-step of any learner with ``step(tasks)`` and ``parameters()`` (MetaLearner or a peer)."""
-
-    learner: Any
-    outer_lr: float
-    sample: Callable[[], list[Task]]
-    scaler: Any = None  # torch.amp.GradScaler for fp16 autocast (as loop.meta_step)
-    check_finite: bool = True  # raise Diverged on a NaN/inf meta-loss
-    losses: list[float] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.opt = torch.optim.Adam(self.learner.parameters(), lr=self.outer_lr)
-        self.divergence = DivergenceCheck(self.scaler is not None)
-
-    def __call__(self, tasks: list[Task]) -> float:
-        loss, skipped = meta_step(self.learner, self.opt, self.scaler, tasks)
-        if self.check_finite:
-            self.divergence(len(self.losses), loss, skipped)
-        self.opt.zero_grad(set_to_none=True)
-        self.losses.append(loss)
-        return loss
-
-
 def measure_cpu_memory(step: StepRunner, tasks: list[Task], cap_bytes: int | None = None) -> dict[str, Any]:
     """One meta-step under :class:`LiveBytesTracker`: the deterministic memory figure."""
     gc.collect()

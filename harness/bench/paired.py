@@ -36,9 +36,9 @@ import torch
 from scipy import stats
 
 from harness.bench.cells import variant_for
-from harness.bench.measure import StepRunner
+from harness.loop.train import StepRunner
 from harness.core.config import ConfigError, Task
-from harness.train import Experiment, RunSpec
+from harness.loop.spec import Experiment, RunSpec
 from harness.variants import registry
 
 __all__ = ["DEFAULT_PAIRS", "clock_for", "measure_paired", "paired_ratios", "ratio_summary", "reference_name"]

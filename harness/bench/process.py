@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
-from harness import distributed
+from harness.loop import distributed
 from harness.bench.cells import Cell, MeasureOptions, base_row
 from harness.reporting.provenance import environment
 

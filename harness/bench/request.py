@@ -20,8 +20,8 @@ from harness.bench.matrix import matrix_exit_code, run_matrix
 from harness.core.config import ConfigError
 from harness.reporting import tables
 from harness.settings import dedupe
-from harness.studies.peers import PEERS, supports
-from harness.train import check_amp, valid_amps
+from harness.peers import PEERS, supports
+from harness.settings import check_amp, valid_amps
 from harness.variants import CANONICAL, get_variant, registry
 from harness.zoo.user import UserSpecs, spec_name
 

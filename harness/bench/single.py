@@ -4,7 +4,7 @@ Checks the variant's meta-gradients against its non-checkpointed reference on th
 and the first task batch, takes the deterministic CPU memory figure of one meta-step on a copy of
 the learner and of the task stream (so the run itself is unchanged), meta-trains for N steps
 (CUDA allocator peaks over the training when on a GPU) and writes one JSON result.  Under torchrun
-the training is data-parallel over the ranks (:mod:`harness.distributed`) and rank 0 writes.
+the training is data-parallel over the ranks (:mod:`harness.loop.distributed`) and rank 0 writes.
 Try: ``python -m harness run --variant ckpt_lr --preset quick``.
 """
 from __future__ import annotations
@@ -22,14 +22,17 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from harness import distributed
-from harness.bench.measure import CudaPeaks, StepRunner, measure_cpu_memory, snapshot_meta_step, time_stats
+from harness.loop import distributed
+from harness.bench.measure import CudaPeaks, measure_cpu_memory, snapshot_meta_step, time_stats
+from harness.loop.train import StepRunner
 from harness.core.config import ConfigError
 from harness.reporting.files import write_json
 from harness.reporting.provenance import environment
 from harness.reporting.schema import SCHEMA_VERSION, RunResult
 from harness.settings import CellSettings
-from harness.train import Diverged, Experiment, RunSpec, TrainLog, check_agreement, default_threads, train
+from harness.loop.agreement import check_agreement
+from harness.loop.spec import Experiment, RunSpec, default_threads
+from harness.loop.train import Diverged, TrainLog, train
 from harness.zoo.user import UserSpecs, spec_name
 
 __all__ = ["SingleRun", "result_path", "run_single", "side_measurements"]

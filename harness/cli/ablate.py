@@ -12,7 +12,7 @@ import argparse
 import inspect
 from typing import Any
 
-from harness import distributed
+from harness.loop import distributed
 from harness.bench.executors import add_executor_arguments, executor_spec, open_executor
 from harness.cli.args import (EXIT_FAILED, EXIT_OK, UsageError, add_out_argument, add_user_arguments, check_numbers,
                               check_out_dir, check_user_code, merge_flags, nonempty, out_path, plots_root, run_dir,
@@ -21,7 +21,7 @@ from harness.settings import ACCEPTED, dedupe, parse_settings, split_settings
 from harness.studies.ablation.ablate import run_ablation
 from harness.studies.ablation.spec import AblationSpec, command_line
 from harness.studies.ablation.tables import check_line, markdown_tables
-from harness.train import DEVICES, DTYPES, check_device
+from harness.settings import DEVICES, DTYPES, check_device
 from harness.variants import CANONICAL
 from harness.zoo.presets import get_preset
 

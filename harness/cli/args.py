@@ -20,10 +20,11 @@ from harness.bench.executors import add_executor_arguments
 from harness.bench.paired import DEFAULT_PAIRS
 from harness.bench.request import DEFAULT_PRESET, parse_amps
 from harness.core.config import AMP_MODES, ConfigError
-from harness.distributed import check_ranks
+from harness.loop.distributed import check_ranks
 from harness.settings import (ACCEPTED, CellSettings, check_folder_name, check_int, check_seconds, dedupe,
                               parse_settings, split_settings)
-from harness.train import DEVICES, DTYPES, RunSpec, check_device
+from harness.loop.spec import RunSpec
+from harness.settings import DEVICES, DTYPES, check_device
 from harness.zoo.presets import get_preset
 from harness.zoo.user import SPEC_FORM, UserSpecs, check_setup, normalize_spec
 

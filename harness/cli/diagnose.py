@@ -20,7 +20,7 @@ import torch
 from harness.cli.args import DEFAULT_OUT, EXIT_FAILED, EXIT_OK, add_out_argument, check_out_dir, nonempty
 from harness.core.config import AMP_MODES
 from harness.studies.seed.diagnose import ENGINE_TITLES, ENGINES, explanation, run_diagnosis
-from harness.train import DEVICES, check_amp, check_device
+from harness.settings import DEVICES, check_amp, check_device
 
 __all__ = ["register", "run"]
 

@@ -15,7 +15,8 @@ from harness.bench.single import SingleRun, result_path, run_single
 from harness.cli.args import (EXIT_FAILED, EXIT_OK, UsageError, add_out_argument, add_spec_arguments, check_numbers,
                               check_out_dir, check_user_code, default_device, merge_flags, user_specs)
 from harness.settings import CellSettings, parse_settings, split_settings
-from harness.train import RunSpec, check_device
+from harness.loop.spec import RunSpec
+from harness.settings import check_device
 
 __all__ = ["register", "run", "spec_from_args"]
 

@@ -2,7 +2,7 @@
 
 Times ``--pairs`` ABAB pairs of ``python -m harness run`` on the CPU, one process then ``--ranks``
 data-parallel ranks (one thread each) at the same total meta-batch, and writes
-``<out>/<run-id>/scaling.json`` (the work: :mod:`harness.scaling`; the figures: docs/scaling.md).
+``<out>/<run-id>/scaling.json`` (the work: :mod:`harness.bench.scaling`; the figures: docs/scaling.md).
 Every option is checked, and the output folder tried, before the first run starts.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 from dataclasses import fields
 
 from harness.cli.args import DEFAULT_OUT, EXIT_OK, add_out_argument, check_numbers, nonempty, run_dir
-from harness.scaling import RESULT_FILE, ScalingRequest, run_scaling
+from harness.bench.scaling import RESULT_FILE, ScalingRequest, run_scaling
 
 __all__ = ["DEFAULT_RUN_ID", "command_line", "register", "request_from_args", "run"]
 

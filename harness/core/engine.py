@@ -181,7 +181,7 @@ def _accumulate(total: dict[str, Tensor | None], params: Mapping[str, Tensor], o
 
 
 class OuterLoop:
-    """Outer-loop plumbing shared by :class:`MetaLearner` and the peers (``harness.studies.peers``).
+    """Outer-loop plumbing shared by :class:`MetaLearner` and the peers (``harness.peers``).
 
     Subclasses provide ``meta_parameters()`` and ``task_loss(task, loss_scale)``.
     """
@@ -222,7 +222,7 @@ class OuterLoop:
         """Fill ``.grad`` of the meta-parameters for one outer step; returns the mean query loss.
 
         With fp16, pass the GradScaler's current scale and finish with ``scaler.step(opt); scaler.update()``
-        (``harness.train.meta_step`` does exactly that).
+        (``harness.loop.train.meta_step`` does exactly that).
         """
         grads, loss = self.meta_gradients(tasks, loss_scale)
         for (k, p), g in zip(self.meta_parameters().items(), grads.values()):

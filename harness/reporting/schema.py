@@ -317,7 +317,7 @@ class AblationSummary(Row):
 
 @dataclass
 class ScalingResult(Row):
-    """``python -m harness scaling``'s ``results/<run-id>/scaling.json`` (``harness.scaling``): 1 vs N data-parallel
+    """``python -m harness scaling``'s ``results/<run-id>/scaling.json`` (``harness.bench.scaling``): 1 vs N data-parallel
     ranks in ABAB pairs; ``runs`` holds each pair's two ``run`` rows and its speed-up, ``summary`` their spread."""
 
     KIND: ClassVar[str] = "scaling"

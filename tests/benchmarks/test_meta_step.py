@@ -3,7 +3,7 @@
     .venv/bin/python -m pytest tests/benchmarks --benchmark-only          # the table
     .venv/bin/python -m pytest tests/benchmarks --benchmark-autosave      # keep it in .benchmarks/
 
-A meta-step is ``MetaLearner.step(tasks)`` plus the Adam step (``harness.bench.measure.StepRunner``),
+A meta-step is ``MetaLearner.step(tasks)`` plus the Adam step (``harness.loop.train.StepRunner``),
 on a shrunken cpu-bench configuration so the whole suite stays quick on 2 cores.
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ import math
 
 import pytest
 
-from harness.train import Experiment, RunSpec
-from harness.bench.measure import StepRunner
+from harness.loop.spec import Experiment, RunSpec
+from harness.loop.train import StepRunner
 from harness.variants import registry
 
 

@@ -29,7 +29,7 @@ from harness.studies.ablation.run import run_cell
 from harness.studies.ablation.spec import AblationSpec, plan
 from harness.studies.ablation.summary import summarise
 from harness.studies.ablation.tables import write_report
-from harness.train import default_threads
+from harness.loop.spec import default_threads
 from harness.variants import Variant
 from harness.zoo.presets import get_preset
 from harness.zoo.user import build_model

@@ -1,4 +1,4 @@
-"""One ablation cell: meta-train a (variant, seed) through :func:`harness.train.train` and evaluate it.
+"""One ablation cell: meta-train a (variant, seed) through :func:`harness.loop.train.train` and evaluate it.
 
 Seed ``s`` fixes the initial weights and the training task stream (identical for every variant); the
 held-out tasks come from ``Generator(HELDOUT_SEED + s)`` over the sampler's held-out split (fresh
@@ -18,7 +18,8 @@ from harness.core.config import Task
 from harness.core.engine import MetaLearner
 from harness.reporting.schema import AblationCell
 from harness.studies.ablation.spec import AblationSpec
-from harness.train import Diverged, Experiment, RunSpec, train
+from harness.loop.spec import Experiment, RunSpec
+from harness.loop.train import Diverged, train
 from harness.variants import Variant
 from harness.zoo.tasks import SyntheticImages
 
@@ -75,7 +76,7 @@ def evaluate(learner: MetaLearner, tasks: list[Task]) -> Evaluation:
 
 def run_cell(spec: AblationSpec, variant: Variant, seed: int,
              on_step: Callable[[], None] | None = None) -> AblationCell:
-    """Meta-train one (variant, seed) with :func:`harness.train.train` and evaluate on the held-out tasks."""
+    """Meta-train one (variant, seed) with :func:`harness.loop.train.train` and evaluate on the held-out tasks."""
     run_spec = RunSpec(variant=spec.variants[0], preset=spec.preset, device=spec.device, dtype=spec.dtype,
                        inner_steps=spec.inner_steps, meta_batch=spec.meta_batch, meta_steps=spec.meta_steps, seed=seed,
                        **spec.user().fields())

@@ -13,7 +13,7 @@ from typing import Any
 
 from harness.core.config import ConfigError
 from harness.settings import check_folder_name, check_int
-from harness.train import RunSpec
+from harness.loop.spec import RunSpec
 from harness.variants import CANONICAL, Variant, get_variant, registry
 from harness.zoo.presets import get_preset
 from harness.zoo.user import UserSpecs, spec_name

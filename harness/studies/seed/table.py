@@ -24,7 +24,7 @@ from harness.core.config import AMP_MODES, Task
 from harness.core.engine import MetaLearner
 from harness.core.grads import agreement
 from harness.studies.seed.engine import SeedConfig, SeedLearner, SeedModel
-from harness.train import unscaled_meta_gradients
+from harness.loop.agreement import unscaled_meta_gradients
 from harness.variants import CANONICAL, get_variant
 from harness.zoo.tasks import Sinusoid, mse
 

@@ -25,12 +25,12 @@ from typing import Any, Callable
 import torch
 from scipy import stats
 
-from harness import distributed
+from harness.loop import distributed
 from harness.core.config import ConfigError
 from harness.reporting.files import read_row, write_json
 from harness.reporting.provenance import REPO, environment
 from harness.reporting.schema import RunResult, ScalingResult
-from harness.train import Experiment, RunSpec
+from harness.loop.spec import Experiment, RunSpec
 
 __all__ = ["RESULT_FILE", "ScalingRequest", "launch", "measure_pairs", "run_scaling", "sample_ms", "summarize"]
 

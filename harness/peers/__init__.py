@@ -8,7 +8,7 @@ learnable LRs and the BatchNorm buffers of ``exp.learner``, so a peer cell
 and our cell start from the same state and their meta-gradients carry the
 same keys (``w.<name>``, ``lr.<key>``).  All three peers need the optional extra
 ``pip install .[peers]``; they are imported lazily.  One module per peer (``higher_peer``,
-``torchopt_peer``, ``torch_maml_peer``); :mod:`~harness.studies.peers.support` says what each can express.
+``torchopt_peer``, ``torch_maml_peer``); :mod:`~harness.peers.support` says what each can express.
 
 What each peer can express (:func:`supports` says why not, per cell):
 
@@ -54,14 +54,15 @@ from __future__ import annotations
 from dataclasses import replace
 
 from harness.core.config import ConfigError, Task
-from harness.studies.peers.base import Peer
-from harness.studies.peers.higher_peer import HigherPeer
-from harness.studies.peers.support import (NO_CKPT, NO_FIRST_ORDER, NO_FP16, NO_LAYER_CKPT, NO_LEARN_LR,
+from harness.peers.base import Peer
+from harness.peers.higher_peer import HigherPeer
+from harness.peers.support import (NO_CKPT, NO_FIRST_ORDER, NO_FP16, NO_LAYER_CKPT, NO_LEARN_LR,
                                            NO_LEARN_LR_TORCH_MAML, NO_VECTORIZE, PEERS, VERSIONS, available,
                                            cell_name, cells, supports)
-from harness.studies.peers.torch_maml_peer import TorchMamlPeer
-from harness.studies.peers.torchopt_peer import TorchoptPeer
-from harness.train import Experiment, check_agreement
+from harness.peers.torch_maml_peer import TorchMamlPeer
+from harness.peers.torchopt_peer import TorchoptPeer
+from harness.loop.agreement import check_agreement
+from harness.loop.spec import Experiment
 
 from harness.variants import Variant
 

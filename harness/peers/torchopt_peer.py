@@ -14,7 +14,7 @@ from torch.func import functional_call
 
 from harness.core.config import MetaConfig, Task
 from harness.core.engine import MetaLearner
-from harness.studies.peers.base import Peer
+from harness.peers.base import Peer
 
 __all__ = ["TorchoptPeer"]
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from harness.core.config import MetaConfig, Task
 from harness.core.engine import MetaLearner
-from harness.studies.peers.base import Peer, detach_all
+from harness.peers.base import Peer, detach_all
 
 __all__ = ["HigherPeer"]
 

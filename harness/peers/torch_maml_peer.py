@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from harness.core.config import MetaConfig, Task
 from harness.core.engine import MetaLearner
-from harness.studies.peers.base import Peer
+from harness.peers.base import Peer
 
 __all__ = ["TorchMamlPeer"]
 

@@ -1,7 +1,7 @@
 """What every peer adapter shares: the meta-parameters are the reference learner's own tensors, the loss runs
 under the cell's autocast, and the models' ``harness.checkpoint`` calls are plain calls.
 
-See ``harness/studies/peers/__init__.py`` for what each peer expresses.
+See ``harness/peers/__init__.py`` for what each peer expresses.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from harness.core.ckpt import layer_checkpointing
 from harness.core.config import AMP_MODES, ConfigError, MetaConfig, Task
 from harness.core.engine import MetaLearner, OuterLoop
-from harness.studies.peers.support import NO_FP16
+from harness.peers.support import NO_FP16
 
 __all__ = ["Peer", "detach_all"]
 
