@@ -240,9 +240,10 @@ def matrix_options(args: argparse.Namespace, *, multi_amp: bool) -> MatrixOption
     return MatrixOptions(device, preset, settings, amps, opts, user)
 
 
-def resolve_run(text: str, out: Path = DEFAULT_OUT) -> Path:
-    """A run directory (``results/<run-id>``, or its ``cells.jsonl``), or a bare run-id under ``out``."""
+def resolve_run(text: str, out: Path = DEFAULT_OUT, *, file: bool = False) -> Path:
+    """A run directory (``results/<run-id>``, or its ``cells.jsonl``), or a bare run-id under ``out``.  With
+    ``file``, a ``.jsonl`` path is that file exactly (``compare`` reads the files it is given); without, its folder."""
     p = Path(text)
     if p.is_dir() or p.suffix == ".jsonl" or len(p.parts) > 1:
-        return p.parent if p.suffix == ".jsonl" else p
+        return p.parent if p.suffix == ".jsonl" and not file else p
     return check_run_id(out, text, flag="run")

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     th = parse_fail(args.fail)
-    regressions, warnings, lines = compare(resolve_run(args.base), resolve_run(args.new), th)
+    regressions, warnings, lines = compare(resolve_run(args.base, file=True), resolve_run(args.new, file=True), th)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(f"compare {args.base} -> {args.new}")

@@ -26,9 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from harness.bench.cells import Cell
 from harness.core.config import ConfigError
-from harness.reporting.files import read_cells
+from harness.reporting.files import by_identity, read_cells
 from harness.reporting.frame import mem_figure, num, settings_str
 from harness.reporting.schema import CellRow, ResultsError
 
@@ -36,7 +35,7 @@ FAIL_KINDS = {"mem": "relative rise, e.g. mem:5% or mem:0.05", "grad": "absolute
               "time": "relative rise, e.g. time:20%"}
 ENV_KEYS = ("python", "torch", "cuda", "cudnn", "gpu", "driver", "cpu", "threads", "platform")
 ACCEPTED = "accepted --fail expressions: " + "; ".join(f"{k}:<{v}>" for k, v in FAIL_KINDS.items())
-REGRESSION_KINDS = ("missing", "status", "mem", "grad", "time")
+REGRESSION_KINDS = ("missing", "status", "mem", "grad", "time", "invalid")
 
 
 @dataclass(frozen=True)
@@ -69,6 +68,8 @@ class Regression:
             return "missing from the new run"
         if self.kind == "status":
             return f"status {b} -> {n}"
+        if self.kind == "invalid":
+            return str(n)
         if num(n) is None:
             what = {"mem": f"memory figure {self.figure}", "grad": f"{self.part} meta-gradient rel. error",
                     "time": "median time"}[self.kind]
@@ -107,8 +108,9 @@ def parse_fail(exprs: list[str] | None) -> Thresholds:
 
 
 def _ident(row: CellRow) -> str:
-    return Cell(row.variant, row.preset or "", row.device, row.dtype, row.settings or {}, row.seed, model=row.model,
-                tasks=row.tasks, ckpt=tuple(row.ckpt or ())).compare_key()
+    """A cell's full identity, as its run stored it (``Cell.key``: variant, preset, device, dtype, every setting --
+    precision and ranks included --, seed, the user's model, tasks and patterns)."""
+    return row.key
 
 
 def _label(row: CellRow) -> str:
@@ -132,6 +134,11 @@ def _memory(b: CellRow, n: CellRow, th: Thresholds, label: str, parts: list[str]
             warnings: list[str]) -> None:
     (fb, mb), (fn, mn) = mem_figure(b), mem_figure(n)
     mb, mn_num = num(mb), num(mn)
+    if th.mem is not None and (mb is None or mb <= 0):
+        shown = mb if mb is not None else "NaN or missing"
+        bad.append(Regression("invalid", label, mb, f"baseline memory figure {fb} is {shown}: nothing to compare "
+                              "against (rebuild the baseline)", th.mem, figure=fb))
+        return
     if mb is None:
         return
     if fb != fn and mn_num is not None:
@@ -142,7 +149,10 @@ def _memory(b: CellRow, n: CellRow, th: Thresholds, label: str, parts: list[str]
         if th.mem is not None:
             bad.append(Regression("mem", label, mb, mn, th.mem, figure=fb))
         return
-    rise = (mn_num - mb) / mb if mb else (0.0 if mn_num == mb else math.inf)
+    if mn_num < 0:
+        bad.append(Regression("invalid", label, mb, f"memory figure {fn} {mn_num} MiB is negative", th.mem))
+        return
+    rise = (mn_num - mb) / mb
     parts.append(f"mem {mb:.4f} -> {mn_num:.4f} MiB ({rise:+.2%})")
     if th.mem is not None and rise > th.mem:
         bad.append(Regression("mem", label, mb, mn_num, th.mem, figure=fn))
@@ -156,12 +166,24 @@ def _gradients(b: CellRow, n: CellRow, th: Thresholds, label: str, parts: list[s
                 bad.append(Regression("grad", label, eb, None, th.grad, part=part))
             continue
         parts.append(f"{part} grad err {eb if eb is None else f'{float(eb):.3g}'} -> {float(en):.3g}")
-        if th.grad is not None and not (en <= th.grad):  # NaN fails too
+        if th.grad is None:
+            continue
+        if math.isnan(float(en)):
+            bad.append(Regression("grad", label, eb, float(en), th.grad, part=part))
+        elif math.isinf(float(en)) or en < 0:  # a relative error is finite and >= 0; anything else is a bug
+            bad.append(Regression("invalid", label, eb, f"{part} meta-gradient rel. error {en} is not a finite "
+                                  "number >= 0", th.grad, part=part))
+        elif en > th.grad:
             bad.append(Regression("grad", label, eb, en, th.grad, part=part))
 
 
 def _time(b: CellRow, n: CellRow, th: Thresholds, parts: list[str], bad: list[Regression], label: str) -> None:
     tb, tn = num((b.time or {}).get("median_ms")), (n.time or {}).get("median_ms")
+    if th.time is not None and (tb is None or tb <= 0):
+        shown = tb if tb is not None else "NaN or missing"
+        bad.append(Regression("invalid", label, tb, f"baseline median time {shown} ms: nothing to compare against "
+                              "(rebuild the baseline)", th.time))
+        return
     if not tb:
         return
     if num(tn) is None:
@@ -178,7 +200,8 @@ def _time(b: CellRow, n: CellRow, th: Thresholds, parts: list[str], bad: list[Re
 def compare(base_path: Path, new_path: Path, th: Thresholds) -> Comparison:
     """Match the new run's cells to the baseline's and check each against the thresholds."""
     base, new = read_cells(base_path), read_cells(new_path)
-    new_by = {_ident(r): r for r in new}
+    by_identity(base, base_path)
+    new_by = by_identity(new, new_path)
     regressions: list[Regression] = []
     lines: list[str] = []
     warnings = [f"environments differ: {d}" for d in env_differences(base, new)]

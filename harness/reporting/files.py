@@ -17,7 +17,7 @@ from typing import Any, Iterable, TypeVar
 
 from harness.reporting.schema import CellRow, ResultsError, Row
 
-__all__ = ["cells_path", "load_rows", "read_cells", "read_row", "write_cells", "write_json", "write_jsonl",
+__all__ = ["by_identity", "cells_path", "load_rows", "read_cells", "read_row", "write_cells", "write_json", "write_jsonl",
            "write_text_atomic"]
 
 R = TypeVar("R", bound=Row)
@@ -124,3 +124,18 @@ def read_row(path: Path, row_type: type[R]) -> R:
     except json.JSONDecodeError as exc:
         raise ResultsError(f"{path}: not valid JSON (line {exc.lineno}; truncated or corrupted)") from None
     return row_type.from_dict(data, str(path))
+
+
+def by_identity(rows: list[CellRow], path: Path) -> dict[str, CellRow]:
+    """The rows by cell identity (``key``: variant, preset, device, dtype, every setting incl. precision and ranks,
+    seed, the user's specs); two rows of one cell are a ResultsError naming it (one would hide the other)."""
+    out: dict[str, CellRow] = {}
+    for row in rows:
+        settings = ",".join(f"{k}={v}" for k, v in sorted((row.settings or {}).items()))
+        label = f"{row.variant} on {row.preset}" + (f" [{settings}]" if settings else "")
+        if not row.key:
+            raise ResultsError(f"{path}: a row of {label} has no cell key; rerun it with this harness")
+        if row.key in out:
+            raise ResultsError(f"{path}: two rows of one cell ({label}); a run holds one row per cell")
+        out[row.key] = row
+    return out

@@ -21,7 +21,7 @@ from harness.reporting.frame import (AMP_ORDER, FP32_KEYS, PAIRED_COLUMNS, cells
                                     num)
 from harness.reporting.plots import make_plots, plots_dir_for
 from harness.reporting.render import fmt, fmt_ratio, markdown_rows, markdown_table
-from harness.reporting.files import read_cells, write_text_atomic
+from harness.reporting.files import by_identity, read_cells, write_text_atomic
 
 COLUMNS = ["variant", "preset", "device", "dtype", "settings", "status", "mem_mib", "mem_figure", "mem_vs_maml",
            "time_median_ms", "time_iqr_ms", "time_min_ms", "time_count", "time_vs_maml",
@@ -186,6 +186,7 @@ def build(run_dir: Path, *, plots: bool = True, plots_dir: Path | None = None) -
     """(Re)build summary.csv, table.md and the plots of a run directory."""
     run_dir = Path(run_dir)
     rows = read_cells(run_dir)
+    by_identity(rows, run_dir)  # a duplicated row would show a cell twice
     frame = cells_frame(rows)
     flat = frame.to_dict("records")
     title = run_dir.name
