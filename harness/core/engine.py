@@ -47,9 +47,10 @@ from harness.core.config import AMP_MODES, ConfigError, LossFn, MetaConfig, Task
 from harness.core.recompute import bound_forward, owned_generators
 from harness.core.scheduled import checkpoint_schedule
 from harness.core.segment import checkpoint_segment
+from harness.core.update import sgd_update, step_lr
 from harness.core.vectorized import vectorized_meta_gradients
 
-__all__ = ["InnerLRs", "MetaLearner", "OuterLoop", "adapted_names", "lr_key", "owner"]
+__all__ = ["InnerLRs", "MetaLearner", "OuterLoop", "adapted_names", "inv_softplus", "lr_key", "owner"]
 
 
 def owner(name: str) -> str:
@@ -86,7 +87,7 @@ def lr_key(group: str) -> str:
     return group
 
 
-def _inv_softplus(y: float) -> float:
+def inv_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
@@ -111,7 +112,7 @@ class InnerLRs(nn.Module):
         self._key: dict[str, str] = {}
         self._names: dict[str, list[str]] = {}
         raw: dict[str, nn.Parameter] = {}
-        init = _inv_softplus(cfg.inner_lr)
+        init = inv_softplus(cfg.inner_lr)
         for n in names:
             key = lr_key(owner(n) if cfg.lr_granularity == "layer" else n)
             self._key[n] = key
@@ -265,14 +266,14 @@ class MetaLearner(OuterLoop, nn.Module):
         with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             return self.loss_fn(self.forward_with(weights, x, buffers=buffers), y)
 
-    def _lr_values(self) -> dict[str, Tensor] | None:
+    def lr_values(self) -> dict[str, Tensor] | None:
         return self.lrs.values() if self.lrs is not None else None
 
     def lr_of(self, name: str, step: int | None = None) -> Tensor | float:
         """The inner LR parameter ``name`` is updated with (learnable: ``lrs.lr_for``; else ``inner_lr``)."""
         return self.lrs.lr_for(name, step) if self.lrs is not None else self.cfg.inner_lr
 
-    def _inner_steps(self, weights: Weights, lrs: Mapping[str, Tensor] | None, x: Tensor, y: Tensor,
+    def inner_loop(self, weights: Weights, lrs: Mapping[str, Tensor] | None, x: Tensor, y: Tensor,
                      steps: range, *, loss_scale: float = 1.0, buffers: Mapping[str, Tensor] | None = None,
                      build_graph: bool = True) -> Weights:
         """Plain SGD on the support set for ``steps``; the one place the update rule lives.
@@ -290,10 +291,8 @@ class MetaLearner(OuterLoop, nn.Module):
                                         create_graph=create_graph, allow_unused=True, materialize_grads=True)
             if loss_scale != 1.0:
                 grads = tuple(g / loss_scale for g in grads)
-            weights = dict(weights)
-            for n, g in zip(self.adapted, grads):
-                lr = self.lrs.lookup(lrs, n, k) if (self.lrs is not None and lrs is not None) else self.cfg.inner_lr
-                weights[n] = weights[n] - lr * g
+            weights = sgd_update(weights, dict(zip(self.adapted, grads)),
+                                 lambda n, k=k: step_lr(self.lrs, lrs, n, k, self.cfg.inner_lr))
         return weights
 
     def adapt(self, support_x: Tensor, support_y: Tensor, weights: Weights | None = None,
@@ -304,12 +303,12 @@ class MetaLearner(OuterLoop, nn.Module):
         recomputation runs on a clone of that snapshot (the segment replays the RNG state).
         """
         weights = self.initial_weights() if weights is None else dict(weights)
-        lrs = self._lr_values() if lrs is None else lrs
+        lrs = self.lr_values() if lrs is None else lrs
         K, seg = self.cfg.inner_steps, self.cfg.step_ckpt
         if K and (self.cfg.snapshots or (seg and self.cfg.step_rebuild == "step")):
             return checkpoint_schedule(self, weights, lrs, support_x, support_y, loss_scale)
         if seg == 0 or K == 0:
-            return self._inner_steps(weights, lrs, support_x, support_y, range(K), loss_scale=loss_scale)
+            return self.inner_loop(weights, lrs, support_x, support_y, range(K), loss_scale=loss_scale)
         names = list(weights)
         lr_keys = list(lrs) if lrs is not None else []
         for start in range(0, K, seg):
@@ -321,7 +320,7 @@ class MetaLearner(OuterLoop, nn.Module):
                 w = dict(zip(names, flat[: len(names)]))
                 lr = dict(zip(lr_keys, flat[len(names):])) if lr_keys else None
                 buffers = {n: b.clone() for n, b in snapshot.items()} if recompute else None
-                out = self._inner_steps(w, lr, support_x, support_y, steps, loss_scale=loss_scale,
+                out = self.inner_loop(w, lr, support_x, support_y, steps, loss_scale=loss_scale,
                                         buffers=buffers, build_graph=build_graph)
                 return tuple(out[n] for n in names)
 
@@ -331,7 +330,7 @@ class MetaLearner(OuterLoop, nn.Module):
 
     def task_loss(self, task: Task, loss_scale: float = 1.0) -> Tensor:
         """Query loss after adapting on the support set: one task's meta-loss."""
-        fast = self.adapt(task.support_x, task.support_y, lrs=self._lr_values(), loss_scale=loss_scale)
+        fast = self.adapt(task.support_x, task.support_y, lrs=self.lr_values(), loss_scale=loss_scale)
         return self.loss_with(fast, task.query_x, task.query_y)
 
     def meta_gradients(self, tasks: Iterable[Task], loss_scale: float = 1.0) -> tuple[dict[str, Tensor], float]:

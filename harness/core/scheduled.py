@@ -10,7 +10,7 @@ snapshot's RNG states (dropout and module-owned generators draw the forward's nu
 left as the backward found them.  A ``Rebuild`` differentiates one step's graph; LR gradients are summed
 over the steps, frozen parameters pass through non-differentiable.
 
-Every step, values-only or rebuilt, is ``MetaLearner._inner_steps`` over one step -- the one place the update
+Every step, values-only or rebuilt, is ``MetaLearner.inner_loop`` over one step -- the one place the update
 rule lives -- so per-layer checkpointing, every LR granularity and per-step LRs, first and second order, fp16
 loss scaling and data-parallel ranks compose as they do with segments.  Values-only steps are detached one by
 one, so a long ``Advance`` holds one weight copy, not one per step.  Supports one backward (meta-gradients):
@@ -110,7 +110,7 @@ class _Run:
     def step(self, w: Sequence[Tensor], lr: Sequence[Tensor], k: int, buffers: dict[str, Tensor] | None,
              build_graph: bool) -> tuple[Tensor, ...]:
         """Inner step ``k`` from ``w`` (``buffers``: bound in place of the model's, as a recomputation does)."""
-        out = self.learner._inner_steps(dict(zip(self.names, w)), dict(zip(self.lr_keys, lr)) if self.lr_keys
+        out = self.learner.inner_loop(dict(zip(self.names, w)), dict(zip(self.lr_keys, lr)) if self.lr_keys
                                         else None, self.x, self.y, range(k, k + 1), loss_scale=self.loss_scale,
                                         buffers=buffers, build_graph=build_graph)
         return tuple(out[n] for n in self.names)

@@ -57,6 +57,7 @@ from torch.func import grad, vmap
 from torch.overrides import TorchFunctionMode
 
 from harness.core.config import ConfigError, MetaConfig, Task
+from harness.core.update import sgd_update, step_lr
 
 __all__ = ["VmapRules", "VectorizableLearner", "check_vectorizable", "stack_tasks", "vectorized_meta_gradients"]
 
@@ -177,7 +178,8 @@ def _task_loss_fn(learner: VectorizableLearner, loss_scale: float) -> Callable[.
         rest = {n: w for n, w in weights.items() if n not in fast}
         for k in range(cfg.inner_steps):
             grads = inner_grad(fast, rest, sx, sy)
-            fast = {n: fast[n] - _lr(learner, lrs, n, k) * _inner(grads[n], cfg, loss_scale) for n in adapted}
+            fast = sgd_update(fast, {n: _inner(grads[n], cfg, loss_scale) for n in adapted},
+                              lambda n, k=k: step_lr(learner.lrs, lrs, n, k, cfg.inner_lr))
         loss = learner.loss_with({**rest, **fast}, qx, qy)
         return loss * loss_scale if loss_scale != 1.0 else loss
 
@@ -188,12 +190,6 @@ def _inner(g: Tensor, cfg: MetaConfig, loss_scale: float) -> Tensor:
     """The inner gradient as the update uses it: unscaled (fp16), detached for first order."""
     g = g / loss_scale if loss_scale != 1.0 else g
     return g.detach() if cfg.first_order else g
-
-
-def _lr(learner: VectorizableLearner, lrs: Mapping[str, Tensor], name: str, step: int) -> Tensor | float:
-    if learner.lrs is None:
-        return learner.cfg.inner_lr
-    return learner.lrs.lookup(lrs, name, step)  # type: ignore[attr-defined]
 
 
 def _chunk_gradients(learner: VectorizableLearner, weights: dict[str, Tensor], raw: dict[str, Tensor],

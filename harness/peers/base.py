@@ -32,7 +32,7 @@ class Peer(OuterLoop, nn.Module):
     def meta_parameters(self) -> dict[str, Tensor]:
         return self.learner.meta_parameters()
 
-    def _lr_values(self) -> dict[str, Tensor] | None:
+    def lr_values(self) -> dict[str, Tensor] | None:
         return self.learner.lrs.values() if (self.cfg.learn_lr and self.learner.lrs is not None) else None
 
     def _task_loss(self, task: Task) -> Tensor:  # pragma: no cover - abstract

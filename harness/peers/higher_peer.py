@@ -36,7 +36,7 @@ class HigherPeer(Peer):
     def _task_loss(self, task: Task) -> Tensor:
         named = dict(self.model.named_parameters())
         opt = torch.optim.SGD([{"params": [named[n]]} for n in self.adapted], lr=self.cfg.inner_lr)
-        lrs = self._lr_values()
+        lrs = self.lr_values()
         per_step = lrs is not None and self.learner.lrs is not None and self.learner.lrs.per_step
         callback = detach_all if self.cfg.first_order else None
         with self._higher.innerloop_ctx(self.model, opt, copy_initial_weights=False, track_higher_grads=True,

@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from harness.core.ckpt import checkpoint as harness_checkpoint
 from harness.core.config import AMP_MODES, Task
-from harness.core.engine import _inv_softplus, owner
+from harness.core.engine import inv_softplus, owner
 from harness.core.engine import lr_key as engine_lr_key
 
 __all__ = ["CKPT_MODES", "SeedConfig", "SeedLearner", "SeedModel", "adapted_modules", "lr_key"]
@@ -159,7 +159,7 @@ class SeedLearner:
             for path, _ in adapted_modules(model):
                 p = next(iter(model.get_submodule(path).parameters()))
                 self.lr_raw[lr_key(path)] = nn.Parameter(
-                    torch.full((), _inv_softplus(cfg.inner_lr), dtype=p.dtype, device=p.device))
+                    torch.full((), inv_softplus(cfg.inner_lr), dtype=p.dtype, device=p.device))
 
     # -- the report's mml_ctx / mml_inner / mml_outer_backward / mml_flush --
     def context(self) -> nn.Module:

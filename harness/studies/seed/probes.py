@@ -236,7 +236,7 @@ def probe_lr_pollution(setup: Setup, device: torch.device) -> dict[str, Any]:
             if k > 0:
                 for key, g in zip(keys, torch.autograd.grad(loss, [lrs.raw[k_] for k_ in keys], retain_graph=True)):
                     inner[key] += g
-            w = ref_learner._inner_steps(w, values, task.support_x, task.support_y, range(k, k + 1))
+            w = ref_learner.inner_loop(w, values, task.support_x, task.support_y, range(k, k + 1))
     _, seed_lr = split_grads(seed)
     _, ref_lr = split_grads(ref)
 
