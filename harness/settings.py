@@ -22,12 +22,13 @@ from harness.core.config import AMP_MODES, STEP_REBUILDS, ConfigError
 from harness.zoo.presets import Preset, get_preset
 from harness.zoo.user import model_keywords, resolve, takes_any_keyword
 
-__all__ = ["DEVICES", "DTYPES", "check_amp", "check_device", "valid_amps", "check_folder_name", "ACCEPTED", "BOUNDS", "Bound", "CellSettings", "LAUNCH_SETTINGS", "MODEL_SETTINGS", "SEED_MAX", "SETTING_KEYS", "SPEC_SETTINGS",
+__all__ = ["DEVICES", "DTYPES", "NAME_MAX_BYTES", "check_amp", "check_device", "valid_amps", "check_folder_name", "ACCEPTED", "BOUNDS", "Bound", "CellSettings", "LAUNCH_SETTINGS", "MODEL_SETTINGS", "SEED_MAX", "SETTING_KEYS", "SPEC_SETTINGS",
            "SWEEP_PARAMS", "VARIANT_SETTINGS", "check_int", "check_seconds", "dedupe",
            "parse_param", "parse_settings", "parse_value", "split_settings", "validate_setting"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEVICES = ("cpu", "cuda")
+NAME_MAX_BYTES = 255  # a file name's limit on Linux, macOS and Windows file systems (NAME_MAX)
 SEED_MAX = 2 ** 62  # torch.Generator takes 64-bit seeds; derived streams (seed + 1, held-out seeds) need room
 
 
@@ -100,12 +101,17 @@ def check_int(name: str, value: Any, *, allow_huge: bool = False, flag: str | No
 
 
 def check_folder_name(name: str, flag: str = "--run-id") -> str:
-    """A run-id: one plain folder name (no path separator, not ``.``/``..``, not hidden), else a ConfigError."""
+    """A run-id: one plain folder name (no path separator, not ``.``/``..``, not hidden, at most
+    :data:`NAME_MAX_BYTES` bytes), else a ConfigError."""
     seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
     if (not name.strip() or any(s in name for s in seps) or name in (".", "..") or name.startswith(".")
             or "\0" in name):
         raise ConfigError(f"{flag} must be one plain folder name (no path separator, not starting with '.'), "
                           f"got {name!r}")
+    size = len(os.fsencode(name))
+    if size > NAME_MAX_BYTES:
+        raise ConfigError(f"{flag} must be a folder name of at most {NAME_MAX_BYTES} bytes, got {size} bytes "
+                          f"({name[:20]!r}...); give a shorter --run-id")
     return name
 
 
@@ -205,7 +211,10 @@ def parse_settings(items: list[str], preset: str, *, allow_huge: bool = False, m
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"bad --set {item!r}; expected KEY=VALUE with KEY one of {ACCEPTED}")
-        out[key] = validate_setting(key, val.strip(), p, allow_huge=allow_huge, model=model, tasks=tasks)
+        value = validate_setting(key, val.strip(), p, allow_huge=allow_huge, model=model, tasks=tasks)
+        if key in out and out[key] != value:  # the same key twice must agree (as a flag and its --set)
+            raise ConfigError(f"--set {key}={val.strip()} contradicts --set {key}={out[key]}; give each key once")
+        out[key] = value
     return out
 
 
