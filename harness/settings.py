@@ -22,7 +22,8 @@ from harness.core.config import AMP_MODES, STEP_REBUILDS, ConfigError
 from harness.zoo.presets import Preset, get_preset
 from harness.zoo.user import model_keywords, resolve, takes_any_keyword
 
-__all__ = ["DEVICES", "DTYPES", "NAME_MAX_BYTES", "check_amp", "check_device", "valid_amps", "check_folder_name", "ACCEPTED", "BOUNDS", "Bound", "CellSettings", "LAUNCH_SETTINGS", "MODEL_SETTINGS", "SEED_MAX", "SETTING_KEYS", "SPEC_SETTINGS",
+__all__ = ["CPU_MEM_CAP_ENV", "DEVICES", "DIST_TIMEOUT_ENV", "DTYPES", "NAME_MAX_BYTES", "NUMBER_ENV",
+           "check_environment", "env_number", "check_amp", "check_device", "valid_amps", "check_folder_name", "ACCEPTED", "BOUNDS", "Bound", "CellSettings", "LAUNCH_SETTINGS", "MODEL_SETTINGS", "SEED_MAX", "SETTING_KEYS", "SPEC_SETTINGS",
            "SWEEP_PARAMS", "VARIANT_SETTINGS", "check_int", "check_seconds", "dedupe",
            "parse_param", "parse_settings", "parse_value", "split_settings", "validate_setting"]
 
@@ -67,6 +68,13 @@ BOUNDS: dict[str, Bound] = {
     "size": Bound(1, 100_000, 100_000_000),  # any other integer model.<kw> / task.<kw>
     "timeout": Bound(1e-3, 86_400.0, 30 * 86_400.0),  # seconds
 }
+
+# environment variables holding a number: (unit, largest value); each a positive finite number, unset or empty:
+# the default.  Checked by every command before it starts (harness.cli.main) and where they are read.
+CPU_MEM_CAP_ENV = "MAML_HARNESS_CPU_MEM_CAP_MIB"  # test hook: the CPU tracker raises MemoryError above this
+DIST_TIMEOUT_ENV = "HARNESS_DIST_TIMEOUT_S"  # the collective timeout of data-parallel ranks
+NUMBER_ENV: dict[str, tuple[str, float]] = {CPU_MEM_CAP_ENV: ("MiB", 2.0 ** 40),
+                                            DIST_TIMEOUT_ENV: ("seconds", BOUNDS["timeout"].huge)}
 
 SPEC_SETTINGS = ("inner_steps", "meta_batch")  # RunSpec fields
 MODEL_SETTINGS = ("depth", "width")  # model constructor keywords
@@ -124,6 +132,29 @@ def check_seconds(name: str, value: float, *, allow_huge: bool = False, flag: st
         more = " (--allow-huge raises the limit)" if isinstance(value, (int, float)) and value > hi else ""
         raise ConfigError(f"{flag} must be a finite number of seconds in {_num(b.lo)}..{_num(hi)}, got {value!r}{more}")
     return float(value)
+
+
+def env_number(name: str) -> float | None:
+    """The environment variable ``name`` (one of :data:`NUMBER_ENV`) as a number in (0, its largest value];
+    ``None`` when it is unset or empty; a ConfigError naming it otherwise (``abc``, ``-5``, ``nan``)."""
+    text = os.environ.get(name, "")
+    if not text.strip():
+        return None
+    unit, hi = NUMBER_ENV[name]
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= hi):
+        raise ConfigError(f"environment variable {name}={text!r} must be a positive finite number of {unit} "
+                          f"(at most {_num(hi)}); unset it for the default")
+    return value
+
+
+def check_environment() -> None:
+    """Every numeric environment variable the harness reads (:data:`NUMBER_ENV`), checked."""
+    for name in NUMBER_ENV:
+        env_number(name)
 
 
 def parse_value(text: str) -> Any:

@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from harness.bench.measure import LiveBytesTracker
+from harness.core.config import ConfigError
+from harness.loop import distributed
+from harness.settings import CPU_MEM_CAP_ENV, DIST_TIMEOUT_ENV
 from tests.test_bad_input import BASE, no_work, refused  # noqa: F401 -- no_work is a fixture
 
 __all__ = ["no_work"]
@@ -25,3 +29,32 @@ def test_a_run_id_longer_than_a_file_name_is_refused_before_results_is_made(no_w
 def test_one_key_set_twice_to_two_values_is_refused(no_work: Path, capsys, command: str) -> None:  # 20
     refused([*BASE[command], "--set", "inner_steps=2", "--set", "inner_steps=3"], capsys, no_work,
             "--set inner_steps=3 contradicts --set inner_steps=2")
+
+
+ENV_CASES = [(name, text) for name in (CPU_MEM_CAP_ENV, DIST_TIMEOUT_ENV) for text in ("abc", "-5", "nan", "1e400")]
+
+
+@pytest.mark.parametrize("name, text", ENV_CASES)
+@pytest.mark.parametrize("command", ["run", "bench"])
+def test_a_numeric_environment_variable_that_is_not_a_positive_number_is_refused(
+        no_work: Path, capsys, monkeypatch, command: str, name: str, text: str) -> None:  # 15
+    monkeypatch.setenv(name, text)
+    refused(BASE[command], capsys, no_work, f"environment variable {name}={text!r} must be a positive finite number")
+
+
+@pytest.mark.parametrize("name, text", ENV_CASES)
+def test_where_the_variables_are_read_they_are_checked_by_the_same_rule(monkeypatch, name: str, text: str) -> None:
+    """A cell's process and every torchrun rank read them too: a ConfigError (one line), not a traceback."""
+    monkeypatch.setenv(name, text)
+    for var, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(var, value)
+    read = LiveBytesTracker if name == CPU_MEM_CAP_ENV else lambda: distributed.session("cpu").__enter__()
+    with pytest.raises(ConfigError, match=f"{name}={text!r} must be a positive finite number"):
+        read()
+
+
+def test_the_numeric_environment_variables_still_work(monkeypatch) -> None:
+    monkeypatch.setenv(CPU_MEM_CAP_ENV, "0.5")
+    assert LiveBytesTracker().cap_bytes == 512 * 1024
+    monkeypatch.setenv(CPU_MEM_CAP_ENV, "")
+    assert LiveBytesTracker().cap_bytes is None

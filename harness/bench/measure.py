@@ -40,6 +40,7 @@ from torch.utils._pytree import tree_flatten
 from harness.bench.nvml import NvmlSampler
 from harness.core.config import ConfigError, Task
 from harness.loop.train import StepRunner
+from harness.settings import CPU_MEM_CAP_ENV, env_number
 
 __all__ = ["CudaPeaks", "LiveBytesTracker", "measure", "measure_cpu_memory", "snapshot_meta_step", "time_stats",
            "noise_warning", "NvmlSampler", "MIB", "NOISY_IQR", "NVML_STEPS", "CAP_ENV"]
@@ -47,7 +48,7 @@ __all__ = ["CudaPeaks", "LiveBytesTracker", "measure", "measure_cpu_memory", "sn
 MIB = 1024.0 * 1024.0
 NOISY_IQR = 0.10
 NVML_STEPS = 3  # meta-steps of the separate, untimed NVML pass
-CAP_ENV = "MAML_HARNESS_CPU_MEM_CAP_MIB"  # test hook: the CPU tracker raises MemoryError above this
+CAP_ENV = CPU_MEM_CAP_ENV  # test hook: the CPU tracker raises MemoryError above this (checked: harness.settings)
 
 
 def _storage_key(t: torch.Tensor) -> int | None:
@@ -69,8 +70,9 @@ class LiveBytesTracker(TorchDispatchMode):
 
     def __init__(self, cap_bytes: int | None = None) -> None:
         super().__init__()
-        if cap_bytes is None and os.environ.get(CAP_ENV):
-            cap_bytes = int(float(os.environ[CAP_ENV]) * MIB)
+        cap_mib = env_number(CAP_ENV) if cap_bytes is None else None
+        if cap_mib is not None:
+            cap_bytes = int(cap_mib * MIB)
         self.cap_bytes = cap_bytes
         self.live = 0
         self.peak = 0

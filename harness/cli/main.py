@@ -14,6 +14,7 @@ import sys
 
 from harness.cli.args import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, UsageError
 from harness.core.config import ConfigError
+from harness.settings import check_environment
 from harness.variants import RegistryError
 
 __all__ = ["COMMANDS", "Parser", "UsageError", "build_parser", "main"]
@@ -38,6 +39,7 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        check_environment()  # the numeric environment variables, before any command starts
         return int(args.handler(args) or 0)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -38,12 +38,13 @@ import torch.distributed as dist
 from torch import nn
 
 from harness.core.config import ConfigError
+from harness.settings import DIST_TIMEOUT_ENV, env_number
 
 __all__ = ["DataParallel", "RankFailed", "launched", "session", "current", "check_ranks", "launcher",
            "single_process_summary", "BUCKET_BYTES", "TIMEOUT_ENV", "FAULT_ENV"]
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-TIMEOUT_ENV = "HARNESS_DIST_TIMEOUT_S"
+TIMEOUT_ENV = DIST_TIMEOUT_ENV  # a positive finite number of seconds (checked: harness.settings.env_number)
 DEFAULT_TIMEOUT_S = 300.0
 FAULT_ENV = "MAML_HARNESS_FAIL_RANK"  # test hook: "RANK:STEP" raises RuntimeError in that rank's meta-step
 BUCKET_BYTES = 25 * 1024 * 1024  # as DDP's default bucket_cap_mb
@@ -202,7 +203,7 @@ def session(device: str, meta_batch: int | None = None) -> Iterator[DataParallel
     backend = "nccl" if device == "cuda" else "gloo"
     if device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+    timeout = env_number(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
     _CURRENT = DataParallel(dist.get_rank(), dist.get_world_size(), backend)
     try:
