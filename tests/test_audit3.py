@@ -7,10 +7,13 @@ claim/lock file is checked by the one rule (one line, exit 2, nothing written).
 """
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
 import pytest
 
+from harness.bench.executors import check_cpus_per_cell
 from harness.bench.measure import LiveBytesTracker
 from harness.core.config import ConfigError
 from harness.loop import distributed
@@ -58,3 +61,23 @@ def test_the_numeric_environment_variables_still_work(monkeypatch) -> None:
     assert LiveBytesTracker().cap_bytes == 512 * 1024
     monkeypatch.setenv(CPU_MEM_CAP_ENV, "")
     assert LiveBytesTracker().cap_bytes is None
+
+
+@pytest.mark.parametrize("cpus, got", [("nan", "nan"), ("inf", "inf"), ("0", "0.0"), ("-1", "-1.0"),
+                                       ("1000000", "1000000.0")])
+@pytest.mark.parametrize("command", ["bench", "sweep", "ablate"])
+def test_cpus_per_cell_is_checked_before_the_run_folder_is_made_or_ray_starts(
+        no_work: Path, capsys, monkeypatch, command: str, cpus: str, got: str) -> None:  # 14
+    monkeypatch.setattr("harness.bench.executors.RayExecutor.__init__", no_ray_start)
+    refused([*BASE[command], "--executor", "ray", "--cpus-per-cell", cpus], capsys, no_work,
+            f"--cpus-per-cell must be a number in (0, {os.cpu_count()}] (this machine's CPUs), got {got}")
+
+
+def no_ray_start(*a: object, **k: object) -> None:
+    raise AssertionError("Ray was started before --cpus-per-cell was checked")
+
+
+def test_a_joined_cluster_may_have_more_cpus_than_this_machine() -> None:
+    assert check_cpus_per_cell(1e6, "auto") == 1e6
+    with pytest.raises(ConfigError, match=r"--cpus-per-cell must be a finite number > 0, got nan"):
+        check_cpus_per_cell(math.nan, "auto")

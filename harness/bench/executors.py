@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ from harness.bench.process import LocalExecutor
 from harness.core.config import ConfigError
 
 __all__ = ["EXECUTORS", "CLUSTER_EXTRA", "ExecutorSpec", "RayExecutor", "open_executor", "add_executor_arguments",
-           "executor_spec"]
+           "check_cpus_per_cell", "executor_spec"]
 
 EXECUTORS = ("local", "ray")
 CLUSTER_EXTRA = "pip install 'maml-harness[cluster]' (or: pip install 'ray==2.60.*')"
@@ -81,8 +82,7 @@ class RayExecutor:
 
     def __init__(self, address: str | None = None, cpus_per_cell: float = 1.0,
                  init_kwargs: dict[str, Any] | None = None) -> None:
-        if cpus_per_cell <= 0:
-            raise ConfigError(f"--cpus-per-cell must be > 0, got {cpus_per_cell:g}")
+        check_cpus_per_cell(cpus_per_cell, address)
         self.ray = _import_ray()
         self.cpus_per_cell = cpus_per_cell
         self.started = False  # whether this executor started (and so stops) the Ray instance
@@ -187,5 +187,16 @@ def add_executor_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPUs a CPU cell asks Ray for (default 1); a CUDA cell asks for one GPU")
 
 
+def check_cpus_per_cell(cpus: float, address: str | None) -> float:
+    """A finite number of CPUs > 0 that a cell can get: on a local instance at most this machine's CPUs (a cell
+    asking for more would wait for ever); a cluster joined with ``--address`` is not known here."""
+    limit = os.cpu_count() or 1
+    if not (isinstance(cpus, (int, float)) and math.isfinite(cpus) and cpus > 0) or (address is None and cpus > limit):
+        valid = f"a number in (0, {limit}] (this machine's CPUs)" if address is None else "a finite number > 0"
+        raise ConfigError(f"--cpus-per-cell must be {valid}, got {cpus!r}")
+    return float(cpus)
+
+
 def executor_spec(args: argparse.Namespace) -> ExecutorSpec:
-    return ExecutorSpec(args.executor, args.address, args.cpus_per_cell)
+    """``--executor``, ``--address`` and ``--cpus-per-cell``, checked before a folder is made or Ray starts."""
+    return ExecutorSpec(args.executor, args.address, check_cpus_per_cell(args.cpus_per_cell, args.address))
