@@ -7,16 +7,22 @@ claim/lock file is checked by the one rule (one line, exit 2, nothing written).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
+import time
 from pathlib import Path
 
 import pytest
 
 from harness.bench.executors import check_cpus_per_cell
 from harness.bench.measure import LiveBytesTracker
+from harness.bench.store import HOST, claim_cell, live_claim, release_cell, run_dir_lock
+from harness.cli.main import main
 from harness.core.config import ConfigError
 from harness.loop import distributed
+from harness.reporting.schema import ResultsError
 from harness.settings import CPU_MEM_CAP_ENV, DIST_TIMEOUT_ENV
 from tests.test_bad_input import BASE, no_work, refused  # noqa: F401 -- no_work is a fixture
 
@@ -81,3 +87,107 @@ def test_a_joined_cluster_may_have_more_cpus_than_this_machine() -> None:
     assert check_cpus_per_cell(1e6, "auto") == 1e6
     with pytest.raises(ConfigError, match=r"--cpus-per-cell must be a finite number > 0, got nan"):
         check_cpus_per_cell(math.nan, "auto")
+
+
+@pytest.fixture
+def run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``tmp/out/r``, an existing run folder; measuring a cell fails the test (the refusal must come first)."""
+    monkeypatch.setattr("harness.bench.matrix.measure_cell", no_measure)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out" / "r").mkdir(parents=True)
+    return tmp_path / "out" / "r"
+
+
+def no_measure(*a: object, **k: object) -> None:
+    raise AssertionError("a cell was measured before the run folder was checked")
+
+
+def bench_refuses(run_dir: Path, capsys, words: str) -> None:
+    code = main([*BASE["bench"], "--variants", "maml", "--set", "width=16", "--out", str(run_dir.parent),
+                 "--run-id", run_dir.name, "--no-plots"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and words in err and "Traceback" not in err, err
+    assert not (run_dir / "cells.jsonl").exists()
+
+
+def test_a_lock_file_replaced_by_a_symlink_is_refused_and_its_target_kept(run_folder: Path, capsys) -> None:  # 5
+    target = run_folder.parent.parent / "precious.txt"
+    target.write_text("keep me")
+    (run_folder / ".lock").symlink_to(target)
+    bench_refuses(run_folder, capsys, f"{run_folder / '.lock'} is a symbolic link, which this harness did not make")
+    assert target.read_text() == "keep me"
+
+
+def test_a_lock_file_hard_linked_to_another_file_is_refused(run_folder: Path) -> None:
+    target = run_folder.parent.parent / "precious.txt"
+    target.write_text("keep me")
+    os.link(target, run_folder / ".lock")
+    with pytest.raises(ResultsError, match="a hard link to another file"):
+        with run_dir_lock(run_folder):
+            pass
+    assert target.read_text() == "keep me"
+
+
+def test_a_claims_folder_replaced_by_a_symlink_is_refused_and_nothing_written_there(run_folder: Path,
+                                                                                    capsys) -> None:  # 7
+    elsewhere = run_folder.parent.parent / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "mine.json").write_text('{"pid": 1, "host": "h", "deadline": 0}')
+    (run_folder / ".running").symlink_to(elsewhere, target_is_directory=True)
+    bench_refuses(run_folder, capsys, f"{run_folder / '.running'} is a symbolic link")
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["mine.json"]
+
+
+def test_a_claims_folder_swapped_for_a_symlink_mid_run_is_not_written_through(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / ".running").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ResultsError, match="is a symbolic link"):
+        claim_cell(tmp_path / "r", "k", 10.0)
+    release_cell(tmp_path / "r", "k")  # leaves anything that is not its own claim alone
+    assert list(elsewhere.iterdir()) == []
+
+
+MALFORMED_CLAIMS = [
+    ('{"pid": "abc", "host": "h", "deadline": 1}', "pid 'abc'"),
+    ('{"pid": 1000000000000000000000000000000, "host": "h", "deadline": 1}', "pid 1000000000000000000000000000000"),
+    ('{"pid": true, "host": "h", "deadline": 1}', "pid True"),
+    ("[1, 2]", "a JSON list, not an object"),
+    ('{"pid": 1, "host": "h", "deadline": "tomorrow"}', "deadline 'tomorrow'"),
+    ('{"pid": 1, "host": "h", "deadline": Infinity}', "deadline inf"),
+    ('{"pid": 1, "host": 7, "deadline": 1}', "host 7"),
+    ("{not json", "not JSON"),
+]
+
+
+@pytest.mark.parametrize("text, why", MALFORMED_CLAIMS)
+def test_a_malformed_claim_is_one_line_exit_2_naming_its_file(run_folder: Path, capsys, text: str,
+                                                               why: str) -> None:  # 13
+    claim = run_folder / ".running" / "0123456789abcdef0123.json"
+    claim.parent.mkdir()
+    claim.write_text(text)
+    bench_refuses(run_folder, capsys, f"claim file {claim} is malformed ({why})")
+    assert claim.read_text() == text
+
+
+@pytest.mark.parametrize("text, why", MALFORMED_CLAIMS)
+def test_a_malformed_claim_found_while_running_is_a_results_error(tmp_path: Path, text: str, why: str) -> None:
+    claim_cell(tmp_path, "k", 10.0)
+    (claim,) = (tmp_path / ".running").iterdir()
+    claim.write_text(text)
+    with pytest.raises(ResultsError, match=re.escape(f"({why})")):
+        live_claim(tmp_path, "k")
+    release_cell(tmp_path, "k")  # not a claim of ours: left alone
+    assert claim.read_text() == text
+
+
+def test_a_well_formed_claim_is_still_read_taken_over_and_released(tmp_path: Path) -> None:
+    assert claim_cell(tmp_path, "k", 10.0) is None and live_claim(tmp_path, "k") is None  # ours
+    (claim,) = (tmp_path / ".running").iterdir()
+    claim.write_text(json.dumps({"pid": os.getppid(), "host": HOST, "deadline": time.time() + 60}))
+    assert live_claim(tmp_path, "k")["pid"] == os.getppid()  # another live process's
+    claim.write_text(json.dumps({"pid": os.getppid(), "host": HOST, "deadline": time.time() - 1}))
+    assert claim_cell(tmp_path, "k", 10.0) is None  # stale: taken over
+    release_cell(tmp_path, "k")
+    assert list((tmp_path / ".running").iterdir()) == []

@@ -29,7 +29,8 @@ from tqdm import tqdm
 from harness.bench.cells import PASSING_STATUSES, Cell, MeasureOptions, base_row, dedup_cells
 from harness.bench.child import peer_precheck
 from harness.bench.process import CellExecutor, LocalExecutor, cell_environment, signals_as_interrupts
-from harness.bench.store import LOCK_WAIT_S, RunDirBusy, claim_cell, live_claim, merge_rows, read_rows, release_cell, run_dir_lock
+from harness.bench.store import (LOCK_WAIT_S, RunDirBusy, check_claims, claim_cell, live_claim, merge_rows, read_rows,
+                                 release_cell, run_dir_lock)
 from harness.variants import get_variant
 
 __all__ = ["run_matrix", "measure_cell", "matrix_exit_code", "is_finished", "LOCAL", "BatchExecutor",
@@ -205,6 +206,7 @@ def run_matrix(cells: Iterable[Cell], run_dir: Path, opts: MeasureOptions | Call
                executor, force, lock_wait_s, dict(extra or {}))
     with signals_as_interrupts():
         with run.lock():
+            check_claims(run.run_dir)  # a malformed claim or a linked .running: refused before any cell
             existing = read_rows(run.run_dir)
         todo = [c for c in cells if force or not is_finished(existing.get(c.key()), run.opts_of(c))]
         if len(todo) < len(cells):
