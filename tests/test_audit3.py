@@ -187,6 +187,8 @@ def test_a_well_formed_claim_is_still_read_taken_over_and_released(tmp_path: Pat
     (claim,) = (tmp_path / ".running").iterdir()
     claim.write_text(json.dumps({"pid": os.getppid(), "host": HOST, "deadline": time.time() + 60}))
     assert live_claim(tmp_path, "k")["pid"] == os.getppid()  # another live process's
+    release_cell(tmp_path, "k")
+    assert claim.exists()  # not ours: left alone
     claim.write_text(json.dumps({"pid": os.getppid(), "host": HOST, "deadline": time.time() - 1}))
     assert claim_cell(tmp_path, "k", 10.0) is None  # stale: taken over
     release_cell(tmp_path, "k")
