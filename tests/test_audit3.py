@@ -16,8 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from harness.bench import cells
+from harness.bench.cells import PLUGIN_ENV
 from harness.bench.executors import check_cpus_per_cell
 from harness.bench.measure import LiveBytesTracker
+from harness.bench.request import resolve_variants
 from harness.bench.store import HOST, claim_cell, live_claim, release_cell, run_dir_lock
 from harness.cli.main import main
 from harness.core.config import ConfigError
@@ -193,3 +196,30 @@ def test_a_well_formed_claim_is_still_read_taken_over_and_released(tmp_path: Pat
     assert claim_cell(tmp_path, "k", 10.0) is None  # stale: taken over
     release_cell(tmp_path, "k")
     assert list((tmp_path / ".running").iterdir()) == []
+
+
+@pytest.mark.parametrize("argv", [[*BASE["bench"], "--variants", "maml,hihger:maml"],
+                                  [*BASE["sweep"][:2], "hihger:maml", *BASE["sweep"][3:]],
+                                  [*BASE["bench"], "--variants", ":maml"]])
+def test_a_misspelt_peer_is_refused_listing_the_peers(no_work: Path, capsys, argv: list[str]) -> None:  # 19
+    refused(argv, capsys, no_work, "; valid peers: higher, torchopt, torch_maml (as peer:variant)")
+
+
+@pytest.mark.parametrize("command", ["bench", "sweep"])
+@pytest.mark.parametrize("plugins", ["nosuchmod", "tests.user_models, nosuchmod"])
+def test_a_cell_plugin_module_that_does_not_import_is_refused(no_work: Path, capsys, monkeypatch, command: str,
+                                                              plugins: str) -> None:  # 19
+    monkeypatch.setenv(PLUGIN_ENV, plugins)
+    refused(BASE[command], capsys, no_work, f"{PLUGIN_ENV} names module 'nosuchmod', which cannot be imported "
+                                            "(ModuleNotFoundError: No module named 'nosuchmod')")
+
+
+def test_a_plugin_builder_adds_a_peer_prefix(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "audit3_plugin.py").write_text("from harness.bench.cells import BUILDERS\n"
+                                               "BUILDERS['mine'] = lambda peer, variant, exp: exp.learner\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv(PLUGIN_ENV, "audit3_plugin")
+    try:
+        assert resolve_variants("mine:maml,higher:fo") == ["mine:maml", "higher:fo"]
+    finally:
+        cells.BUILDERS.pop("mine", None)  # the registration is undone with the test

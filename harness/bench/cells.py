@@ -20,10 +20,13 @@ Try it: ``python -m harness bench --variants maml,fo --run-id try`` (``results/t
 """
 from __future__ import annotations
 
+import importlib
 import json
+import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+from harness.core.config import ConfigError
 from harness.bench.store import ResultsError, load_rows  # noqa: F401 -- their home is store; kept importable here
 from harness.reporting.schema import CellRow
 from harness.settings import (LAUNCH_SETTINGS, MODEL_SETTINGS, SPEC_SETTINGS, SWEEP_PARAMS,  # the one list of keys
@@ -34,7 +37,7 @@ from harness.zoo.user import UserSpecs, spec_name
 __all__ = ["ADDED_LATER", "Cell", "MeasureOptions", "STATUSES", "PASSING_STATUSES", "SPEC_SETTINGS", "MODEL_SETTINGS",
            "VARIANT_SETTINGS", "LAUNCH_SETTINGS", "SWEEP_PARAMS", "base_row", "parse_value", "variant_for",
            "dedup_cells",
-           "BUILDERS", "Builder", "PLUGIN_ENV", "ResultsError", "load_rows"]
+           "BUILDERS", "Builder", "PLUGIN_ENV", "ResultsError", "load_cell_plugins", "load_rows"]
 
 STATUSES = ("ok", "oom", "killed", "error", "timeout", "diverged", "unsupported")
 PASSING_STATUSES = ("ok", "unsupported")  # a matrix of only these exits 0 (see matrix.matrix_exit_code)
@@ -47,6 +50,19 @@ PLUGIN_ENV = "HARNESS_CELL_PLUGINS"
 ADDED_LATER = {"fd_directions": 0}  # MeasureOptions fields newer than the stored rows, at their default
 Builder = Callable[[str, Any, Any], Any]
 BUILDERS: dict[str, Builder] = {}
+
+
+def load_cell_plugins() -> None:
+    """Import every module named in ``HARNESS_CELL_PLUGINS`` (each registers its builders); one that does not
+    import is a ConfigError naming it (the driver calls this before anything is written; so does each cell)."""
+    for name in filter(None, (m.strip() for m in os.environ.get(PLUGIN_ENV, "").split(","))):
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 -- whatever the plugin raises, one line naming it
+            text = str(exc).strip().splitlines()
+            raise ConfigError(f"{PLUGIN_ENV} names module {name!r}, which cannot be imported "
+                              f"({type(exc).__name__}: {text[0] if text else ''}); expected comma-separated "
+                              "importable module names, or leave it unset") from None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ MeasureOptions()))"``.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -29,7 +28,8 @@ import torch
 
 from harness.loop import distributed
 from harness.bench import measure, paired
-from harness.bench.cells import BUILDERS, PLUGIN_ENV, Builder, Cell, MeasureOptions, base_row, variant_for
+from harness.bench.cells import (BUILDERS, PLUGIN_ENV, Builder, Cell, MeasureOptions, base_row, load_cell_plugins,
+                                 variant_for)
 from harness.bench.process import PARENT_ENV, TEMP_PREFIX, cell_environment, die_with_parent
 from harness.core.config import ConfigError
 from harness.gradcheck import finite_difference_error
@@ -53,8 +53,7 @@ class _Unsupported(Exception):
 
 
 def _builder(peer: str) -> Builder:
-    for mod in filter(None, os.environ.get(PLUGIN_ENV, "").split(",")):
-        importlib.import_module(mod.strip())
+    load_cell_plugins()
     if peer in BUILDERS:
         return BUILDERS[peer]
     return peers.build_peer

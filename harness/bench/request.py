@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from harness.bench.cells import Cell, MeasureOptions, dedup_cells, variant_for
+from harness.bench.cells import BUILDERS, Cell, MeasureOptions, dedup_cells, load_cell_plugins, variant_for
 from harness.bench.executors import ExecutorSpec, open_executor
 from harness.bench.matrix import matrix_exit_code, run_matrix
 from harness.core.config import ConfigError
@@ -67,13 +67,20 @@ class MatrixOutcome:
 
 def resolve_variants(text: str | None) -> list[str]:
     """``maml,ckpt_lr,higher:maml`` -> names; ``None``: every registered variant; ``''`` is an error."""
+    load_cell_plugins()  # HARNESS_CELL_PLUGINS: they may register builders for more peer prefixes
     if text is None:
         return list(registry())
     names = [v.strip() for v in text.split(",") if v.strip()]  # repeated names: one cell (see plan)
     if not names:
         raise ConfigError(f"--variants is empty; valid variants: {', '.join(registry())}")
-    for n in names:  # any peer prefix: plugins may register builders (harness.bench.cells.BUILDERS)
-        get_variant(n.rpartition(":")[2])  # ConfigError listing the valid names
+    peers = (*PEERS, *BUILDERS)
+    for n in names:
+        peer, sep, base = n.partition(":")  # as Cell.peer reads it
+        if not sep:
+            base = peer
+        elif peer not in peers:
+            raise ConfigError(f"unknown peer {peer!r} in {n!r}; valid peers: {', '.join(peers)} (as peer:variant)")
+        get_variant(base)  # ConfigError listing the valid names
     return names
 
 

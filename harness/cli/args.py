@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from harness.bench.cells import MeasureOptions
+from harness.bench.cells import MeasureOptions, load_cell_plugins
 from harness.bench.executors import add_executor_arguments
 from harness.bench.paired import DEFAULT_PAIRS
 from harness.bench.request import DEFAULT_PRESET, parse_amps
@@ -218,6 +218,7 @@ def merge_flags(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str,
 def matrix_options(args: argparse.Namespace, *, multi_amp: bool) -> MatrixOptions:
     """Every option of a matrix command checked, in the order a user would fix them."""
     check_numbers(args)
+    load_cell_plugins()  # a HARNESS_CELL_PLUGINS module that does not import: refused before anything is written
     device = args.device if args.device is not None else default_device()
     check_device(device)
     preset = args.preset if args.preset is not None else DEFAULT_PRESET[device]
