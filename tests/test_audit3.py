@@ -27,7 +27,7 @@ from harness.core.config import ConfigError
 from harness.loop import distributed
 from harness.reporting.schema import ResultsError
 from harness.settings import CPU_MEM_CAP_ENV, DIST_TIMEOUT_ENV
-from tests.test_bad_input import BASE, no_work, refused  # noqa: F401 -- no_work is a fixture
+from tests.test_bad_input import BASE, FITS, OWN, USER_BASE, no_work, refused  # noqa: F401 -- no_work is a fixture
 
 __all__ = ["no_work"]
 
@@ -205,12 +205,13 @@ def test_a_misspelt_peer_is_refused_listing_the_peers(no_work: Path, capsys, arg
     refused(argv, capsys, no_work, "; valid peers: higher, torchopt, torch_maml (as peer:variant)")
 
 
-@pytest.mark.parametrize("command", ["bench", "sweep"])
+@pytest.mark.parametrize("command", ["bench", "sweep", "check"])
 @pytest.mark.parametrize("plugins", ["nosuchmod", "tests.user_models, nosuchmod"])
 def test_a_cell_plugin_module_that_does_not_import_is_refused(no_work: Path, capsys, monkeypatch, command: str,
                                                               plugins: str) -> None:  # 19
     monkeypatch.setenv(PLUGIN_ENV, plugins)
-    refused(BASE[command], capsys, no_work, f"{PLUGIN_ENV} names module 'nosuchmod', which cannot be imported "
+    argv = [*USER_BASE["check"], "--model", OWN, "--tasks", FITS] if command == "check" else BASE[command]
+    refused(argv, capsys, no_work, f"{PLUGIN_ENV} names module 'nosuchmod', which cannot be imported "
                                             "(ModuleNotFoundError: No module named 'nosuchmod')")
 
 
