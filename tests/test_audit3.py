@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -25,8 +26,10 @@ from harness.bench.store import HOST, claim_cell, live_claim, release_cell, run_
 from harness.cli.main import main
 from harness.core.config import ConfigError
 from harness.loop import distributed
+from harness.reporting.plots import plots_root
 from harness.reporting.schema import ResultsError
 from harness.settings import CPU_MEM_CAP_ENV, DIST_TIMEOUT_ENV
+from tests.test_cli_outputs import fake_cell
 from tests.test_bad_input import BASE, FITS, OWN, USER_BASE, no_work, refused  # noqa: F401 -- no_work is a fixture
 
 __all__ = ["no_work"]
@@ -224,3 +227,37 @@ def test_a_plugin_builder_adds_a_peer_prefix(tmp_path: Path, monkeypatch) -> Non
         assert resolve_variants("mine:maml,higher:fo") == ["mine:maml", "higher:fo"]
     finally:
         cells.BUILDERS.pop("mine", None)  # the registration is undone with the test
+
+
+@pytest.mark.parametrize("command", ["bench", "sweep"])
+def test_with_an_explicit_out_the_plots_go_under_it_and_two_outs_share_no_figure(
+        tmp_path: Path, monkeypatch, command: str) -> None:  # 9
+    monkeypatch.setattr("harness.bench.matrix.measure_cell", fake_cell)
+    monkeypatch.chdir(tmp_path)
+    argv = (["bench", "--variants", "maml,fo"] if command == "bench"
+            else ["sweep", "--variant", "maml", "--param", "inner_steps=1,2"])
+    for out in ("runs/a", "runs/b"):
+        assert main([*argv, "--device", "cpu", "--set", "width=16", "--out", out, "--run-id", "r"]) == 0
+        assert any((tmp_path / out / "plots" / "r").glob("*.png"))
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["a", "b"]  # no runs/plots/
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+    rebuilt = tmp_path / "runs" / "a" / "plots" / "r"
+    shutil.rmtree(rebuilt)
+    assert main(["report", "runs/a/r"]) == 0 and any(rebuilt.glob("*.png"))  # report finds them where bench put them
+
+
+def test_ablate_with_an_explicit_out_keeps_its_learning_curves_under_it(tmp_path: Path, monkeypatch) -> None:  # 9
+    monkeypatch.chdir(tmp_path)
+    assert main(["ablate", "--preset", "quick", "--variants", "maml", "--meta-steps", "1", "--seeds", "2",
+                 "--eval-tasks", "1", "--no-progress", "--run-id", "abl", "--out", "runs/a"]) == 0
+    assert (tmp_path / "runs" / "a" / "plots" / "abl" / "learning_curves.png").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+def test_by_default_results_and_plots_are_the_repository_pair(tmp_path: Path, monkeypatch) -> None:  # 9
+    monkeypatch.setattr("harness.bench.matrix.measure_cell", fake_cell)
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--variants", "maml", "--device", "cpu", "--set", "width=16", "--run-id", "r"]) == 0
+    assert (tmp_path / "results" / "r" / "cells.jsonl").is_file() and any((tmp_path / "plots" / "r").glob("*.png"))
+    assert plots_root(Path("results")) == Path("plots") and plots_root(tmp_path / "results") == tmp_path / "plots"
+    assert plots_root(Path("runs/a")) == Path("runs/a/plots")

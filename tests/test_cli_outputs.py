@@ -1,5 +1,5 @@
 """Claims (issue 11): every command that writes takes the same ``--out DIR`` -- its results under DIR, its plots
-in the ``plots/`` folder beside DIR -- and the commands are thin: none imports another command module."""
+under ``DIR/plots/`` (issue 25: beside only the default ``results/``) -- and the commands are thin: none imports another command module."""
 from __future__ import annotations
 
 import ast
@@ -22,7 +22,7 @@ def fake_cell(cell: Cell, opts: C.MeasureOptions, executor: object = None) -> di
 
 
 @pytest.mark.parametrize("command", ["bench", "sweep"])
-def test_matrix_results_go_under_out_and_plots_beside_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_matrix_results_and_plots_go_under_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          command: str) -> None:
     monkeypatch.setattr(M, "measure_cell", fake_cell)
     out = tmp_path / "res"
@@ -31,8 +31,8 @@ def test_matrix_results_go_under_out_and_plots_beside_it(tmp_path: Path, monkeyp
             else ["sweep", "--variant", "maml", "--param", "inner_steps=1,2", *sets])
     assert main([*argv, "--device", "cpu", "--out", str(out), "--run-id", "r"]) == 0
     assert {p.name for p in (out / "r").iterdir()} >= {"cells.jsonl", "summary.csv", "table.md"}
-    assert any((tmp_path / "plots" / "r").glob("*.png"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["plots", "res"]
+    assert any((out / "plots" / "r").glob("*.png"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]
 
 
 def test_run_and_ablate_write_under_out(tmp_path: Path) -> None:
@@ -41,19 +41,19 @@ def test_run_and_ablate_write_under_out(tmp_path: Path) -> None:
     assert [p.name for p in (out / "runs").iterdir()] == ["fo_quick_cpu_float32_s0.json"]
     assert main(["ablate", "--preset", "quick", "--variants", "maml", "--meta-steps", "2", "--seeds", "2",
                  "--eval-tasks", "2", "--no-progress", "--run-id", "a", "--out", str(out)]) == 0
-    assert (out / "a" / "ablation.csv").is_file() and (tmp_path / "plots" / "a" / "learning_curves.png").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["plots", "res"]
+    assert (out / "a" / "ablation.csv").is_file() and (out / "plots" / "a" / "learning_curves.png").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]
 
 
-def test_report_finds_a_run_id_under_out_and_rebuilds_its_plots_beside_it(tmp_path: Path,
+def test_report_finds_a_run_id_under_out_and_rebuilds_its_plots_under_it(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(M, "measure_cell", fake_cell)
     out = tmp_path / "res"
     assert main(["bench", "--device", "cpu", "--variants", "maml", "--set", "width=16", "--out", str(out),
                  "--run-id", "r", "--no-plots"]) == 0
-    assert not (tmp_path / "plots").exists()
+    assert not (out / "plots").exists()
     assert main(["report", "r", "--out", str(out)]) == 0
-    assert any((tmp_path / "plots" / "r").glob("*.png"))
+    assert any((out / "plots" / "r").glob("*.png"))
 
 
 def imported_modules(path: Path) -> set[str]:

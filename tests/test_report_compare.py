@@ -62,7 +62,7 @@ def test_report_tables_and_plots(tmp_path: Path) -> None:
     assert "| fo |" in md and "0.500x" in md and "MemoryError" in md
     names = sorted(p.name for p in out["plots"])
     assert names == ["grad_error.png", "memory.png", "pareto.png", "time.png"]
-    assert all((tmp_path / "plots" / "r1" / n).read_bytes()[:4] == b"\x89PNG" for n in names)
+    assert all((tmp_path / "results" / "plots" / "r1" / n).read_bytes()[:4] == b"\x89PNG" for n in names)
 
 
 def test_sweep_plots(tmp_path: Path) -> None:
@@ -168,7 +168,7 @@ def test_sweep_command_writes_scaling_curves(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (out / "sw" / "cells.jsonl").read_text().splitlines()]
     assert [row["settings"]["inner_steps"] for row in rows] == [1, 3] and all(x["status"] == "ok" for x in rows)
     assert rows[1]["memory"]["cpu_peak_alloc_mib"] > rows[0]["memory"]["cpu_peak_alloc_mib"]
-    assert (tmp_path / "plots" / "sw" / "sweep_memory.png").is_file() and (tmp_path / "plots" / "sw" / "sweep_time.png").is_file()
+    assert (out / "plots" / "sw" / "sweep_memory.png").is_file() and (out / "plots" / "sw" / "sweep_time.png").is_file()
 
 
 @pytest.mark.parametrize("figure", ["nan", None])

@@ -3,7 +3,7 @@
 Meta-trains every requested variant (default: the eight canonical ones) for ``--seeds`` seeds from
 identical initialisations, evaluates on held-out tasks, and writes ``<out>/<run-id>/``
 (ablation.csv, effects.csv, table.md, summary.json, cells/) and
-``plots/<run-id>/learning_curves.png`` beside ``<out>``.  Finished (variant, seed) cells are
+``plots/<run-id>/learning_curves.png`` (``<out>/plots/<run-id>/`` with an explicit ``--out``).  Finished (variant, seed) cells are
 reused on a rerun unless ``--force``.  Every option is checked before a cell trains.
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="recompute cells already stored")
     add_out_argument(p)
     p.add_argument("--results-dir", dest="out", type=out_path, help=argparse.SUPPRESS)  # the old name of --out
-    p.add_argument("--plots-dir", type=out_path, default=None, help=argparse.SUPPRESS)  # default: plots/ beside --out
+    p.add_argument("--plots-dir", type=out_path, default=None, help=argparse.SUPPRESS)  # default: plots_root(--out)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_user_arguments(p)
     add_executor_arguments(p)

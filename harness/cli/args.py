@@ -24,6 +24,7 @@ from harness.loop.distributed import check_ranks
 from harness.settings import (ACCEPTED, CellSettings, check_folder_name, check_int, check_seconds, dedupe,
                               parse_settings, split_settings)
 from harness.loop.spec import RunSpec
+from harness.reporting.plots import DEFAULT_RESULTS_ROOT, plots_root
 from harness.settings import DEVICES, DTYPES, check_device
 from harness.zoo.presets import get_preset
 from harness.zoo.user import SPEC_FORM, UserSpecs, check_setup, normalize_spec
@@ -38,7 +39,7 @@ EXIT_OK = 0  # every cell ok (or unsupported)
 EXIT_FAILED = 1  # a regression, or a failed, diverged, killed, out-of-memory or timed-out cell
 EXIT_USAGE = 2  # bad input: nothing ran, nothing was written
 EXIT_INTERRUPTED = 130  # Ctrl-C
-DEFAULT_OUT = Path("results")
+DEFAULT_OUT = DEFAULT_RESULTS_ROOT  # plots: plots/ beside it; with --out DIR, DIR/plots/ (plots_root)
 INT_OPTIONS = ("inner_steps", "meta_batch", "meta_steps", "eval_tasks", "eval_every", "seeds", "verify_seeds", "seed",
                "threads", "jobs", "warmup", "repeats", "ways", "shots", "ranks", "pairs", "fd_directions")
 
@@ -61,7 +62,8 @@ def out_path(text: str) -> Path:
 
 def add_out_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=out_path, default=DEFAULT_OUT, metavar="DIR",
-                   help="results root (default results/); plots go to a plots/ folder beside it")
+                   help="results root (default results/, plots in plots/ beside it); with --out DIR the plots go "
+                        "to DIR/plots/")
 
 
 def add_spec_arguments(p: argparse.ArgumentParser, *, variant_required: bool = True) -> None:
@@ -183,11 +185,6 @@ def check_run_id(out: Path, run_id: str, flag: str = "--run-id") -> Path:
 def run_dir(out: Path, run_id: str, flag: str = "--run-id") -> Path:
     """:func:`check_run_id`, and the folder can be written."""
     return check_out_dir(check_run_id(out, run_id, flag))
-
-
-def plots_root(out: Path) -> Path:
-    """The plots tree beside the results root: ``results/`` -> ``plots/``."""
-    return Path(out).parent / "plots"
 
 
 class MatrixOptions(NamedTuple):

@@ -1,7 +1,7 @@
 """``python -m harness bench``: every registered variant on the device's default preset, each cell isolated.
 
 GPU: preset ``seed``; CPU: ``cpu-bench``.  Writes ``<out>/<run-id>/cells.jsonl``, ``summary.csv``,
-``table.md`` and ``plots/<run-id>/*.png`` beside ``<out>``.  Re-running the same run-id resumes
+``table.md`` and ``plots/<run-id>/*.png`` (``<out>/plots/<run-id>/`` with an explicit ``--out``).  Re-running the same run-id resumes
 (finished cells are skipped) unless ``--force``.
 
 ``--peers`` adds ``higher:<v>``, ``torchopt:<v>`` and ``torch_maml:<v>`` for every canonical variant ``v``

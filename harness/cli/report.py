@@ -1,7 +1,8 @@
 """``python -m harness report RUN``: rebuild summary.csv, table.md and the plots of a run.
 
-``RUN`` is a run directory or a run-id under ``--out`` (default ``results/``); the plots go to the
-``plots/`` tree beside it, as ``bench`` writes them.  Both folders are tried before anything is
+``RUN`` is a run directory or a run-id under ``--out`` (default ``results/``); the plots go where ``bench``
+writes them: ``plots/<run-id>/`` for a run under the default ``results/``, ``DIR/plots/<run-id>/`` for one under
+any other folder ``DIR``.  Both folders are tried before anything is
 written, so a bad plots folder is exit 2 with the tables untouched.
 """
 from __future__ import annotations

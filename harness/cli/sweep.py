@@ -3,7 +3,7 @@
 Accepted parameters: inner_steps, meta_batch (run spec), depth, width (model), step_ckpt (segment
 length of step checkpointing over the variant's own; 0 = off); repeated values count once.
 Writes <out>/<run-id>/ (cells.jsonl, summary.csv, table.md) and plots/<run-id>/sweep_memory.png,
-sweep_time.png beside <out>.  Exit codes as bench.
+sweep_time.png (<out>/plots/<run-id>/ with an explicit --out).  Exit codes as bench.
 """
 from __future__ import annotations
 

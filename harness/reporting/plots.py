@@ -1,4 +1,4 @@
-"""The PNG plots of a run, ``plots/<run-id>/*.png``, from the flat cells of :mod:`harness.reporting.frame`.
+"""The PNG plots of a run, ``plots/<run-id>/*.png`` (``DIR/plots/<run-id>/`` for ``--out DIR``), from the flat cells of :mod:`harness.reporting.frame`.
 
 Peak memory per variant, time per variant, memory against time (Pareto view) and the gradient error;
 ``peers.png`` (ours and the peers per computation) and ``precision.png`` (memory and time per
@@ -18,16 +18,24 @@ from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 from harness.reporting.frame import AMP_ORDER, computation_key  # noqa: E402
 
+DEFAULT_RESULTS_ROOT = Path("results")  # the commands' default --out (relative to the current directory)
 PEER_COLORS = {None: "tab:blue", "higher": "tab:orange", "torchopt": "tab:green"}
 ERROR_FLOOR = 1e-18  # exact agreement (0) drawn at this height on the log axis
 TIME_LABEL = "meta-step time, median (ms)"
 Save = Callable[[Any, str], None]
 
 
+def plots_root(results_root: Path) -> Path:
+    """Where the plots of a results root go: ``plots/`` beside the default ``results/`` (the repository's pair);
+    under any other root ``DIR``, ``DIR/plots/``, so that a run's results and figures stay in the folder named."""
+    root = Path(results_root)
+    return root.parent / "plots" if root.absolute() == DEFAULT_RESULTS_ROOT.absolute() else root / "plots"
+
+
 def plots_dir_for(run_dir: Path) -> Path:
-    """``results/<run-id>`` -> ``plots/<run-id>`` (a ``plots`` folder beside the results root)."""
+    """``results/<run-id>`` -> ``plots/<run-id>``; ``DIR/<run-id>`` -> ``DIR/plots/<run-id>`` (:func:`plots_root`)."""
     run_dir = Path(run_dir)
-    return run_dir.parent.parent / "plots" / run_dir.name
+    return plots_root(run_dir.parent) / run_dir.name
 
 
 def make_plots(flat: list[dict[str, Any]], settings: list[dict[str, Any]], sweep: str | None, out: Path,
@@ -225,5 +233,5 @@ def precision_plot(flat: list[dict[str, Any]], title: str, save: Save, fig_name:
     save(fig, "precision.png")
 
 
-__all__ = ["PEER_COLORS", "plots_dir_for", "make_plots", "variant_plots", "pareto_plot", "sweep_plots",
+__all__ = ["DEFAULT_RESULTS_ROOT", "PEER_COLORS", "plots_dir_for", "plots_root", "make_plots", "variant_plots", "pareto_plot", "sweep_plots",
            "peers_plot", "precision_plot"]
