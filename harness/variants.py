@@ -9,25 +9,33 @@ entry-point group ``maml_harness.variants`` by a third-party package::
 
 A duplicate name or a plugin that fails to import raises
 :class:`RegistryError`; nothing is skipped silently.
+
+The project's own ``variants/`` package is loaded from where it is installed, beside this ``harness``
+package (:data:`PLUGIN_DIR`), file by file -- never by the name ``variants``, which a ``variants/`` folder in
+the current directory would shadow (``python -m harness list`` run from such a folder would run its code).
 """
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import pkgutil
+import sys
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib.metadata import entry_points
+from pathlib import Path
+from types import ModuleType
 
-import variants as plugin_package  # the variants/ package: one plugin module per variant
 from harness.core.config import ConfigError, MetaConfig
 from harness.core.schedules import default_snapshots
 
-__all__ = ["AUTO_SNAPSHOTS", "CANONICAL", "ENTRY_POINT_GROUP", "RegistryError", "Variant", "build_registry",
+__all__ = ["AUTO_SNAPSHOTS", "CANONICAL", "ENTRY_POINT_GROUP", "PLUGIN_DIR", "RegistryError", "Variant", "build_registry",
            "canonical_name", "get_variant", "registry"]
 
 AUTO_SNAPSHOTS = -1  # Variant.snapshots: binomial with ceil(log2 K) stored states (at least 1)
 
 ENTRY_POINT_GROUP = "maml_harness.variants"
+PLUGIN_PACKAGE = "variants"
+PLUGIN_DIR = Path(__file__).resolve().parent.parent / PLUGIN_PACKAGE  # installed beside harness/ (pyproject)
 
 
 class RegistryError(RuntimeError):
@@ -92,16 +100,46 @@ def canonical_name(layer_ckpt: bool, learn_lr: bool, first_order: bool) -> str:
     return "_".join(parts) or "maml"
 
 
+def _load_file(name: str, path: Path, package_dir: Path | None = None) -> ModuleType:
+    """The module ``name`` executed from ``path`` (a package when ``package_dir`` is given), registered in
+    ``sys.modules`` under that name in place of anything imported by name before."""
+    spec = importlib.util.spec_from_file_location(
+        name, path, submodule_search_locations=None if package_dir is None else [str(package_dir)])
+    if spec is None or spec.loader is None:
+        raise RegistryError(f"cannot load variant plugin {name} from {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+def _project_plugins(plugin_dir: Path = PLUGIN_DIR) -> list[tuple[str, ModuleType]]:
+    """``(module name, module)`` of every plugin in the project's own ``variants/`` folder, by file location."""
+    if not (plugin_dir / "__init__.py").is_file():
+        raise RegistryError(f"the project's variant plugins are missing: no {plugin_dir / '__init__.py'}")
+    package = sys.modules.get(PLUGIN_PACKAGE)
+    if package is None or [Path(p).resolve() for p in getattr(package, "__path__", [])] != [plugin_dir.resolve()]:
+        _load_file(PLUGIN_PACKAGE, plugin_dir / "__init__.py", plugin_dir)  # ours, not a same-named folder's
+    out = []
+    for info in sorted(pkgutil.iter_modules([str(plugin_dir)]), key=lambda i: i.name):
+        if info.name.startswith("_") or info.ispkg:
+            continue
+        name = f"{PLUGIN_PACKAGE}.{info.name}"
+        try:
+            out.append((name, _load_file(name, plugin_dir / f"{info.name}.py")))
+        except Exception as exc:  # a broken plugin is an error, not a skip
+            raise RegistryError(f"variant plugin {name} failed to import: {exc}") from exc
+    return out
+
+
 def _collect() -> list[Variant]:
     found: list[Variant] = []
-    for info in sorted(pkgutil.iter_modules(plugin_package.__path__), key=lambda i: i.name):
-        if info.name.startswith("_"):
-            continue
-        try:
-            mod = importlib.import_module(f"variants.{info.name}")
-        except Exception as exc:  # a broken plugin is an error, not a skip
-            raise RegistryError(f"variant plugin variants.{info.name} failed to import: {exc}") from exc
-        found.extend(_declared(getattr(mod, "VARIANT", None), f"variants.{info.name}"))
+    for name, mod in _project_plugins():
+        found.extend(_declared(getattr(mod, "VARIANT", None), name))
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             obj = ep.load()

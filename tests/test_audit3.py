@@ -7,16 +7,19 @@ claim/lock file is checked by the one rule (one line, exit 2, nothing written).
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from harness import variants as reg
 from harness.bench import cells
 from harness.bench.cells import PLUGIN_ENV
 from harness.bench.executors import check_cpus_per_cell
@@ -29,6 +32,7 @@ from harness.loop import distributed
 from harness.reporting.plots import plots_root
 from harness.reporting.schema import ResultsError
 from harness.settings import CPU_MEM_CAP_ENV, DIST_TIMEOUT_ENV
+from tests.conftest import harness
 from tests.test_cli_outputs import fake_cell
 from tests.test_bad_input import BASE, FITS, OWN, USER_BASE, no_work, refused  # noqa: F401 -- no_work is a fixture
 
@@ -261,3 +265,33 @@ def test_by_default_results_and_plots_are_the_repository_pair(tmp_path: Path, mo
     assert (tmp_path / "results" / "r" / "cells.jsonl").is_file() and any((tmp_path / "plots" / "r").glob("*.png"))
     assert plots_root(Path("results")) == Path("plots") and plots_root(tmp_path / "results") == tmp_path / "plots"
     assert plots_root(Path("runs/a")) == Path("runs/a/plots")
+
+
+SHADOW_INIT = "open('shadow-ran', 'w').write('the cwd variants package ran')\n"
+SHADOW_PLUGIN = ("open('shadow-ran', 'w').write('the cwd plugin ran')\n"
+                 "from harness.variants import Variant\nVARIANT = Variant('evil')\n")
+
+
+def test_a_variants_folder_in_the_current_directory_is_not_run_nor_registered(tmp_path: Path) -> None:  # 8
+    """The one case that needs a real process: ``python -m harness`` puts the current directory first on the path."""
+    (tmp_path / "variants").mkdir()
+    (tmp_path / "variants" / "__init__.py").write_text(SHADOW_INIT)
+    (tmp_path / "variants" / "evil.py").write_text(SHADOW_PLUGIN)
+    r = harness("list", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    names = [line.split()[0] for line in r.stdout.splitlines()[1:] if line.strip()]
+    assert names[:2] == ["maml", "fo"] and "evil" not in names and "vmaml" in names
+    assert not (tmp_path / "shadow-ran").exists()
+
+
+def test_the_project_plugins_are_found_by_file_even_after_a_same_named_package_was_imported(
+        tmp_path: Path, monkeypatch) -> None:  # 8
+    (tmp_path / "variants").mkdir()
+    (tmp_path / "variants" / "__init__.py").write_text("")
+    (tmp_path / "variants" / "evil.py").write_text("from harness.variants import Variant\nVARIANT = Variant('evil')\n")
+    monkeypatch.delitem(sys.modules, "variants", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert Path(importlib.import_module("variants").__file__).parent == tmp_path / "variants"  # the shadow, by name
+    names = [v.name for v in reg._collect()]
+    assert "evil" not in names and "maml" in names
+    assert Path(sys.modules["variants"].__file__).parent == reg.PLUGIN_DIR
