@@ -34,7 +34,7 @@ from harness.reporting.schema import ResultsError
 from harness.settings import CPU_MEM_CAP_ENV, DIST_TIMEOUT_ENV
 from tests.conftest import harness
 from tests.test_cli_outputs import fake_cell
-from tests.test_bad_input import BASE, FITS, OWN, USER_BASE, no_work, refused  # noqa: F401 -- no_work is a fixture
+from tests.test_bad_input import BASE, FITS, OWN, USER_BASE, no_work, readme_section, refused  # noqa: F401 -- no_work is a fixture
 
 __all__ = ["no_work"]
 
@@ -295,3 +295,12 @@ def test_the_project_plugins_are_found_by_file_even_after_a_same_named_package_w
     names = [v.name for v in reg._collect()]
     assert "evil" not in names and "maml" in names
     assert Path(sys.modules["variants"].__file__).parent == reg.PLUGIN_DIR
+
+
+def test_the_readme_states_every_rule_these_tests_check() -> None:
+    section = readme_section()
+    for words in ("at most 255\nbytes", "`--set` key given twice", "HARNESS_CELL_PLUGINS", "`--cpus-per-cell` must be",
+                  CPU_MEM_CAP_ENV, DIST_TIMEOUT_ENV, "`O_NOFOLLOW`", "A claim file that\nis not a JSON object",
+                  "`DIR/plots/<run-id>/`", "never from a `variants/` folder in the current directory",
+                  "bench --variants hihger:maml", "--cpus-per-cell nan", "--set inner_steps=2 --set inner_steps=3"):
+        assert words in section, words
