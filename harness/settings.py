@@ -23,7 +23,7 @@ from harness.zoo.presets import Preset, get_preset
 from harness.zoo.user import model_keywords, resolve, takes_any_keyword
 
 __all__ = ["CPU_MEM_CAP_ENV", "DEVICES", "DIST_TIMEOUT_ENV", "DTYPES", "NAME_MAX_BYTES", "NUMBER_ENV",
-           "check_environment", "env_number", "check_amp", "check_device", "valid_amps", "check_folder_name", "ACCEPTED", "BOUNDS", "Bound", "CellSettings", "LAUNCH_SETTINGS", "MODEL_SETTINGS", "SEED_MAX", "SETTING_KEYS", "SPEC_SETTINGS",
+           "check_environment", "env_number", "check_amp", "check_device", "parse_amps", "valid_amps", "check_folder_name", "ACCEPTED", "BOUNDS", "Bound", "CellSettings", "LAUNCH_SETTINGS", "MODEL_SETTINGS", "SEED_MAX", "SETTING_KEYS", "SPEC_SETTINGS",
            "SWEEP_PARAMS", "VARIANT_SETTINGS", "check_int", "check_seconds", "dedupe",
            "parse_param", "parse_settings", "parse_value", "split_settings", "validate_setting"]
 
@@ -326,3 +326,13 @@ def check_amp(amp: str, device: str, *, fp16_on_cpu: bool = False) -> None:
     if amp not in valid:
         why = "fp16 needs a CUDA device (GradScaler)" if amp == "fp16" else f"{amp} is not supported by this GPU"
         raise ConfigError(f"--amp {amp} is not available on {device} ({why}); {choices}")
+
+
+def parse_amps(text: str, device: str) -> list[str]:
+    """``off,bf16[,fp16]`` -> precisions, each once, valid for ``device`` (ConfigError naming the valid ones)."""
+    names = dedupe([a.strip() for a in str(text).split(",") if a.strip()])
+    if not names:
+        raise ConfigError(f"empty --amp; valid choices on {device}: {', '.join(valid_amps(device))}")
+    for a in names:
+        check_amp(a, device)
+    return names

@@ -148,7 +148,7 @@ def test_bad_amp_for_the_device_is_one_line_exit_2(tmp_path: Path) -> None:
 @pytest.mark.parametrize("amp, needle", [("fp8", "unknown precision 'fp8'"), (",", "empty --amp"),
                                          ("fp16", "fp16 needs a CUDA device")])
 def test_parse_amps_names_the_valid_choices(amp: str, needle: str) -> None:
-    from harness.bench.request import parse_amps
+    from harness.settings import parse_amps
     from harness.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="valid choices on cpu: off, bf16") as exc:

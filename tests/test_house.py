@@ -138,3 +138,62 @@ def test_no_command_imports_another_command() -> None:
     graph = import_graph()
     crossing = {c: sorted(graph[c] & commands) for c in commands if graph[c] & commands}
     assert not crossing, crossing
+
+
+# The layers, top to bottom (docs/architecture.md): a package imports only from the layers below it, never
+# from its own layer's other packages or from above.  ``harness`` (the public surface) sits on the engine.
+LAYERS = (("__main__",), ("cli",), ("studies",), ("bench",), ("peers",), ("loop", "reporting"), ("settings",),
+          ("zoo", "variants", "gradcheck"), ("harness",), ("core",))
+RANK = {pkg: depth for depth, layer in enumerate(LAYERS) for pkg in layer}
+
+
+def _package(module: str) -> str:
+    """``harness.bench.store`` -> ``bench``; ``harness.settings`` -> ``settings``; ``harness`` -> ``harness``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "harness"
+
+
+def imported_names(path: Path) -> list[tuple[str, str, int]]:
+    """``(module, name, line)`` for every ``from harness... import name`` and ``import harness...`` at any level;
+    ``from harness import peers`` counts as an import of the package ``harness.peers``."""
+    out = []
+    for node in ast.walk(_tree(path)):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "harness":
+            for a in node.names:
+                sub = node.module == "harness" and (ROOT / a.name).is_dir()
+                out.append((f"harness.{a.name}" if sub else node.module, "" if sub else a.name, node.lineno))
+        elif isinstance(node, ast.Import):
+            out += [(a.name, "", node.lineno) for a in node.names if a.name.split(".")[0] == "harness"]
+    return out
+
+
+def layering_violations(edges: list[tuple[str, str, str, int]]) -> list[str]:
+    """``(importer, module, name, line)`` edges -> the ones that run up or sideways, or take a private name
+    from another package."""
+    bad = []
+    for importer, module, name, line in edges:
+        src, dst = _package(importer), _package(module)
+        if src == dst:
+            continue
+        if RANK[dst] <= RANK[src]:
+            bad.append(f"{importer}:{line} imports {module} ({dst} is not below {src})")
+        if name.startswith("_"):
+            bad.append(f"{importer}:{line} takes the private name {name} from {module}")
+    return bad
+
+
+def test_the_layering_rule_finds_an_upward_a_sideways_and_a_private_import() -> None:
+    edges = [("harness.reporting.compare", "harness.bench.cells", "Cell", 1),  # up
+             ("harness.loop.train", "harness.reporting.files", "read_cells", 2),  # sideways
+             ("harness.studies.seed", "harness.core.engine", "_inv_softplus", 3),  # private
+             ("harness.cli.run", "harness.bench.single", "run_single", 4),  # fine
+             ("harness.core.engine", "harness.core.state", "_private_within", 5)]  # fine: its own package
+    assert [b.split(":")[1].split()[0] for b in layering_violations(edges)] == ["1", "2", "3"]
+
+
+def test_every_package_imports_only_from_the_layers_below_it() -> None:
+    assert set(RANK) >= {_package(_name(p)) for p in MODULES} | {"__main__"}, "a package without a layer"
+    edges = [(_name(p) if p.name != "__main__.py" else "harness.__main__", module, name, line)
+             for p in MODULES for module, name, line in imported_names(p)]
+    bad = layering_violations(edges)
+    assert not bad, "\n".join(bad)

@@ -33,7 +33,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from scipy import stats
 
 from harness.bench.cells import variant_for
 from harness.loop.train import StepRunner
@@ -62,7 +61,7 @@ def ratio_summary(ratios: list[float], reference: str) -> dict[str, Any]:
     xs = np.asarray(ratios, dtype=float)
     q1, med, q3 = np.percentile(xs, [25, 50, 75])
     return {"reference": reference, "order": "alternating", "pairs": int(xs.size), "ratios": [float(x) for x in xs],
-            "median": float(med), "q1": float(q1), "q3": float(q3), "iqr": float(stats.iqr(xs)),
+            "median": float(med), "q1": float(q1), "q3": float(q3), "iqr": float(q3 - q1),
             "min": float(xs.min()), "max": float(xs.max())}
 
 

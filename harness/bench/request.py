@@ -21,14 +21,11 @@ from harness.core.config import ConfigError
 from harness.reporting import tables
 from harness.settings import dedupe
 from harness.peers import PEERS, supports
-from harness.settings import check_amp, valid_amps
 from harness.variants import CANONICAL, get_variant, registry
 from harness.zoo.user import UserSpecs, spec_name
 
-__all__ = ["DEFAULT_PRESET", "MatrixOutcome", "MatrixRequest", "add_peer_cells", "default_run_id", "parse_amps",
-           "parse_caps", "plan", "resolve_variants", "run_request", "user_suffix"]
+__all__ = ["MatrixOutcome", "MatrixRequest", "add_peer_cells", "default_run_id", "parse_caps", "plan", "resolve_variants", "run_request", "user_suffix"]
 
-DEFAULT_PRESET = {"cuda": "seed", "cpu": "cpu-bench"}
 
 
 @dataclass(frozen=True)
@@ -94,16 +91,6 @@ def add_peer_cells(variants: list[str]) -> list[str]:
         elif ":" not in v:  # beyond the canonical eight, only cells a peer can express (torch_maml:sckpt)
             out += [f"{p}:{v}" for p in PEERS if f"{p}:{v}" not in out and supports(p, get_variant(v))[0]]
     return out
-
-
-def parse_amps(text: str, device: str) -> list[str]:
-    """``off,bf16[,fp16]`` -> precisions, each once, valid for ``device`` (ConfigError naming the valid ones)."""
-    names = dedupe([a.strip() for a in str(text).split(",") if a.strip()])
-    if not names:
-        raise ConfigError(f"empty --amp; valid choices on {device}: {', '.join(valid_amps(device))}")
-    for a in names:
-        check_amp(a, device)
-    return names
 
 
 def parse_caps(items: list[str]) -> dict[str, float]:

@@ -18,15 +18,14 @@ import torch
 from harness.bench.cells import MeasureOptions, load_cell_plugins
 from harness.bench.executors import add_executor_arguments
 from harness.bench.paired import DEFAULT_PAIRS
-from harness.bench.request import DEFAULT_PRESET, parse_amps
 from harness.core.config import AMP_MODES, ConfigError
 from harness.loop.distributed import check_ranks
 from harness.settings import (ACCEPTED, CellSettings, check_folder_name, check_int, check_seconds, dedupe,
-                              parse_settings, split_settings)
+                              parse_amps, parse_settings, split_settings)
 from harness.loop.spec import RunSpec
 from harness.reporting.plots import DEFAULT_RESULTS_ROOT, plots_root
 from harness.settings import DEVICES, DTYPES, check_device
-from harness.zoo.presets import get_preset
+from harness.zoo.presets import DEFAULT_PRESET, get_preset
 from harness.zoo.user import SPEC_FORM, UserSpecs, check_setup, normalize_spec
 
 __all__ = ["DEFAULT_OUT", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "MatrixOptions", "UsageError",

@@ -28,17 +28,35 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def build_parser() -> Parser:
+def build_parser(argv: list[str] | None = None) -> Parser:
+    """The parser for ``argv``: only the named command's module is imported (lazy registration).
+
+    ``harness list`` or ``harness run --variant nosuch`` so never load the modules of the other commands
+    (the tables' pandas, the plots' matplotlib); ``python -m harness --help`` registers every command, for
+    the full help, and so does ``argv=None`` (the full parser, for tests).
+    """
     parser = Parser(prog="python -m harness", description="MAML benchmark and ablation harness")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    named = _command_named(argv)
+    full = argv is None or (named is None and any(a in ("-h", "--help") for a in argv))
     for name in COMMANDS:
-        importlib.import_module(f"harness.cli.{name.replace('-', '_')}").register(sub)
+        if full or name == named:
+            importlib.import_module(f"harness.cli.{name.replace('-', '_')}").register(sub)
+        else:
+            sub.add_parser(name, add_help=False)  # a name for argparse's choices; never parsed
     return parser
 
 
+def _command_named(argv: list[str] | None) -> str | None:
+    """The command ``argv`` names (its first word, the top-level parser has no other option), if any."""
+    first = next((a for a in argv or () if not a.startswith("-")), None)
+    return first if first in COMMANDS else None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv).parse_args(argv)
         check_environment()  # the numeric environment variables, before any command starts
         return int(args.handler(args) or 0)
     except ConfigError as exc:

@@ -16,7 +16,9 @@ from harness.zoo.omniglot import Omniglot
 from harness.zoo.digits import Digits, digits_mlp
 from harness.zoo.resnet import ResNet18
 
-__all__ = ["PRESETS", "Preset", "get_preset"]
+__all__ = ["DEFAULT_PRESET", "PRESETS", "Preset", "get_preset"]
+
+DEFAULT_PRESET = {"cuda": "seed", "cpu": "cpu-bench"}  # bench's preset when --preset is not given
 
 
 @dataclass(frozen=True)
