@@ -89,11 +89,12 @@ def test_ray_cells_match_local_cells_row_for_row_and_resume_after_an_interrupt(
     done = load_rows(tmp_path / "ray")
     assert [r["variant"] for r in done] == list(VARIANTS[:2]) and all(r["status"] == "ok" for r in done)
     assert cancelled == [True, True]  # the two endless cells, forcibly
-    seen = []
-    for _ in range(30):  # cancelled: the endless cells' processes never run (or end with their workers)
-        seen += cell_processes()
-        time.sleep(0.5)
-    assert seen == []
+    deadline = time.monotonic() + 60  # cancelled: the endless cells' processes end with their workers
+    while cell_processes() and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert cell_processes() == []
+    time.sleep(1.0)  # and none starts afterwards (a cancelled task that still ran would show here)
+    assert cell_processes() == []
 
     again = Interrupted(ray_executor, after=99)
     ray_rows = run_matrix(CELLS, tmp_path / "ray", FAST, progress=False, executor=again)
