@@ -14,17 +14,19 @@ from __future__ import annotations
 import inspect
 import math
 import os
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import torch
 
 from harness.core.config import AMP_MODES, STEP_REBUILDS, ConfigError
+from harness.variants import Variant
 from harness.zoo.presets import Preset, get_preset
 from harness.zoo.user import model_keywords, resolve, takes_any_keyword
 
 __all__ = ["CPU_MEM_CAP_ENV", "DEVICES", "DIST_TIMEOUT_ENV", "DTYPES", "NAME_MAX_BYTES", "NUMBER_ENV",
            "check_environment", "env_number", "check_amp", "check_device", "parse_amps", "valid_amps", "check_folder_name", "ACCEPTED", "BOUNDS", "Bound", "CellSettings", "LAUNCH_SETTINGS", "MODEL_SETTINGS", "SEED_MAX", "SETTING_KEYS", "SPEC_SETTINGS",
-           "SWEEP_PARAMS", "VARIANT_SETTINGS", "check_int", "check_seconds", "dedupe",
+           "SWEEP_PARAMS", "VARIANT_SETTINGS", "check_int", "check_seconds", "dedupe", "variant_with",
            "parse_param", "parse_settings", "parse_value", "split_settings", "validate_setting"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -299,6 +301,15 @@ def split_settings(settings: dict[str, Any]) -> CellSettings:
         else:
             raise ConfigError(f"unknown cell setting {k!r}; accepted: {ACCEPTED}")
     return out
+
+
+def variant_with(variant: Variant, values: dict[str, Any]) -> Variant:
+    """The one place settings become a Variant: VARIANT_SETTINGS in ``values`` (--set or JSON) checked, cast, applied."""
+    kw: dict[str, Any] = {k: str(v) if k == "step_rebuild" else check_int(k, int(v) if isinstance(v, bool) else v,
+                          allow_huge=True, flag=k) for k, v in values.items() if k in VARIANT_SETTINGS}
+    if "vectorize" in kw:
+        kw["vectorize"] = bool(kw["vectorize"])
+    return replace(variant, **kw) if kw else variant
 
 
 def check_device(device: str) -> None:

@@ -21,6 +21,9 @@ from torch.func import grad, vmap
 from torch.utils.checkpoint import checkpoint
 
 from harness.bench.cells import Cell, variant_for
+from harness.bench.single import build
+from harness.loop.spec import RunSpec
+from harness.settings import split_settings
 from harness.bench.measure import measure_cpu_memory
 from harness.loop.train import StepRunner
 from harness.core.config import ConfigError, MetaConfig, Task
@@ -99,6 +102,15 @@ def test_vectorized_variants_are_registered_with_sequential_references():
     assert variant_for(Cell("maml", "quick", settings={"vectorize": 1})).vectorize is True
     with pytest.raises(ConfigError, match="vectorize must be in 0..1, got 2"):
         variant_for(Cell("maml", "quick", settings={"vectorize": 2}))
+
+
+def test_run_and_bench_turn_the_same_settings_into_the_same_variant():
+    """One place (``harness.settings.variant_with``): ``run --set`` (``bench.single.build``) and a bench cell
+    (``bench.cells.variant_for``) give equal variants, ``vectorize`` a bool in both."""
+    settings = {"vectorize": 1, "vmap_chunk": 2}
+    from_run = build(RunSpec("maml", "quick", device="cpu", meta_batch=2), split_settings(settings)).variant
+    from_cell = variant_for(Cell("maml", "quick", settings=settings))
+    assert from_run == from_cell and from_run.vectorize is True and from_run.vmap_chunk == 2
 
 
 def test_a_cell_setting_chunks_the_vectorized_tasks_and_is_refused_without_vectorize():

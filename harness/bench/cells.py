@@ -23,14 +23,14 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from harness.core.config import ConfigError
 from harness.bench.store import ResultsError, load_rows  # noqa: F401 -- their home is store; kept importable here
 from harness.reporting.schema import CellRow
 from harness.settings import (LAUNCH_SETTINGS, MODEL_SETTINGS, SPEC_SETTINGS, SWEEP_PARAMS,  # the one list of keys
-                              VARIANT_SETTINGS, check_int, parse_value, split_settings)
+                              VARIANT_SETTINGS, parse_value, split_settings, variant_with)
 from harness.variants import Variant, get_variant
 from harness.zoo.user import UserSpecs, spec_name
 
@@ -161,12 +161,7 @@ def dedup_cells(cells: list[Cell]) -> list[Cell]:
 def variant_for(cell: Cell) -> Variant:
     """The cell's variant with its variant-level settings (``step_ckpt``, ``step_rebuild``, ``snapshots``,
     ``vectorize``, ``vmap_chunk``) applied."""
-    kw = {k: v if k == "step_rebuild" else check_int(k, int(v) if isinstance(v, bool) else v, allow_huge=True,
-                                                     flag=k)  # the --set bounds (step_rebuild: the config checks it)
-          for k, v in cell.settings.items() if k in VARIANT_SETTINGS}
-    if "vectorize" in kw:
-        kw["vectorize"] = bool(kw["vectorize"])
-    return replace(get_variant(cell.base_variant), **kw)
+    return variant_with(get_variant(cell.base_variant), cell.settings)
 
 
 def base_row(cell: Cell) -> dict[str, Any]:

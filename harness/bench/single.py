@@ -15,7 +15,7 @@ import json
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from harness.core.config import ConfigError
 from harness.reporting.files import write_json
 from harness.reporting.provenance import environment
 from harness.reporting.schema import SCHEMA_VERSION, RunResult
-from harness.settings import CellSettings
+from harness.settings import CellSettings, variant_with
 from harness.loop.agreement import check_agreement
 from harness.loop.spec import Experiment, RunSpec, default_threads
 from harness.loop.train import Diverged, TrainLog, train
@@ -68,7 +68,7 @@ def result_path(out: Path, spec: RunSpec, world: int | None = None) -> Path:
 def build(spec: RunSpec, settings: CellSettings | None) -> Experiment:
     """The experiment with the ``--set`` model, task and variant settings applied."""
     s = settings or CellSettings({}, {}, {}, {}, {})
-    variant = replace(spec.variant_obj, **s.variant) if s.variant else None
+    variant = variant_with(spec.variant_obj, s.variant) if s.variant else None
     return Experiment(spec, variant=variant, task_overrides=s.task or None, model_overrides=s.model or None)
 
 
