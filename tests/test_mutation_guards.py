@@ -2,7 +2,8 @@
 
 * the meta-gradient sum taking one task's gradient tensor for two keys (``_accumulate``'s ``owned`` check);
 * ``agreement`` pairing two gradient dicts by their order instead of by name;
-* a step segment's forward building the double-backward graph it never uses.
+* a step checkpoint's forward (a segment's, a binomial schedule's) building the double-backward graph it never
+  uses.
 
 (``check_agreement``'s buffer restore: ``tests/test_engine_properties.py``; the sum's storage for a gradient
 shared between keys: ``tests/test_meta_gradient_memory.py``.)
@@ -102,27 +103,29 @@ class _SavedTensors:
         return sum(ref() is not None for ref in self.held)
 
 
-@pytest.mark.parametrize("variant", ["sckpt", "sckpt_lr", "ckpt_sckpt_lr"])
-def test_a_step_segments_forward_saves_only_what_a_values_only_inner_loop_saves(variant: str) -> None:
-    """Second order, K = 4 steps in segments of one: the forward of the step-checkpointed inner loop saves
-    what the same steps save without create_graph (the first-order inner loop), plus each segment's inputs,
-    nothing more (a double-backward graph built there is never used: the backward rebuilds it); afterwards
-    autograd holds the segments' inputs only."""
+@pytest.mark.parametrize("variant", ["sckpt", "sckpt_lr", "ckpt_sckpt_lr", "bckpt_lr", "ckpt_bckpt_lr"])
+def test_a_step_checkpoints_forward_saves_only_what_a_values_only_inner_loop_saves(variant: str) -> None:
+    """Second order, K = 4 steps, in segments of one or on a binomial schedule: the forward of the
+    step-checkpointed inner loop saves for a backward only what the same steps save without create_graph (the
+    first-order inner loop), and keeps only the checkpoint's own inputs (a segment's, by ``save_for_backward``;
+    the schedule holds its snapshots itself).  A double-backward graph built there is never used: the backward
+    rebuilds it."""
+    steps = 4
     torch.manual_seed(0)
-    cfg = registry()[variant].config(inner_steps=4, inner_lr=0.1)
+    cfg = registry()[variant].config(inner_steps=steps, inner_lr=0.1)
     learner = MetaLearner(LayerNormMLP().double(), cfg, mse)
-    values_only_learner = MetaLearner(learner.model, replace(cfg, step_ckpt=0, first_order=True), mse)
+    values_only_learner = MetaLearner(learner.model, replace(cfg, step_ckpt=0, snapshots=0, first_order=True), mse)
     task = regression_tasks(torch.Generator().manual_seed(0), n=1)[0]
     lrs = learner.lr_values()
     lrs = None if lrs is None else {k: v.detach().requires_grad_() for k, v in lrs.items()}
     leaves = {n: p.detach().requires_grad_() for n, p in learner.initial_weights().items()}
-    segment_inputs = 4 * (len(leaves) + len(lrs or {}))
-    values_only, segmented = _SavedTensors(), _SavedTensors()
+    kept = steps * (len(leaves) + len(lrs or {})) if cfg.snapshots == 0 else 0
+    values_only, checkpointed = _SavedTensors(), _SavedTensors()
     with values_only():
-        values_only_learner.inner_loop(leaves, lrs, task.support_x, task.support_y, range(4))
-    with segmented():
+        values_only_learner.inner_loop(leaves, lrs, task.support_x, task.support_y, range(steps))
+    with checkpointed():
         fast = learner.adapt(task.support_x, task.support_y, lrs=lrs)
     assert all(t.grad_fn is not None for t in fast.values())  # the outer backward can still reach the inputs
     assert values_only.saved > 0
-    assert segmented.saved == values_only.saved + segment_inputs, (segmented.saved, values_only.saved)
-    assert segmented.alive == segment_inputs, (segmented.alive, segment_inputs)
+    assert checkpointed.alive == kept, (checkpointed.alive, kept)
+    assert checkpointed.saved - kept == values_only.saved, (checkpointed.saved, kept, values_only.saved)
