@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench bench-cpu install clean regress baseline results
+.PHONY: test bench bench-cpu bench-micro install clean regress baseline results
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ baseline: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m harness bench --peers
+
+# The per-variant meta-step micro-benchmarks (pytest-benchmark, tests/benchmarks), skipped by `make test`.
+bench-micro: $(STAMP)
+	HARNESS_BENCH_MICRO=1 $(PY) -m pytest tests/benchmarks --benchmark-only
 
 # Regenerate every committed CPU result from this commit, one command after another (about an hour on
 # 2 cores), then the README's and docs' generated tables.  Commit from a clean tree: rows record git_dirty.

@@ -14,6 +14,7 @@ from harness.core.engine import MetaLearner, adapted_names
 from harness.core.grads import agreement, split_grads
 from harness.loop.agreement import check_agreement
 from tests.conftest import small_experiment
+from tests.zoo.models import UserBufferLayer, mse, regression_tasks
 
 SECOND_ORDER = ["maml", "lr", "ckpt", "ckpt_lr", "sckpt_lr", "ckpt_sckpt_lr"]
 
@@ -184,7 +185,33 @@ def test_drop_in_checkpoint_binds_fast_weights_in_a_users_own_model() -> None:
         assert torch.equal(gi, p.grad)
 
 
-def test_check_agreement_restores_buffers_for_the_reference() -> None:
-    exp = small_experiment("ckpt", "conv4", inner_steps=1)
-    agree = check_agreement(exp, exp.sample())
-    assert agree["w_rel_err"] == 0.0 and agree["w_cosine"] == pytest.approx(1.0)
+def _buffer_reading_cell():
+    """A ``ckpt`` cell on the zoo's UserBufferLayer: every forward updates a running centre and a call counter,
+    and the output reads them, so a computation that starts from other buffers gets another gradient."""
+    exp = small_experiment("ckpt", "quick", inner_steps=2)
+    torch.manual_seed(0)
+    exp.learner = MetaLearner(UserBufferLayer().double(), exp.learner.cfg, mse)
+    return exp, regression_tasks(torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("cell", ["conv4 batchnorm", "user buffer layer"])
+def test_check_agreement_restores_buffers_for_the_reference(cell: str) -> None:
+    """The buffers after ``check_agreement`` are the ones it found (tensor for tensor: BatchNorm's running
+    statistics and batch counter, a user's centre and call counter), though each of its computations updates
+    them; and the reference started from them too (its gradient is the learner's, on a model whose output
+    reads its buffers)."""
+    if cell == "conv4 batchnorm":
+        exp = small_experiment("ckpt", "conv4", inner_steps=1)
+        tasks = exp.sample()
+    else:
+        exp, tasks = _buffer_reading_cell()
+    before = {n: b.clone() for n, b in exp.learner.named_buffers()}
+    assert before
+    agree = check_agreement(exp, tasks)
+    after = dict(exp.learner.named_buffers())
+    assert set(after) == set(before)
+    changed = [n for n in before if not torch.equal(after[n], before[n])]
+    assert not changed, f"buffers not restored: {changed}"
+    assert agree["w_rel_err"] <= 1e-12 and agree["w_cosine"] == pytest.approx(1.0)
+    exp.learner.meta_gradients(tasks)  # one computation does update them: the equality above is not vacuous
+    assert any(not torch.equal(b, before[n]) for n, b in exp.learner.named_buffers())

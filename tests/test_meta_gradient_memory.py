@@ -73,29 +73,40 @@ def test_meta_gradients_keep_one_sum_and_no_stale_task_gradients(variant: str) -
 
 
 class _Shared(OuterLoop):
-    """``a`` and ``b`` get the same gradient tensor, a stride-0 view (``(a + b).sum()``); ``c`` a fresh one."""
+    """``a`` and ``b`` get one gradient tensor, the same object for both keys; ``c`` a fresh one of its own.
 
-    def __init__(self) -> None:
+    ``shared="view"``: ``(a + b).sum()``, a stride-0 view of one scalar; ``shared="dense"``: ``((a + b) * m).sum()``,
+    one dense, contiguous tensor (``m`` times the task's weight) that nothing else holds, so only the check
+    that no other sum owns its storage keeps ``a``'s sum and ``b``'s apart."""
+
+    def __init__(self, shared: str) -> None:
+        self.shared = shared
         self.a, self.b, self.c = (nn.Parameter(torch.randn(3, 4)) for _ in range(3))
+        self.m = torch.arange(12.0).reshape(3, 4)
 
     def meta_parameters(self) -> dict[str, torch.Tensor]:
         return {"a": self.a, "b": self.b, "c": self.c}
 
     def task_loss(self, task, loss_scale: float = 1.0) -> torch.Tensor:  # noqa: ANN001
-        return (self.a + self.b).sum() * task + (self.c ** 2).sum()
+        both = self.a + self.b
+        return (both if self.shared == "view" else both * self.m).sum() * task + (self.c ** 2).sum()
 
 
+@pytest.mark.parametrize("shared", ["view", "dense"])
 @pytest.mark.parametrize("tasks", [[1.0], [1.0, 3.0]])
-def test_the_sums_own_their_storage_whatever_autograd_returns(tasks: list[float]) -> None:
+def test_the_sums_own_their_storage_whatever_autograd_returns(tasks: list[float], shared: str) -> None:
     """A gradient that is a view or shared with another key is copied before anything is added in place;
     the sums are what the zero-filled sums gave, each a dense tensor of its own (safe for ``.grad``
     and in-place optimizer or all-reduce writes)."""
-    m = _Shared()
+    m = _Shared(shared)
+    ga, gb = torch.autograd.grad(m.task_loss(1.0), [m.a, m.b])  # the case under test: one tensor for two keys
+    assert ga is gb and (ga._base is not None) == (shared == "view"), (shared, ga._base is None)
     grads, _ = m.meta_gradients(tasks)
     mean = sum(tasks) / len(tasks)
-    assert torch.equal(grads["a"], torch.full((3, 4), mean)) and torch.equal(grads["b"], torch.full((3, 4), mean))
+    expected = torch.full((3, 4), mean) if shared == "view" else m.m * mean
+    assert torch.equal(grads["a"], expected) and torch.equal(grads["b"], expected)
     assert torch.allclose(grads["c"], 2 * m.c.detach())
     ptrs = {g.untyped_storage().data_ptr() for g in grads.values()}
     assert len(ptrs) == 3 and all(g._base is None and g.is_contiguous() for g in grads.values())
     grads["a"].add_(1.0)  # in place on one sum leaves the others alone
-    assert torch.equal(grads["b"], torch.full((3, 4), mean))
+    assert torch.equal(grads["b"], expected)
