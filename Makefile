@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench bench-cpu bench-micro install clean regress baseline results
+.PHONY: test test-slow bench bench-cpu bench-micro install clean regress baseline results
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,9 +14,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The suite on every core (pytest-xdist), the tests that take minutes apart: `make test` is what a
+# contributor runs; CI (.ci/run) runs `make test` and `make test-slow`.
+PYTEST := $(PY) -m pytest -n auto --dist worksteal
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PYTEST) -m "not slow"
 	$(MAKE) --no-print-directory regress
+
+test-slow: $(STAMP)
+	$(PYTEST) -m slow
 
 # CI memory/gradient regression: every registered variant on a tiny cpu-bench configuration,
 # each cell isolated, compared against the committed CPU baseline (results/baseline).

@@ -36,6 +36,7 @@ def bench_args(out: Path, variants: str, *extra: str) -> list[str]:
             "--threads", "1", "--out", str(out), "--run-id", "r", "--no-plots", *extra]
 
 
+@pytest.mark.slow  # minutes: `make test-slow` (CI runs it)
 def test_oom_cell_is_recorded_and_the_matrix_goes_on_then_resumes(tmp_path: Path) -> None:
     out = tmp_path / "results"
     r = harness(*bench_args(out, "maml,ckpt_fo", "--cpu-mem-cap", "maml=0.001"))

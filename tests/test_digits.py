@@ -56,6 +56,7 @@ def test_impossible_sizes_are_one_line_errors(kwargs, words) -> None:
         Digits(**kwargs)
 
 
+@pytest.mark.slow  # minutes: `make test-slow` (CI runs it)
 def test_smallest_digits_ablation_runs_end_to_end(tmp_path: Path) -> None:
     code = main(["ablate", "--preset", "digits", "--variants", "maml,fo,ckpt", "--meta-steps", "3", "--seeds", "2",
                  "--eval-tasks", "4", "--eval-every", "2", "--no-progress",

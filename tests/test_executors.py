@@ -77,6 +77,7 @@ def measured(row: dict[str, Any]) -> tuple:
     return row["variant"], row["status"], row["memory"], row["agreement"]
 
 
+@pytest.mark.slow  # minutes: `make test-slow` (CI runs it)
 def test_ray_cells_match_local_cells_row_for_row_and_resume_after_an_interrupt(
         tmp_path: Path, ray_executor: RayExecutor, monkeypatch: pytest.MonkeyPatch) -> None:
     cancelled: list[bool] = []

@@ -101,6 +101,7 @@ def test_cli_bad_data_root_exits_2_with_one_line(tmp_path: Path, capsys) -> None
     assert "--data-root" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # minutes: `make test-slow` (CI runs it)
 def test_omniglot_preset_ablation_on_fixture(root: Path, tmp_path: Path) -> None:
     from harness.studies.ablation.ablate import run_ablation
     from harness.studies.ablation.spec import AblationSpec

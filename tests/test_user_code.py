@@ -230,6 +230,7 @@ def test_check_plans_every_registered_variant_with_finite_differences_in_float64
 LINE = re.compile(r"^  (\S+)\s+(exact|refused|WRONG|FAILED)\b(.*)$")
 
 
+@pytest.mark.slow  # minutes: `make test-slow` (CI runs it)
 def test_check_on_a_model_calling_torch_checkpoint_itself_every_variant_is_exact(tmp_path: Path) -> None:
     """The seed report's way of writing a model, every registered variant: all exact (the vectorized ones run
     the torch checkpoint as a plain call), finite differences within 1e-6 for second order (slow: 18 cells)."""
