@@ -24,7 +24,7 @@ from harness.variants import Variant
 from harness.zoo.presets import Preset, get_preset
 from harness.zoo.user import model_keywords, resolve, takes_any_keyword
 
-__all__ = ["CPU_MEM_CAP_ENV", "DEVICES", "DIST_TIMEOUT_ENV", "DTYPES", "NAME_MAX_BYTES", "NUMBER_ENV",
+__all__ = ["CPU_MEM_CAP_ENV", "DATA_SETTINGS", "DEVICES", "DIST_TIMEOUT_ENV", "DTYPES", "NAME_MAX_BYTES", "NUMBER_ENV",
            "check_environment", "env_number", "check_amp", "check_device", "parse_amps", "valid_amps", "check_folder_name", "ACCEPTED", "BOUNDS", "Bound", "CellSettings", "LAUNCH_SETTINGS", "MODEL_SETTINGS", "SEED_MAX", "SETTING_KEYS", "SPEC_SETTINGS",
            "SWEEP_PARAMS", "VARIANT_SETTINGS", "check_int", "check_seconds", "dedupe", "variant_with",
            "parse_param", "parse_settings", "parse_value", "split_settings", "validate_setting"]
@@ -87,6 +87,7 @@ LAUNCH_SETTINGS = ("ranks",)  # data-parallel ranks: the cell runs under torch.d
 SWEEP_PARAMS = SPEC_SETTINGS + MODEL_SETTINGS + VARIANT_SETTINGS + LAUNCH_SETTINGS
 SETTING_KEYS = SWEEP_PARAMS + ("amp",)  # and model.<kw>, task.<kw>
 ACCEPTED = f"{', '.join(SETTING_KEYS)}, model.<kw> or task.<kw>"
+DATA_SETTINGS = ("task.data_root", "task.download")  # a real-data preset's tasks: --data-root, --download
 
 
 def _flag(name: str) -> str:

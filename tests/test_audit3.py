@@ -7,17 +7,21 @@ claim/lock file is checked by the one rule (one line, exit 2, nothing written).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
 import math
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch.multiprocessing as mp
 
 from harness import variants as reg
 from harness.bench import cells
@@ -26,10 +30,12 @@ from harness.bench.executors import check_cpus_per_cell
 from harness.bench.measure import LiveBytesTracker
 from harness.bench.request import resolve_variants
 from harness.bench.store import HOST, claim_cell, live_claim, release_cell, run_dir_lock
-from harness.cli.main import main
+from harness.cli import bench as bench_cmd
+from harness.cli.main import build_parser, main
 from harness.core.config import ConfigError
 from harness.loop import distributed
-from harness.reporting.plots import plots_root
+from harness.reporting.files import write_atomic
+from harness.reporting.plots import plots_dir_for, plots_root
 from harness.reporting.schema import ResultsError
 from harness.settings import CPU_MEM_CAP_ENV, DIST_TIMEOUT_ENV
 from tests.conftest import harness
@@ -89,6 +95,15 @@ def test_cpus_per_cell_is_checked_before_the_run_folder_is_made_or_ray_starts(
             f"--cpus-per-cell must be a number in (0, {os.cpu_count()}] (this machine's CPUs), got {got}")
 
 
+@pytest.mark.parametrize("cpus, got", [("nan", "nan"), ("inf", "inf"), ("0", "0.0"), ("-1", "-1.0")])
+@pytest.mark.parametrize("command", ["bench", "sweep", "ablate"])
+def test_cpus_per_cell_is_checked_with_an_address_too(no_work: Path, capsys, monkeypatch, command: str, cpus: str,
+                                                      got: str) -> None:  # 14, with --address
+    monkeypatch.setattr("harness.bench.executors.RayExecutor.__init__", no_ray_start)
+    refused([*BASE[command], "--executor", "ray", "--address", "127.0.0.1:1", "--cpus-per-cell", cpus], capsys,
+            no_work, f"--cpus-per-cell must be a finite number > 0, got {got}")
+
+
 def no_ray_start(*a: object, **k: object) -> None:
     raise AssertionError("Ray was started before --cpus-per-cell was checked")
 
@@ -97,6 +112,70 @@ def test_a_joined_cluster_may_have_more_cpus_than_this_machine() -> None:
     assert check_cpus_per_cell(1e6, "auto") == 1e6
     with pytest.raises(ConfigError, match=r"--cpus-per-cell must be a finite number > 0, got nan"):
         check_cpus_per_cell(math.nan, "auto")
+
+
+FIT_CASES = [(["--set", "model.in_dim=5"], "preset 'cpu-bench' with --set model.in_dim=5: the model's forward on a "
+                "task's support set (support_x of shape [4, 32, 16], torch.float32) failed: RuntimeError: mat1 and "
+                "mat2 shapes cannot be multiplied (128x16 and 5x64)"),
+             (["--set", "task.out_dim=3"], "preset 'cpu-bench' with --set task.out_dim=3: the loss on the model's "
+                                           "output ([4, 32, 16]) and support_y (shape [4, 32, 3]")]
+
+
+@pytest.mark.parametrize("argv, words", FIT_CASES)
+@pytest.mark.parametrize("command", ["run", "bench", "sweep", "ablate"])
+def test_model_and_task_keywords_that_do_not_fit_are_refused_naming_them_and_the_shapes(
+        no_work: Path, capsys, command: str, argv: list[str], words: str) -> None:  # 17
+    refused([*BASE[command], *argv], capsys, no_work, words)
+
+
+@pytest.mark.parametrize("command", ["run", "bench"])
+def test_model_and_task_keywords_that_fit_pass_the_check(no_work: Path, capsys, command: str) -> None:
+    with pytest.raises(AssertionError, match="the work started"):  # past every check, to the work
+        main([*BASE[command], "--set", "model.in_dim=5", "--set", "task.in_dim=5"])
+
+
+RANKS_CASES = [(["sweep", "--variant", "maml", "--param", "ranks=1,3"],
+                "maml on cpu-bench [ranks=3]: ranks=3 is invalid: each rank needs at least one task of the meta-batch "
+                "of 2; valid: 1..2"),
+               (["sweep", "--variant", "maml", "--param", "meta_batch=1,2", "--set", "ranks=2"],
+                "maml on cpu-bench [meta_batch=1,ranks=2]: ranks=2 is invalid"),
+               (["bench", "--variants", "maml", "--set", "ranks=3"], "ranks=3 is invalid")]
+
+
+@pytest.mark.parametrize("argv, words", RANKS_CASES)
+def test_ranks_beyond_the_meta_batch_of_any_cell_are_refused_up_front(no_work: Path, capsys, argv: list[str],
+                                                                       words: str) -> None:  # 18
+    refused([*argv, "--preset", "cpu-bench", "--device", "cpu"], capsys, no_work, words)
+
+
+NO_DATA = "preset 'omniglot' reads real data: pass --data-root DIR (and --download to fetch it)"
+DATA_BASE = {**{c: [a if a != "cpu-bench" else "omniglot" for a in argv] for c, argv in BASE.items()},
+             "check": ["check", "--preset", "omniglot", "--device", "cpu", "--model", OWN]}
+
+
+@pytest.mark.parametrize("extra", [[], ["--download"]])
+@pytest.mark.parametrize("command", ["run", "bench", "sweep", "ablate", "check"])
+def test_omniglot_without_a_data_root_is_refused_by_every_command(no_work: Path, capsys, command: str,
+                                                                  extra: list[str]) -> None:  # 18
+    refused([*DATA_BASE[command], *extra], capsys, no_work, NO_DATA)
+
+
+@pytest.mark.parametrize("command", ["run", "bench", "sweep", "ablate"])
+def test_a_data_root_for_a_preset_that_generates_its_tasks_is_refused(no_work: Path, capsys, command: str) -> None:
+    refused([*BASE[command], "--data-root", "data"], capsys, no_work,
+            "--data-root/--download are for real-data presets; preset 'cpu-bench' generates its tasks")
+
+
+def test_a_data_root_flag_and_its_set_must_agree(no_work: Path, capsys) -> None:
+    refused([*DATA_BASE["bench"], "--data-root", "a", "--set", "task.data_root=b"], capsys, no_work,
+            "--data-root a contradicts --set task.data_root=b")
+
+
+def test_bench_takes_a_data_root_for_its_cells_and_keeps_it_out_of_the_run_id(no_work: Path) -> None:
+    req = bench_cmd.request_from_args(build_parser().parse_args([*DATA_BASE["bench"], "--variants", "maml",
+                                                                 "--data-root", "/data/omniglot"]))
+    assert req.run_dir == Path("results/omniglot-cpu")
+    assert [c.settings for c in req.cells] == [{"task.data_root": "/data/omniglot"}]
 
 
 @pytest.fixture
@@ -157,6 +236,42 @@ def test_a_claims_folder_swapped_for_a_symlink_mid_run_is_not_written_through(tm
         claim_cell(tmp_path / "r", "k", 10.0)
     release_cell(tmp_path / "r", "k")  # leaves anything that is not its own claim alone
     assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize("planted", ["plots/r/memory.png", "plots/r/time.png", "r/table.md", "r/summary.csv"])
+def test_a_plot_or_table_replaced_by_a_symlink_is_replaced_and_its_target_kept(tmp_path: Path, monkeypatch,
+                                                                                planted: str) -> None:  # 6
+    monkeypatch.setattr("harness.bench.matrix.measure_cell", fake_cell)
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    link = tmp_path / "out" / planted
+    link.parent.mkdir(parents=True)
+    link.symlink_to(target)
+    assert main(["bench", "--variants", "maml,fo", "--device", "cpu", "--set", "width=16", "--out", "out",
+                 "--run-id", "r"]) == 0
+    assert target.read_text() == "keep me"
+    assert not link.is_symlink() and link.is_file() and link.stat().st_size > 0
+    assert not [p for p in link.parent.iterdir() if p.name.endswith(".tmp")]  # no temp file left
+
+
+def test_the_one_writer_replaces_a_link_in_a_folder_given_by_fd_and_cleans_up_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    (tmp_path / "f.json").symlink_to(target)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        write_atomic(Path("f.json"), b"{}", dir_fd=fd)
+    finally:
+        os.close(fd)
+    assert target.read_text() == "keep me" and (tmp_path / "f.json").read_text() == "{}"
+
+    def broken(fh: object) -> None:
+        raise RuntimeError("savefig failed")
+
+    with pytest.raises(RuntimeError, match="savefig failed"):
+        write_atomic(tmp_path / "g.png", broken)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json", "precious.txt"]
 
 
 MALFORMED_CLAIMS = [
@@ -263,8 +378,59 @@ def test_by_default_results_and_plots_are_the_repository_pair(tmp_path: Path, mo
     monkeypatch.chdir(tmp_path)
     assert main(["bench", "--variants", "maml", "--device", "cpu", "--set", "width=16", "--run-id", "r"]) == 0
     assert (tmp_path / "results" / "r" / "cells.jsonl").is_file() and any((tmp_path / "plots" / "r").glob("*.png"))
-    assert plots_root(Path("results")) == Path("plots") and plots_root(tmp_path / "results") == tmp_path / "plots"
-    assert plots_root(Path("runs/a")) == Path("runs/a/plots")
+    assert plots_root(None) == Path("plots") and plots_root(Path("runs/a")) == Path("runs/a/plots")
+    assert plots_dir_for(Path("results/r")) == Path("plots/r")
+    assert plots_dir_for(Path("runs/a/r")) == Path("runs/a/plots/r")
+
+
+def test_an_explicit_out_decides_the_plots_folder_not_the_current_directory(tmp_path: Path, monkeypatch) -> None:
+    """Review: whether --out was given comes from the parser (None or a path), not from comparing it with cwd:
+    ``--out results`` given explicitly is a folder named like any other, its plots under it."""
+    monkeypatch.setattr("harness.bench.matrix.measure_cell", fake_cell)
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--variants", "maml", "--device", "cpu", "--set", "width=16", "--run-id", "r",
+                 "--out", "results"]) == 0
+    assert any((tmp_path / "results" / "plots" / "r").glob("*.png")) and not (tmp_path / "plots").exists()
+    assert plots_root(Path("results")) == Path("results/plots")
+    assert plots_root(tmp_path / "results") == tmp_path / "results" / "plots"
+
+
+def one_rank_of_run(rank: int, port: int, report: str, argv: list[str]) -> None:
+    """One of two gloo ranks (spawned): ``harness run ARGV`` as torchrun would start it; its exit code and stderr
+    into ``report/rank<r>.json``."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), HARNESS_DIST_TIMEOUT_S="180")  # generous: a loaded machine
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv)
+    Path(report, f"rank{rank}.json").write_text(json.dumps({"code": code, "err": err.getvalue()}))
+
+
+@pytest.mark.parametrize("rank1_args, named", [(["--seed", "1"], "seed (rank 0: 0, rank 1: 1)"),
+                                               (["--inner-steps", "3"], "inner_steps (rank 0: 2, rank 1: 3)"),
+                                               (["--set", "task.shots=3"], "task.shots (rank 0: (unset), rank 1: 3)")])
+def test_ranks_started_with_different_settings_all_exit_2_naming_the_setting(tmp_path: Path, rank1_args: list[str],
+                                                                             named: str) -> None:  # 21
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out, report = tmp_path / "out", tmp_path / "report"
+    report.mkdir()
+    argv = ["run", "--variant", "maml", "--preset", "quick", "--device", "cpu", "--meta-steps", "1", "--out", str(out)]
+    ctx = mp.get_context("spawn")
+    ranks = [ctx.Process(target=one_rank_of_run, args=(r, port, str(report), argv + (rank1_args if r else [])))
+             for r in range(2)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(300)
+    # the ranks end on the named mismatch, not on the collective timeout (180 s): the message shows which
+    assert all(p.exitcode == 0 for p in ranks), [p.exitcode for p in ranks]
+    for r in range(2):
+        got = json.loads((report / f"rank{r}.json").read_text())
+        assert got["code"] == 2 and got["err"].count("\n") == 1 and "Traceback" not in got["err"], got
+        assert f"the 2 ranks were started with different settings: {named}" in got["err"], got
+    assert not out.exists()
 
 
 SHADOW_INIT = "open('shadow-ran', 'w').write('the cwd variants package ran')\n"
@@ -298,9 +464,12 @@ def test_the_project_plugins_are_found_by_file_even_after_a_same_named_package_w
 
 
 def test_the_readme_states_every_rule_these_tests_check() -> None:
-    section = readme_section()
+    section = " ".join(readme_section().split())  # line breaks do not matter
     for words in ("at most 255\nbytes", "`--set` key given twice", "HARNESS_CELL_PLUGINS", "`--cpus-per-cell` must be",
                   CPU_MEM_CAP_ENV, DIST_TIMEOUT_ENV, "`O_NOFOLLOW`", "A claim file that\nis not a JSON object",
                   "`DIR/plots/<run-id>/`", "never from a `variants/` folder in the current directory",
-                  "bench --variants hihger:maml", "--cpus-per-cell nan", "--set inner_steps=2 --set inner_steps=3"):
-        assert words in section, words
+                  "bench --variants hihger:maml", "--cpus-per-cell nan", "--set inner_steps=2 --set inner_steps=3",
+                  "checked for fit before\nanything is written", "`sweep --param ranks=1,3`", "needs\n`--data-root DIR`",
+                  "ranks started with different settings", "`write_atomic`", "`plots/<run-id>/memory.png` is replaced",
+                  "--set model.in_dim=5", "--preset omniglot", "`results` too"):
+        assert " ".join(words.split()) in section, words

@@ -214,7 +214,7 @@ def test_report_checks_the_plots_folder_before_rewriting_the_tables(no_work: Pat
     run.mkdir(parents=True)
     row = {**C.base_row(Cell("maml", "cpu-bench")), "status": "ok", "env": {}}
     (run / "cells.jsonl").write_text(json.dumps(row) + "\n")
-    (no_work / "plots").write_text("a file where the plots folder goes\n")
+    (no_work / "results" / "plots").write_text("a file where the plots folder goes\n")  # --out DIR: DIR/plots/
     code = main(["report", "r", "--out", str(no_work / "results")])
     assert code == 2 and "plots" in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == ["cells.jsonl"]

@@ -18,10 +18,12 @@ from harness.bench.cells import BUILDERS, Cell, MeasureOptions, dedup_cells, loa
 from harness.bench.executors import ExecutorSpec, open_executor
 from harness.bench.matrix import matrix_exit_code, run_matrix
 from harness.core.config import ConfigError
+from harness.loop.distributed import check_ranks
 from harness.reporting import tables
-from harness.settings import dedupe
+from harness.settings import DATA_SETTINGS, dedupe
 from harness.peers import PEERS, supports
 from harness.variants import CANONICAL, get_variant, registry
+from harness.zoo.presets import get_preset
 from harness.zoo.user import UserSpecs, spec_name
 
 __all__ = ["MatrixOutcome", "MatrixRequest", "add_peer_cells", "default_run_id", "parse_caps", "plan", "resolve_variants", "run_request", "user_suffix"]
@@ -115,7 +117,8 @@ def user_suffix(user: UserSpecs) -> str:
 
 
 def default_run_id(preset: str, device: str, settings: dict[str, Any], user: UserSpecs = UserSpecs()) -> str:
-    suffix = "".join(f"-{k.replace('.', '_')}{str(v).replace(',', '+')}" for k, v in sorted(settings.items()))
+    suffix = "".join(f"-{k.replace('.', '_')}{str(v).replace(',', '+')}" for k, v in sorted(settings.items())
+                     if k not in DATA_SETTINGS)  # where the data set lives does not name the run (a path)
     return f"{preset}{user_suffix(user)}-{device}{suffix}"
 
 
@@ -135,11 +138,13 @@ def plan(variants: list[str], preset: str, device: str, dtype: str, seed: int, s
         name, values = sweep
         cells = [cell(v, a, {name: x}) for a in amps for v in variants for x in values]
     for c in cells:  # a setting the variant cannot take (vmap_chunk without vectorize, ...) is bad input
-        if c.peer is None:
-            try:
+        try:
+            if "ranks" in c.settings:  # every rank needs a task (a swept ranks or meta_batch too)
+                check_ranks(c.settings["ranks"], int(c.settings.get("meta_batch", get_preset(c.preset).meta_batch)))
+            if c.peer is None:
                 variant_for(c).config()
-            except ConfigError as exc:
-                raise ConfigError(f"{c.label()}: {exc}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"{c.label()}: {exc}") from None
     return tuple(dedup_cells(cells))
 
 

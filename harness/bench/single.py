@@ -79,7 +79,9 @@ def run_single(spec: RunSpec, out: Path, *, settings: CellSettings | None = None
     if snapshot is not None and spec.device != "cuda":
         raise ConfigError("--memory-snapshot needs CUDA (it records the CUDA allocator history); "
                           f"this run is on {spec.device}")
-    with distributed.session(spec.device, spec.resolved()["meta_batch"]) as group:
+    # every rank's resolved configuration must match (a different --seed on one: exit 2 naming it)
+    config = {**asdict(spec), **spec.resolved(), **_settings_dict(settings)}
+    with distributed.session(spec.device, spec.resolved()["meta_batch"], config) as group:
         return _run(spec, out, settings, snapshot, progress, group)
 
 

@@ -17,8 +17,9 @@ one run-id, the same matrix started twice).  Three rules keep every row, exactly
   (not a JSON object with an integer pid, a host and a finite deadline) is refused, naming its file
   (:func:`check_claims` looks at every claim before a run's first cell).
 * **No link followed**: ``.lock`` is opened with ``O_NOFOLLOW`` and must be a plain file; ``.running`` is
-  opened with ``O_NOFOLLOW`` and claims are read, written (a fresh ``O_EXCL`` temp file renamed over the
-  claim) and removed relative to it.  A symlink in either place is refused (one line, exit 2); its target
+  opened with ``O_NOFOLLOW`` and claims are read, written (by the one writer,
+  :func:`harness.reporting.files.write_atomic`: a fresh ``O_EXCL`` temp file renamed over the claim) and
+  removed relative to it.  A symlink in either place is refused (one line, exit 2); its target
   is never touched.
 
 Try it: start ``python -m harness bench --variants maml --run-id same`` and
@@ -32,16 +33,15 @@ import hashlib
 import json
 import math
 import os
-import secrets
 import socket
 import stat
 import time
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from harness.core.config import ConfigError
-from harness.reporting.files import load_rows, write_cells
+from harness.reporting.files import load_rows, write_atomic, write_cells
 from harness.reporting.schema import ResultsError
 
 __all__ = ["ResultsError", "RunDirBusy", "CELLS_FILE", "LOCK_WAIT_S", "load_rows", "read_rows", "run_dir_lock",
@@ -251,23 +251,6 @@ def live_claim(run_dir: Path, key: str) -> dict[str, Any] | None:
     return None if mine or stale else info
 
 
-def _write_claim(dir_fd: int, name: str, text: str) -> None:
-    """``name`` replaced atomically inside the claims folder: a fresh temp file (``O_EXCL``, no link followed)
-    renamed over it."""
-    tmp = f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp, dir_fd=dir_fd)
-        raise
-
-
 def claim_cell(run_dir: Path, key: str, timeout_s: float) -> dict[str, Any] | None:
     """Under the lock: claim ``key`` for this process; returns the other live holder's claim instead if any."""
     other = live_claim(run_dir, key)
@@ -277,7 +260,7 @@ def claim_cell(run_dir: Path, key: str, timeout_s: float) -> dict[str, Any] | No
     dir_fd = _claims_dir(run_dir, create=True)
     assert dir_fd is not None  # just made
     try:
-        _write_claim(dir_fd, _claim_name(key), json.dumps(info))
+        write_atomic(Path(_claim_name(key)), json.dumps(info), dir_fd=dir_fd)  # O_EXCL temp + rename, in the folder
     finally:
         os.close(dir_fd)
     return None

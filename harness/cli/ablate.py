@@ -14,8 +14,8 @@ from typing import Any
 
 from harness.loop import distributed
 from harness.bench.executors import add_executor_arguments, executor_spec, open_executor
-from harness.cli.args import (EXIT_FAILED, EXIT_OK, UsageError, add_out_argument, add_user_arguments, check_numbers,
-                              check_out_dir, check_user_code, merge_flags, nonempty, out_path, plots_root, run_dir,
+from harness.cli.args import (EXIT_FAILED, EXIT_OK, UsageError, add_data_arguments, add_out_argument,
+                              add_user_arguments, check_numbers, check_out_dir, check_user_code, merge_flags, nonempty, out_path, plots_root, run_dir,
                               user_specs)
 from harness.settings import ACCEPTED, dedupe, parse_settings, split_settings
 from harness.studies.ablation.ablate import run_ablation
@@ -53,8 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs", type=int, default=None,
                    help="cells trained at once in worker processes (default: one per core, at most 2)")
     p.add_argument("--run-id", default=None, type=nonempty, help="output folder name (default ablation-<preset>)")
-    p.add_argument("--data-root", default=None, type=nonempty, help="dataset root for real-data presets (omniglot)")
-    p.add_argument("--download", action="store_true", help="download the dataset into --data-root (torchvision)")
+    add_data_arguments(p)
     p.add_argument("--force", action="store_true", help="recompute cells already stored")
     add_out_argument(p)
     p.add_argument("--results-dir", dest="out", type=out_path, help=argparse.SUPPRESS)  # the old name of --out
@@ -66,22 +65,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def data_overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(task, model) overrides from --data-root/--download/--ways/--shots, checked against the preset."""
+    """(task, model) overrides from --ways/--shots, checked against the preset (--data-root/--download: the
+    settings, :func:`harness.cli.args.merge_flags`)."""
     preset = get_preset(args.preset)
     task_params = inspect.signature(preset.make_task).parameters
     task: dict[str, Any] = {}
-    takes_root = "data_root" in task_params
-    if args.data_root is not None or args.download:
-        if not takes_root:
-            raise UsageError(f"--data-root/--download are for real-data presets; preset {args.preset!r} "
-                             "generates its tasks")
-        if args.data_root is None:
-            raise UsageError("--download needs --data-root DIR to download into")
-        task["data_root"] = args.data_root
-        if args.download:
-            task["download"] = True
-    elif takes_root:
-        raise UsageError(f"preset {args.preset!r} reads real data: pass --data-root DIR (and --download to fetch it)")
     model: dict[str, Any] = {}
     for flag, value, key in (("--ways", args.ways, "n_way"), ("--shots", args.shots, "k_shot")):
         if value is None:
@@ -104,7 +92,7 @@ def spec_from_args(args: argparse.Namespace) -> AblationSpec:
     task, model = data_overrides(args)
     user = user_specs(args)
     parts = split_settings(merge_flags(args, parse_settings(args.set, args.preset, allow_huge=args.allow_huge,
-                                                            model=user.model, tasks=user.tasks)))
+                                                            model=user.model, tasks=user.tasks), args.preset))
     if parts.variant or parts.launch or "amp" in parts.spec:
         raise UsageError("ablate compares the variants as registered: --set amp, step_ckpt, vectorize, vmap_chunk "
                          "and ranks are not accepted")

@@ -19,26 +19,26 @@ from harness.bench.cells import MeasureOptions, load_cell_plugins
 from harness.bench.executors import add_executor_arguments
 from harness.bench.paired import DEFAULT_PAIRS
 from harness.core.config import AMP_MODES, ConfigError
-from harness.loop.distributed import check_ranks
-from harness.settings import (ACCEPTED, CellSettings, check_folder_name, check_int, check_seconds, dedupe,
-                              parse_amps, parse_settings, split_settings)
+from harness.settings import (ACCEPTED, DATA_SETTINGS, CellSettings, check_folder_name, check_int, check_seconds,
+                              dedupe, parse_amps, parse_settings, split_settings)
 from harness.loop.spec import RunSpec
-from harness.reporting.plots import DEFAULT_RESULTS_ROOT, plots_root
+from harness.reporting.plots import DEFAULT_RESULTS_ROOT, plots_root, results_root
 from harness.settings import DEVICES, DTYPES, check_device
 from harness.zoo.presets import DEFAULT_PRESET, get_preset
-from harness.zoo.user import SPEC_FORM, UserSpecs, check_setup, normalize_spec
+from harness.zoo.user import SPEC_FORM, UserSpecs, check_setup, normalize_spec, reads_real_data
 
 __all__ = ["DEFAULT_OUT", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "MatrixOptions", "UsageError",
            "add_matrix_arguments", "add_out_argument", "add_spec_arguments", "add_user_arguments", "check_numbers",
            "check_out_dir", "check_user_code", "user_specs",
-           "check_run_id", "merge_flags",
-           "default_device", "matrix_options", "nonempty", "out_path", "plots_root", "resolve_run", "run_dir"]
+           "add_data_arguments", "check_data_root", "check_run_id", "merge_flags",
+           "default_device", "matrix_options", "names_a_path", "nonempty", "out_path", "plots_root", "resolve_run",
+           "results_root", "run_dir"]
 
 EXIT_OK = 0  # every cell ok (or unsupported)
 EXIT_FAILED = 1  # a regression, or a failed, diverged, killed, out-of-memory or timed-out cell
 EXIT_USAGE = 2  # bad input: nothing ran, nothing was written
 EXIT_INTERRUPTED = 130  # Ctrl-C
-DEFAULT_OUT = DEFAULT_RESULTS_ROOT  # plots: plots/ beside it; with --out DIR, DIR/plots/ (plots_root)
+DEFAULT_OUT = DEFAULT_RESULTS_ROOT  # without --out (args.out None); plots: plots/ beside it; with --out DIR, DIR/plots/
 INT_OPTIONS = ("inner_steps", "meta_batch", "meta_steps", "eval_tasks", "eval_every", "seeds", "verify_seeds", "seed",
                "threads", "jobs", "warmup", "repeats", "ways", "shots", "ranks", "pairs", "fd_directions")
 
@@ -60,7 +60,7 @@ def out_path(text: str) -> Path:
 
 
 def add_out_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=out_path, default=DEFAULT_OUT, metavar="DIR",
+    p.add_argument("--out", type=out_path, default=None, metavar="DIR",  # None: not given (results_root, plots_root)
                    help="results root (default results/, plots in plots/ beside it); with --out DIR the plots go "
                         "to DIR/plots/")
 
@@ -80,6 +80,7 @@ def add_spec_arguments(p: argparse.ArgumentParser, *, variant_required: bool = T
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"cell setting: {ACCEPTED}")
     p.add_argument("--allow-huge", action="store_true",
                    help="raise the size limits that keep a typo from eating the machine")
+    add_data_arguments(p)
     add_user_arguments(p)
 
 
@@ -172,16 +173,17 @@ def check_out_dir(path: Path, flag: str = "--out") -> Path:
     return Path(path)
 
 
-def check_run_id(out: Path, run_id: str, flag: str = "--run-id") -> Path:
-    """``<out>/<run-id>``, with a run-id that is one plain folder name (no separator, no ``..``)."""
+def check_run_id(out: Path | None, run_id: str, flag: str = "--run-id") -> Path:
+    """``<out>/<run-id>`` (``out``: ``--out`` as parsed, ``None`` for the default root), with a run-id that is
+    one plain folder name (no separator, no ``..``)."""
     try:
         check_folder_name(run_id, flag)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
-    return Path(out) / run_id  # one name without a separator, not '.' or '..': it cannot leave out
+    return results_root(out) / run_id  # one name without a separator, not '.' or '..': it cannot leave out
 
 
-def run_dir(out: Path, run_id: str, flag: str = "--run-id") -> Path:
+def run_dir(out: Path | None, run_id: str, flag: str = "--run-id") -> Path:
     """:func:`check_run_id`, and the folder can be written."""
     return check_out_dir(check_run_id(out, run_id, flag))
 
@@ -197,18 +199,44 @@ class MatrixOptions(NamedTuple):
     user: UserSpecs = UserSpecs()
 
 
-def merge_flags(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
-    """``--inner-steps``, ``--meta-batch`` and ``--amp`` into the ``--set`` settings (the same key twice must agree)."""
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """``--data-root`` and ``--download``: where a real-data preset (omniglot) reads its tasks (every command)."""
+    p.add_argument("--data-root", default=None, type=nonempty, metavar="DIR",
+                   help="dataset root of a real-data preset (omniglot; the same as --set task.data_root=DIR)")
+    p.add_argument("--download", action="store_true", help="download the dataset into --data-root (torchvision)")
+
+
+def merge_flags(args: argparse.Namespace, settings: dict[str, Any], preset: str) -> dict[str, Any]:
+    """``--inner-steps``, ``--meta-batch``, ``--amp``, ``--data-root`` and ``--download`` into the ``--set``
+    settings (the same key twice must agree), and the one data rule: a preset that reads its tasks from disk
+    (omniglot) needs a data root, every other preset takes none."""
     out = dict(settings)
     flags = {"inner_steps": args.inner_steps, "meta_batch": args.meta_batch,
-             "amp": None if getattr(args, "amp", "off") == "off" else args.amp}
+             "amp": None if getattr(args, "amp", "off") == "off" else args.amp,
+             "task.data_root": getattr(args, "data_root", None),
+             "task.download": getattr(args, "download", None) or None}
     for name, value in flags.items():
         if value is None:
             continue
+        flag = {"task.data_root": "--data-root", "task.download": "--download"}.get(name, f"--{name.replace('_', '-')}")
         if name in out and out[name] != value:
-            raise UsageError(f"--{name.replace('_', '-')} {value} contradicts --set {name}={out[name]}")
+            raise UsageError(f"{flag} {value} contradicts --set {name}={out[name]}")
         out[name] = value
+    check_data_root(preset, out)
     return out
+
+
+def check_data_root(preset: str, settings: dict[str, Any]) -> None:
+    """A real-data preset without a data root, a data root for a preset that generates its tasks, or
+    ``--download`` without a folder to download into: a UsageError before anything is written."""
+    given = [k for k in DATA_SETTINGS if settings.get(k) not in (None, False)]
+    if reads_real_data(get_preset(preset)):
+        if "task.data_root" not in given:
+            raise UsageError(f"preset {preset!r} reads real data: pass --data-root DIR (and --download to fetch it)")
+    elif given:
+        raise UsageError(f"--data-root/--download are for real-data presets; preset {preset!r} generates its tasks")
+    if "task.download" in given and "task.data_root" not in given:
+        raise UsageError("--download needs --data-root DIR to download into")
 
 
 def matrix_options(args: argparse.Namespace, *, multi_amp: bool) -> MatrixOptions:
@@ -220,10 +248,8 @@ def matrix_options(args: argparse.Namespace, *, multi_amp: bool) -> MatrixOption
     preset = args.preset if args.preset is not None else DEFAULT_PRESET[device]
     user = user_specs(args)
     settings = merge_flags(args, parse_settings(args.set, preset, allow_huge=args.allow_huge, model=user.model,
-                                                tasks=user.tasks))
+                                                tasks=user.tasks), preset)
     amps = parse_amps(settings.pop("amp", "off"), device)
-    if "ranks" in settings:  # every rank needs a task: 1..meta-batch
-        settings["ranks"] = check_ranks(settings["ranks"], int(settings.get("meta_batch", get_preset(preset).meta_batch)))
     if len(amps) > 1 and not multi_amp:
         raise UsageError(f"--amp takes one precision here, got {args.amp!r} (bench takes a list)")
     for amp in amps:  # the run-spec rules (dtype, precision, sizes) exactly as the cells will apply them
@@ -237,10 +263,16 @@ def matrix_options(args: argparse.Namespace, *, multi_amp: bool) -> MatrixOption
     return MatrixOptions(device, preset, settings, amps, opts, user)
 
 
-def resolve_run(text: str, out: Path = DEFAULT_OUT, *, file: bool = False) -> Path:
+def resolve_run(text: str, out: Path | None = None, *, file: bool = False) -> Path:
     """A run directory (``results/<run-id>``, or its ``cells.jsonl``), or a bare run-id under ``out``.  With
     ``file``, a ``.jsonl`` path is that file exactly (``compare`` reads the files it is given); without, its folder."""
     p = Path(text)
-    if p.is_dir() or p.suffix == ".jsonl" or len(p.parts) > 1:
+    if names_a_path(text):
         return p.parent if p.suffix == ".jsonl" and not file else p
     return check_run_id(out, text, flag="run")
+
+
+def names_a_path(text: str) -> bool:
+    """Whether a ``RUN`` argument is a path (an existing folder, a ``.jsonl`` or several parts), not a run-id."""
+    p = Path(text)
+    return p.is_dir() or p.suffix == ".jsonl" or len(p.parts) > 1

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import torch
 
-from harness.cli.args import DEFAULT_OUT, EXIT_FAILED, EXIT_OK, add_out_argument, check_out_dir, nonempty
+from harness.cli.args import EXIT_FAILED, EXIT_OK, add_out_argument, check_out_dir, nonempty, results_root
 from harness.core.config import AMP_MODES
 from harness.studies.seed.diagnose import ENGINE_TITLES, ENGINES, explanation, run_diagnosis
 from harness.settings import DEVICES, check_amp, check_device
@@ -37,14 +37,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     check_amp(args.amp, args.device, fp16_on_cpu=True)  # the CPU GradScaler lets CI exercise the fp16 path
-    check_out_dir(args.out)
+    check_out_dir(results_root(args.out))
     device = torch.device(args.device)
     argv = ["python -m harness diagnose", f"--device {args.device}"]
     if args.amp != "off":
         argv.append(f"--amp {args.amp}")
-    if args.out != DEFAULT_OUT:
+    if args.out is not None:
         argv.append(f"--out {args.out}")
-    done = run_diagnosis(device, args.amp, args.out, " ".join(argv))
+    done = run_diagnosis(device, args.amp, results_root(args.out), " ".join(argv))
     result, json_path, md_path = done.result.to_dict(), done.json_path, done.md_path
 
     width = max(len(v) for v in result["table"])

@@ -13,7 +13,8 @@ from pathlib import Path
 from harness.bench.measure import noise_warning
 from harness.bench.single import SingleRun, result_path, run_single
 from harness.cli.args import (EXIT_FAILED, EXIT_OK, UsageError, add_out_argument, add_spec_arguments, check_numbers,
-                              check_out_dir, check_user_code, default_device, merge_flags, user_specs)
+                              check_out_dir, check_user_code, default_device, merge_flags, results_root,
+                              user_specs)
 from harness.settings import CellSettings, parse_settings, split_settings
 from harness.loop.spec import RunSpec
 from harness.settings import check_device
@@ -40,7 +41,7 @@ def spec_from_args(args: argparse.Namespace) -> tuple[RunSpec, CellSettings]:
     preset = args.preset if args.preset is not None else "quick"
     user = user_specs(args)
     parts = split_settings(merge_flags(args, parse_settings(args.set, preset, allow_huge=args.allow_huge,
-                                                            model=user.model, tasks=user.tasks)))
+                                                            model=user.model, tasks=user.tasks), preset))
     if parts.launch:
         raise UsageError("--set ranks is for bench and sweep; run one cell data-parallel with "
                          "python -m torch.distributed.run --nproc-per-node N -m harness run ...")
@@ -58,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--memory-snapshot needs CUDA (it records the CUDA allocator history); "
                              f"this run is on {spec.device}")
         check_out_dir(snapshot.parent, flag="--memory-snapshot")
-    check_out_dir(result_path(args.out, spec).parent)
-    res = run_single(spec, args.out, settings=settings, snapshot=snapshot)
+    check_out_dir(result_path(results_root(args.out), spec).parent)
+    res = run_single(spec, results_root(args.out), settings=settings, snapshot=snapshot)
     if res.main and res.path is None:  # a rank failed: nothing was written
         print(f"error: {res.result['message']}", file=sys.stderr)
     elif res.main:

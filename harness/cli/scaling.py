@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from harness.cli.args import DEFAULT_OUT, EXIT_OK, add_out_argument, check_numbers, nonempty, run_dir
+from harness.cli.args import EXIT_OK, add_out_argument, check_numbers, nonempty, run_dir
 from harness.bench.scaling import RESULT_FILE, ScalingRequest, run_scaling
 
 __all__ = ["DEFAULT_RUN_ID", "command_line", "register", "request_from_args", "run"]
@@ -45,7 +45,7 @@ def command_line(req: ScalingRequest, args: argparse.Namespace) -> str:
     """The command line that reproduces the measurement (every option spelled out)."""
     parts = ["python -m harness scaling", f"--ranks {req.ranks}", f"--pairs {req.pairs}", f"--variant {req.variant}",
              f"--preset {req.preset}", f"--meta-batch {req.meta_batch}", f"--meta-steps {req.meta_steps}"]
-    if args.out != DEFAULT_OUT:
+    if args.out is not None:
         parts.append(f"--out {args.out}")
     return " ".join(parts + [f"--run-id {args.run_id}"])
 

@@ -20,10 +20,14 @@ fp16: the GradScaler's non-finite count travels in the same bucket, so every ran
 same steps and keeps the same scale.  A rank that raises inside a meta-step joins the next
 reduction with an error flag instead of dying, so every rank raises :class:`RankFailed`
 naming it at once (no hang); a rank that dies outright is caught by torchrun's agent or,
-at the latest, by the collective timeout (``HARNESS_DIST_TIMEOUT_S``, default 300 s).
+at the latest, by the collective timeout (``HARNESS_DIST_TIMEOUT_S``, default 300 s).  Ranks started
+with different settings (another ``--seed`` on one) compare a hash of their resolved configuration
+before the first collective and all exit with one line naming the differing setting (exit 2).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import statistics
 import sys
@@ -40,7 +44,8 @@ from torch import nn
 from harness.core.config import ConfigError
 from harness.settings import DIST_TIMEOUT_ENV, env_number
 
-__all__ = ["DataParallel", "RankFailed", "launched", "session", "current", "check_ranks", "launcher",
+__all__ = ["DataParallel", "RankFailed", "launched", "session", "current", "check_ranks", "check_same_config",
+           "config_digest", "launcher",
            "single_process_summary", "BUCKET_BYTES", "TIMEOUT_ENV", "FAULT_ENV"]
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -186,13 +191,38 @@ def single_process_summary(memory: dict[str, Any], key: str = "cpu_peak_alloc_mi
 
 
 
+def config_digest(config: dict[str, Any]) -> str:
+    """A rank's resolved configuration as one hash (canonical JSON: key order and tuples do not matter)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_same_config(group: DataParallel, config: dict[str, Any]) -> None:
+    """Every rank's ``config`` hashed and the hashes gathered, the first collective of a run; when they differ
+    the configurations are gathered too and every rank raises the same ConfigError naming the settings that
+    differ and each rank's value (``seed (rank 0: 0, rank 1: 1)``), instead of a collective failing later
+    with an error that does not say why."""
+    digests = group.gather(config_digest(config))
+    if len(set(digests)) == 1:
+        return
+    configs = group.gather(json.loads(json.dumps(config, default=str)))
+    keys = sorted({k for c in configs for k in c})
+    differ = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
+    named = "; ".join(f"{k} (" + ", ".join(f"rank {r}: {c.get(k, '(unset)')}" for r, c in enumerate(configs)) + ")"
+                      for k in differ)
+    raise ConfigError(f"the {group.world} ranks were started with different settings: {named}; "
+                      "start every rank with the same command line")
+
+
 @contextmanager
-def session(device: str, meta_batch: int | None = None) -> Iterator[DataParallel | None]:
+def session(device: str, meta_batch: int | None = None,
+            config: dict[str, Any] | None = None) -> Iterator[DataParallel | None]:
     """Under torchrun: init the process group (gloo on CPU, NCCL on CUDA, with the collective timeout),
     make it :func:`current` and tear it down after; otherwise yield None and do nothing.
 
     ``meta_batch``: check that every rank gets a task first (a ConfigError on every rank, before any
-    collective, so no rank waits for one that has already left).
+    collective, so no rank waits for one that has already left).  ``config``: the rank's resolved
+    configuration (settings, variant, seed, ...), compared across ranks before anything else
+    (:func:`check_same_config`; a ConfigError naming the differing settings on every rank).
     """
     global _CURRENT
     if not launched():
@@ -207,6 +237,8 @@ def session(device: str, meta_batch: int | None = None) -> Iterator[DataParallel
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
     _CURRENT = DataParallel(dist.get_rank(), dist.get_world_size(), backend)
     try:
+        if config is not None:
+            check_same_config(_CURRENT, config)
         yield _CURRENT
     finally:
         _CURRENT = None

@@ -36,7 +36,7 @@ from typing import Callable, NamedTuple
 import pandas as pd
 
 from harness.core.config import ConfigError
-from harness.reporting.files import read_cells, read_row, write_text_atomic
+from harness.reporting.files import read_cells, read_row, write_atomic
 from harness.reporting.frame import cells_frame, num
 from harness.reporting.render import fmt, fmt_ratio, markdown_rows, markdown_table, paired_text
 from harness.reporting.schema import DiagnosisResult, ResultsError, ScalingResult
@@ -268,7 +268,7 @@ def update(root: Path, files: list[Path] | None = None) -> list[Path]:
     new = {path: rewrite(text, path, root) for path, text in texts.items()}
     changed = [path for path in texts if new[path] != texts[path]]
     for path in changed:
-        write_text_atomic(path, new[path])
+        write_atomic(path, new[path])
     return changed
 
 

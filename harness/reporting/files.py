@@ -1,24 +1,26 @@
 """Reading and writing result files: every result goes through a row type of :mod:`harness.reporting.schema`.
 
 Writers validate a :class:`~harness.reporting.schema.Row` before writing it (a row of the wrong shape is a
-bug: it raises) and write atomically (temporary file, then ``os.replace``): an interrupted run leaves no
-half file.  JSON has no NaN/inf, so they are stored as ``"nan"``/``"inf"``.  Readers return the row type,
-validated: a file that is missing, truncated, not JSON, of another schema or malformed is a
-:class:`~harness.reporting.schema.ResultsError` naming the file (and the line of a ``.jsonl``), exit 2.
+bug: it raises).  :func:`write_atomic` is the one writer of every file the harness writes (rows, tables,
+plots, claims): a temporary file, then ``os.replace`` -- an interrupted run leaves no half file, and a
+symlink planted where a file goes is replaced, never written through.  JSON has no NaN/inf, so they are
+stored as ``"nan"``/``"inf"``.  Readers return the row type, validated: a file that is missing, truncated,
+not JSON, of another schema or malformed is a :class:`~harness.reporting.schema.ResultsError` naming the file (and the line of a ``.jsonl``), exit 2.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import tempfile
+import secrets
+from contextlib import suppress
 from pathlib import Path
-from typing import Any, Iterable, TypeVar
+from typing import Any, BinaryIO, Callable, Iterable, TypeVar
 
 from harness.reporting.schema import CellRow, ResultsError, Row
 
 __all__ = ["by_identity", "cells_path", "load_rows", "read_cells", "read_row", "write_cells", "write_json", "write_jsonl",
-           "write_text_atomic"]
+           "write_atomic", "write_figure"]
 
 R = TypeVar("R", bound=Row)
 
@@ -34,21 +36,47 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
+def write_atomic(path: Path, content: str | bytes | Callable[[BinaryIO], Any], *, dir_fd: int | None = None) -> Path:
+    """The one way the harness writes a file: ``content`` (text, bytes, or a function writing to a binary file,
+    e.g. a figure's ``savefig``: :func:`write_figure`) into a fresh temporary file beside ``path`` (``O_EXCL``,
+    no link followed), then ``os.replace`` onto ``path``.  The rename replaces whatever is at ``path`` -- a
+    symlink too -- instead of writing through it, and an interrupted write leaves no half file.
+
+    ``dir_fd``: an open folder ``path`` is relative to (its name only; the folder was opened without following
+    a link, as the claims folder is); otherwise ``path``'s folder is created if missing."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if dir_fd is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    else:
+        folder = dir_fd
+    tmp = f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=folder)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                if isinstance(content, str):
+                    fh.write(content.encode())
+                elif isinstance(content, bytes):
+                    fh.write(content)
+                else:
+                    content(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path.name, src_dir_fd=folder, dst_dir_fd=folder)
+        except BaseException:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=folder)
+            raise
+    finally:
+        if dir_fd is None:
+            os.close(folder)
     return path
+
+
+def write_figure(path: Path, fig: Any, *, dpi: int = 110) -> Path:
+    """A matplotlib figure saved by :func:`write_atomic` (format from the suffix: ``.png``)."""
+    return write_atomic(path, lambda fh: fig.savefig(fh, format=Path(path).suffix.lstrip(".") or "png", dpi=dpi))
 
 
 def _plain(obj: Any) -> Any:
@@ -62,12 +90,12 @@ def _plain(obj: Any) -> Any:
 
 def write_json(path: Path, obj: Any) -> Path:
     """One JSON document (a :class:`Row` or plain data), atomically."""
-    return write_text_atomic(path, json.dumps(_clean(_plain(obj)), indent=2, sort_keys=False) + "\n")
+    return write_atomic(path, json.dumps(_clean(_plain(obj)), indent=2, sort_keys=False) + "\n")
 
 
 def write_jsonl(path: Path, rows: Iterable[Any]) -> Path:
     """One JSON line per row (rows or plain data), atomically."""
-    return write_text_atomic(path, "".join(json.dumps(_clean(_plain(r))) + "\n" for r in rows))
+    return write_atomic(path, "".join(json.dumps(_clean(_plain(r))) + "\n" for r in rows))
 
 
 def write_cells(path: Path, rows: Iterable[CellRow | dict[str, Any]]) -> Path:

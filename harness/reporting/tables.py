@@ -21,7 +21,7 @@ from harness.reporting.frame import (AMP_ORDER, FP32_KEYS, PAIRED_COLUMNS, cells
                                     num)
 from harness.reporting.plots import make_plots, plots_dir_for
 from harness.reporting.render import fmt, fmt_ratio, markdown_rows, markdown_table
-from harness.reporting.files import by_identity, read_cells, write_text_atomic
+from harness.reporting.files import by_identity, read_cells, write_atomic
 
 COLUMNS = ["variant", "preset", "device", "dtype", "settings", "status", "mem_mib", "mem_figure", "mem_vs_maml",
            "time_median_ms", "time_iqr_ms", "time_min_ms", "time_count", "time_vs_maml",
@@ -190,8 +190,8 @@ def build(run_dir: Path, *, plots: bool = True, plots_dir: Path | None = None) -
     frame = cells_frame(rows)
     flat = frame.to_dict("records")
     title = run_dir.name
-    csv_path = write_text_atomic(run_dir / "summary.csv", summary_csv(frame))
-    md_path = write_text_atomic(run_dir / "table.md", table_md(frame, title))
+    csv_path = write_atomic(run_dir / "summary.csv", summary_csv(frame))
+    md_path = write_atomic(run_dir / "table.md", table_md(frame, title))
     sweep = next((r.sweep_param for r in rows if r.sweep_param), None)
     settings = [r.settings for r in rows]
     pngs = make_plots(flat, settings, sweep, plots_dir or plots_dir_for(run_dir), title) if plots else []

@@ -16,7 +16,8 @@ folder is added to ``sys.path`` after the rest, as running the file would allow 
 * ``--ckpt``: ``fnmatch`` patterns over qualified submodule names (``layers.*``) that the engine checkpoints
   under a ``layer_ckpt`` variant (``MetaConfig.ckpt_modules``).
 
-:func:`check_setup` is what the commands run before anything is written: it builds the model on the CPU,
+:func:`check_setup` is what the commands run before anything is written (for the preset's own model too
+when ``--set`` gives it or its tasks keywords): it builds the model on the CPU,
 samples one task and runs the model's forward and the loss on its support set once (``torch.no_grad``, every
 checkpoint a plain call), and matches the ``--ckpt`` patterns; every failure is one line naming the problem.
 Errors raised by the user's code are :class:`UserCodeError` (a cell records it as ``error``, not as a
@@ -32,6 +33,7 @@ import inspect
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, NamedTuple
@@ -45,7 +47,8 @@ from harness.core.config import ConfigError, Task
 from harness.core.recompute import plain_checkpoints
 
 __all__ = ["SPEC_FORM", "UserCodeError", "UserSpecs", "UserTasks", "build_model", "check_setup", "default_loss",
-           "make_model", "make_tasks", "model_keywords", "normalize_spec", "one_line", "resolve", "spec_name",
+           "make_model", "make_tasks", "model_keywords", "normalize_spec", "one_line", "reads_real_data", "resolve",
+           "spec_name",
            "takes_any_keyword"]
 
 SPEC_FORM = "pkg.module:NAME or path/to/file.py:NAME"
@@ -259,7 +262,8 @@ def _check_fit(model: nn.Module, family: Any, dtype: torch.dtype, label: str) ->
         model = model.to("cpu", dtype)
     except Exception as exc:  # noqa: BLE001
         raise UserCodeError(f"{label}: moving the model to the CPU in {dtype} failed: {one_line(exc)}") from None
-    with torch.no_grad(), plain_checkpoints():
+    with torch.no_grad(), plain_checkpoints(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the one line is the error; the run itself warns as usual
         try:
             out = model(x)
         except Exception as exc:  # noqa: BLE001 -- shapes that do not fit, one line
@@ -273,12 +277,36 @@ def _check_fit(model: nn.Module, family: Any, dtype: torch.dtype, label: str) ->
                                 f"{list(y.shape)}, {y.dtype}) failed: {one_line(exc)}") from None
 
 
+def reads_real_data(preset: Any) -> bool:
+    """Whether the preset's tasks come from a data set on disk (their sampler takes ``data_root``: omniglot)."""
+    return "data_root" in inspect.signature(preset.make_task).parameters
+
+
+def _keywords_label(preset: Any, model_kwargs: dict[str, Any], task_kwargs: dict[str, Any]) -> str:
+    given = [f"model.{k}={v}" for k, v in model_kwargs.items()] + [f"task.{k}={v}" for k, v in task_kwargs.items()]
+    return f"preset {preset.name!r} with --set {', '.join(given)}"
+
+
+def _preset_model(preset: Any, model_kwargs: dict[str, Any], label: str) -> nn.Module:
+    try:
+        return preset.model(**model_kwargs)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- a keyword value the model cannot take, one line
+        raise ConfigError(f"{label}: building the model failed: {one_line(exc)}") from None
+
+
 def check_setup(preset: Any, specs: UserSpecs, *, model_kwargs: dict[str, Any] | None = None,
                 task_kwargs: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32) -> None:
-    """Everything about ``specs`` a run would find out only in its cells, found out now (see the docstring).
+    """Everything about ``specs`` a run would find out only in its cells, found out now (see the docstring);
+    without ``specs``, the preset's model and tasks with the ``--set`` model and task keywords get the same fit
+    check (``model.in_dim=5`` against tokens of 8 features: one line naming the keywords and the shapes),
+    except for a preset that reads its tasks from disk (:func:`reads_real_data`).
 
     The global RNG is left as found; nothing is written."""
-    if not specs.given:
+    model_kwargs, task_kwargs = dict(model_kwargs or {}), dict(task_kwargs or {})
+    keywords = bool(model_kwargs or task_kwargs) and not reads_real_data(preset)
+    if not specs.given and not keywords:
         return
     with torch.random.fork_rng(devices=[]):
         if specs.model or specs.tasks:
@@ -287,7 +315,11 @@ def check_setup(preset: Any, specs: UserSpecs, *, model_kwargs: dict[str, Any] |
             label = " on ".join([f"--model {specs.model}" if specs.model else f"preset {preset.name!r}'s model",
                                  f"--tasks {specs.tasks}" if specs.tasks else f"preset {preset.name!r}'s tasks"])
             _check_fit(model, family, dtype, label)
+        elif keywords:
+            label = _keywords_label(preset, model_kwargs, task_kwargs)
+            model = _preset_model(preset, model_kwargs, label)
+            _check_fit(model, make_tasks(preset, None, task_kwargs), dtype, label)
         else:
-            model = _names_only(preset, dict(model_kwargs or {}))
+            model = _names_only(preset, model_kwargs)
         if specs.ckpt:
             matching_modules(model, tuple(specs.ckpt))

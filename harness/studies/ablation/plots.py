@@ -15,6 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from harness.reporting.files import write_figure  # noqa: E402
+
 __all__ = ["band", "plot_curves", "smooth"]
 
 
@@ -78,10 +80,7 @@ def plot_curves(summary: dict[str, Any], plots: Path) -> list[Path]:
     axes[-1].legend(fontsize=8, title="dashed: checkpointed (verified seeds)", title_fontsize=8)
     fig.suptitle(f"{summary['run_id']}: preset {summary['config']['preset']}")
     fig.tight_layout()
-    path = Path(plots) / "learning_curves.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".learning_curves.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return [path]
+    try:
+        return [write_figure(Path(plots) / "learning_curves.png", fig)]
+    finally:
+        plt.close(fig)

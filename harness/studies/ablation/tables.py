@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from harness.reporting.files import write_json, write_text_atomic
+from harness.reporting.files import write_json, write_atomic
 from harness.reporting.render import fmt, markdown_table
 from harness.reporting.schema import AblationSummary
 from harness.studies.ablation.plots import plot_curves
@@ -150,11 +150,11 @@ def write_report(row: AblationSummary, out: Path, plots: Path) -> None:
     """ablation.csv, effects.csv, checks.csv, table.md, summary.json (the row, without its curves) and the
     learning-curve plot."""
     summary = row.to_dict()
-    write_text_atomic(out / "ablation.csv", pd.DataFrame(summary["rows"]).to_csv(index=False))
-    write_text_atomic(out / "effects.csv", pd.DataFrame(summary["effects"]).to_csv(index=False))
+    write_atomic(out / "ablation.csv", pd.DataFrame(summary["rows"]).to_csv(index=False))
+    write_atomic(out / "effects.csv", pd.DataFrame(summary["effects"]).to_csv(index=False))
     checks = pd.DataFrame(summary["checks"], columns=["variant", "counterpart", "seeds_checked", "seeds_total",
                                                       "diverged_seeds", "max_abs_diff", "identical"])
-    write_text_atomic(out / "checks.csv", checks.to_csv(index=False))
+    write_atomic(out / "checks.csv", checks.to_csv(index=False))
     plot_paths = plot_curves(summary, plots)
-    write_text_atomic(out / "table.md", "\n".join(_header(summary, out, plot_paths)))
+    write_atomic(out / "table.md", "\n".join(_header(summary, out, plot_paths)))
     write_json(out / "summary.json", replace(row, curves=None))

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from harness.reporting.files import write_json, write_text_atomic
+from harness.reporting.files import write_json, write_atomic
 from harness.reporting.provenance import environment
 from harness.reporting.schema import SCHEMA_VERSION, DiagnosisResult
 from harness.studies.seed.probes import run_probes
@@ -57,5 +57,5 @@ def run_diagnosis(device: torch.device, amp: str, out: Path, command: str) -> Di
                                         "env": environment(device)}, "diagnosis result")
     stem = "diagnosis" if amp == "off" else f"diagnosis-{amp}"
     json_path = write_json(out / f"{stem}.json", result)
-    md_path = write_text_atomic(out / f"{stem}.md", markdown(result.to_dict()))
+    md_path = write_atomic(out / f"{stem}.md", markdown(result.to_dict()))
     return Diagnosis(result, json_path, md_path)
