@@ -35,7 +35,7 @@ from harness.cli.main import build_parser, main
 from harness.core.config import ConfigError
 from harness.loop import distributed
 from harness.reporting.files import write_atomic
-from harness.reporting.plots import plots_dir_for, plots_root
+from harness.reporting.paths import plots_dir_for, plots_root
 from harness.reporting.schema import ResultsError
 from harness.settings import CPU_MEM_CAP_ENV, DIST_TIMEOUT_ENV
 from tests.conftest import harness

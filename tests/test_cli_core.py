@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from harness.variants import CANONICAL
-from tests.conftest import harness
+from tests.conftest import REPO, harness
 
 
 def test_list_shows_the_eight_variants_with_their_flags() -> None:
@@ -84,3 +87,23 @@ def test_a_diverging_run_is_recorded_as_diverged(tmp_path: Path) -> None:
         assert main(["run", "--variant", "maml", "--device", "cpu", "--meta-steps", "3", "--out", str(tmp_path)]) == 1
     result = json.loads(next(tmp_path.glob("runs/*.json")).read_text())
     assert result["status"] == "diverged" and "nan" in result["message"]
+
+
+LIGHT_COMMANDS = [["list"], ["run", "--variant", "nosuch"], ["run", "--preset", "nosuch"],
+                  ["run", "--variant", "maml", "--set", "width=abc"], ["nosuch"], []]
+
+
+def test_list_and_a_bad_run_load_neither_pandas_nor_matplotlib_nor_scipy_stats() -> None:
+    """Lazy command registration (``cli/main.py``): ``list`` and ``run``'s bad-input exits import only their own
+    command's module, so none of the tables' and plots' libraries.  One fresh interpreter runs each in turn."""
+    script = ("import contextlib, io, sys\nfrom harness.cli.main import main\nheavy = ('pandas', 'matplotlib', 'scipy.stats')\n"
+              f"for argv in {LIGHT_COMMANDS!r}:\n"
+              "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+              "        code = main(argv)\n"
+              "    print(argv, code, [m for m in heavy if m in sys.modules])\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == len(LIGHT_COMMANDS), r.stdout
+    assert lines[0] == "['list'] 0 []" and all(line.endswith(" 2 []") for line in lines[1:]), r.stdout

@@ -22,7 +22,7 @@ from harness.core.config import AMP_MODES, ConfigError
 from harness.settings import (ACCEPTED, DATA_SETTINGS, CellSettings, check_folder_name, check_int, check_seconds,
                               dedupe, parse_amps, parse_settings, split_settings)
 from harness.loop.spec import RunSpec
-from harness.reporting.plots import DEFAULT_RESULTS_ROOT, plots_root, results_root
+from harness.reporting.paths import DEFAULT_RESULTS_ROOT, plots_root, results_root
 from harness.settings import DEVICES, DTYPES, check_device
 from harness.zoo.presets import DEFAULT_PRESET, get_preset
 from harness.zoo.user import SPEC_FORM, UserSpecs, check_setup, normalize_spec, reads_real_data

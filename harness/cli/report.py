@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from harness.cli.args import add_out_argument, check_out_dir, names_a_path, nonempty, plots_root, resolve_run
-from harness.reporting.plots import plots_dir_for
+from harness.reporting.paths import plots_dir_for
 from harness.reporting.tables import build
 
 __all__ = ["register", "run"]

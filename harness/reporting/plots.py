@@ -19,32 +19,10 @@ from matplotlib.transforms import blended_transform_factory  # noqa: E402
 from harness.reporting.files import write_figure  # noqa: E402
 from harness.reporting.frame import AMP_ORDER, computation_key  # noqa: E402
 
-DEFAULT_RESULTS_ROOT = Path("results")  # the commands' results root without --out (relative to the current directory)
-DEFAULT_PLOTS_ROOT = Path("plots")  # ... and its plots, beside it: the repository's results/ + plots/ pair
 PEER_COLORS = {None: "tab:blue", "higher": "tab:orange", "torchopt": "tab:green"}
 ERROR_FLOOR = 1e-18  # exact agreement (0) drawn at this height on the log axis
 TIME_LABEL = "meta-step time, median (ms)"
 Save = Callable[[Any, str], None]
-
-
-def results_root(out: Path | None) -> Path:
-    """The results root of a command: ``--out DIR`` as given (``out``), or the default ``results/`` (``None``)."""
-    return DEFAULT_RESULTS_ROOT if out is None else Path(out)
-
-
-def plots_root(out: Path | None) -> Path:
-    """Where a command's plots go, from whether ``--out`` was given (the parser's ``None`` when it was not):
-    without it ``plots/``, beside the default ``results/`` (the repository's pair); with ``--out DIR``,
-    ``DIR/plots/``, so that a run's results and figures stay in the folder named."""
-    return DEFAULT_PLOTS_ROOT if out is None else Path(out) / "plots"
-
-
-def plots_dir_for(run_dir: Path) -> Path:
-    """The plots of a run folder named by its path (``report RUN``): ``results/<run-id>`` -> ``plots/<run-id>``
-    when its folder is the default results root, ``DIR/<run-id>`` -> ``DIR/plots/<run-id>`` otherwise."""
-    run_dir = Path(run_dir)
-    default = run_dir.parent.absolute() == DEFAULT_RESULTS_ROOT.absolute()
-    return plots_root(None if default else run_dir.parent) / run_dir.name
 
 
 def make_plots(flat: list[dict[str, Any]], settings: list[dict[str, Any]], sweep: str | None, out: Path,
@@ -243,6 +221,5 @@ def precision_plot(flat: list[dict[str, Any]], title: str, save: Save, fig_name:
     save(fig, "precision.png")
 
 
-__all__ = ["DEFAULT_PLOTS_ROOT", "DEFAULT_RESULTS_ROOT", "results_root",
-           "PEER_COLORS", "plots_dir_for", "plots_root", "make_plots", "variant_plots", "pareto_plot", "sweep_plots",
+__all__ = ["PEER_COLORS", "make_plots", "variant_plots", "pareto_plot", "sweep_plots",
            "peers_plot", "precision_plot"]

@@ -19,7 +19,8 @@ import pandas as pd
 
 from harness.reporting.frame import (AMP_ORDER, FP32_KEYS, PAIRED_COLUMNS, cells_frame, computation_key, flatten,
                                     num)
-from harness.reporting.plots import make_plots, plots_dir_for
+from harness.reporting.plots import make_plots
+from harness.reporting.paths import plots_dir_for
 from harness.reporting.render import fmt, fmt_ratio, markdown_rows, markdown_table
 from harness.reporting.files import by_identity, read_cells, write_atomic
 
