@@ -14,8 +14,8 @@ starts from the same allocator state.  What keeps no process or temp folder behi
   (:func:`die_with_parent`).  It checks the parent pid right after arming, so a driver that died while the
   child was still importing torch is caught too.
 * **Everything a cell starts** (torchrun's agent and its ranks) -- the direct child is started by
-  :func:`start_child`: its own session, and ``PR_SET_PDEATHSIG`` armed between fork and exec
-  (:func:`arm_parent_death_signal`), so even a program that is not ours (torchrun) gets SIGTERM when the
+  :func:`child_group`: its own session, and ``PR_SET_PDEATHSIG`` armed before it execs
+  (:mod:`harness.bench.deathsig`), so even a program that is not ours (torchrun) gets SIGTERM when the
   driver dies; torchrun then stops its ranks (their handlers remove the cell's folder), and the run's temp
   folder, where all of it lives, goes with the driver (:mod:`harness.bench.run_temp`).
 * **A signal from outside kills the child** -- the row says ``killed`` with the signal's name (a user, or
@@ -25,8 +25,6 @@ Try it: ``python -m harness bench --variants maml --run-id t`` and press Ctrl-C,
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import os
 import signal
@@ -44,21 +42,19 @@ import torch
 
 from harness.loop import distributed
 from harness.bench.cells import Cell, MeasureOptions, base_row
+from harness.bench.deathsig import LINUX, STOP_SIGNALS, arm_parent_death_signal, guarded
 from harness.reporting.provenance import environment
 
 __all__ = ["CellExecutor", "LocalExecutor", "Interrupted", "signals_as_interrupts", "measure_cell_isolated",
            "user_code_paths",
-           "die_with_parent", "arm_parent_death_signal", "LINUX", "start_child", "stop_group", "exit_status", "cell_environment", "PARENT_ENV", "CHILD_MODULE", "TEMP_PREFIX"]
+           "die_with_parent", "child_group", "stop_group", "exit_status", "cell_environment", "PARENT_ENV", "CHILD_MODULE", "TEMP_PREFIX"]
 
 REPO = Path(__file__).resolve().parents[2]
 CHILD_MODULE = "harness.bench.child"  # python -m harness.bench.child CELL.json OPTS.json ROW.json
 PARENT_ENV = "HARNESS_CELL_PARENT"  # the driver's pid, as the child expects to see it
 TEMP_PREFIX = "harness-cell-"
-PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 5.0  # a stopped cell's group gets SIGTERM, then SIGKILL after this
 OOM_MARKERS = ("MemoryError", "bad_alloc", "can't allocate memory", "OutOfMemoryError")
-LINUX = sys.platform.startswith("linux")
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if LINUX else None  # loaded before any fork
 
 
 class CellExecutor(Protocol):
@@ -102,19 +98,24 @@ def signals_as_interrupts(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIG
             signal.signal(s, handler)
 
 
-def arm_parent_death_signal(signum: int = signal.SIGTERM) -> None:
-    """Linux: the kernel sends ``signum`` to this process when its parent (the thread that started it) dies.
-
-    Safe between fork and exec (``preexec_fn``): one call into the libc loaded at import; it survives exec."""
-    if _LIBC.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-
-
-def start_child(cmd: list[str], **popen_kwargs: Any) -> subprocess.Popen:
-    """``cmd`` in its own session (a kill of its group ends all it starts) that dies with this process
-    (:func:`arm_parent_death_signal` before exec, on Linux) -- for children that are not ours too (torchrun)."""
-    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=arm_parent_death_signal if LINUX else None,
-                            **popen_kwargs)
+@contextmanager
+def child_group(cmd: list[str], **popen_kwargs: Any) -> Iterator[subprocess.Popen]:
+    """``cmd`` in its own session (a stop of its group ends all it starts), dying with this process
+    (:func:`harness.bench.deathsig.guarded`: torchrun too); any exception in the block (a stop, a time-out)
+    stops the group first (:func:`stop_group`).  The stop signals wait while it starts, so none comes between
+    the fork and this block knowing the child."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        proc = subprocess.Popen(guarded(cmd), start_new_session=True, **popen_kwargs)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        raise
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a stop that came meanwhile is raised here
+        yield proc
+    except BaseException:
+        stop_group(proc)
+        raise
 
 
 def _signal_group(pgid: int, signum: int) -> None:
@@ -125,7 +126,7 @@ def _signal_group(pgid: int, signum: int) -> None:
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
-    """End the process group ``proc`` leads (:func:`start_child`) and reap ``proc``: SIGTERM first, so that
+    """End the process group ``proc`` leads (:func:`child_group`) and reap ``proc``: SIGTERM first, so that
     torchrun's agent stops its ranks (they run in sessions of their own, out of reach of a kill of its group),
     then SIGKILL, after ``grace_s`` at most, to whatever of the group is left."""
     _signal_group(proc.pid, signal.SIGTERM)
@@ -200,17 +201,15 @@ def measure_cell_isolated(cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
         cmd = distributed.launcher(ranks) + ["-m", CHILD_MODULE, str(tmpd / "cell.json"), str(tmpd / "opts.json"),
                                              str(out)]
         t0 = time.perf_counter()
-        with open(tmpd / "stderr.txt", "wb") as err:
-            # its own session (process group), so a kill also ends anything the cell started; dies with us
-            proc = start_child(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=cwd)
+        # its own session (process group), so a stop also ends anything the cell started; it dies with us, and
+        # a Ctrl-C / Interrupted stops it (child_group)
+        with open(tmpd / "stderr.txt", "wb") as err, \
+                child_group(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=cwd) as proc:
             try:
                 rc = proc.wait(timeout=opts.timeout_s)
             except subprocess.TimeoutExpired:
                 stop_group(proc)
                 return _finished_row(cell, "timeout", f"cell exceeded its time limit of {opts.timeout_s:g} s", t0)
-            except BaseException:  # KeyboardInterrupt / Interrupted: do not leave the child behind
-                stop_group(proc)
-                raise
         if rc == 0 and out.exists():
             return json.loads(out.read_text())
         tail = (tmpd / "stderr.txt").read_text(errors="replace").strip().splitlines()[-3:]

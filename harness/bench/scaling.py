@@ -13,7 +13,7 @@ the time to sample one meta-batch, provenance).  The command is :mod:`harness.cl
 
 Stopping it (SIGINT, SIGTERM, SIGHUP: exit 130, 143, 129) kills the running ``harness run`` and all it started
 (its own process group: both torchrun ranks too) and removes its ``harness-scaling-*`` folder; a SIGKILLed
-driver takes the child with it (its parent-death signal, ``harness.bench.process.start_child``).
+driver takes the child with it (its parent-death signal, ``harness.bench.process.child_group``).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 from scipy import stats
 
-from harness.bench.process import stop_group, signals_as_interrupts, start_child
+from harness.bench.process import child_group, signals_as_interrupts
 from harness.loop import distributed
 from harness.core.config import ConfigError
 from harness.reporting.files import read_row, write_json
@@ -77,12 +77,9 @@ def launch(ranks: int, run_args: list[str], timeout_s: float = 900) -> dict[str,
     with tempfile.TemporaryDirectory(prefix="harness-scaling-") as tmp:
         cmd = distributed.launcher(ranks) + ["-m", "harness", "run", *run_args, "--out", tmp]
         with open(Path(tmp) / "stderr.txt", "w+") as err:
-            proc = start_child(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
-            try:
+            # a time-out, Ctrl-C, SIGTERM/SIGHUP: nothing it started keeps running (child_group)
+            with child_group(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True) as proc:
                 rc = proc.wait(timeout=timeout_s)
-            except BaseException:  # a time-out, Ctrl-C, SIGTERM/SIGHUP: nothing it started keeps running
-                stop_group(proc)
-                raise
             err.seek(0)
             if rc != 0:
                 raise RuntimeError(f"{' '.join(cmd)} exited {rc}: {err.read().strip()[-500:]}")

@@ -13,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-from harness.bench.process import LINUX, arm_parent_death_signal
+from harness.bench.deathsig import LINUX, arm_parent_death_signal
 from harness.bench.run_temp import run_temp_folder
 from harness.cli.args import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, UsageError
 from harness.core.config import ConfigError
