@@ -1,9 +1,10 @@
 """One temp folder per run, removed when the run ends: nothing of a run is left in the system's temp folder.
 
 ``python -m harness <command>`` runs inside :func:`run_temp_folder`: ``harness-run-<pid>-XXXX`` in the temp
-folder, with ``TMPDIR`` (and so Python's ``tempfile``, torchrun's ``torchelastic_*`` folder, every child's
-temp files: the cells' ``harness-cell-*``, scaling's ``harness-scaling-*``) and ``TORCHINDUCTOR_CACHE_DIR``
-(torch's compile cache, ``torchinductor_<user>`` otherwise) pointed inside it for this process and every child.
+folder, with ``TMPDIR`` pointed at it for this process and every child, and so Python's ``tempfile``: every
+child's temp files (the cells' ``harness-cell-*``, scaling's ``harness-scaling-*``), torchrun's
+``torchelastic_*`` folder and torch's compile cache (``torchinductor_<user>``, unless ``TORCHINDUCTOR_CACHE_DIR``
+names a folder of the user's) land inside it.
 Ray keeps its session folder where it was (``RAY_TMPDIR``: its sockets need a short path).
 
 What removes it:
@@ -34,7 +35,7 @@ __all__ = ["REAPER", "RUN_TEMP_PREFIX", "owner_pid", "pid_alive", "run_temp_fold
 
 RUN_TEMP_PREFIX = "harness-run-"
 _NAME = re.compile(rf"{re.escape(RUN_TEMP_PREFIX)}(\d+)-[^/]+")
-_POINTED = ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR", "RAY_TMPDIR")
+_POINTED = ("TMPDIR", "RAY_TMPDIR")
 # python -I -S -c REAPER FOLDER, stdin the read end of a pipe only the driver writes to
 REAPER = """
 import os, shutil, sys, time
@@ -106,8 +107,7 @@ def run_temp_folder() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix=f"{RUN_TEMP_PREFIX}{os.getpid()}-", dir=base))
     saved_env, saved_tempdir = {k: os.environ.get(k) for k in _POINTED}, tempfile.tempdir
     ray_tmp = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"  # where Ray put it before us
-    os.environ.update({"TMPDIR": str(path), "TORCHINDUCTOR_CACHE_DIR": str(path / "torchinductor"),
-                       "RAY_TMPDIR": ray_tmp})
+    os.environ.update({"TMPDIR": str(path), "RAY_TMPDIR": ray_tmp})
     tempfile.tempdir = str(path)
     reaper, pipe = _start_reaper(path)
     try:
