@@ -122,9 +122,10 @@ def cell_files(out: Path) -> dict[str, str]:
 def test_a_stopped_ablation_ends_its_workers_at_once_and_keeps_its_finished_cells(
         tmp_path: Path, sig: int, code: int) -> None:
     out = tmp_path / "out"
-    # 3 cells on 2 workers, ~10-40 s each (load): the third (and maybe the second) still trains when the first is written
+    # 3 cells on 2 workers, ~20-60 s each (load): the third still trains when the first is written, for longer
+    # than the promise (so a worker left running is seen)
     d = Driver(tmp_path, "ablate", "--preset", "sinusoid", "--variants", "maml", "--seeds", "3", "--verify-seeds", "2",
-               "--meta-steps", "200", "--eval-tasks", "2", "--jobs", "2", "--threads", "1", "--no-progress",
+               "--meta-steps", "600", "--eval-tasks", "2", "--jobs", "2", "--threads", "1", "--no-progress",
                "--out", str(out))
     d.wait_children(2, "two workers and a finished cell", extra=lambda: bool(cell_files(out)))
     finished = cell_files(out)
