@@ -55,8 +55,8 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None
         time.sleep(0.1)
 
 
-def descendants(pid: int) -> set[int]:
-    """The live processes below ``pid`` (from /proc)."""
+def child_map() -> dict[int, list[int]]:
+    """parent pid -> the pids of its children (from /proc)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -64,6 +64,19 @@ def descendants(pid: int) -> set[int]:
         except (OSError, IndexError, ValueError):
             continue
         children.setdefault(ppid, []).append(int(stat.parent.name))
+    return children
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def descendants(pid: int) -> set[int]:
+    """The live processes below ``pid`` (from /proc)."""
+    children = child_map()
     out, todo = set(), [pid]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -151,11 +164,24 @@ def test_a_stopped_scaling_run_ends_its_torchrun_ranks_and_removes_its_temp_fold
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("scaling.json"))
 
 
+def torchrun_ranks(d: Driver) -> list[int]:
+    """The ranks (the agent's direct children) of a torchrun agent below the driver, once both run."""
+    children = child_map()
+    for agent in d.children():
+        if "torch.distributed.run" in cmdline(agent):
+            return [r for r in children.get(agent, []) if pid_alive(r)]
+    return []
+
+
 def test_a_stopped_scaling_run_ends_both_torchrun_ranks(tmp_path: Path) -> None:
     d = Driver(tmp_path, "scaling", "--ranks", "2", "--pairs", "1", "--variant", "maml", "--preset", "sinusoid",
                "--meta-batch", "2", "--meta-steps", "40", "--out", str(tmp_path / "out"))
-    d.wait_children(3, "the torchrun agent and its two ranks")  # the 1-rank run has one process: this is torchrun
+    wait_for(lambda: len(torchrun_ranks(d)) == 2, APPEAR_S, "the torchrun agent and its two ranks")
+    ranks = torchrun_ranks(d)
     d.stop(signal.SIGTERM, 143)
+    # stopped by their agent before the driver exits (torchrun starts each in a session of its own: a kill of the
+    # agent's group does not reach them), not left to run on
+    assert not [r for r in ranks if pid_alive(r)], "the ranks outlived the driver"
     d.assert_nothing_left()
 
 
