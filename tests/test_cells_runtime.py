@@ -215,11 +215,11 @@ def test_stopping_a_bench_driver_leaves_no_process_and_no_temp_folder(tmp_path: 
                               text=True)
     wait_for(lambda: (tmp_path / "started").exists() and (tmp_path / "started").read_text())
     child = int((tmp_path / "started").read_text())
-    assert list((tmp_path / "tmp").glob("harness-cell-*"))  # the cell's temp folder exists while it runs
+    assert list((tmp_path / "tmp").rglob("harness-cell-*"))  # the cell's temp folder exists while it runs
     driver.send_signal(sig)
     assert driver.wait(timeout=60) == code, driver.stderr.read()
     wait_for(lambda: gone(child), timeout=30)  # SIGKILL: the child's death signal ended it
-    wait_for(lambda: not list((tmp_path / "tmp").glob("harness-cell-*")), timeout=30)
+    wait_for(lambda: not list((tmp_path / "tmp").iterdir()), timeout=30)
 
 
 def test_a_cell_killed_from_outside_is_killed_not_oom(tmp_path: Path, monkeypatch) -> None:

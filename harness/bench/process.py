@@ -3,8 +3,8 @@
 Why a process per cell: an out-of-memory, a crash or a hang cannot take the matrix down, and every cell
 starts from the same allocator state.  What keeps no process or temp folder behind:
 
-* **Timeout** -- the cell runs in its own session (process group); at ``timeout_s`` the whole group is
-  SIGKILLed and the row says ``timeout``.
+* **Timeout** -- the cell runs in its own session (process group); at ``timeout_s`` the whole group gets
+  SIGTERM, then SIGKILL (:func:`stop_group`), and the row says ``timeout``.
 * **The driver is stopped** -- SIGINT, SIGTERM and SIGHUP all raise :class:`Interrupted` in the driver
   (:func:`signals_as_interrupts`), which kills the cell's group and removes its temp folder on the way out;
   the command exits ``128 + signal`` (130, 143, 129).
@@ -13,6 +13,11 @@ starts from the same allocator state.  What keeps no process or temp folder behi
   SIGTERM when the driver dies; its handler removes the cell's temp folder and SIGKILLs its own group
   (:func:`die_with_parent`).  It checks the parent pid right after arming, so a driver that died while the
   child was still importing torch is caught too.
+* **Everything a cell starts** (torchrun's agent and its ranks) -- the direct child is started by
+  :func:`child_group`: its own session, and ``PR_SET_PDEATHSIG`` armed before it execs
+  (:mod:`harness.bench.deathsig`), so even a program that is not ours (torchrun) gets SIGTERM when the
+  driver dies; torchrun then stops its ranks (their handlers remove the cell's folder), and the run's temp
+  folder, where all of it lives, goes with the driver (:mod:`harness.bench.run_temp`).
 * **A signal from outside kills the child** -- the row says ``killed`` with the signal's name (a user, or
   the kernel's OOM killer, which also sends SIGKILL: the harness cannot tell them apart).
 
@@ -20,8 +25,6 @@ Try it: ``python -m harness bench --variants maml --run-id t`` and press Ctrl-C,
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import os
 import signal
@@ -39,17 +42,18 @@ import torch
 
 from harness.loop import distributed
 from harness.bench.cells import Cell, MeasureOptions, base_row
+from harness.bench.deathsig import LINUX, STOP_SIGNALS, arm_parent_death_signal, guarded
 from harness.reporting.provenance import environment
 
 __all__ = ["CellExecutor", "LocalExecutor", "Interrupted", "signals_as_interrupts", "measure_cell_isolated",
            "user_code_paths",
-           "die_with_parent", "exit_status", "cell_environment", "PARENT_ENV", "CHILD_MODULE", "TEMP_PREFIX"]
+           "die_with_parent", "child_group", "stop_group", "exit_status", "cell_environment", "PARENT_ENV", "CHILD_MODULE", "TEMP_PREFIX"]
 
 REPO = Path(__file__).resolve().parents[2]
 CHILD_MODULE = "harness.bench.child"  # python -m harness.bench.child CELL.json OPTS.json ROW.json
 PARENT_ENV = "HARNESS_CELL_PARENT"  # the driver's pid, as the child expects to see it
 TEMP_PREFIX = "harness-cell-"
-PR_SET_PDEATHSIG = 1
+STOP_GRACE_S = 5.0  # a stopped cell's group gets SIGTERM, then SIGKILL after this
 OOM_MARKERS = ("MemoryError", "bad_alloc", "can't allocate memory", "OutOfMemoryError")
 
 
@@ -94,11 +98,43 @@ def signals_as_interrupts(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIG
             signal.signal(s, handler)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+@contextmanager
+def child_group(cmd: list[str], **popen_kwargs: Any) -> Iterator[subprocess.Popen]:
+    """``cmd`` in its own session (a stop of its group ends all it starts), dying with this process
+    (:func:`harness.bench.deathsig.guarded`: torchrun too); any exception in the block (a stop, a time-out)
+    stops the group first (:func:`stop_group`).  The stop signals wait while it starts, so none comes between
+    the fork and this block knowing the child."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        proc = subprocess.Popen(guarded(cmd), start_new_session=True, **popen_kwargs)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        raise
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a stop that came meanwhile is raised here
+        yield proc
+    except BaseException:
+        stop_group(proc)
+        raise
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
     except ProcessLookupError:  # already gone
         pass
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """End the process group ``proc`` leads (:func:`child_group`) and reap ``proc``: SIGTERM first, so that
+    torchrun's agent stops its ranks (they run in sessions of their own, out of reach of a kill of its group),
+    then SIGKILL, after ``grace_s`` at most, to whatever of the group is left."""
+    _signal_group(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    _signal_group(proc.pid, signal.SIGKILL)
     proc.wait()
 
 
@@ -165,18 +201,15 @@ def measure_cell_isolated(cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
         cmd = distributed.launcher(ranks) + ["-m", CHILD_MODULE, str(tmpd / "cell.json"), str(tmpd / "opts.json"),
                                              str(out)]
         t0 = time.perf_counter()
-        with open(tmpd / "stderr.txt", "wb") as err:
-            # its own session (process group), so a kill also ends anything the cell started
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=cwd,
-                                    start_new_session=True)
+        # its own session (process group), so a stop also ends anything the cell started; it dies with us, and
+        # a Ctrl-C / Interrupted stops it (child_group)
+        with open(tmpd / "stderr.txt", "wb") as err, \
+                child_group(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=cwd) as proc:
             try:
                 rc = proc.wait(timeout=opts.timeout_s)
             except subprocess.TimeoutExpired:
-                _kill_group(proc)
+                stop_group(proc)
                 return _finished_row(cell, "timeout", f"cell exceeded its time limit of {opts.timeout_s:g} s", t0)
-            except BaseException:  # KeyboardInterrupt / Interrupted: do not leave the child behind
-                _kill_group(proc)
-                raise
         if rc == 0 and out.exists():
             return json.loads(out.read_text())
         tail = (tmpd / "stderr.txt").read_text(errors="replace").strip().splitlines()[-3:]
@@ -201,11 +234,9 @@ def die_with_parent(parent_pid: int, cleanup: Callable[[], None], *, use_prctl: 
     end = on_orphan or (lambda: _end_own_group(cleanup))
     for s in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, lambda signum, frame: end())
-    use_prctl = sys.platform.startswith("linux") if use_prctl is None else use_prctl
+    use_prctl = LINUX if use_prctl is None else use_prctl
     if use_prctl:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        arm_parent_death_signal()
         if os.getppid() != parent_pid:  # the parent died before the death signal was armed
             end()
         return "prctl"

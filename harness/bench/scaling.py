@@ -10,6 +10,10 @@ per rank (``OMP_NUM_THREADS=1``); its ``time`` is the median over its meta-steps
 writes ``results/scaling-cpu/scaling.json``, a :class:`~harness.reporting.schema.ScalingResult` (every
 run's row, the per-pair speed-ups with median and spread, the per-rank deterministic CPU memory figure,
 the time to sample one meta-batch, provenance).  The command is :mod:`harness.cli.scaling`.
+
+Stopping it (SIGINT, SIGTERM, SIGHUP: exit 130, 143, 129) kills the running ``harness run`` and all it started
+(its own process group: both torchrun ranks too) and removes its ``harness-scaling-*`` folder; a SIGKILLed
+driver takes the child with it (its parent-death signal, ``harness.bench.process.child_group``).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from typing import Any, Callable
 import torch
 from scipy import stats
 
+from harness.bench.process import child_group, signals_as_interrupts
 from harness.loop import distributed
 from harness.core.config import ConfigError
 from harness.reporting.files import read_row, write_json
@@ -71,9 +76,13 @@ def launch(ranks: int, run_args: list[str], timeout_s: float = 900) -> dict[str,
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     with tempfile.TemporaryDirectory(prefix="harness-scaling-") as tmp:
         cmd = distributed.launcher(ranks) + ["-m", "harness", "run", *run_args, "--out", tmp]
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
+        with open(Path(tmp) / "stderr.txt", "w+") as err:
+            # a time-out, Ctrl-C, SIGTERM/SIGHUP: nothing it started keeps running (child_group)
+            with child_group(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True) as proc:
+                rc = proc.wait(timeout=timeout_s)
+            err.seek(0)
+            if rc != 0:
+                raise RuntimeError(f"{' '.join(cmd)} exited {rc}: {err.read().strip()[-500:]}")
         (path,) = Path(tmp).glob("runs/*.json")  # harness run writes <out>/runs/<name>.json
         return read_row(path, RunResult).to_dict()
 
@@ -122,9 +131,10 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def run_scaling(request: ScalingRequest, out_dir: Path, command: str = "",
                 log: Callable[[str], None] = print) -> ScalingResult:
     """``request.pairs`` ABAB pairs, summarised; written to ``out_dir/scaling.json`` and returned."""
-    runs = measure_pairs(request.ranks, request.pairs, request.run_args(), log)
-    result = ScalingResult(ranks=request.ranks, pairs=request.pairs, run_args=request.run_args(), threads_per_rank=1,
-                           sample_meta_batch_ms=sample_ms(request.spec()), summary=summarize(runs), runs=runs,
-                           env=environment("cpu"), command=command)
-    write_json(Path(out_dir) / RESULT_FILE, result)
+    with signals_as_interrupts():  # SIGTERM/SIGHUP stop it as Ctrl-C does: the running child killed
+        runs = measure_pairs(request.ranks, request.pairs, request.run_args(), log)
+        result = ScalingResult(ranks=request.ranks, pairs=request.pairs, run_args=request.run_args(),
+                               threads_per_rank=1, sample_meta_batch_ms=sample_ms(request.spec()),
+                               summary=summarize(runs), runs=runs, env=environment("cpu"), command=command)
+        write_json(Path(out_dir) / RESULT_FILE, result)
     return result

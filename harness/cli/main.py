@@ -2,7 +2,8 @@
 
 Bad input never shows a traceback: :class:`UsageError` (and the engine's ``ConfigError``) print one
 line naming the problem and the valid choices and exit 2 before anything is written; Ctrl-C exits
-130 (SIGTERM 143, SIGHUP 129 while a matrix runs).  A command's own result is 0 (all cells ok or unsupported) or 1 (a regression, or a cell that
+130 (SIGTERM 143, SIGHUP 129 while a matrix, an ablation or a scaling run runs).  Every command runs inside one
+temp folder of its own, removed at the end (:mod:`harness.bench.run_temp`).  A command's own result is 0 (all cells ok or unsupported) or 1 (a regression, or a cell that
 failed, diverged or timed out).  The codes: :mod:`harness.cli.args`; the list: README, "Bad input
 and exit codes".
 """
@@ -12,8 +13,11 @@ import argparse
 import importlib
 import sys
 
+from harness.bench.deathsig import LINUX, arm_parent_death_signal
+from harness.bench.run_temp import run_temp_folder
 from harness.cli.args import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, UsageError
 from harness.core.config import ConfigError
+from harness.loop import distributed
 from harness.settings import check_environment
 from harness.variants import RegistryError
 
@@ -55,10 +59,13 @@ def _command_named(argv: list[str] | None) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if distributed.launched() and LINUX:  # a torchrun rank (in a session of its own): it ends with its agent
+        arm_parent_death_signal()
     try:
         args = build_parser(argv).parse_args(argv)
         check_environment()  # the numeric environment variables, before any command starts
-        return int(args.handler(args) or 0)
+        with run_temp_folder():  # this run's temp files and its children's, removed at the end
+            return int(args.handler(args) or 0)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

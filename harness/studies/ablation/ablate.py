@@ -6,21 +6,29 @@ when not requested), because checkpointing recomputes the same numbers and adds 
 information.  Every cell is an :class:`~harness.reporting.schema.AblationCell`, written atomically to
 ``<out>/<run-id>/cells/<variant>_s<seed>.json`` and reused on a rerun, so an interrupted ablation resumes
 where it stopped; the summary is an :class:`~harness.reporting.schema.AblationSummary` (``summary.json``).
+
+Stopping it (SIGINT, SIGTERM, SIGHUP: exit 130, 143, 129) keeps every finished cell (written) and, with
+``--jobs N``, cancels the cells not started and terminates the worker processes at once; a worker also dies
+with its parent when that is SIGKILLed (its parent-death signal, ``harness.bench.process.die_with_parent``)
+and ignores a terminal's Ctrl-C, which its parent handles.
 """
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
 
+from harness.bench.process import die_with_parent, signals_as_interrupts
 from harness.core.config import ConfigError
 from harness.reporting.files import read_row, write_json
 from harness.reporting.provenance import environment
@@ -63,18 +71,49 @@ def _worker_setup(threads: int | None) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _cells_in_workers(spec: AblationSpec, todo: list[tuple[Variant, int]], threads: int | None,
-                      bar: tqdm) -> Iterator[AblationCell]:
-    """Cells trained ``spec.jobs`` at a time in spawned processes (independent, single-threaded, deterministic)."""
+def _worker_init(parent_pid: int, threads: int | None) -> None:
+    """A worker process: dies with its parent (even SIGKILLed), leaves Ctrl-C to it, then :func:`_worker_setup`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(parent_pid, lambda: None)
+    _worker_setup(threads)
+
+
+def _stop_workers(pool: ProcessPoolExecutor, grace_s: float = 5.0) -> None:
+    """Cancel the cells not started and end the running ones now (SIGTERM, then SIGKILL after ``grace_s``)."""
+    workers = list((pool._processes or {}).values())  # noqa: SLF001 -- the executor has no public handle on them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in workers:
+        proc.terminate()
+    for proc in workers:
+        proc.join(grace_s)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+def _cells_in_workers(spec: AblationSpec, todo: list[tuple[Variant, int]], threads: int | None, bar: tqdm,
+                      keep: Callable[[AblationCell], None]) -> None:
+    """Cells trained ``spec.jobs`` at a time in spawned processes (independent, single-threaded, deterministic),
+    each kept as it finishes; on a stop the workers end at once and every cell finished by then is kept."""
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=spec.jobs, mp_context=ctx, initializer=_worker_setup,
-                             initargs=(threads,)) as pool:
-        futures = [pool.submit(run_cell, spec, v, seed) for v, seed in todo]
+    pool = ProcessPoolExecutor(max_workers=spec.jobs, mp_context=ctx, initializer=_worker_init,
+                               initargs=(os.getpid(), threads))
+    futures = [pool.submit(run_cell, spec, v, seed) for v, seed in todo]
+    kept: set[Future] = set()
+    try:
         for fut in as_completed(futures):
             cell = fut.result()
             bar.set_description(f"{cell.variant['name']} s{cell.seed}")
             bar.update(spec.meta_steps)
-            yield cell
+            keep(cell)
+            kept.add(fut)
+    except BaseException:  # Ctrl-C, SIGTERM/SIGHUP (Interrupted), a broken pool: stop now, keep what finished
+        _stop_workers(pool)
+        for fut in futures:
+            if fut not in kept and fut.done() and not fut.cancelled() and fut.exception() is None:
+                keep(fut.result())
+        raise
+    pool.shutdown()
 
 
 def _train_in_worker(spec: AblationSpec, threads: int | None, job: tuple[Variant, int]) -> AblationCell:
@@ -90,14 +129,14 @@ def _lost_cell(spec: AblationSpec, job: tuple[Variant, int], reason: str) -> Abl
                         spec=spec.fingerprint())
 
 
-def _cells_on(executor: Any, spec: AblationSpec, todo: list[tuple[Variant, int]], threads: int | None,
-              bar: tqdm) -> Iterator[AblationCell]:
+def _cells_on(executor: Any, spec: AblationSpec, todo: list[tuple[Variant, int]], threads: int | None, bar: tqdm,
+              keep: Callable[[AblationCell], None]) -> None:
     """Cells trained as tasks of a batch executor (``--executor ray``: a fresh Ray worker per cell)."""
     for (v, seed), cell in executor.map(partial(_train_in_worker, spec, threads), todo,
                                         failed=partial(_lost_cell, spec), gpu=spec.device == "cuda"):
         bar.set_description(f"{v.name} s{seed}")
         bar.update(spec.meta_steps)
-        yield cell
+        keep(cell)
 
 
 def _train_missing(spec: AblationSpec, out: Path, todo: list[tuple[Variant, int]], cells: dict,
@@ -108,22 +147,24 @@ def _train_missing(spec: AblationSpec, out: Path, todo: list[tuple[Variant, int]
     bar = tqdm(total=len(todo) * spec.meta_steps, unit="step", file=sys.stderr,
                disable=None if progress is None else not progress, dynamic_ncols=True)
 
-    def sequential() -> Iterator[AblationCell]:
+    def keep(cell: AblationCell) -> None:
+        write_json(cell_path(out, cell.variant["name"], cell.seed), cell)
+        cells[(cell.variant["name"], cell.seed)] = cell.to_dict()  # the summary reads cells as dicts
+
+    def sequential() -> None:
         for v, seed in todo:
             bar.set_description(f"{v.name} s{seed}")
             cell = run_cell(spec, v, seed, on_step=lambda: bar.update(1))
             bar.update(spec.meta_steps - len(cell.train_loss))
-            yield cell
+            keep(cell)
 
     try:
-        parallel = spec.jobs > 1 and len(todo) > 1
         if hasattr(executor, "map"):  # --executor ray
-            source = _cells_on(executor, spec, todo, threads, bar)
+            _cells_on(executor, spec, todo, threads, bar, keep)
+        elif spec.jobs > 1 and len(todo) > 1:
+            _cells_in_workers(spec, todo, threads, bar, keep)
         else:
-            source = _cells_in_workers(spec, todo, threads, bar) if parallel else sequential()
-        for cell in source:
-            write_json(cell_path(out, cell.variant["name"], cell.seed), cell)
-            cells[(cell.variant["name"], cell.seed)] = cell.to_dict()  # the summary reads cells as dicts
+            sequential()
     finally:
         bar.close()
         torch.set_num_threads(prev_threads)
@@ -161,7 +202,8 @@ def run_ablation(spec: AblationSpec, results_root: Path = Path("results"), plots
     threads = spec.threads if spec.threads is not None else default_threads(spec.device, _model_for_threads(spec))
     start = time.perf_counter()
     if todo:
-        _train_missing(spec, out, todo, cells, progress, threads, executor)
+        with signals_as_interrupts():  # SIGTERM/SIGHUP stop it as Ctrl-C does: finished cells kept, workers ended
+            _train_missing(spec, out, todo, cells, progress, threads, executor)
     train_s = time.perf_counter() - start
     summary = AblationSummary(
         **summarise(spec, cells_plan, cells), run_id=spec.run_id, command=command,
