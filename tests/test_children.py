@@ -131,7 +131,11 @@ def cell_files(out: Path) -> dict[str, str]:
     return {p.name: p.read_text() for p in sorted(out.glob("*/cells/*.json"))}
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGKILL, -signal.SIGKILL)])
+SLOW = pytest.mark.slow  # about a minute each: `make test-slow` (CI runs it)
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), pytest.param(signal.SIGINT, 130, marks=SLOW),
+                                      pytest.param(signal.SIGKILL, -signal.SIGKILL, marks=SLOW)])
 def test_a_stopped_ablation_ends_its_workers_at_once_and_keeps_its_finished_cells(
         tmp_path: Path, sig: int, code: int) -> None:
     out = tmp_path / "out"
@@ -207,6 +211,7 @@ def test_a_finished_two_rank_cell_leaves_nothing_in_the_temp_folder(tmp_path: Pa
     d.assert_nothing_left()  # no torchinductor_<user>, no torchelastic_*, no harness-cell-*
 
 
+@SLOW
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGKILL, -signal.SIGKILL)])
 def test_a_stopped_ray_driver_leaves_no_cell_folder(tmp_path: Path, sig: int, code: int) -> None:
     pytest.importorskip("ray", reason="the cluster extra (pip install '.[cluster]')")
