@@ -5,11 +5,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
 
 from harness.bench.cells import MeasureOptions
+from harness.cli.main import main
 from harness.loop.spec import Experiment, RunSpec
 
 
@@ -37,6 +39,23 @@ def harness(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd, capture_output=True, text=True,
                           env=env, timeout=600)
+
+
+class Ran(NamedTuple):
+    """What ``cli`` returns, shaped like a ``CompletedProcess``: exit code, stdout, stderr."""
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(capsys: pytest.CaptureFixture, *args: str) -> Ran:
+    """``python -m harness ARGS`` in this process (``harness.cli.main.main``), for bad-input checks: the same
+    one-line errors and exit codes without a fresh interpreter.  Each command keeps one ``harness(...)`` canary
+    that runs it in a fresh process, as a user would."""
+    capsys.readouterr()  # what the test printed before
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return Ran(code, out, err)
 
 
 # The test models are tiny: one intra-op thread is several times faster than two on a 2-core CI machine.

@@ -12,7 +12,7 @@ from harness.loop.agreement import check_agreement
 from harness.loop.spec import Experiment, RunSpec
 
 from harness.loop.train import meta_step, train
-from tests.conftest import small_experiment
+from tests.conftest import cli, small_experiment
 from tests.test_cli_core import harness
 
 
@@ -61,8 +61,8 @@ def test_forced_overflow_skips_the_step_and_leaves_weights_and_lrs_bit_identical
     (["--amp", "fp16", "--device", "cpu"], "valid choices on cpu: off, bf16"),
     (["--amp", "fp8", "--device", "cpu"], "unknown precision 'fp8' in --amp; valid choices on cpu: off, bf16"),
 ])
-def test_bad_precision_is_a_one_line_error(tmp_path, args, needle) -> None:
-    out = harness("run", "--variant", "maml", *args, "--out", str(tmp_path))
+def test_bad_precision_is_a_one_line_error(tmp_path, args, needle, capsys) -> None:
+    out = cli(capsys, "run", "--variant", "maml", *args, "--out", str(tmp_path))
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and needle in out.stderr
     assert not any(tmp_path.iterdir())
 

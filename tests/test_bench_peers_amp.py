@@ -19,7 +19,7 @@ from harness.bench.matrix import measure_cell
 from harness.bench.request import add_peer_cells
 from harness.reporting.files import write_jsonl
 from harness.variants import CANONICAL, get_variant
-from tests.conftest import FAST, TINY, harness
+from tests.conftest import FAST, TINY, cli, harness
 
 
 def row(variant: str, mem: float | None, ms: float | None = 10.0, status: str = "ok", amp: str = "off",
@@ -137,8 +137,8 @@ def test_bf16_peer_cell_records_the_fp32_reference_agreement() -> None:
     assert r["agreement"]["w_rel_err"] == 0.0 and 0 < r["agreement"]["fp32_w_rel_err"] < 0.1
 
 
-def test_bad_amp_for_the_device_is_one_line_exit_2(tmp_path: Path) -> None:
-    r = harness("bench", "--device", "cpu", "--amp", "off,fp16", "--variants", "maml", "--out", str(tmp_path))
+def test_bad_amp_for_the_device_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    r = cli(capsys, "bench", "--device", "cpu", "--amp", "off,fp16", "--variants", "maml", "--out", str(tmp_path))
     assert r.returncode == 2, r.stderr
     err = r.stderr.strip()
     assert "--amp fp16 is not available on cpu" in err and "valid choices on cpu: off, bf16" in err, err

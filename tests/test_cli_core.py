@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness.variants import CANONICAL
-from tests.conftest import REPO, harness
+from tests.conftest import REPO, cli, harness
 
 
 def test_list_shows_the_eight_variants_with_their_flags() -> None:
@@ -48,20 +48,24 @@ def test_run_quick_writes_a_result_with_agreement_and_provenance(tmp_path: Path)
     (["run", "--variant", "maml", "--inner-steps", "x"], "invalid int value"),
     (["frobnicate"], "invalid choice"),
 ])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, args: list[str], needle: str) -> None:
-    out = harness(*args, "--out", str(tmp_path)) if args[0] == "run" else harness(*args)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, args: list[str], needle: str,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """In this process; the first case (``run``'s canary) and the unknown command in a fresh one."""
+    argv = [*args, "--out", str(tmp_path)] if args[0] == "run" else args
+    fresh = args in (["run", "--variant", "nope"], ["frobnicate"])
+    out = harness(*argv) if fresh else cli(capsys, *argv)
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and needle in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
     assert not any(tmp_path.iterdir())
 
 
-def test_cuda_without_cuda_is_a_one_line_error(tmp_path: Path) -> None:
+def test_cuda_without_cuda_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    out = harness("run", "--variant", "maml", "--device", "cuda", "--out", str(tmp_path))
+    out = cli(capsys, "run", "--variant", "maml", "--device", "cuda", "--out", str(tmp_path))
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "CUDA is not available" in out.stderr
     assert not any(tmp_path.iterdir())
 
