@@ -245,3 +245,15 @@ def test_a_stale_run_folder_is_swept_and_a_live_one_kept(tmp_path: Path, monkeyp
         assert os.environ["TMPDIR"] == str(folder) and tempfile.gettempdir() == str(folder)
         assert not stale.exists() and live.exists()
     assert not folder.exists() and os.environ["TMPDIR"] == str(tmp_path)
+
+
+def test_a_command_started_inside_a_runs_folder_uses_it_and_leaves_it_to_its_owner(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``scaling``'s ``harness run`` and its torchrun ranks: no folder (and no reaper) of their own."""
+    outer = tmp_path / f"harness-run-{os.getpid()}-outer"
+    outer.mkdir()
+    monkeypatch.setenv("TMPDIR", str(outer))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    with run_temp_folder() as folder:
+        assert folder == outer and list(outer.iterdir()) == []
+    assert outer.is_dir()  # its owner removes it

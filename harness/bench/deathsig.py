@@ -11,7 +11,6 @@ between fork and exec (``preexec_fn`` would run Python there, where a signal can
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import signal
 import sys
@@ -21,12 +20,12 @@ __all__ = ["LINUX", "PR_SET_PDEATHSIG", "STOP_SIGNALS", "arm_parent_death_signal
 LINUX = sys.platform.startswith("linux")
 PR_SET_PDEATHSIG = 1
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if LINUX else None
 
 
 def arm_parent_death_signal(signum: int = signal.SIGTERM) -> None:
     """Linux: the kernel sends ``signum`` to this process when its parent (the thread that started it) dies."""
-    if _LIBC.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+    libc = ctypes.CDLL(None, use_errno=True)  # this process's own symbols, libc among them (no ldconfig run)
+    if libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 

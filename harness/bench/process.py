@@ -47,7 +47,7 @@ from harness.reporting.provenance import environment
 
 __all__ = ["CellExecutor", "LocalExecutor", "Interrupted", "signals_as_interrupts", "measure_cell_isolated",
            "user_code_paths",
-           "die_with_parent", "child_group", "stop_group", "exit_status", "cell_environment", "PARENT_ENV", "CHILD_MODULE", "TEMP_PREFIX"]
+           "die_with_parent", "child_group", "stop_group", "exit_status", "cell_environment", "PARENT_ENV", "CHILD_MODULE", "STOP_GRACE_S", "TEMP_PREFIX"]
 
 REPO = Path(__file__).resolve().parents[2]
 CHILD_MODULE = "harness.bench.child"  # python -m harness.bench.child CELL.json OPTS.json ROW.json
@@ -104,7 +104,7 @@ def child_group(cmd: list[str], **popen_kwargs: Any) -> Iterator[subprocess.Pope
     (:func:`harness.bench.deathsig.guarded`: torchrun too); any exception in the block (a stop, a time-out)
     stops the group first (:func:`stop_group`).  The stop signals wait while it starts, so none comes between
     the fork and this block knowing the child."""
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS if LINUX else ())  # the launcher unblocks
     try:
         proc = subprocess.Popen(guarded(cmd), start_new_session=True, **popen_kwargs)
     except BaseException:

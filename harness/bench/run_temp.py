@@ -101,8 +101,13 @@ def _start_reaper(path: Path) -> tuple[subprocess.Popen, int]:
 
 @contextmanager
 def run_temp_folder() -> Iterator[Path]:
-    """This run's temp folder, for this process and its children, removed at the end (stale ones swept first)."""
+    """This run's temp folder, for this process and its children, removed at the end (stale ones swept first).
+    A process started inside another run's folder (``scaling``'s ``harness run``, its torchrun ranks) uses that
+    one: its owner removes it."""
     base = Path(tempfile.gettempdir())
+    if owner_pid(base) is not None:
+        yield base
+        return
     sweep_stale(base)
     path = Path(tempfile.mkdtemp(prefix=f"{RUN_TEMP_PREFIX}{os.getpid()}-", dir=base))
     saved_env, saved_tempdir = {k: os.environ.get(k) for k in _POINTED}, tempfile.tempdir

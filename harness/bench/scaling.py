@@ -78,7 +78,7 @@ def launch(ranks: int, run_args: list[str], timeout_s: float = 900) -> dict[str,
         cmd = distributed.launcher(ranks) + ["-m", "harness", "run", *run_args, "--out", tmp]
         with open(Path(tmp) / "stderr.txt", "w+") as err:
             # a time-out, Ctrl-C, SIGTERM/SIGHUP: nothing it started keeps running (child_group)
-            with child_group(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True) as proc:
+            with child_group(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err) as proc:
                 rc = proc.wait(timeout=timeout_s)
             err.seek(0)
             if rc != 0:

@@ -68,7 +68,7 @@ def result_path(out: Path, spec: RunSpec, world: int | None = None) -> Path:
 def build(spec: RunSpec, settings: CellSettings | None) -> Experiment:
     """The experiment with the ``--set`` model, task and variant settings applied."""
     s = settings or CellSettings({}, {}, {}, {}, {})
-    variant = variant_with(spec.variant_obj, s.variant) if s.variant else None
+    variant = variant_with(spec.variant_obj, s.variant)
     return Experiment(spec, variant=variant, task_overrides=s.task or None, model_overrides=s.model or None)
 
 
@@ -80,8 +80,9 @@ def run_single(spec: RunSpec, out: Path, *, settings: CellSettings | None = None
         raise ConfigError("--memory-snapshot needs CUDA (it records the CUDA allocator history); "
                           f"this run is on {spec.device}")
     # every rank's resolved configuration must match (a different --seed on one: exit 2 naming it)
-    config = {**asdict(spec), **spec.resolved(), **_settings_dict(settings)}
-    with distributed.session(spec.device, spec.resolved()["meta_batch"], config) as group:
+    sizes = spec.resolved()
+    config = {**asdict(spec), **sizes, **_settings_dict(settings)}
+    with distributed.session(spec.device, sizes["meta_batch"], config) as group:
         return _run(spec, out, settings, snapshot, progress, group)
 
 

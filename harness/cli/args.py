@@ -22,12 +22,12 @@ from harness.core.config import AMP_MODES, ConfigError
 from harness.settings import (ACCEPTED, DATA_SETTINGS, CellSettings, check_folder_name, check_int, check_seconds,
                               dedupe, parse_amps, parse_settings, split_settings)
 from harness.loop.spec import RunSpec
-from harness.reporting.paths import DEFAULT_RESULTS_ROOT, plots_root, results_root
+from harness.reporting.paths import plots_root, results_root
 from harness.settings import DEVICES, DTYPES, check_device
 from harness.zoo.presets import DEFAULT_PRESET, get_preset
 from harness.zoo.user import SPEC_FORM, UserSpecs, check_setup, normalize_spec, reads_real_data
 
-__all__ = ["DEFAULT_OUT", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "MatrixOptions", "UsageError",
+__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "MatrixOptions", "UsageError",
            "add_matrix_arguments", "add_out_argument", "add_spec_arguments", "add_user_arguments", "check_numbers",
            "check_out_dir", "check_user_code", "user_specs",
            "add_data_arguments", "check_data_root", "check_run_id", "merge_flags",
@@ -38,7 +38,6 @@ EXIT_OK = 0  # every cell ok (or unsupported)
 EXIT_FAILED = 1  # a regression, or a failed, diverged, killed, out-of-memory or timed-out cell
 EXIT_USAGE = 2  # bad input: nothing ran, nothing was written
 EXIT_INTERRUPTED = 130  # Ctrl-C
-DEFAULT_OUT = DEFAULT_RESULTS_ROOT  # without --out (args.out None); plots: plots/ beside it; with --out DIR, DIR/plots/
 INT_OPTIONS = ("inner_steps", "meta_batch", "meta_steps", "eval_tasks", "eval_every", "seeds", "verify_seeds", "seed",
                "threads", "jobs", "warmup", "repeats", "ways", "shots", "ranks", "pairs", "fd_directions")
 

@@ -59,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--memory-snapshot needs CUDA (it records the CUDA allocator history); "
                              f"this run is on {spec.device}")
         check_out_dir(snapshot.parent, flag="--memory-snapshot")
-    check_out_dir(result_path(results_root(args.out), spec).parent)
-    res = run_single(spec, results_root(args.out), settings=settings, snapshot=snapshot)
+    out = results_root(args.out)
+    check_out_dir(result_path(out, spec).parent)
+    res = run_single(spec, out, settings=settings, snapshot=snapshot)
     if res.main and res.path is None:  # a rank failed: nothing was written
         print(f"error: {res.result['message']}", file=sys.stderr)
     elif res.main:

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from harness.bench.process import die_with_parent, signals_as_interrupts
+from harness.bench.process import STOP_GRACE_S, die_with_parent, signals_as_interrupts
 from harness.core.config import ConfigError
 from harness.reporting.files import read_row, write_json
 from harness.reporting.provenance import environment
@@ -78,7 +78,7 @@ def _worker_init(parent_pid: int, threads: int | None) -> None:
     _worker_setup(threads)
 
 
-def _stop_workers(pool: ProcessPoolExecutor, grace_s: float = 5.0) -> None:
+def _stop_workers(pool: ProcessPoolExecutor, grace_s: float = STOP_GRACE_S) -> None:
     """Cancel the cells not started and end the running ones now (SIGTERM, then SIGKILL after ``grace_s``)."""
     workers = list((pool._processes or {}).values())  # noqa: SLF001 -- the executor has no public handle on them
     pool.shutdown(wait=False, cancel_futures=True)
