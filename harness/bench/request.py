@@ -18,15 +18,14 @@ from harness.bench.cells import BUILDERS, Cell, MeasureOptions, dedup_cells, loa
 from harness.bench.executors import ExecutorSpec, open_executor
 from harness.bench.matrix import matrix_exit_code, run_matrix
 from harness.core.config import ConfigError
-from harness.loop.distributed import check_ranks
 from harness.reporting import tables
-from harness.settings import DATA_SETTINGS, dedupe
+from harness.settings import DATA_SETTINGS, check_ranks
 from harness.peers import PEERS, supports
 from harness.variants import CANONICAL, get_variant, registry
 from harness.zoo.presets import get_preset
 from harness.zoo.user import UserSpecs, spec_name
 
-__all__ = ["MatrixOutcome", "MatrixRequest", "add_peer_cells", "default_run_id", "parse_caps", "plan", "resolve_variants", "run_request", "user_suffix"]
+__all__ = ["MatrixOutcome", "MatrixRequest", "add_peer_cells", "default_run_id", "plan", "resolve_variants", "run_request", "user_suffix"]
 
 
 
@@ -93,20 +92,6 @@ def add_peer_cells(variants: list[str]) -> list[str]:
         elif ":" not in v:  # beyond the canonical eight, only cells a peer can express (torch_maml:sckpt)
             out += [f"{p}:{v}" for p in PEERS if f"{p}:{v}" not in out and supports(p, get_variant(v))[0]]
     return out
-
-
-def parse_caps(items: list[str]) -> dict[str, float]:
-    """``VARIANT=MIB`` items (the hidden ``--cpu-mem-cap`` test hook)."""
-    caps = {}
-    for item in items:
-        v, sep, mib = item.partition("=")
-        try:
-            caps[v.strip()] = float(mib)
-        except ValueError:
-            raise ConfigError(f"bad --cpu-mem-cap {item!r}; expected VARIANT=MIB") from None
-        if not sep:
-            raise ConfigError(f"bad --cpu-mem-cap {item!r}; expected VARIANT=MIB")
-    return caps
 
 
 def user_suffix(user: UserSpecs) -> str:

@@ -32,6 +32,7 @@ from scipy import stats
 from harness.bench.process import child_group, signals_as_interrupts
 from harness.loop import distributed
 from harness.core.config import ConfigError
+from harness.settings import check_ranks
 from harness.reporting.files import read_row, write_json
 from harness.reporting.provenance import REPO, environment
 from harness.reporting.schema import RunResult, ScalingResult
@@ -55,7 +56,7 @@ class ScalingRequest:
 
     def __post_init__(self) -> None:
         self.spec()  # the variant, preset and sizes, as every run will check them
-        distributed.check_ranks(self.ranks, self.meta_batch)
+        check_ranks(self.ranks, self.meta_batch)
         if self.pairs < 1:
             raise ConfigError(f"--pairs must be at least 1, got {self.pairs}")
         if self.meta_steps < 2:

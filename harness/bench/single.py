@@ -25,11 +25,10 @@ from tqdm import tqdm
 from harness.loop import distributed
 from harness.bench.measure import CudaPeaks, measure_cpu_memory, snapshot_meta_step, time_stats
 from harness.loop.train import StepRunner
-from harness.core.config import ConfigError
 from harness.reporting.files import write_json
 from harness.reporting.provenance import environment
 from harness.reporting.schema import SCHEMA_VERSION, RunResult
-from harness.settings import CellSettings, variant_with
+from harness.settings import CellSettings, check_memory_snapshot, variant_with
 from harness.loop.agreement import check_agreement
 from harness.loop.spec import Experiment, RunSpec, default_threads
 from harness.loop.train import Diverged, TrainLog, train
@@ -76,9 +75,8 @@ def run_single(spec: RunSpec, out: Path, *, settings: CellSettings | None = None
                progress: bool | None = None) -> SingleRun:
     """Check, measure and meta-train one cell (data-parallel under torchrun); a diverging run is a result
     with status ``diverged``, a failing rank one with status ``error`` that nobody writes."""
-    if snapshot is not None and spec.device != "cuda":
-        raise ConfigError("--memory-snapshot needs CUDA (it records the CUDA allocator history); "
-                          f"this run is on {spec.device}")
+    if snapshot is not None:
+        check_memory_snapshot(spec.device)
     # every rank's resolved configuration must match (a different --seed on one: exit 2 naming it)
     sizes = spec.resolved()
     config = {**asdict(spec), **sizes, **_settings_dict(settings)}

@@ -19,18 +19,18 @@ from harness.bench.cells import MeasureOptions, load_cell_plugins
 from harness.bench.executors import add_executor_arguments
 from harness.bench.paired import DEFAULT_PAIRS
 from harness.core.config import AMP_MODES, ConfigError
-from harness.settings import (ACCEPTED, DATA_SETTINGS, CellSettings, check_folder_name, check_int, check_seconds,
-                              dedupe, parse_amps, parse_settings, split_settings)
 from harness.loop.spec import RunSpec
 from harness.reporting.paths import plots_root, results_root
-from harness.settings import DEVICES, DTYPES, check_device
+from harness.settings import (ACCEPTED, DEVICES, DTYPES, CellSettings, check_data_root, check_device,
+                              check_folder_name, check_int, check_seconds, dedupe, parse_amps, parse_settings,
+                              split_settings)
 from harness.zoo.presets import DEFAULT_PRESET, get_preset
-from harness.zoo.user import SPEC_FORM, UserSpecs, check_setup, normalize_spec, reads_real_data
+from harness.zoo.user import SPEC_FORM, UserSpecs, check_setup, normalize_spec
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "MatrixOptions", "UsageError",
            "add_matrix_arguments", "add_out_argument", "add_spec_arguments", "add_user_arguments", "check_numbers",
            "check_out_dir", "check_user_code", "user_specs",
-           "add_data_arguments", "check_data_root", "check_run_id", "merge_flags",
+           "add_data_arguments", "check_run_id", "merge_flags",
            "default_device", "matrix_options", "names_a_path", "nonempty", "out_path", "plots_root", "resolve_run",
            "results_root", "run_dir"]
 
@@ -223,19 +223,6 @@ def merge_flags(args: argparse.Namespace, settings: dict[str, Any], preset: str)
         out[name] = value
     check_data_root(preset, out)
     return out
-
-
-def check_data_root(preset: str, settings: dict[str, Any]) -> None:
-    """A real-data preset without a data root, a data root for a preset that generates its tasks, or
-    ``--download`` without a folder to download into: a UsageError before anything is written."""
-    given = [k for k in DATA_SETTINGS if settings.get(k) not in (None, False)]
-    if reads_real_data(get_preset(preset)):
-        if "task.data_root" not in given:
-            raise UsageError(f"preset {preset!r} reads real data: pass --data-root DIR (and --download to fetch it)")
-    elif given:
-        raise UsageError(f"--data-root/--download are for real-data presets; preset {preset!r} generates its tasks")
-    if "task.download" in given and "task.data_root" not in given:
-        raise UsageError("--download needs --data-root DIR to download into")
 
 
 def matrix_options(args: argparse.Namespace, *, multi_amp: bool) -> MatrixOptions:

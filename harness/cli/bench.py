@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 
-from harness.bench.request import (MatrixOutcome, MatrixRequest, add_peer_cells, default_run_id, parse_caps, plan,
+from harness.bench.request import (MatrixOutcome, MatrixRequest, add_peer_cells, default_run_id, plan,
                                   resolve_variants, run_request)
 from harness.bench.executors import executor_spec
+from harness.settings import parse_mem_caps
 from harness.cli.args import add_matrix_arguments, check_out_dir, matrix_options, nonempty, plots_root, run_dir
 
 __all__ = ["register", "request_from_args", "run"]
@@ -41,7 +42,7 @@ def request_from_args(args: argparse.Namespace) -> MatrixRequest:
     variants = resolve_variants(args.variants)
     if args.peers:
         variants = add_peer_cells(variants)
-    caps = parse_caps(args.cpu_mem_cap)
+    caps = parse_mem_caps(args.cpu_mem_cap)
     amp_key = {"amp": ",".join(m.amps)} if m.amps != ["off"] else {}
     peers = "-peers" if args.peers else ""
     run_id = args.run_id or default_run_id(m.preset, m.device, {**m.settings, **amp_key}, m.user) + peers

@@ -15,9 +15,8 @@ from harness.bench.single import SingleRun, result_path, run_single
 from harness.cli.args import (EXIT_FAILED, EXIT_OK, UsageError, add_out_argument, add_spec_arguments, check_numbers,
                               check_out_dir, check_user_code, default_device, merge_flags, results_root,
                               user_specs)
-from harness.settings import CellSettings, parse_settings, split_settings
 from harness.loop.spec import RunSpec
-from harness.settings import check_device
+from harness.settings import CellSettings, check_device, check_memory_snapshot, parse_settings, split_settings
 
 __all__ = ["register", "run", "spec_from_args"]
 
@@ -55,9 +54,7 @@ def run(args: argparse.Namespace) -> int:
     spec, settings = spec_from_args(args)
     snapshot = args.memory_snapshot
     if snapshot is not None:
-        if spec.device != "cuda":
-            raise UsageError("--memory-snapshot needs CUDA (it records the CUDA allocator history); "
-                             f"this run is on {spec.device}")
+        check_memory_snapshot(spec.device)
         check_out_dir(snapshot.parent, flag="--memory-snapshot")
     out = results_root(args.out)
     check_out_dir(result_path(out, spec).parent)

@@ -42,9 +42,9 @@ import torch.distributed as dist
 from torch import nn
 
 from harness.core.config import ConfigError
-from harness.settings import DIST_TIMEOUT_ENV, env_number
+from harness.settings import DIST_TIMEOUT_ENV, check_ranks, env_number
 
-__all__ = ["DataParallel", "RankFailed", "launched", "session", "current", "check_ranks", "check_same_config",
+__all__ = ["DataParallel", "RankFailed", "launched", "session", "current", "check_same_config",
            "config_digest", "launcher",
            "single_process_summary", "BUCKET_BYTES", "TIMEOUT_ENV", "FAULT_ENV"]
 
@@ -63,18 +63,6 @@ class RankFailed(RuntimeError):
 def launched() -> bool:
     """Started by torchrun (``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` are set)?"""
     return all(v in os.environ for v in ENV_VARS)
-
-
-def check_ranks(ranks: Any, meta_batch: int) -> int:
-    """``ranks`` as an int in ``1..meta_batch``, else a ConfigError naming the valid range."""
-    try:
-        n = int(ranks)
-    except (TypeError, ValueError):
-        raise ConfigError(f"ranks must be an integer, got {ranks!r}; valid: 1..{meta_batch} (the meta-batch)") from None
-    if not 1 <= n <= meta_batch:
-        raise ConfigError(f"ranks={n} is invalid: each rank needs at least one task of the meta-batch of "
-                          f"{meta_batch}; valid: 1..{meta_batch}")
-    return n
 
 
 def launcher(ranks: int) -> list[str]:

@@ -14,7 +14,7 @@ import torch
 
 from harness.core.config import ConfigError, Task
 from harness.core.engine import MetaLearner
-from harness.settings import DTYPES, check_amp, check_device, check_int
+from harness.settings import DTYPES, check_int, check_precision
 from harness.variants import Variant, get_variant
 from harness.zoo.presets import Preset, get_preset
 from harness.zoo.user import make_model, make_tasks, normalize_spec
@@ -58,12 +58,7 @@ class RunSpec:
             if text is not None:
                 normalize_spec(text, flag)  # the form only; importing is the Experiment's
         object.__setattr__(self, "ckpt", tuple(self.ckpt))
-        check_device(self.device)
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"unknown dtype {self.dtype!r}; valid dtypes: {', '.join(DTYPES)}")
-        check_amp(self.amp, self.device)
-        if self.amp != "off" and self.dtype != "float32":
-            raise ConfigError(f"--amp {self.amp} runs float32 weights under autocast; use --dtype float32")
+        check_precision(self.device, self.dtype, self.amp)
         for name in ("inner_steps", "meta_batch", "meta_steps", "seed"):  # the command line checked the
             if getattr(self, name) is not None:  # tighter bounds unless --allow-huge; these always hold
                 check_int(name, getattr(self, name), allow_huge=True)
