@@ -38,7 +38,7 @@ import pandas as pd
 from harness.core.config import ConfigError
 from harness.reporting.files import read_cells, read_row, write_atomic
 from harness.reporting.frame import cells_frame, num
-from harness.reporting.render import fmt, fmt_ratio, markdown_rows, markdown_table, paired_text
+from harness.reporting.render import fixed, fmt, fmt_ratio, markdown_rows, markdown_table, paired_text, percent, times
 from harness.reporting.schema import DiagnosisResult, ResultsError, ScalingResult
 from harness.reporting.verdicts import verdicts
 
@@ -123,11 +123,11 @@ def paired_stability_table(root: Path, run_a: str, run_b: str) -> list[str]:
         move = pb["median"] / pa["median"] - 1
         moves.append(abs(move))
         body.append([f"`{name}`", f"`{pa['reference']}`", pa.get("clock", "wall"),
-                     paired_text(pa, reference=False), paired_text(pb, reference=False), f"{move:+.1%}"])
+                     paired_text(pa, reference=False), paired_text(pb, reference=False), percent(move, signed=True)])
     if not body:
         raise ResultsError(f"{root / run_a} and {root / run_b}: no cell with a paired ratio in both")
     within = sum(m <= 0.10 for m in moves)
-    body.append([f"**{len(moves)} cells**", "", "", "", "", f"**{within} within ±10%, largest {max(moves):.1%}**"])
+    body.append([f"**{len(moves)} cells**", "", "", "", "", f"**{within} within ±10%, largest {percent(max(moves))}**"])
     return markdown_rows(["cell", "reference", "clock", f"paired ({run_a})", f"paired ({run_b})", "moved"], body)
 
 
@@ -136,14 +136,15 @@ def scaling_table(root: Path, source: str) -> list[str]:
     s, n, k = result.summary, result.ranks, result.pairs
     per_rank = " / ".join(fmt(m, 4) for m in s["rank_memory_mib"])
     return markdown_rows(["", "median", "spread"], [
-        ["time per meta-step, 1 rank", f"{s['one_rank_ms_median']:.0f} ms", f"IQR {s['one_rank_ms_iqr']:.0f} ms over {k} runs"],
-        [f"time per meta-step, {n} ranks", f"{s['many_ranks_ms_median']:.0f} ms",
-         f"IQR {s['many_ranks_ms_iqr']:.0f} ms over {k} runs"],
-        [f"**speed-up per pair (1 rank / {n} ranks)**", f"**{s['speedup_median']:.2f}x**",
-         f"IQR {s['speedup_iqr']:.2f}, range {s['speedup_min']:.2f}x to {s['speedup_max']:.2f}x"],
+        ["time per meta-step, 1 rank", f"{fixed(s['one_rank_ms_median'], 0)} ms",
+         f"IQR {fixed(s['one_rank_ms_iqr'], 0)} ms over {k} runs"],
+        [f"time per meta-step, {n} ranks", f"{fixed(s['many_ranks_ms_median'], 0)} ms",
+         f"IQR {fixed(s['many_ranks_ms_iqr'], 0)} ms over {k} runs"],
+        [f"**speed-up per pair (1 rank / {n} ranks)**", f"**{times(s['speedup_median'])}**",
+         f"IQR {fixed(s['speedup_iqr'], 2)}, range {times(s['speedup_min'])} to {times(s['speedup_max'])}"],
         ["all-reduce per meta-step (incl. waiting for the other ranks), per rank",
-         " / ".join(f"{ms:.0f}" for ms in s["rank_reduce_median_ms"]) + " ms", "median over pairs"],
-        ["drawing one full meta-batch (each rank repeats it)", f"{result.sample_meta_batch_ms:.2f} ms", "median of 20"],
+         " / ".join(fixed(ms, 0) for ms in s["rank_reduce_median_ms"]) + " ms", "median over pairs"],
+        ["drawing one full meta-batch (each rank repeats it)", f"{fixed(result.sample_meta_batch_ms, 2)} ms", "median of 20"],
         ["deterministic CPU memory peak (`cpu_peak_alloc_mib`), 1 process", f"{fmt(s['one_rank_memory_mib'], 4)} MiB", ""],
         [f"the same, per rank with {n} ranks", f"{per_rank} MiB", ""],
     ])

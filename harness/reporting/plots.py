@@ -18,6 +18,7 @@ from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 from harness.reporting.files import write_figure  # noqa: E402
 from harness.reporting.frame import AMP_ORDER, computation_key  # noqa: E402
+from harness.reporting.render import fmt, times  # noqa: E402
 
 PEER_COLORS = {None: "tab:blue", "higher": "tab:orange", "torchopt": "tab:green"}
 ERROR_FLOOR = 1e-18  # exact agreement (0) drawn at this height on the log axis
@@ -86,7 +87,7 @@ def variant_plots(ok: list[dict[str, Any]], title: str, save: Save, fig_name: st
     ax.bar([x + 0.2 for x in xs], [max(f["lr_rel_err"] or 0, ERROR_FLOOR) for f in ok], width=0.4, label="LRs")
     ax.set_yscale("log")
     ax.set_xticks(xs, labels, rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel(f"meta-gradient rel. error vs reference (floor {ERROR_FLOOR:g})")
+    ax.set_ylabel(f"meta-gradient rel. error vs reference (floor {fmt(float(ERROR_FLOOR), 6)})")
     ax.set_title(f"{title}: gradient error")
     ax.legend()
     save(fig, "grad_error.png")
@@ -148,7 +149,7 @@ def _peer_bar(axes: Any, x: float, f: dict[str, Any]) -> None:
         if f["status"] == "ok" and f.get(col) is not None:
             ax.bar(x, f[col], color=PEER_COLORS.get(f["peer"], "tab:gray"), width=0.8)
             if col == "mem_mib" and f["peer"] is None and f.get("mem_vs_best_peer") is not None:
-                ax.annotate(f"{f['mem_vs_best_peer']:.2f}x", (x, f[col]), ha="center", va="bottom", fontsize=6)
+                ax.annotate(times(f['mem_vs_best_peer']), (x, f[col]), ha="center", va="bottom", fontsize=6)
         else:
             ax.scatter([x], [0], marker="x", color="tab:red")
 
@@ -210,7 +211,7 @@ def precision_plot(flat: list[dict[str, Any]], title: str, save: Save, fig_name:
                    label="fp32 (off)" if a == "off" else a)
             for xx, k in zip(xs, keys):
                 if a != "off" and k in cell and cell[k].get(ratio) is not None:
-                    ax.annotate(f"{cell[k][ratio]:.2f}x", (xx, cell[k].get(col) or 0), ha="center", va="bottom",
+                    ax.annotate(times(cell[k][ratio]), (xx, cell[k].get(col) or 0), ha="center", va="bottom",
                                 fontsize=6)
         ax.set_xticks(range(len(keys)), [k[0] + (f"\n{k[1]}" if multi else "") for k in keys], rotation=60,
                       ha="right", fontsize=8)

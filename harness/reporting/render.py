@@ -1,7 +1,9 @@
-"""Numbers and tables as text: the one number formatter (:func:`fmt`) and the one Markdown table writer.
+"""Numbers and tables as text: the one number formatter and the one Markdown table writer.
 
 Every table the harness prints or writes (``table.md``, the ablation's tables, the generated blocks in the
-README and docs) formats its figures through :func:`fmt`, so one figure reads the same everywhere.
+README and docs) formats its figures here, so one figure reads the same everywhere: :func:`fmt`
+(significant digits), :func:`fixed` (decimal places), :func:`percent`, :func:`times` and :func:`fmt_ratio`
+(multiples), :func:`paired_text` (a paired ratio with its quartiles).
 Markdown comes from a DataFrame through :func:`markdown_table` (a dozen lines here rather than
 ``DataFrame.to_markdown``, which needs ``tabulate`` and pads every column to its widest cell: the committed
 tables keep the compact ``| a | b |`` form and no dependency is added).
@@ -27,11 +29,30 @@ def fmt(x: Any, digits: int = 4) -> str:
     return "0" if x == 0 else f"{x:.{digits}g}"
 
 
+def fixed(x: Any, decimals: int = 4, *, signed: bool = False) -> str:
+    """A figure with ``decimals`` places (``+``/``-`` always shown when ``signed``); "" for None."""
+    if x is None:
+        return ""
+    return f"{x:+.{decimals}f}" if signed else f"{x:.{decimals}f}"
+
+
+def percent(x: Any, decimals: int = 1, *, signed: bool = False) -> str:
+    """A fraction as a percentage (``0.031`` -> ``3.1%``, or ``+3.1%`` when ``signed``); "" for None."""
+    if x is None:
+        return ""
+    return f"{x:+.{decimals}%}" if signed else f"{x:.{decimals}%}"
+
+
+def times(x: Any, decimals: int = 2) -> str:
+    """A multiple as ``1.17x``; "" for None."""
+    return "" if x is None else f"{fixed(x, decimals)}x"
+
+
 def fmt_ratio(x: Any, missing: str = MISSING) -> str:
     """A ratio as ``0.406x`` (three decimals); ``missing`` when there is none."""
     if x is None or isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
         return missing
-    return f"{x:.3f}x"
+    return times(x, 3)
 
 
 def paired_text(p: dict[str, Any] | None, *, reference: bool = True) -> str:
@@ -41,7 +62,7 @@ def paired_text(p: dict[str, Any] | None, *, reference: bool = True) -> str:
     med = p.get("median")
     if not isinstance(med, (int, float)) or isinstance(med, bool) or not math.isfinite(med):
         return f"{MISSING} ({p['error']})" if p.get("error") else MISSING
-    text = f"{med:.3f}x [{p['q1']:.3f}-{p['q3']:.3f}]"
+    text = f"{times(med, 3)} [{fixed(p['q1'], 3)}-{fixed(p['q3'], 3)}]"
     return f"{text} vs {p['reference']}" if reference else text
 
 
@@ -62,4 +83,4 @@ def markdown_rows(head: Iterable[str], rows: Iterable[Iterable[Any]]) -> list[st
     return markdown_table(pd.DataFrame([list(r) for r in rows], columns=list(head)))
 
 
-__all__ = ["MISSING", "fmt", "fmt_ratio", "paired_text", "markdown_table", "markdown_rows"]
+__all__ = ["MISSING", "fixed", "fmt", "fmt_ratio", "markdown_rows", "markdown_table", "paired_text", "percent", "times"]

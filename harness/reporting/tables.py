@@ -21,7 +21,7 @@ from harness.reporting.frame import (AMP_ORDER, FP32_KEYS, PAIRED_COLUMNS, cells
                                     num)
 from harness.reporting.plots import make_plots
 from harness.reporting.paths import plots_dir_for
-from harness.reporting.render import fmt, fmt_ratio, markdown_rows, markdown_table
+from harness.reporting.render import fmt, fmt_ratio, markdown_rows, markdown_table, times
 from harness.reporting.files import by_identity, read_cells, write_atomic
 
 COLUMNS = ["variant", "preset", "device", "dtype", "settings", "status", "mem_mib", "mem_figure", "mem_vs_maml",
@@ -151,8 +151,8 @@ def second_order_headlines(flat: list[dict[str, Any]]) -> list[str]:
         t = ta / tb if ta is not None and tb else None
         out.append(f"**Our best second-order variant vs the best second-order peer**{where}: `{a['variant']}` "
                    f"{fmt(a['mem_mib'])} MiB vs `{b['variant']}` {fmt(b['mem_mib'])} MiB = "
-                   f"**{a['mem_mib'] / b['mem_mib']:.3f}x** memory"
-                   + (f" (time {t:.3f}x, {fmt(a['time_median_ms'])} vs {fmt(b['time_median_ms'])} ms)"
+                   f"**{times(a['mem_mib'] / b['mem_mib'], 3)}** memory"
+                   + (f" (time {times(t, 3)}, {fmt(a['time_median_ms'])} vs {fmt(b['time_median_ms'])} ms)"
                       if t is not None else ""))
     return out
 

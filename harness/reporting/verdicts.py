@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from harness.reporting.frame import flatten, num
-from harness.reporting.render import fmt
+from harness.reporting.render import fmt, times
 
 __all__ = ["AGREEMENT_TOL", "FD_TOL", "PASSING", "Verdict", "verdict", "verdicts"]
 
@@ -59,10 +59,10 @@ def _cost_text(f: dict[str, Any]) -> str:
     peak = f"peak {fmt(num(f['mem_mib']), 3)} MiB"
     if f["variant"] == "maml":
         return f"{peak}, median {fmt(num(f['time_median_ms']), 3)} ms per meta-step (the ratios' reference)"
-    mem = f" = {num(f['mem_vs_maml']):.2f}x maml" if num(f.get("mem_vs_maml")) is not None else ""
-    time = f", time {num(f['time_vs_maml']):.2f}x maml" if num(f.get("time_vs_maml")) is not None else ""
+    mem = f" = {times(num(f['mem_vs_maml']))} maml" if num(f.get("mem_vs_maml")) is not None else ""
+    time = f", time {times(num(f['time_vs_maml']))} maml" if num(f.get("time_vs_maml")) is not None else ""
     paired = num(f.get("time_vs_ref_paired"))
-    pair = f" (paired {paired:.2f}x {f['paired_ref']})" if paired is not None else ""
+    pair = f" (paired {times(paired)} {f['paired_ref']})" if paired is not None else ""
     return peak + mem + time + pair
 
 
@@ -74,10 +74,10 @@ def _problems(f: dict[str, Any], tol: float) -> list[str]:
             continue
         x = num(f.get(key))
         if x is None or x > tol:
-            out.append(f"{what} rel err {_err(f.get(key))} vs the non-checkpointed reference (tolerance {tol:g})")
+            out.append(f"{what} rel err {_err(f.get(key))} vs the non-checkpointed reference (tolerance {fmt(float(tol), 6)})")
     fd = f.get("fd_rel_err")
     if fd is not None and (num(fd) is None or num(fd) > FD_TOL):
-        out.append(f"finite differences rel err {_err(fd)} vs the meta-gradient (tolerance {FD_TOL:g})")
+        out.append(f"finite differences rel err {_err(fd)} vs the meta-gradient (tolerance {fmt(float(FD_TOL), 6)})")
     return out
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from harness.reporting.files import write_json, write_atomic
-from harness.reporting.render import fmt, markdown_table
+from harness.reporting.render import fixed, fmt, markdown_table
 from harness.reporting.schema import AblationSummary
 from harness.studies.ablation.plots import plot_curves
 
@@ -24,7 +24,8 @@ __all__ = ["check_line", "check_table", "effect_table", "markdown", "markdown_ta
 def _interval(mean: float, low: float, high: float, signed: bool = False) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return ""
-    f = (lambda v: f"{v:+.4f}") if signed else (lambda v: f"{v:.4f}")
+    def f(v: float) -> str:
+        return fixed(v, 4, signed=signed)
     return f"{f(mean)} [{f(low)}, {f(high)}]" if math.isfinite(low) else f"{f(mean)} [n/a]"
 
 
@@ -56,10 +57,10 @@ def variant_table(summary: dict[str, Any]) -> pd.DataFrame:
             name = "loss" if m == "test_loss" else "accuracy"
             row[f"meta-test {name}: t 95% CI"] = _interval(r[f"{m}_mean"], r[f"{m}_t_low"], r[f"{m}_t_high"])
             row[f"{name}: bootstrap 95% CI"] = ("" if math.isnan(r[f"{m}_boot_low"])
-                                                else f"[{r[f'{m}_boot_low']:.4f}, {r[f'{m}_boot_high']:.4f}]")
+                                                else f"[{fixed(r[f'{m}_boot_low'])}, {fixed(r[f'{m}_boot_high'])}]")
         ckpt = bool(r["counterpart"])  # trained on the verified seeds only: its scores are its counterpart's
         row.update({"final meta-train loss": "" if ckpt else fmt(r["final_train_loss"]),
-                    "s/seed (CPU s)": f"{r['wall_s_per_seed']:.1f} ({r['cpu_s_per_seed']:.1f})",
+                    "s/seed (CPU s)": f"{fixed(r['wall_s_per_seed'], 1)} ({fixed(r['cpu_s_per_seed'], 1)})",
                     "checkpoint check": _same(r)})
         out.append(row)
     return pd.DataFrame(out)
@@ -69,9 +70,9 @@ def effect_table(summary: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame([{
         "effect": e["label"], "a - b": f"{e['a']} - {e['b']}", "metric": e["metric"], "seeds": e["seeds"],
         "mean [t 95% CI]": _interval(e["mean_diff"], e["t_low"], e["t_high"], signed=True),
-        "bootstrap 95% CI": "" if math.isnan(e["boot_low"]) else f"[{e['boot_low']:+.4f}, {e['boot_high']:+.4f}]",
-        "p": fmt(e["p"], 2), "Holm CI (level)": (f"[{e['holm_low']:+.4f}, {e['holm_high']:+.4f}] "
-                                                 f"({100 * e['holm_level']:.2f}%)" if e["seeds"] else ""),
+        "bootstrap 95% CI": "" if math.isnan(e["boot_low"]) else f"[{fixed(e['boot_low'], signed=True)}, {fixed(e['boot_high'], signed=True)}]",
+        "p": fmt(e["p"], 2), "Holm CI (level)": (f"[{fixed(e['holm_low'], signed=True)}, {fixed(e['holm_high'], signed=True)}] "
+                                                 f"({fixed(100 * e['holm_level'], 2)}%)" if e["seeds"] else ""),
         "Holm p": fmt(e["p_holm"], 2), "verdict": e["verdict"]} for e in summary["effects"]],
         columns=["effect", "a - b", "metric", "seeds", "mean [t 95% CI]", "bootstrap 95% CI", "p",
                  "Holm CI (level)", "Holm p", "verdict"])
@@ -104,7 +105,7 @@ def check_line(summary: dict[str, Any]) -> str:
              f"counterparts on the {seeds} verified seed(s) (meta-train loss per step, meta-test curve, "
              f"per-task final scores)"]
     if differ:
-        parts.append(f"{len(differ)} differ (largest difference {max(c['max_abs_diff'] for c in differ):.3g})")
+        parts.append(f"{len(differ)} differ (largest difference {fmt(float(max(c['max_abs_diff'] for c in differ)), 3)})")
     if unclaimed:
         parts.append("no claim for " + ", ".join(unclaimed) + " (diverged)")
     return "; ".join(parts)
@@ -114,7 +115,7 @@ def markdown_tables(summary: dict[str, Any]) -> str:
     """The variant, effect and check tables as markdown (also printed by the command)."""
     m = len([e for e in summary["effects"] if e["seeds"]])
     return (markdown(variant_table(summary)) + "\nPaired effects over seeds (per-seed difference a - b of the "
-            f"held-out means; Holm correction over the {m} effects tested, alpha {summary['alpha']:g}):\n\n"
+            f"held-out means; Holm correction over the {m} effects tested, alpha {fmt(float(summary['alpha']), 6)}):\n\n"
             + markdown(effect_table(summary)) + "\nCheckpoint check:\n\n" + markdown(check_table(summary)))
 
 
@@ -140,9 +141,9 @@ def _header(summary: dict[str, Any], out: Path, plot_paths: list[Path]) -> list[
             + ", ".join(f"[{p.name}]({Path(os.path.relpath(p, out)).as_posix()})" for p in plot_paths), "",
             f"Environment: torch {env['torch']}, {env['cpu']}, {env['host']}, commit {env['git_commit']}"
             f"{' (dirty)' if env['git_dirty'] else ''}, {env['utc']}; this invocation trained "
-            f"{summary['trained_cells']} cells in {summary['train_wall_s']:.1f} s and reused "
+            f"{summary['trained_cells']} cells in {fixed(summary['train_wall_s'], 1)} s and reused "
             f"{summary['reused_cells']}; the cells' own training + evaluation time sums to "
-            f"{summary['cells_wall_s']:.1f} s wall, {summary['cells_cpu_s']:.1f} s CPU (the CPU figure is the "
+            f"{fixed(summary['cells_wall_s'], 1)} s wall, {fixed(summary['cells_cpu_s'], 1)} s CPU (the CPU figure is the "
             "one a busy shared machine does not inflate).", ""]
 
 
