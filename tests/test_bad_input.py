@@ -167,7 +167,7 @@ def test_allow_huge_lifts_the_typo_limit_and_only_it(no_work: Path, capsys) -> N
     refused([*BASE["run"], "--inner-steps", "2000"], capsys, no_work, "--allow-huge")
     from harness.cli.run import spec_from_args
 
-    spec, _ = spec_from_args(build_parser().parse_args([*BASE["run"], "--inner-steps", "2000", "--allow-huge"]))
+    spec = spec_from_args(build_parser().parse_args([*BASE["run"], "--inner-steps", "2000", "--allow-huge"]))
     assert spec.inner_steps == 2000
     refused([*BASE["run"], "--inner-steps", "1000000000", "--allow-huge"], capsys, no_work, "--inner-steps")
 

@@ -21,8 +21,7 @@ from torch.func import grad, vmap
 from torch.utils.checkpoint import checkpoint
 
 from harness.bench.cells import Cell, variant_for
-from harness.bench.single import build
-from harness.loop.spec import RunSpec
+from harness.loop.spec import Experiment, RunSpec
 from harness.settings import split_settings
 from harness.bench.measure import measure_cpu_memory
 from harness.loop.train import StepRunner
@@ -105,10 +104,10 @@ def test_vectorized_variants_are_registered_with_sequential_references():
 
 
 def test_run_and_bench_turn_the_same_settings_into_the_same_variant():
-    """One place (``harness.settings.variant_with``): ``run --set`` (``bench.single.build``) and a bench cell
-    (``bench.cells.variant_for``) give equal variants, ``vectorize`` a bool in both."""
+    """One place (``harness.settings.variant_with``, through ``RunSpec.variant_obj``): ``run --set`` (a spec
+    carrying its settings) and a bench cell (``Cell.run_spec``) give equal variants, ``vectorize`` a bool in both."""
     settings = {"vectorize": 1, "vmap_chunk": 2}
-    from_run = build(RunSpec("maml", "quick", device="cpu", meta_batch=2), split_settings(settings)).variant
+    from_run = Experiment(RunSpec("maml", "quick", device="cpu", meta_batch=2, settings=split_settings(settings))).variant
     from_cell = variant_for(Cell("maml", "quick", settings=settings))
     assert from_run == from_cell and from_run.vectorize is True and from_run.vmap_chunk == 2
 

@@ -27,11 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from harness.core.config import ConfigError
+from harness.loop.spec import RunSpec
 from harness.bench.store import ResultsError, load_rows  # noqa: F401 -- their home is store; kept importable here
 from harness.reporting.schema import CellRow
 from harness.settings import (LAUNCH_SETTINGS, MODEL_SETTINGS, SPEC_SETTINGS, SWEEP_PARAMS,  # the one list of keys
-                              VARIANT_SETTINGS, parse_value, split_settings, variant_with)
-from harness.variants import Variant, get_variant
+                              VARIANT_SETTINGS, parse_value, split_settings)
+from harness.variants import Variant
 from harness.zoo.user import UserSpecs, spec_name
 
 __all__ = ["ADDED_LATER", "Cell", "MeasureOptions", "STATUSES", "PASSING_STATUSES", "SPEC_SETTINGS", "MODEL_SETTINGS",
@@ -143,6 +144,13 @@ class Cell:
         user = ", ".join(f"{k} {spec_name(v) if k != 'ckpt' else ','.join(v)}" for k, v in self.user().items())
         return f"{self.variant} on {self.preset}" + (f" ({user})" if user else "") + (f" [{s}]" if s else "")
 
+    def run_spec(self) -> RunSpec:
+        """The cell as the one spec a run is built from (settings split by destination, checked, typed), made
+        where the cell runs from the JSON the driver wrote: the child, the paired reference, the plan check."""
+        spec, _, _, _, _ = parts = split_settings(self.settings)
+        return RunSpec(variant=self.base_variant, preset=self.preset, device=self.device, dtype=self.dtype,
+                       seed=self.seed, **spec, **self.user(), settings=parts)
+
     def overrides(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         """(run-spec kwargs, model overrides, task overrides); keys as harness.settings lists them.  The run-spec
         kwargs carry the user's model, tasks and checkpoint patterns when the cell names them."""
@@ -161,7 +169,7 @@ def dedup_cells(cells: list[Cell]) -> list[Cell]:
 def variant_for(cell: Cell) -> Variant:
     """The cell's variant with its variant-level settings (``step_ckpt``, ``step_rebuild``, ``snapshots``,
     ``vectorize``, ``vmap_chunk``) applied."""
-    return variant_with(get_variant(cell.base_variant), cell.settings)
+    return cell.run_spec().variant_obj
 
 
 def base_row(cell: Cell) -> dict[str, Any]:

@@ -28,13 +28,13 @@ import torch
 
 from harness.loop import distributed
 from harness.bench import measure, paired
-from harness.bench.cells import (BUILDERS, PLUGIN_ENV, Builder, Cell, MeasureOptions, base_row, load_cell_plugins,
-                                 variant_for)
+from harness.bench.cells import (BUILDERS, PLUGIN_ENV, Builder, Cell, MeasureOptions, base_row,
+                                 load_cell_plugins)
 from harness.bench.process import PARENT_ENV, TEMP_PREFIX, cell_environment, die_with_parent
 from harness.core.config import ConfigError
 from harness.gradcheck import finite_difference_error
 from harness.loop.agreement import check_agreement
-from harness.loop.spec import Experiment, RunSpec
+from harness.loop.spec import Experiment
 from harness.loop.train import Diverged, StepRunner
 from harness.reporting.files import write_json
 from harness import peers
@@ -95,12 +95,9 @@ def failure_status(exc: BaseException) -> tuple[str, str]:
 
 
 def _learner(cell: Cell, row: dict[str, Any]) -> tuple[Experiment, Any]:
-    spec_kw, model_kw, task_kw = cell.overrides()
-    variant = variant_for(cell)
+    exp = Experiment(cell.run_spec())
+    variant = exp.variant
     row["flags"] = variant.flags
-    spec = RunSpec(variant=cell.base_variant, preset=cell.preset, device=cell.device, dtype=cell.dtype,
-                        seed=cell.seed, **spec_kw)
-    exp = Experiment(spec, variant=variant, model_overrides=model_kw or None, task_overrides=task_kw or None)
     row["sizes"] = exp.sizes
     if cell.peer is None:
         return exp, exp.learner

@@ -34,10 +34,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from harness.bench.cells import variant_for
 from harness.loop.train import StepRunner
 from harness.core.config import ConfigError, Task
-from harness.loop.spec import Experiment, RunSpec
+from harness.loop.spec import Experiment
 from harness.variants import registry
 
 __all__ = ["DEFAULT_PAIRS", "clock_for", "measure_paired", "paired_ratios", "ratio_summary", "reference_name"]
@@ -131,14 +130,11 @@ def measure_paired(cell: Any, step: Any, opts: Any, deadline: float | None = Non
     losses = getattr(step, "losses", None)
     kept = len(losses) if losses is not None else 0
     try:
-        ref_cell = replace(cell, variant=ref)
-        spec_kw, model_kw, task_kw = ref_cell.overrides()
-        variant = variant_for(ref_cell)
+        spec = replace(cell, variant=ref).run_spec()
+        variant = spec.variant_obj
         if cell.peer is None:  # a cell-level step_ckpt/vectorize setting is not the reference's
             variant = replace(variant.reference(), name=variant.name)
-        spec = RunSpec(variant=ref, preset=cell.preset, device=cell.device, dtype=cell.dtype, seed=cell.seed,
-                       **spec_kw)
-        exp = Experiment(spec, variant=variant, model_overrides=model_kw or None, task_overrides=task_kw or None)
+        exp = Experiment(spec, variant=variant)
         ref_step = StepRunner(exp.learner, exp.sizes["outer_lr"], exp.sample, scaler=exp.new_scaler())
         if deadline is not None and time.perf_counter() > deadline:
             return {"reference": ref, "error": "no time left in the cell's time budget"}

@@ -15,7 +15,7 @@ import json
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from harness.loop.train import StepRunner
 from harness.reporting.files import write_json
 from harness.reporting.provenance import environment
 from harness.reporting.schema import SCHEMA_VERSION, RunResult
-from harness.settings import CellSettings, check_memory_snapshot, variant_with
+from harness.settings import check_memory_snapshot
 from harness.loop.agreement import check_agreement
 from harness.loop.spec import Experiment, RunSpec, default_threads
 from harness.loop.train import Diverged, TrainLog, train
@@ -64,29 +64,21 @@ def result_path(out: Path, spec: RunSpec, world: int | None = None) -> Path:
     return Path(out) / "runs" / name
 
 
-def build(spec: RunSpec, settings: CellSettings | None) -> Experiment:
-    """The experiment with the ``--set`` model, task and variant settings applied."""
-    s = settings or CellSettings({}, {}, {}, {}, {})
-    variant = variant_with(spec.variant_obj, s.variant)
-    return Experiment(spec, variant=variant, task_overrides=s.task or None, model_overrides=s.model or None)
-
-
-def run_single(spec: RunSpec, out: Path, *, settings: CellSettings | None = None, snapshot: Path | None = None,
-               progress: bool | None = None) -> SingleRun:
+def run_single(spec: RunSpec, out: Path, *, snapshot: Path | None = None, progress: bool | None = None) -> SingleRun:
     """Check, measure and meta-train one cell (data-parallel under torchrun); a diverging run is a result
     with status ``diverged``, a failing rank one with status ``error`` that nobody writes."""
     if snapshot is not None:
         check_memory_snapshot(spec.device)
     # every rank's resolved configuration must match (a different --seed on one: exit 2 naming it)
     sizes = spec.resolved()
-    config = {**asdict(spec), **sizes, **_settings_dict(settings)}
+    config = {**spec.fields(), **sizes, **spec.settings.flat()}
     with distributed.session(spec.device, sizes["meta_batch"], config) as group:
-        return _run(spec, out, settings, snapshot, progress, group)
+        return _run(spec, out, snapshot, progress, group)
 
 
-def _run(spec: RunSpec, out: Path, settings: CellSettings | None, snapshot: Path | None, progress: bool | None,
+def _run(spec: RunSpec, out: Path, snapshot: Path | None, progress: bool | None,
          group: distributed.DataParallel | None) -> SingleRun:
-    exp = build(spec, settings)
+    exp = Experiment(spec)
     main = group is None or group.main
     threads = default_threads(spec.device, exp.learner.model)
     if threads:
@@ -117,7 +109,7 @@ def _run(spec: RunSpec, out: Path, settings: CellSettings | None, snapshot: Path
     ranks_info = distributed.single_process_summary(memory) if group is None else group.summary(memory)
     result = {
         "schema": SCHEMA_VERSION, "kind": "run", "status": status, "message": message,
-        "spec": {**asdict(spec), **exp.sizes}, "settings": _settings_dict(settings),
+        "spec": {**spec.fields(), **exp.sizes}, "settings": spec.settings.flat(),
         "variant": {"name": exp.variant.name, **exp.variant.flags},
         "agreement": agree, "query_loss": log.losses, "final_query_loss": log.losses[-1] if log.losses else None,
         "skipped_steps": log.skipped_steps, "wall_s": wall_s, "memory": memory,
@@ -129,13 +121,6 @@ def _run(spec: RunSpec, out: Path, settings: CellSettings | None, snapshot: Path
         return SingleRun(None, result, main)
     path = result_path(out, spec, None if group is None else group.world)
     return SingleRun(write_json(path, RunResult.from_dict(result, "run result")), result)
-
-
-def _settings_dict(settings: CellSettings | None) -> dict[str, Any]:
-    if settings is None:
-        return {}
-    return {**settings.spec, **settings.variant, **settings.launch, **{f"model.{k}": v for k, v in settings.model.items()},
-            **{f"task.{k}": v for k, v in settings.task.items()}}
 
 
 def _now(device: str) -> float:

@@ -16,7 +16,7 @@ from harness.cli.args import (EXIT_FAILED, EXIT_OK, UsageError, add_out_argument
                               check_out_dir, check_user_code, default_device, merge_flags, results_root,
                               user_specs)
 from harness.loop.spec import RunSpec
-from harness.settings import CellSettings, check_device, check_memory_snapshot, parse_settings, split_settings
+from harness.settings import check_device, check_memory_snapshot, parse_settings, split_settings
 
 __all__ = ["register", "run", "spec_from_args"]
 
@@ -32,8 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-def spec_from_args(args: argparse.Namespace) -> tuple[RunSpec, CellSettings]:
-    """The checked run spec and ``--set`` settings; a UsageError/ConfigError before anything runs."""
+def spec_from_args(args: argparse.Namespace) -> RunSpec:
+    """The checked run spec, carrying its ``--set`` settings; a UsageError/ConfigError before anything runs."""
     check_numbers(args)
     device = args.device if args.device is not None else default_device()
     check_device(device)
@@ -45,20 +45,20 @@ def spec_from_args(args: argparse.Namespace) -> tuple[RunSpec, CellSettings]:
         raise UsageError("--set ranks is for bench and sweep; run one cell data-parallel with "
                          "python -m torch.distributed.run --nproc-per-node N -m harness run ...")
     spec = RunSpec(variant=args.variant, preset=preset, device=device, dtype=args.dtype, meta_steps=args.meta_steps,
-                   seed=args.seed, **parts.spec, **user.fields())
+                   seed=args.seed, **parts.spec, **user.fields(), settings=parts)
     check_user_code(preset, user, parts, args.dtype)
-    return spec, parts
+    return spec
 
 
 def run(args: argparse.Namespace) -> int:
-    spec, settings = spec_from_args(args)
+    spec = spec_from_args(args)
     snapshot = args.memory_snapshot
     if snapshot is not None:
         check_memory_snapshot(spec.device)
         check_out_dir(snapshot.parent, flag="--memory-snapshot")
     out = results_root(args.out)
     check_out_dir(result_path(out, spec).parent)
-    res = run_single(spec, out, settings=settings, snapshot=snapshot)
+    res = run_single(spec, out, snapshot=snapshot)
     if res.main and res.path is None:  # a rank failed: nothing was written
         print(f"error: {res.result['message']}", file=sys.stderr)
     elif res.main:

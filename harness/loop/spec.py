@@ -1,20 +1,21 @@
 """What one cell is and how it is built: :class:`RunSpec` (a variant on a preset or on the user's model, with
 its sizes and settings, validated once) and :class:`Experiment` (the learner, the task stream).
 
-The path of a run: the command line -> ``RunSpec`` (``harness.settings`` checks every value) -> ``Experiment``
+The path of a run: the command line (or a bench cell, ``Cell.run_spec``) -> ``RunSpec`` (``harness.settings``
+checks every value once; the spec carries them typed, split by destination, to wherever the cell runs) -> ``Experiment``
 -> :mod:`harness.loop.agreement` (the check against the non-checkpointed reference) -> :mod:`harness.loop.train`
 (the one training loop).  Try: ``python -m harness run --variant ckpt_lr``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
 
 from harness.core.config import ConfigError, Task
 from harness.core.engine import MetaLearner
-from harness.settings import DTYPES, check_int, check_precision
+from harness.settings import DTYPES, CellSettings, check_int, check_precision, split_settings, variant_with
 from harness.variants import Variant, get_variant
 from harness.zoo.presets import Preset, get_preset
 from harness.zoo.user import make_model, make_tasks, normalize_spec
@@ -51,8 +52,12 @@ class RunSpec:
     model: str | None = None  # --model pkg.module:factory or file.py:factory (harness.zoo.user); None: the preset's
     tasks: str | None = None  # --tasks ...:sampler; None: the preset's task family
     ckpt: tuple[str, ...] = ()  # --ckpt patterns: MetaConfig.ckpt_modules
+    # the --set settings by destination (model and task keywords, variant settings, launch); a dict is split
+    settings: CellSettings = field(default_factory=lambda: CellSettings({}, {}, {}, {}, {}), hash=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.settings, dict):
+            object.__setattr__(self, "settings", split_settings(self.settings))
         get_variant(self.variant), get_preset(self.preset)  # raise ConfigError listing valid names
         for flag, text in (("--model", self.model), ("--tasks", self.tasks)):
             if text is not None:
@@ -69,7 +74,12 @@ class RunSpec:
 
     @property
     def variant_obj(self) -> Variant:
-        return get_variant(self.variant)
+        """The registered variant with the spec's variant settings applied (``step_ckpt``, ``snapshots``, ...)."""
+        return variant_with(get_variant(self.variant), self.settings.variant)
+
+    def fields(self) -> dict[str, Any]:
+        """The spec's own fields (not its settings: those are :meth:`CellSettings.flat`), as rows store them."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "settings"}
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -87,7 +97,9 @@ class Experiment:
     """A built cell: the learner, its task sampler, and a generator for task batches.
 
     The model and tasks are the preset's, or the user's (``spec.model``/``spec.tasks``,
-    :mod:`harness.zoo.user`); the preset gives the sizes either way."""
+    :mod:`harness.zoo.user`); the preset gives the sizes either way.  Everything else comes from the spec
+    (``spec.variant_obj``, ``spec.settings``); ``variant`` and the overrides are for library callers that
+    build a variant of their own (the ablation, tests)."""
 
     def __init__(self, spec: RunSpec, variant: Variant | None = None, task_overrides: dict | None = None,
                  model_overrides: dict | None = None) -> None:
@@ -96,9 +108,11 @@ class Experiment:
         r = spec.resolved()
         self.sizes = r
         self.device = torch.device(spec.device)
-        self.task = make_tasks(spec.preset_obj, spec.tasks, task_overrides)
+        tasks_kw = {**spec.settings.task, **(task_overrides or {})} or None
+        model_kw = {**spec.settings.model, **(model_overrides or {})} or None
+        self.task = make_tasks(spec.preset_obj, spec.tasks, tasks_kw)
         torch.manual_seed(spec.seed)
-        model = make_model(spec.preset_obj, spec.model, model_overrides).to(self.device, spec.torch_dtype)
+        model = make_model(spec.preset_obj, spec.model, model_kw).to(self.device, spec.torch_dtype)
         cfg = self.variant.config(inner_steps=r["inner_steps"], inner_lr=r["inner_lr"], adapt_last=r["adapt_last"],
                                   amp=spec.amp, ckpt_modules=spec.ckpt)
         self.learner = MetaLearner(model, cfg, self.task.loss_fn).to(self.device)

@@ -152,6 +152,12 @@ class CellSettings(NamedTuple):
     variant: dict[str, Any]  # replaced on the Variant (step_ckpt, step_rebuild, snapshots, vectorize, vmap_chunk)
     launch: dict[str, Any]  # how the cell's process starts (ranks)
 
+    def flat(self) -> dict[str, Any]:
+        """The settings as ``--set`` keys again, model keywords as ``model.<kw>`` (:func:`split_settings` of it
+        gives these parts back): what rows store and ranks hash."""
+        return {**self.spec, **self.variant, **self.launch, **{f"model.{k}": v for k, v in self.model.items()},
+                **{f"task.{k}": v for k, v in self.task.items()}}
+
 
 def split_settings(settings: dict[str, Any]) -> CellSettings:
     """Settings (already validated, e.g. read back from a row) sorted by destination; unknown keys raise."""
