@@ -132,3 +132,16 @@ def test_tensors_are_those_tree_flatten_finds() -> None:
         expected = [leaf for leaf in tree_flatten(tree)[0] if isinstance(leaf, torch.Tensor)]
         got = _tensors(tree, [])
         assert len(got) == len(expected) and all(a is b for a, b in zip(got, expected)), tree
+
+
+def test_a_new_storage_in_two_results_is_counted_once() -> None:
+    fresh = torch.ones(256)  # 1 KiB, made outside the block: as if the operator had allocated it
+    for tracker in (ReferenceTracker(), LiveBytesTracker()):
+        tracker.__torch_dispatch__(lambda: (fresh, fresh[1:]), (), (), {})
+        assert (tracker.allocated, tracker.live) == (1024, 1024), type(tracker).__name__
+
+
+def test_no_dynamo_wrapper_per_operator() -> None:
+    # TorchDispatchMode wraps __torch_dispatch__ in torch._disable_dynamo unless _should_skip_dynamo is False:
+    # a call more per operator, and the import of torch._dynamo (seconds) at the first
+    assert LiveBytesTracker.__dict__["__torch_dispatch__"].__code__.co_filename.endswith("measure.py")
