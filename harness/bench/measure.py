@@ -8,7 +8,7 @@ Memory, three figures:
 
 * **CPU, deterministic** (:class:`LiveBytesTracker`): a ``TorchDispatchMode``
   sees every tensor an operator returns; each new untyped storage is counted
-  once (views share it) and a ``weakref.finalize`` on the storage subtracts it
+  once (views share it) and a ``weakref.ref`` callback on the storage subtracts it
   when the storage is freed.  ``cpu_peak_alloc_mib`` is the peak of the live
   bytes allocated during the meta-step.  It depends only on the sequence of
   operators and their shapes, so two runs with the same seed give the same
@@ -51,11 +51,62 @@ NVML_STEPS = 3  # meta-steps of the separate, untimed NVML pass
 CAP_ENV = CPU_MEM_CAP_ENV  # test hook: the CPU tracker raises MemoryError above this (checked: harness.settings)
 
 
+# Types that hold no tensor: skipped without a look inside.  Anything not listed here, a list, a tuple or
+# a tensor goes through ``tree_flatten``, so the tensors found are exactly those ``tree_flatten`` finds.
+_NO_TENSOR = frozenset({type(None), bool, int, float, complex, str, torch.dtype, torch.device, torch.layout,
+                        torch.memory_format})
+_PLAIN_TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})  # tensors, never pytree nodes
+
+
+def _tensors(tree: Any, found: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Append the tensors among the leaves of ``tree`` (as ``tree_flatten`` lists them) to ``found``.
+
+    An operator's arguments and results are tensors, scalars and flat lists or tuples of them; those are
+    walked here, in ``tree_flatten``'s order, and anything else is left to ``tree_flatten``."""
+    kind = type(tree)
+    if kind in _PLAIN_TENSORS:
+        found.append(tree)
+    elif kind in _NO_TENSOR:
+        pass
+    elif kind is tuple or kind is list:
+        for item in tree:
+            _tensors(item, found)
+    elif kind is dict:
+        for item in tree.values():
+            _tensors(item, found)
+    else:
+        found.extend(leaf for leaf in tree_flatten(tree)[0] if isinstance(leaf, torch.Tensor))
+    return found
+
+
 def _storage_key(t: torch.Tensor) -> int | None:
     try:
         return t.untyped_storage()._cdata
-    except (RuntimeError, NotImplementedError):
+    except (RuntimeError, NotImplementedError):  # sparse/meta/tensor subclasses without storage
         return None
+
+
+def _input_storages(args: tuple, kwargs: dict | None) -> set[int | None]:
+    """The storage keys of an operator's tensor arguments (None for a tensor without storage)."""
+    keys: set[int | None] = set()
+    try:
+        for a in args:
+            kind = type(a)
+            if kind in _PLAIN_TENSORS:
+                keys.add(a.untyped_storage()._cdata)
+            elif kind not in _NO_TENSOR:
+                keys.update(_storage_key(t) for t in _tensors(a, []))
+    except (RuntimeError, NotImplementedError):  # a tensor without storage: the slow way
+        keys = {_storage_key(t) for t in _tensors(args, [])}
+    if kwargs:
+        keys.update(_storage_key(t) for t in _tensors(kwargs, []))
+    return keys
+
+
+class _StorageRef(weakref.ref):
+    """A weak reference to a counted storage; its callback, at the free, finds the storage by ``key``."""
+
+    __slots__ = ("key",)
 
 
 class LiveBytesTracker(TorchDispatchMode):
@@ -66,7 +117,17 @@ class LiveBytesTracker(TorchDispatchMode):
     returned.  ``cap_bytes`` (or the ``MAML_HARNESS_CPU_MEM_CAP_MIB`` environment
     variable) turns the tracker into a memory limit: exceeding it raises
     :class:`MemoryError`, so a cell can be driven out of memory on purpose.
+
+    Cost: one Python call per operator.  The arguments are looked at only when a result has a storage not
+    seen yet, and a free is a ``weakref.ref`` callback (``weakref.finalize`` costs several times more);
+    ``tests/test_memory_tracker_fast.py`` holds the figure equal to a straightforward reference counter's.
     """
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # no torch._disable_dynamo wrapper around __torch_dispatch__: it costs a call per operator and
+        # imports torch._dynamo (seconds) at the first one; nothing under the tracker is compiled
+        return False
 
     def __init__(self, cap_bytes: int | None = None) -> None:
         super().__init__()
@@ -77,42 +138,45 @@ class LiveBytesTracker(TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self.allocated = 0  # total bytes ever allocated in the block
-        self._seen: dict[int, int] = {}  # storage key -> nbytes
+        self._seen: dict[int, tuple[int, _StorageRef]] = {}  # storage key -> (nbytes, its free hook)
 
-    def _freed(self, key: int) -> None:
-        nbytes = self._seen.pop(key, None)
-        if nbytes is not None:
-            self.live -= nbytes
-
-    def _track(self, t: torch.Tensor) -> None:
-        try:
-            st = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # sparse/meta/tensor subclasses without storage
-            return
-        nbytes = st.nbytes()
-        if nbytes == 0:
-            return
-        key = st._cdata
-        if key in self._seen:
-            return
-        self._seen[key] = nbytes
-        weakref.finalize(st, self._freed, key)
-        self.live += nbytes
-        self.allocated += nbytes
-        if self.live > self.peak:
-            self.peak = self.live
-        if self.cap_bytes is not None and self.live > self.cap_bytes:
-            raise MemoryError(f"CPU memory cap exceeded: {self.live / MIB:.3f} MiB live > cap "
-                              f"{self.cap_bytes / MIB:.3f} MiB ({CAP_ENV})")
+    def _freed(self, ref: "_StorageRef") -> None:
+        entry = self._seen.pop(ref.key, None)
+        if entry is not None:
+            self.live -= entry[0]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
-        inputs = {_storage_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
+        results = (out,) if type(out) in _PLAIN_TENSORS else _tensors(out, [])
+        seen = self._seen
+        inputs: set[int | None] | None = None
+        for t in results:
+            try:
+                st = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # sparse/meta/tensor subclasses without storage
+                continue
+            key = st._cdata
+            if key in seen:  # a view of, or an in-place write to, a storage already counted
+                continue
+            nbytes = st.nbytes()
+            if nbytes == 0:
+                continue
+            if inputs is None:
+                inputs = _input_storages(args, kwargs)
             # a view of, or an in-place write to, an input allocates nothing: skip storages that
-            # existed before (parameters, optimizer state, task tensors) unless already tracked
-            if isinstance(t, torch.Tensor) and _storage_key(t) not in inputs:
-                self._track(t)
+            # existed before (parameters, optimizer state, task tensors)
+            if key in inputs:
+                continue
+            ref = _StorageRef(st, self._freed)
+            ref.key = key
+            seen[key] = (nbytes, ref)
+            self.live += nbytes
+            self.allocated += nbytes
+            if self.live > self.peak:
+                self.peak = self.live
+            if self.cap_bytes is not None and self.live > self.cap_bytes:
+                raise MemoryError(f"CPU memory cap exceeded: {self.live / MIB:.3f} MiB live > cap "
+                                  f"{self.cap_bytes / MIB:.3f} MiB ({CAP_ENV})")
         return out
 
     @property
