@@ -13,12 +13,17 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from harness.bench.single import run_single
+from harness.loop.spec import RunSpec
 from harness.reporting import versions
 from harness.reporting.files import read_cells, read_row
 from harness.reporting.frame import cells_frame
-from harness.reporting.schema import CellRow, ResultsError, RunResult
+from harness.reporting.schema import CellRow, DiagnosisResult, ResultsError, RunResult
 from harness.reporting.tables import table_md
+from harness.studies.seed import diagnose as seed_diagnose
+from harness.studies.seed.report import markdown
 
 # Two cells of results/baseline/cells.jsonl as version 1 wrote them (one JSON object per blank-line block).
 V1_CELLS = """\
@@ -139,3 +144,27 @@ def test_a_version_this_code_cannot_read_is_one_line_naming_the_versions_it_read
     (tmp_path / "run.json").write_text(json.dumps({**RunResult().to_dict(), "schema": version}))
     with pytest.raises(ResultsError, match="run.json has schema version"):
         read_row(tmp_path / "run.json", RunResult)
+
+
+# -- each maker returns its dataclass; the file holds exactly its to_dict() ---------------------------------------
+def test_run_single_returns_the_run_result_it_wrote(tmp_path: Path) -> None:
+    done = run_single(RunSpec(variant="lr", preset="quick", inner_steps=1, meta_batch=2, meta_steps=2), tmp_path,
+                      progress=False)
+    assert type(done.result) is RunResult and done.ok and done.path is not None
+    written = json.loads(done.path.read_text())
+    assert written == json.loads(json.dumps(done.result.to_dict()))  # the file is the row, nothing added on the way
+    assert done.result.distributed["world_size"] == 1 and done.result.settings == {}
+    assert list(written)[-2:] == ["settings", "distributed"]  # where version 1 wrote them
+
+
+def test_the_diagnosis_is_made_and_written_as_its_row(tmp_path: Path, monkeypatch) -> None:
+    table = {v: {e: {"status": "ok", "text": "ok"} for e in seed_diagnose.ENGINES} for v in ("maml", "lr")}
+    monkeypatch.setattr(seed_diagnose, "run_table", lambda setup, device: table)
+    monkeypatch.setattr(seed_diagnose, "run_probes", lambda setup, device: {"p": {"holds": True}})
+    monkeypatch.setattr(seed_diagnose, "check_expectations", lambda t: [])
+    made = seed_diagnose.diagnose(torch.device("cpu"))
+    assert type(made) is DiagnosisResult and made.table == table and made.command == ""
+    done = seed_diagnose.run_diagnosis(torch.device("cpu"), "off", tmp_path, "python -m harness diagnose")
+    assert type(done.result) is DiagnosisResult and done.result.command == "python -m harness diagnose"
+    assert read_row(done.json_path, DiagnosisResult) == done.result
+    assert done.md_path.read_text() == markdown(done.result)

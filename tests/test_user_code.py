@@ -143,7 +143,7 @@ def test_run_with_a_user_model_tasks_and_ckpt_patterns_is_exact_and_records_them
     result = read_row(path, RunResult)
     assert result.status == "ok" and result.agreement["w_rel_err"] == 0 and result.agreement["lr_rel_err"] == 0
     assert (result.model, result.tasks, result.ckpt) == (MODEL, TASKS, ["layers.*"])
-    assert result.spec["ckpt"] == ["layers.*"] and result.extra["settings"] == {"inner_steps": 2, "meta_batch": 2,
+    assert result.spec["ckpt"] == ["layers.*"] and result.settings == {"inner_steps": 2, "meta_batch": 2,
                                                                              "model.width": 4}
 
 

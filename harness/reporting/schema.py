@@ -184,6 +184,7 @@ class CellRow(Row):
     tasks: Optional[str] = _opt()  # --tasks ...:sampler; absent: the preset's tasks
     ckpt: Optional[list] = _opt()  # --ckpt patterns (MetaConfig.ckpt_modules)
     fd_rel_err: Figure = _opt()  # `check`: finite differences vs the meta-gradient (harness.gradcheck)
+    distributed: Optional[dict] = _opt()  # the ranks' summary (harness.loop.distributed); absent: no process ran
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -217,6 +218,8 @@ class RunResult(Row):
     model: Optional[str] = _opt()  # as CellRow: the user's --model, --tasks, --ckpt when given
     tasks: Optional[str] = _opt()
     ckpt: Optional[list] = _opt()
+    settings: dict = field(default_factory=dict)  # the --set settings, as `key=value` names them
+    distributed: Optional[dict] = _opt()  # the ranks' summary (harness.loop.distributed)
     extra: dict = field(default_factory=dict)
 
 
