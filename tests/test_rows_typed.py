@@ -10,20 +10,28 @@ a version this code cannot read is one line naming the versions it reads.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from harness.bench.cells import Cell, MeasureOptions, base_row
+from harness.bench.child import RowSoFar, measure_cell_inline
+from harness.bench.matrix import lost_cell_row, run_matrix
+from harness.bench.process import measure_cell_isolated
 from harness.bench.single import run_single
+from harness.bench.store import merge_rows, read_rows, run_dir_lock
 from harness.loop.spec import RunSpec
-from harness.reporting import versions
+from harness.reporting import tables, versions
 from harness.reporting.files import read_cells, read_row
 from harness.reporting.frame import cells_frame
 from harness.reporting.schema import CellRow, DiagnosisResult, ResultsError, RunResult
 from harness.reporting.tables import table_md
 from harness.studies.seed import diagnose as seed_diagnose
 from harness.studies.seed.report import markdown
+from harness.variants import get_variant
+from tests.conftest import FAST, TINY
 
 # Two cells of results/baseline/cells.jsonl as version 1 wrote them (one JSON object per blank-line block).
 V1_CELLS = """\
@@ -168,3 +176,70 @@ def test_the_diagnosis_is_made_and_written_as_its_row(tmp_path: Path, monkeypatc
     assert type(done.result) is DiagnosisResult and done.result.command == "python -m harness diagnose"
     assert read_row(done.json_path, DiagnosisResult) == done.result
     assert done.md_path.read_text() == markdown(done.result)
+
+
+def test_a_cells_row_is_made_as_a_cell_row_and_stays_one_in_the_child() -> None:
+    assert type(base_row(Cell("maml", "quick"))) is CellRow
+    ok = measure_cell_inline(Cell("lr", "cpu-bench", settings=TINY), FAST)
+    assert type(ok) is CellRow and ok.status == "ok", ok.message
+    assert ok.flags == get_variant("lr").flags and ok.sizes["meta_batch"] == 2 and ok.memory["cpu_peak_alloc_mib"] > 0
+    # a fault keeps what was filled in before it: the variant's flags, no sizes (the model never got built)
+    bad = measure_cell_inline(Cell("maml", "cpu-bench", settings={**TINY, "model.bogus": 1}), FAST)
+    assert type(bad) is CellRow and bad.status == "error" and "bogus" in bad.message and bad.traceback
+    assert bad.flags == get_variant("maml").flags and bad.sizes is None and bad.env and bad.wall_s > 0
+
+
+def test_a_row_filled_step_by_step_refuses_a_field_a_cell_row_does_not_have() -> None:
+    row = RowSoFar(base_row(Cell("maml", "quick")))
+    row.set(status="ok", message="fine")
+    assert (row.row.status, row.row.message) == ("ok", "fine")
+    with pytest.raises(TypeError, match="statsu"):
+        row.set(statsu="ok")
+
+
+def test_the_isolated_cell_comes_back_as_the_row_its_process_wrote() -> None:
+    row = measure_cell_isolated(Cell("fo", "cpu-bench", settings=TINY), FAST)
+    assert type(row) is CellRow and row.status == "ok", row.message
+    assert row.distributed["world_size"] == 1 and row.extra == {}  # a field now, where version 1 wrote it
+
+
+@dataclass
+class Typed:
+    """An executor returning each cell's row at once, as the local one does (a CellRow)."""
+
+    def measure(self, cell: Cell, opts: MeasureOptions) -> CellRow:
+        return replace(base_row(cell), status="ok", env={}, memory={"cpu_peak_alloc_mib": 1.0})
+
+
+def test_the_matrix_passes_rows_typed_to_the_store_and_back(tmp_path: Path) -> None:
+    cells = [Cell("maml", "quick"), Cell("higher:ckpt_fo", "quick")]  # the peer cell: unsupported, no process
+    rows = run_matrix(cells, tmp_path / "r", FAST, progress=False, executor=Typed(), extra={"sweep_param": "x"})
+    assert [type(r) for r in rows] == [CellRow, CellRow] and [r.status for r in rows] == ["ok", "unsupported"]
+    assert all(r.run_id == "r" and r.sweep_param == "x" and r.measure_opts["repeats"] == FAST.repeats for r in rows)
+    stored = read_rows(tmp_path / "r")
+    assert list(stored.values()) == rows and all(type(r) is CellRow for r in stored.values())
+    assert type(lost_cell_row(cells[0], "its worker died")) is CellRow
+    with pytest.raises(AttributeError, match="'dict' object has no attribute 'key'"), run_dir_lock(tmp_path / "r"):
+        merge_rows(tmp_path / "r", [rows[0].to_dict()], [])  # a dict is no row: the store refuses it
+    assert read_rows(tmp_path / "r") == stored  # and nothing was written
+
+
+def test_a_run_is_turned_into_one_frame_once(tmp_path: Path, monkeypatch) -> None:
+    """tables.build: the rows as read -> one cells_frame -> summary.csv and table.md from that frame; the plots
+    and sections iterate over its records, never turned back into a frame."""
+    run = write_v1(tmp_path).parent
+    frames = []
+    real = tables.cells_frame
+
+    def once(rows):
+        assert all(type(r) is CellRow for r in rows)
+        frames.append(real(rows))
+        return frames[-1]
+
+    monkeypatch.setattr(tables, "cells_frame", once)
+    built = tables.build(run, plots=False)
+    assert len(frames) == 1 and built["frame"] is frames[0]
+    assert (run / "table.md").read_text() == V1_TABLE  # the run folder's name is the title
+    assert (run / "summary.csv").read_text() == tables.summary_csv(frames[0])
+    with pytest.raises(AttributeError):
+        tables.summary_csv(built["flat"])  # records are no frame: no way back

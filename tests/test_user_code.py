@@ -151,10 +151,10 @@ def test_a_cell_reports_a_variant_refusing_the_model_as_unsupported_and_a_broken
     small = {"inner_steps": 1, "meta_batch": 2}
     refused = measure_cell_inline(Cell("vmaml", "conv4", settings={**small, "model.channels": 4,
                                                                    "model.image_size": 8, "task.size": 8}), FAST)
-    assert refused["status"] == "unsupported" and "BatchNorm2d" in refused["message"]
+    assert refused.status == "unsupported" and "BatchNorm2d" in refused.message
     broken = measure_cell_inline(Cell("maml", "quick", settings=small, model=ABS_MODEL,
                                       tasks="tests.user_models:raising_sampler"), FAST)
-    assert broken["status"] == "error" and "the data folder is missing" in broken["message"]
+    assert broken.status == "error" and "the data folder is missing" in broken.message
 
 
 def test_ablate_trains_a_user_model_and_fingerprints_it(monkeypatch: pytest.MonkeyPatch) -> None:
