@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from harness.cli import sweep as sweep_cmd
 from harness.cli.main import build_parser, main
 from harness.settings import SEED_MAX, SETTING_KEYS, parse_settings, split_settings
 from harness.loop.spec import Experiment, RunSpec
+from harness.reporting.schema import CellRow
 from tests.conftest import REPO, TINY, harness
 
 BASE = {  # each command on the same preset, so one bad value means the same thing everywhere
@@ -212,7 +214,7 @@ def test_report_checks_the_plots_folder_before_rewriting_the_tables(no_work: Pat
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     run = no_work / "results" / "r"
     run.mkdir(parents=True)
-    row = {**C.base_row(Cell("maml", "cpu-bench")), "status": "ok", "env": {}}
+    row = {**C.base_row(Cell("maml", "cpu-bench")).to_dict(), "status": "ok", "env": {}}
     (run / "cells.jsonl").write_text(json.dumps(row) + "\n")
     (no_work / "results" / "plots").write_text("a file where the plots folder goes\n")  # --out DIR: DIR/plots/
     code = main(["report", "r", "--out", str(no_work / "results")])
@@ -263,10 +265,9 @@ def test_duplicate_variants_and_values_are_one_cell_each(tmp_path: Path) -> None
 @pytest.mark.parametrize("command", ["bench", "sweep"])
 def test_the_exit_code_says_whether_every_cell_passed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       command: str, status: str, code: int) -> None:
-    def fake(cell: Cell, opts: C.MeasureOptions, executor: object = None) -> dict:
-        row = C.base_row(cell)
-        row.update(status="ok" if cell.variant == "fo" or cell.settings.get("width") == 8 else status, env={})
-        return row
+    def fake(cell: Cell, opts: C.MeasureOptions, executor: object = None) -> CellRow:
+        return replace(C.base_row(cell), status="ok" if cell.variant == "fo" or cell.settings.get("width") == 8
+                       else status, env={})
 
     monkeypatch.setattr(M, "measure_cell", fake)
     sets = [a for k, v in TINY.items() if k != "width" for a in ("--set", f"{k}={v}")]

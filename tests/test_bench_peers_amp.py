@@ -13,11 +13,11 @@ import pytest
 
 from harness.bench import cells as C
 from harness.reporting import tables as report
-from harness.bench.cells import Cell, base_row, load_rows
+from harness.bench.cells import Cell, base_row
 from harness.bench.child import measure_cell_inline
 from harness.bench.matrix import measure_cell
 from harness.bench.request import add_peer_cells
-from harness.reporting.files import write_jsonl
+from harness.reporting.files import read_cells, write_jsonl
 from harness.variants import CANONICAL, get_variant
 from tests.conftest import FAST, TINY, cli, harness
 
@@ -25,7 +25,7 @@ from tests.conftest import FAST, TINY, cli, harness
 def row(variant: str, mem: float | None, ms: float | None = 10.0, status: str = "ok", amp: str = "off",
         agreement: dict | None = None, message: str | None = None) -> dict:
     settings = {"width": 16, **({"amp": amp} if amp != "off" else {})}
-    r = base_row(Cell(variant, "cpu-bench", settings=settings))
+    r = base_row(Cell(variant, "cpu-bench", settings=settings)).to_dict()  # as the file holds it
     r.update(status=status, flags=get_variant(variant.split(":")[-1]).flags, env={}, message=message)
     if status == "ok":
         r.update(memory={"cpu_peak_alloc_mib": mem}, time={"median_ms": ms, "iqr_ms": 0.1, "min_ms": ms, "count": 3},
@@ -47,13 +47,13 @@ def test_bench_peers_lists_unsupported_cells_with_reasons(tmp_path: Path) -> Non
                 "--repeats", "1", "--threads", "1", "--out", str(tmp_path / "results"), "--run-id", "p",
                 "--no-plots")
     assert r.returncode == 0, r.stderr
-    rows = {x["variant"]: x for x in load_rows(tmp_path / "results" / "p")}
+    rows = {x.variant: x for x in read_cells(tmp_path / "results" / "p")}
     assert list(rows) == ["ckpt_fo", "higher:ckpt_fo", "torchopt:ckpt_fo", "torch_maml:ckpt_fo"]
-    assert rows["ckpt_fo"]["status"] == "ok"
+    assert rows["ckpt_fo"].status == "ok"
     for peer in ("higher", "torchopt"):
         x = rows[f"{peer}:ckpt_fo"]
-        assert x["status"] == "unsupported" and x["flags"]["first_order"]
-        assert "no gradient checkpointing" in x["message"] or "pip install '.[peers]'" in x["message"]
+        assert x.status == "unsupported" and x.flags["first_order"]
+        assert "no gradient checkpointing" in x.message or "pip install '.[peers]'" in x.message
     md = (tmp_path / "results" / "p" / "table.md").read_text()
     assert "| higher:ckpt_fo |" in md and "## Ours and the peers side by side" in md and "none supported" in md
 
@@ -66,7 +66,7 @@ def test_peer_cells_without_the_extra_are_unsupported_with_the_install_hint(monk
                                                             "pip install '.[peers]'"))
     for v in ("maml", "ckpt_lr"):  # expressible or not: not installed is the reason
         r = measure_cell(Cell(f"torchopt:{v}", "cpu-bench", settings=TINY), FAST)
-        assert r["status"] == "unsupported" and "pip install '.[peers]'" in r["message"], r["message"]
+        assert r.status == "unsupported" and "pip install '.[peers]'" in r.message, r.message
 
 
 def test_ratio_against_the_best_peer(tmp_path: Path) -> None:
@@ -124,17 +124,17 @@ def test_precision_table_ratios(tmp_path: Path) -> None:
 
 def test_bf16_cell_records_the_fp32_reference_agreement() -> None:
     r = measure_cell_inline(Cell("lr_fo", "cpu-bench", settings={**TINY, "amp": "bf16", "inner_steps": 1}), FAST)
-    assert r["status"] == "ok", r["message"]
-    a = r["agreement"]
-    assert r["amp"] == "bf16" and a["w_rel_err"] == 0.0
+    assert r.status == "ok", r.message
+    a = r.agreement
+    assert r.amp == "bf16" and a["w_rel_err"] == 0.0
     assert 0 < a["fp32_w_rel_err"] < 0.1 and a["fp32_w_cosine"] > 0.99 and a["fp32_lr_rel_err"] is not None
 
 
 def test_bf16_peer_cell_records_the_fp32_reference_agreement() -> None:
     pytest.importorskip("torchopt", reason="torchopt not installed: pip install '.[peers]'")
     r = measure_cell_inline(Cell("torchopt:fo", "cpu-bench", settings={**TINY, "amp": "bf16", "inner_steps": 1}), FAST)
-    assert r["status"] == "ok", r["message"]
-    assert r["agreement"]["w_rel_err"] == 0.0 and 0 < r["agreement"]["fp32_w_rel_err"] < 0.1
+    assert r.status == "ok", r.message
+    assert r.agreement["w_rel_err"] == 0.0 and 0 < r.agreement["fp32_w_rel_err"] < 0.1
 
 
 def test_bad_amp_for_the_device_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

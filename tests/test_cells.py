@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from harness.bench import cells as C
-from harness.bench.cells import Cell, MeasureOptions, load_rows
+from harness.bench.cells import Cell, MeasureOptions
 from harness.bench.child import measure_cell_inline
 from harness.bench.matrix import measure_cell, run_matrix
+from harness.reporting.files import read_cells
+from harness.reporting.schema import CellRow
 from tests.conftest import FAST, TINY, harness
 
 
@@ -23,11 +25,9 @@ class FakeExecutor:
     ran: list[str] = field(default_factory=list)
     status: str = "ok"
 
-    def measure(self, cell: Cell, opts: MeasureOptions) -> dict:
+    def measure(self, cell: Cell, opts: MeasureOptions) -> CellRow:
         self.ran.append(cell.variant)
-        row = C.base_row(cell)
-        row.update(status=self.status, env={})
-        return row
+        return replace(C.base_row(cell), status=self.status, env={})
 
 
 def bench_args(out: Path, variants: str, *extra: str) -> list[str]:
@@ -41,14 +41,14 @@ def test_oom_cell_is_recorded_and_the_matrix_goes_on_then_resumes(tmp_path: Path
     out = tmp_path / "results"
     r = harness(*bench_args(out, "maml,ckpt_fo", "--cpu-mem-cap", "maml=0.001"))
     assert r.returncode == 1, r.stderr  # an oom cell fails the matrix (exit 1), after every cell ran
-    rows = {row["variant"]: row for row in load_rows(out / "r")}
-    assert rows["maml"]["status"] == "oom" and "MemoryError" in rows["maml"]["message"]
+    rows = {row.variant: row for row in read_cells(out / "r")}
+    assert rows["maml"].status == "oom" and "MemoryError" in rows["maml"].message
     ok = rows["ckpt_fo"]
-    assert ok["status"] == "ok" and ok["memory"]["cpu_peak_alloc_mib"] > 0 and ok["time"]["count"] == 1
-    assert ok["agreement"]["w_rel_err"] == 0.0 and ok["agreement"]["lr_rel_err"] is None
-    assert ok["flags"]["layer_ckpt"] and ok["final_query_loss"] is not None
+    assert ok.status == "ok" and ok.memory["cpu_peak_alloc_mib"] > 0 and ok.time["count"] == 1
+    assert ok.agreement["w_rel_err"] == 0.0 and ok.agreement["lr_rel_err"] is None
+    assert ok.flags["layer_ckpt"] and ok.final_query_loss is not None
     for key in ("python", "torch", "cuda", "cudnn", "gpu", "driver", "host", "git_commit", "git_dirty", "utc"):
-        assert key in ok["env"]
+        assert key in ok.env
     for name in ("summary.csv", "table.md"):
         assert (out / "r" / name).is_file()
 
@@ -59,10 +59,10 @@ def test_oom_cell_is_recorded_and_the_matrix_goes_on_then_resumes(tmp_path: Path
     r = harness(*bench_args(out, "maml,ckpt_fo", "--cpu-mem-cap", "maml=0.001"))
     assert r.returncode == 1, r.stderr
     assert "skipping 1 finished cell(s), running 1" in r.stderr
-    again = {row["variant"]: row for row in load_rows(out / "r")}
-    assert again["ckpt_fo"]["env"]["utc"] == ok["env"]["utc"]  # untouched
-    assert again["maml"]["status"] == "oom"
-    assert [row["variant"] for row in load_rows(out / "r")] == ["maml", "ckpt_fo"]  # matrix order kept
+    again = {row.variant: row for row in read_cells(out / "r")}
+    assert again["ckpt_fo"].env["utc"] == ok.env["utc"]  # untouched
+    assert again["maml"].status == "oom"
+    assert [row.variant for row in read_cells(out / "r")] == ["maml", "ckpt_fo"]  # matrix order kept
 
 
 def test_resume_and_force_with_a_fake_cell(tmp_path: Path) -> None:
@@ -73,7 +73,7 @@ def test_resume_and_force_with_a_fake_cell(tmp_path: Path) -> None:
     assert fake.ran == ["maml", "fo", "lr"]
     run_matrix(cells, tmp_path / "x", FAST, progress=False, force=True, executor=fake)
     assert fake.ran[3:] == ["maml", "fo", "lr"]
-    assert [r["variant"] for r in load_rows(tmp_path / "x")] == ["maml", "fo", "lr"]
+    assert [r.variant for r in read_cells(tmp_path / "x")] == ["maml", "fo", "lr"]
     assert not list((tmp_path / "x").glob(".*tmp"))  # atomic writes leave no temporary files
     # other measurement options are not the same measurement: those cells run again
     run_matrix(cells, tmp_path / "x", replace(FAST, repeats=2), progress=False, executor=fake)
@@ -82,20 +82,20 @@ def test_resume_and_force_with_a_fake_cell(tmp_path: Path) -> None:
 
 def test_timeout_marks_the_cell(tmp_path: Path) -> None:
     row = measure_cell(Cell("maml", "quick"), MeasureOptions(timeout_s=0.2))
-    assert row["status"] == "timeout" and "0.2 s" in row["message"] and row["env"]["git_commit"] is not None
+    assert row.status == "timeout" and "0.2 s" in row.message and row.env["git_commit"] is not None
 
 
 def test_exception_is_an_error_with_its_message() -> None:
     row = measure_cell_inline(Cell("maml", "cpu-bench", settings={**TINY, "model.bogus": 1}), FAST)
-    assert row["status"] == "error" and "TypeError" in row["message"] and "bogus" in row["message"]
+    assert row.status == "error" and "TypeError" in row.message and "bogus" in row.message
 
 
 def test_inline_cell_ok_and_unknown_peer_unsupported() -> None:
     row = measure_cell_inline(Cell("ckpt_lr", "cpu-bench", settings={**TINY, "inner_steps": 1}), FAST)
-    assert row["status"] == "ok", row["message"]
-    assert row["sizes"]["inner_steps"] == 1 and row["agreement"]["lr_rel_err"] is not None
+    assert row.status == "ok", row.message
+    assert row.sizes["inner_steps"] == 1 and row.agreement["lr_rel_err"] is not None
     row = measure_cell_inline(Cell("nopeer:maml", "quick"), FAST)
-    assert row["status"] == "unsupported" and "nopeer" in row["message"]
+    assert row.status == "unsupported" and "nopeer" in row.message
 
 
 def test_pluggable_builder(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -110,17 +110,17 @@ def test_pluggable_builder(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(C.BUILDERS, "mine", build)
     row = measure_cell_inline(Cell("mine:fo", "cpu-bench", settings=TINY), FAST)
     assert seen["args"] == ("mine", "fo")
-    assert row["status"] == "ok", row["message"]
-    assert row["agreement"]["w_rel_err"] > 1e-3  # the builder's learner is the one measured and compared
+    assert row.status == "ok", row.message
+    assert row.agreement["w_rel_err"] > 1e-3  # the builder's learner is the one measured and compared
 
 
 def test_cells_file_errors(tmp_path: Path) -> None:
     with pytest.raises(C.ResultsError, match="no such results file"):
-        load_rows(tmp_path / "missing")
+        read_cells(tmp_path / "missing")
     bad = tmp_path / "cells.jsonl"
     bad.write_text(json.dumps({"schema": 1, "key": "k", "variant": "maml", "status": "ok"}) + "\n{\"schema\": 1, \"ke")
     with pytest.raises(C.ResultsError, match="truncated"):
-        load_rows(bad)
+        read_cells(bad)
     bad.write_text(json.dumps({"schema": 99, "key": "k", "variant": "maml", "status": "ok"}) + "\n")
     with pytest.raises(C.ResultsError, match="schema version 99"):
-        load_rows(tmp_path)
+        read_cells(tmp_path)

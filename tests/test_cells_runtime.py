@@ -28,7 +28,9 @@ from harness.bench.child import measure_cell_inline
 from harness.bench.matrix import is_finished, matrix_exit_code, run_matrix
 from harness.bench.process import Interrupted, die_with_parent, exit_status, measure_cell_isolated, \
     signals_as_interrupts
-from harness.bench.store import RunDirBusy, claim_cell, load_rows, run_dir_lock
+from harness.bench.store import RunDirBusy, claim_cell, run_dir_lock
+from harness.reporting.files import read_cells
+from harness.reporting.schema import CellRow
 from tests.conftest import FAST, REPO, TINY
 from tests.test_cells import FakeExecutor, bench_args
 
@@ -47,6 +49,7 @@ BUILDERS["slow"] = hang
 # run_matrix in its own process with an executor that takes a while and logs every measurement
 MATRIX_PROC = """
 import os, sys, time
+from dataclasses import replace
 from harness.bench.cells import Cell, base_row
 from harness.bench.matrix import run_matrix
 from tests.conftest import FAST
@@ -56,9 +59,7 @@ class Slow:
         with open(sys.argv[2], "a") as log:
             log.write(cell.variant + "\\n")
         time.sleep(0.1)
-        row = base_row(cell)
-        row.update(status="ok", env={})
-        return row
+        return replace(base_row(cell), status="ok", env={})
 
 run_matrix([Cell(v, "quick") for v in sys.argv[3].split(",")], sys.argv[1], FAST, progress=False, executor=Slow())
 """
@@ -79,7 +80,7 @@ def test_two_processes_with_different_cells_on_one_run_id_keep_every_row_once(tm
     b = ",".join(f"b{i}" for i in range(8))
     procs = [start_matrix(tmp_path / "r", tmp_path / "log", v) for v in (a, b)]
     assert [p.wait(timeout=300) for p in procs] == [0, 0], [p.stderr.read() for p in procs]
-    variants = [r["variant"] for r in load_rows(tmp_path / "r")]
+    variants = [r.variant for r in read_cells(tmp_path / "r")]
     assert sorted(variants) == sorted(a.split(",") + b.split(","))  # every row, exactly once
 
 
@@ -89,7 +90,7 @@ def test_the_same_matrix_started_twice_measures_each_cell_once(tmp_path: Path) -
     assert [p.wait(timeout=300) for p in procs] == [0, 0], [p.stderr.read() for p in procs]
     measured = (tmp_path / "log").read_text().split()
     assert sorted(measured) == sorted(cells.split(","))  # one measurement per cell, shared between the two
-    assert sorted(r["variant"] for r in load_rows(tmp_path / "r")) == sorted(cells.split(","))
+    assert sorted(r.variant for r in read_cells(tmp_path / "r")) == sorted(cells.split(","))
 
 
 def test_two_bench_commands_on_one_run_id_keep_both_rows(tmp_path: Path) -> None:
@@ -97,7 +98,7 @@ def test_two_bench_commands_on_one_run_id_keep_both_rows(tmp_path: Path) -> None
     procs = [subprocess.Popen([sys.executable, "-m", "harness", *bench_args(out, v)], cwd=REPO, env=env_with(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for v in ("maml", "fo")]
     assert [p.wait(timeout=300) for p in procs] == [0, 0], [p.stderr.read() for p in procs]
-    assert sorted(r["variant"] for r in load_rows(out / "r")) == ["fo", "maml"]
+    assert sorted(r.variant for r in read_cells(out / "r")) == ["fo", "maml"]
 
 
 def test_a_held_lock_is_waited_for_then_refused_naming_its_holder(tmp_path: Path) -> None:
@@ -108,7 +109,7 @@ def test_a_held_lock_is_waited_for_then_refused_naming_its_holder(tmp_path: Path
                        executor=FakeExecutor())
         assert time.monotonic() - t0 >= 0.3
     rows = run_matrix([Cell("maml", "quick")], tmp_path / "r", FAST, progress=False, executor=FakeExecutor())
-    assert [r["status"] for r in rows] == ["ok"]  # released: the next run goes through
+    assert [r.status for r in rows] == ["ok"]  # released: the next run goes through
 
 
 def dead_pid() -> int:
@@ -132,8 +133,7 @@ def test_a_claim_of_a_dead_process_is_taken_over_and_a_live_one_awaited(tmp_path
 
     def finish_fo() -> None:  # the other process writes its row, then ends
         time.sleep(2.0)
-        row = base_row(cells[1])
-        row.update(status="ok", env={}, measure_opts=FAST.__dict__ | {}, by="other")
+        row = replace(base_row(cells[1]), status="ok", env={}, measure_opts=FAST.__dict__ | {}, extra={"by": "other"})
         with run_dir_lock(run_dir):
             store.merge_rows(run_dir, [row], [])
         other.kill()
@@ -144,14 +144,14 @@ def test_a_claim_of_a_dead_process_is_taken_over_and_a_live_one_awaited(tmp_path
     rows = run_matrix(cells, run_dir, FAST, progress=False, executor=fake, log=said.append)
     assert said == [f"waiting for 1 cell(s) another process is measuring in {run_dir}"]
     assert fake.ran == ["maml"]  # the dead one's cell measured here; the live one's awaited, not re-measured
-    assert [r["variant"] for r in rows] == ["maml", "fo"] and rows[1].get("by") == "other"
+    assert [r.variant for r in rows] == ["maml", "fo"] and rows[1].extra.get("by") == "other"
 
 
 def test_duplicate_cells_in_one_request_are_one_measurement(tmp_path: Path) -> None:
     fake, said = FakeExecutor(), []
     cells = [Cell("maml", "quick"), Cell("fo", "quick"), Cell("maml", "quick", settings={})]
     rows = run_matrix(cells, tmp_path / "r", FAST, progress=False, executor=fake, log=said.append)
-    assert fake.ran == ["maml", "fo"] and [r["variant"] for r in rows] == ["maml", "fo"]
+    assert fake.ran == ["maml", "fo"] and [r.variant for r in rows] == ["maml", "fo"]
     assert "collapsed 1 duplicate cell(s)" in said[0]
 
 
@@ -161,14 +161,14 @@ def test_changing_only_the_time_limit_resumes(tmp_path: Path) -> None:
     run_matrix(cells, tmp_path / "r", FAST, progress=False, executor=fake)
     run_matrix(cells, tmp_path / "r", replace(FAST, timeout_s=7), progress=False, executor=fake)
     assert fake.ran == ["maml", "fo"]  # the second run measured nothing
-    timed_out = base_row(cells[0]) | {"status": "timeout", "measure_opts": FAST.__dict__}
+    timed_out = replace(base_row(cells[0]), status="timeout", measure_opts=FAST.__dict__)
     assert is_finished(timed_out, FAST) and is_finished(timed_out, replace(FAST, timeout_s=1))
     assert not is_finished(timed_out, replace(FAST, timeout_s=FAST.timeout_s * 2))  # a longer limit re-runs it
 
 
 def test_exit_code_of_a_matrix() -> None:
-    def rows(*statuses: str) -> list[dict]:
-        return [{"status": s} for s in statuses]
+    def rows(*statuses: str) -> list[CellRow]:
+        return [CellRow(status=s) for s in statuses]
 
     assert matrix_exit_code(rows("ok", "unsupported", "ok")) == 0
     for bad in ("oom", "killed", "error", "timeout", "diverged"):
@@ -226,18 +226,19 @@ def test_a_cell_killed_from_outside_is_killed_not_oom(tmp_path: Path, monkeypatc
     extra = slow_cell_env(tmp_path)
     for k, v in env_with(**extra).items():
         monkeypatch.setenv(k, v)
-    result = {}
-    t = threading.Thread(target=lambda: result.update(measure_cell_isolated(Cell("slow:maml", "quick"), FAST)))
+    result: dict[str, CellRow] = {}
+    t = threading.Thread(target=lambda: result.update(row=measure_cell_isolated(Cell("slow:maml", "quick"), FAST)))
     t.start()
     wait_for(lambda: (tmp_path / "started").exists() and (tmp_path / "started").read_text())
     os.kill(int((tmp_path / "started").read_text()), signal.SIGKILL)
     t.join(timeout=60)
-    assert result["status"] == "killed" and "SIGKILL" in result["message"], result["message"]
+    row = result["row"]
+    assert row.status == "killed" and "SIGKILL" in row.message, row.message
 
 
 def test_a_failed_huge_cpu_allocation_is_oom() -> None:
     row = measure_cell_inline(Cell("maml", "cpu-bench", settings={**TINY, "width": 2 ** 34}), FAST)
-    assert row["status"] == "oom" and "can't allocate memory" in row["message"], row["message"]
+    assert row.status == "oom" and "can't allocate memory" in row.message, row.message
 
 
 def test_how_a_cell_process_ended_names_its_status() -> None:

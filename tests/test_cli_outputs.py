@@ -3,6 +3,7 @@ under ``DIR/plots/`` (issue 25: beside only the default ``results/``) -- and the
 from __future__ import annotations
 
 import ast
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,15 +11,14 @@ import pytest
 from harness.bench import cells as C
 from harness.bench import matrix as M
 from harness.bench.cells import Cell
+from harness.reporting.schema import CellRow
 from harness.cli.main import COMMANDS, main
 from tests.conftest import REPO, TINY
 
 
-def fake_cell(cell: Cell, opts: C.MeasureOptions, executor: object = None) -> dict:
-    row = C.base_row(cell)
-    row.update(status="ok", env={}, memory={"cpu_peak_alloc_mib": 1.0 + len(cell.variant)},
-               time={"median_ms": 2.0, "iqr_ms": 0.0, "min_ms": 2.0, "count": 1, "noisy": False})
-    return row
+def fake_cell(cell: Cell, opts: C.MeasureOptions, executor: object = None) -> CellRow:
+    return replace(C.base_row(cell), status="ok", env={}, memory={"cpu_peak_alloc_mib": 1.0 + len(cell.variant)},
+                   time={"median_ms": 2.0, "iqr_ms": 0.0, "min_ms": 2.0, "count": 1, "noisy": False})
 
 
 @pytest.mark.parametrize("command", ["bench", "sweep"])

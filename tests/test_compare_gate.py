@@ -29,7 +29,7 @@ GATE = Thresholds(mem=0.05, grad=1e-6, time=0.2)
 
 
 def _row(variant: str, mem: float, **settings) -> dict:
-    r = base_row(Cell(variant, "cpu-bench", settings={"width": 16, **settings}))
+    r = base_row(Cell(variant, "cpu-bench", settings={"width": 16, **settings})).to_dict()  # as the file holds it
     r.update(status="ok", memory={"cpu_peak_alloc_mib": mem}, env=dict(ENV), final_query_loss=0.5,
              time={"median_ms": 10.0, "iqr_ms": 0.5, "min_ms": 9.0, "count": 3, "noisy": False},
              agreement={"w_rel_err": 0.0, "w_cosine": 1.0, "lr_rel_err": None, "lr_cosine": None})

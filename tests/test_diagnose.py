@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from harness.cli.main import main
+from harness.reporting.schema import DiagnosisResult
 from harness.studies.seed.diagnose import (AMP_TOL, ENGINES, INPLACE, Setup, check_expectations, explanation,
                                            run_probes, run_table)
 from harness.studies.seed.engine import SeedConfig, SeedLearner
@@ -194,14 +196,14 @@ def test_the_explanation_states_the_run_s_own_figures_and_none_it_did_not_measur
                           "lr_1_step": {"grad_accumulated_in_place": ["head.bias"]}},
               "hook_routes": {"block_leaf_hooks_fired_inside_checkpoint_backward": True},
               "lr_pollution": {"lr_rel_err": 0.31, "lr_rel_err_after_adding_inner_loss_grads": 4.4e-17}}
-    result = {"setup": {"inner_steps": 2}, "tolerance": 1e-12, "table": table, "probes": probes}
+    result = DiagnosisResult(setup={"inner_steps": 2}, tolerance=1e-12, table=table, probes=probes)
     text = explanation(result)
     for figure in ("modified in place: blocks.0.weight", "surfaced in: inner step 2 backward",
                    "1 inner step: outer backward", "1 inner step: head.bias", "blames: `update = lr * param.grad`", "backward: True", "w rel err 0.25",
                    "LR rel err 0.31", "d raw: 4.4e-17", "ok in 7 of 8 cells, largest rel err 0.7"):
         assert figure in text, figure
     assert "1e-16" not in text and "all eight" not in text
-    bare = explanation({**result, "probes": {}})  # mixed precision: no probes
+    bare = explanation(replace(result, probes={}))  # mixed precision: no probes
     assert bare.count("not measured in this run") == 8
 
 

@@ -21,7 +21,8 @@ import pytest
 from harness.bench.cells import Cell
 from harness.bench.matrix import run_matrix
 from harness.bench.process import LocalExecutor
-from harness.bench.store import load_rows
+from harness.reporting.files import read_cells
+from harness.reporting.schema import CellRow
 from harness.cli.main import main
 from harness.studies.ablation.ablate import run_ablation
 from harness.studies.ablation.spec import AblationSpec
@@ -73,8 +74,8 @@ class Interrupted:
             yield pair
 
 
-def measured(row: dict[str, Any]) -> tuple:
-    return row["variant"], row["status"], row["memory"], row["agreement"]
+def measured(row: CellRow) -> tuple:
+    return row.variant, row.status, row.memory, row.agreement
 
 
 @pytest.mark.slow  # minutes: `make test-slow` (CI runs it)
@@ -87,8 +88,8 @@ def test_ray_cells_match_local_cells_row_for_row_and_resume_after_an_interrupt(
     endless = lambda c: replace(FAST, repeats=10**6) if c in CELLS[2:] else FAST  # noqa: E731 -- still running at ^C
     with pytest.raises(KeyboardInterrupt):
         run_matrix(CELLS, tmp_path / "ray", endless, progress=False, executor=first)
-    done = load_rows(tmp_path / "ray")
-    assert [r["variant"] for r in done] == list(VARIANTS[:2]) and all(r["status"] == "ok" for r in done)
+    done = read_cells(tmp_path / "ray")
+    assert [r.variant for r in done] == list(VARIANTS[:2]) and all(r.status == "ok" for r in done)
     assert cancelled == [True, True]  # the two endless cells, forcibly
     deadline = time.monotonic() + 60  # cancelled: the endless cells' processes end with their workers
     while cell_processes() and time.monotonic() < deadline:
@@ -99,14 +100,14 @@ def test_ray_cells_match_local_cells_row_for_row_and_resume_after_an_interrupt(
 
     again = Interrupted(ray_executor, after=99)
     ray_rows = run_matrix(CELLS, tmp_path / "ray", FAST, progress=False, executor=again)
-    assert sorted(again.ran) == sorted(set(VARIANTS) - {r["variant"] for r in done})  # only the missing ones
-    assert [r["wall_s"] for r in ray_rows if r["variant"] in {d["variant"] for d in done}] == \
-        [r["wall_s"] for r in done]  # the finished rows are kept as they were
+    assert sorted(again.ran) == sorted(set(VARIANTS) - {r.variant for r in done})  # only the missing ones
+    assert [r.wall_s for r in ray_rows if r.variant in {d.variant for d in done}] == \
+        [r.wall_s for r in done]  # the finished rows are kept as they were
 
     local_rows = run_matrix(CELLS, tmp_path / "local", FAST, progress=False, executor=LocalExecutor())
-    assert [r["variant"] for r in ray_rows] == list(VARIANTS)  # matrix order, whatever order they finished in
+    assert [r.variant for r in ray_rows] == list(VARIANTS)  # matrix order, whatever order they finished in
     assert [measured(r) for r in ray_rows] == [measured(r) for r in local_rows]
-    assert all(r["memory"]["cpu_peak_alloc_mib"] > 0 for r in ray_rows)
+    assert all(r.memory["cpu_peak_alloc_mib"] > 0 for r in ray_rows)
 
 
 def kill_worker_of(variant: str, killed: dict[str, int], stop: threading.Event) -> None:
@@ -133,14 +134,14 @@ def test_a_cell_whose_worker_is_killed_is_an_error_and_the_others_are_ok(
     killer = threading.Thread(target=kill_worker_of, args=("maml", killed, stop), daemon=True)
     killer.start()
     try:
-        rows = {r["variant"]: r for r in run_matrix(cells, tmp_path / "k", slow, progress=False,
+        rows = {r.variant: r for r in run_matrix(cells, tmp_path / "k", slow, progress=False,
                                                     executor=ray_executor)}
     finally:
         stop.set()
     assert killed, "the maml cell never started"
-    assert rows["maml"]["status"] == "error" and "Ray worker" in rows["maml"]["message"]
-    assert rows["fo"]["status"] == rows["ckpt"]["status"] == "ok"
-    assert len(load_rows(tmp_path / "k")) == 3
+    assert rows["maml"].status == "error" and "Ray worker" in rows["maml"].message
+    assert rows["fo"].status == rows["ckpt"].status == "ok"
+    assert len(read_cells(tmp_path / "k")) == 3
     for _ in range(40):  # the cell's process ends with its worker (harness.bench.process.die_with_parent)
         if not psutil.pid_exists(killed["cell"]) or psutil.Process(killed["cell"]).status() == psutil.STATUS_ZOMBIE:
             break

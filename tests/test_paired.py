@@ -20,6 +20,7 @@ from harness.bench.child import measure_cell_inline
 from harness.cli.args import matrix_options
 from harness.cli.main import build_parser
 from harness.reporting import tables
+from harness.reporting.frame import cells_frame
 from harness.variants import registry
 from tests.conftest import FAST, TINY
 
@@ -94,17 +95,17 @@ def test_a_cell_row_has_its_paired_ratio_and_the_table_shows_it():
     opts = replace(FAST, repeats=3, pairs=3)
     rows = [measure_cell_inline(Cell(v, "cpu-bench", settings=TINY), opts) for v in ("vmaml", "maml")]
     vec, ref = rows
-    assert vec["status"] == "ok" and ref["status"] == "ok", (vec.get("message"), ref.get("message"))
-    p = vec["paired"]
+    assert vec.status == "ok" and ref.status == "ok", (vec.message, ref.message)
+    p = vec.paired
     assert p["reference"] == "maml" and p["pairs"] == 3 and len(p["ratios"]) == 3 and p["clock"] in ("cpu", "wall")
     assert p["min"] <= p["q1"] <= p["median"] <= p["q3"] <= p["max"] and p["min"] > 0
-    assert ref["paired"] is None
-    assert len(vec["losses"]) == opts.warmup + 1 + opts.repeats  # the paired steps are not the cell's losses
-    flat = tables.flatten(rows)
-    assert flat[0]["time_vs_ref_paired"] == p["median"] and flat[1]["time_vs_ref_paired"] is None
-    md = tables.table_md(flat, "t")
+    assert ref.paired is None
+    assert len(vec.losses) == opts.warmup + 1 + opts.repeats  # the paired steps are not the cell's losses
+    frame = cells_frame(rows)
+    assert frame["time_vs_ref_paired"].tolist() == [p["median"], None]
+    md = tables.table_md(frame, "t")
     assert "time / ref (paired, IQR)" in md and f"{p['median']:.3f}x [" in md and "vs maml" in md
-    assert "time_vs_ref_paired" in tables.summary_csv(flat).splitlines()[0]
+    assert "time_vs_ref_paired" in tables.summary_csv(frame).splitlines()[0]
 
 
 def test_bench_times_cpu_cells_on_one_thread_unless_told_so_their_ratios_use_the_cpu_clock():
@@ -130,11 +131,11 @@ def test_a_reference_that_fails_leaves_the_cell_ok_with_a_warning_and_a_bug_fail
         raise RuntimeError("the reference ran out of memory")
     monkeypatch.setattr(paired, "Experiment", broken_reference)
     row = measure_cell_inline(Cell("fo", "cpu-bench", settings=TINY), FAST)
-    assert row["status"] == "ok" and row["paired"]["error"] == "RuntimeError: the reference ran out of memory"
-    assert any("no paired ratio: RuntimeError" in w for w in row["warnings"])
+    assert row.status == "ok" and row.paired["error"] == "RuntimeError: the reference ran out of memory"
+    assert any("no paired ratio: RuntimeError" in w for w in row.warnings)
 
     def bug(*args, **kwargs):
         raise TypeError("a bug")
     monkeypatch.setattr(paired, "Experiment", bug)
     row = measure_cell_inline(Cell("fo", "cpu-bench", settings=TINY), FAST)
-    assert row["status"] == "error" and "TypeError: a bug" in row["message"]
+    assert row.status == "error" and "TypeError: a bug" in row.message

@@ -20,6 +20,7 @@ from harness.reporting.compare import Regression, Thresholds, compare, parse_fai
 from harness.reporting.frame import flatten
 from harness.core.config import ConfigError
 from harness.reporting.files import write_jsonl
+from harness.reporting.schema import CellRow
 from tests.conftest import cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,7 +31,7 @@ ENV = {"python": "3.x", "torch": "2.x", "cuda": None, "cudnn": None, "gpu": None
 def rows(mem: dict[str, float] | None = None, err: float = 0.0) -> list[dict]:
     out = []
     for i, (v, m) in enumerate((mem or {"maml": 2.0, "fo": 1.0, "ckpt_fo": 0.8, "lr": 2.2}).items()):
-        r = base_row(Cell(v, "cpu-bench", settings={"width": 16}))
+        r = base_row(Cell(v, "cpu-bench", settings={"width": 16})).to_dict()  # as the file holds it
         r.update(status="ok", memory={"cpu_peak_alloc_mib": m}, env=dict(ENV), final_query_loss=0.5,
                  time={"median_ms": 10.0 + i, "iqr_ms": 0.5, "min_ms": 9.0, "count": 3, "noisy": False},
                  agreement={"w_rel_err": err, "w_cosine": 1.0, "lr_rel_err": err if "lr" in v else None,
@@ -51,7 +52,7 @@ def harness(*args: str) -> subprocess.CompletedProcess:
 
 def test_report_tables_and_plots(tmp_path: Path) -> None:
     rs = rows()
-    rs.append(base_row(Cell("ckpt", "cpu-bench", settings={"width": 16})))
+    rs.append(base_row(Cell("ckpt", "cpu-bench", settings={"width": 16})).to_dict())
     rs[-1].update(status="oom", message="MemoryError: cap", env=dict(ENV))
     run = write_run(tmp_path / "results" / "r1", rs)
     out = report.build(run)
@@ -225,7 +226,8 @@ def test_ratios_are_against_maml_in_the_same_settings_and_missing_without_one() 
         r["key"] = Cell(r["variant"], "cpu-bench", settings={"width": 32}).key()
     alone = rows({"fo": 3.0})
     alone[0]["settings"] = {"width": 8}
-    by = {(f["variant"], f["settings"]): f for f in flatten(rows({"maml": 2.0, "fo": 1.0}) + wide + alone)}
+    typed = [CellRow.from_dict(r) for r in rows({"maml": 2.0, "fo": 1.0}) + wide + alone]
+    by = {(f["variant"], f["settings"]): f for f in flatten(typed)}
     assert by[("fo", "width=16")]["mem_vs_maml"] == pytest.approx(0.5)
     assert by[("fo", "width=32")]["mem_vs_maml"] == pytest.approx(0.25)
     assert by[("fo", "width=8")]["mem_vs_maml"] is None  # no maml in its group: no ratio, not a made-up one

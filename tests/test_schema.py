@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def a_cell(**changes) -> dict:
-    row = base_row(Cell("ckpt_lr", "cpu-bench", settings={"width": 16}))
+    """A cell's row as the file holds it (a plain dict: what a test writes to make a file)."""
+    row = base_row(Cell("ckpt_lr", "cpu-bench", settings={"width": 16})).to_dict()
     row.update(status="ok", memory={"cpu_peak_alloc_mib": 1.5, "nvml_peak_mib": None},
                time={"median_ms": 3.0, "iqr_ms": 0.1, "min_ms": 2.9, "count": 3, "noisy": False},
                agreement={"w_rel_err": 0.0, "w_cosine": 1.0, "lr_rel_err": float("nan"), "lr_cosine": None},
@@ -35,7 +36,7 @@ def test_one_schema_version_for_every_row_type() -> None:
 
 def test_a_cell_row_round_trips_through_the_file(tmp_path: Path) -> None:
     row = a_cell()
-    write_cells(tmp_path / "cells.jsonl", [row, CellRow.from_dict(a_cell(variant="fo", key="k2"))])
+    write_cells(tmp_path / "cells.jsonl", [CellRow.from_dict(row), CellRow.from_dict(a_cell(variant="fo", key="k2"))])
     first, second = read_cells(tmp_path)
     assert isinstance(first, CellRow) and first.variant == "ckpt_lr" and second.variant == "fo"
     assert first.memory == {"cpu_peak_alloc_mib": 1.5, "nvml_peak_mib": None}  # a missing figure stays None
@@ -100,8 +101,10 @@ def test_a_row_without_its_identity_or_not_an_object(tmp_path: Path) -> None:
 
 
 def test_writers_refuse_a_row_of_the_wrong_shape(tmp_path: Path) -> None:
-    with pytest.raises(ResultsError, match="new row: field 'memory' must be an object"):
-        write_cells(tmp_path / "cells.jsonl", [a_cell(memory="lots")])
+    with pytest.raises(ResultsError, match="CellRow being written: field 'memory' must be an object"):
+        write_cells(tmp_path / "cells.jsonl", [dataclasses.replace(CellRow.from_dict(a_cell()), memory="lots")])
+    with pytest.raises(TypeError, match="cells.jsonl holds CellRow rows, got dict"):
+        write_cells(tmp_path / "cells.jsonl", [a_cell()])  # a plain dict is not a row
     with pytest.raises(ResultsError, match="RunResult being written: field 'skipped_steps' must be an integer"):
         write_json(tmp_path / "run.json", RunResult(spec={"variant": "maml"}, skipped_steps="none"))
     assert list(tmp_path.iterdir()) == []  # nothing written
@@ -110,8 +113,8 @@ def test_writers_refuse_a_row_of_the_wrong_shape(tmp_path: Path) -> None:
 def test_a_user_models_cell_and_run_keep_their_specs_and_finite_differences(tmp_path: Path) -> None:
     """Issue 21: optional fields, absent from preset rows (so every committed row reads and writes unchanged)."""
     cell = Cell("vmaml", "quick", model="/m.py:make", tasks="pkg.tasks:sample", ckpt=("layers.*",))
-    row = {**a_cell(), **base_row(cell), "status": "ok", "fd_rel_err": float("nan")}
-    (back,) = read_cells(write_cells(tmp_path / "cells.jsonl", [row]))
+    row = {**a_cell(), **base_row(cell).to_dict(), "status": "ok", "fd_rel_err": float("nan")}
+    (back,) = read_cells(write_cells(tmp_path / "cells.jsonl", [CellRow.from_dict(row)]))
     assert (back.model, back.tasks, back.ckpt) == ("/m.py:make", "pkg.tasks:sample", ["layers.*"])
     assert math.isnan(back.fd_rel_err) and back.key == cell.key() and back.extra == {"custom_note": "kept"}
     assert not {"model", "tasks", "ckpt", "fd_rel_err"} & set(a_cell())

@@ -143,7 +143,7 @@ def test_run_with_a_user_model_tasks_and_ckpt_patterns_is_exact_and_records_them
     result = read_row(path, RunResult)
     assert result.status == "ok" and result.agreement["w_rel_err"] == 0 and result.agreement["lr_rel_err"] == 0
     assert (result.model, result.tasks, result.ckpt) == (MODEL, TASKS, ["layers.*"])
-    assert result.spec["ckpt"] == ["layers.*"] and result.extra["settings"] == {"inner_steps": 2, "meta_batch": 2,
+    assert result.spec["ckpt"] == ["layers.*"] and result.settings == {"inner_steps": 2, "meta_batch": 2,
                                                                              "model.width": 4}
 
 
@@ -151,10 +151,10 @@ def test_a_cell_reports_a_variant_refusing_the_model_as_unsupported_and_a_broken
     small = {"inner_steps": 1, "meta_batch": 2}
     refused = measure_cell_inline(Cell("vmaml", "conv4", settings={**small, "model.channels": 4,
                                                                    "model.image_size": 8, "task.size": 8}), FAST)
-    assert refused["status"] == "unsupported" and "BatchNorm2d" in refused["message"]
+    assert refused.status == "unsupported" and "BatchNorm2d" in refused.message
     broken = measure_cell_inline(Cell("maml", "quick", settings=small, model=ABS_MODEL,
                                       tasks="tests.user_models:raising_sampler"), FAST)
-    assert broken["status"] == "error" and "the data folder is missing" in broken["message"]
+    assert broken.status == "error" and "the data folder is missing" in broken.message
 
 
 def test_ablate_trains_a_user_model_and_fingerprints_it(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from harness.core.config import ConfigError
 from harness.loop.spec import RunSpec
-from harness.bench.store import ResultsError, load_rows  # noqa: F401 -- their home is store; kept importable here
+from harness.bench.store import ResultsError  # noqa: F401 -- its home is reporting.versions; kept importable here
 from harness.reporting.schema import CellRow
 from harness.settings import (LAUNCH_SETTINGS, MODEL_SETTINGS, SPEC_SETTINGS, SWEEP_PARAMS,  # the one list of keys
                               VARIANT_SETTINGS, parse_value, split_settings)
@@ -38,7 +38,7 @@ from harness.zoo.user import UserSpecs, spec_name
 __all__ = ["ADDED_LATER", "Cell", "MeasureOptions", "STATUSES", "PASSING_STATUSES", "SPEC_SETTINGS", "MODEL_SETTINGS",
            "VARIANT_SETTINGS", "LAUNCH_SETTINGS", "SWEEP_PARAMS", "base_row", "parse_value", "variant_for",
            "dedup_cells",
-           "BUILDERS", "Builder", "PLUGIN_ENV", "ResultsError", "load_cell_plugins", "load_rows"]
+           "BUILDERS", "Builder", "PLUGIN_ENV", "ResultsError", "load_cell_plugins"]
 
 STATUSES = ("ok", "oom", "killed", "error", "timeout", "diverged", "unsupported")
 PASSING_STATUSES = ("ok", "unsupported")  # a matrix of only these exits 0 (see matrix.matrix_exit_code)
@@ -172,9 +172,10 @@ def variant_for(cell: Cell) -> Variant:
     return cell.run_spec().variant_obj
 
 
-def base_row(cell: Cell) -> dict[str, Any]:
-    """A cell's row before it ran: status ``error`` until something says otherwise."""
+def base_row(cell: Cell) -> CellRow:
+    """A cell's row before it ran: status ``error`` until something says otherwise (``dataclasses.replace``
+    fills in the rest)."""
     return CellRow(key=cell.key(), variant=cell.variant, base_variant=cell.base_variant, peer=cell.peer,
                    preset=cell.preset, device=cell.device, dtype=cell.dtype, settings=dict(cell.settings),
                    seed=cell.seed, amp=str(cell.settings.get("amp", "off")), model=cell.model, tasks=cell.tasks,
-                   ckpt=list(cell.ckpt) or None).to_dict()
+                   ckpt=list(cell.ckpt) or None)

@@ -21,6 +21,7 @@ import shutil
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,12 @@ from harness.loop.agreement import check_agreement
 from harness.loop.spec import Experiment
 from harness.loop.train import Diverged, StepRunner
 from harness.reporting.files import write_json
+from harness.reporting.schema import CellRow
 from harness import peers
 from harness.variants import get_variant
 from harness.zoo.user import UserCodeError
 
-__all__ = ["measure_cell_inline", "peer_precheck", "failure_status", "main", "ALLOC_FAILURES"]
+__all__ = ["measure_cell_inline", "peer_precheck", "failure_status", "main", "ALLOC_FAILURES", "RowSoFar"]
 
 # what a failed allocation says when it is not a MemoryError: PyTorch's CPU allocator, C++'s operator new
 ALLOC_FAILURES = ("DefaultCPUAllocator: can't allocate memory", "std::bad_alloc")
@@ -94,11 +96,23 @@ def failure_status(exc: BaseException) -> tuple[str, str]:
     return "error", f"{type(exc).__name__}: {exc}"
 
 
-def _learner(cell: Cell, row: dict[str, Any]) -> tuple[Experiment, Any]:
-    exp = Experiment(cell.run_spec())
+class RowSoFar:
+    """A cell's row as its measurement fills it in, step by step: each :meth:`set` is a ``dataclasses.replace``
+    of the :class:`CellRow` (a name it has no field for raises), and a fault keeps what was filled before it."""
+
+    def __init__(self, row: CellRow) -> None:
+        self.row = row
+
+    def set(self, **fields: Any) -> None:
+        self.row = replace(self.row, **fields)
+
+
+def _learner(cell: Cell, row: RowSoFar) -> tuple[Experiment, Any]:
+    spec = cell.run_spec()
+    row.set(flags=spec.variant_obj.flags)  # before the build: a cell that fails to build keeps its flags
+    exp = Experiment(spec)
     variant = exp.variant
-    row["flags"] = variant.flags
-    row["sizes"] = exp.sizes
+    row.set(sizes=exp.sizes)
     if cell.peer is None:
         return exp, exp.learner
     try:
@@ -109,49 +123,49 @@ def _learner(cell: Cell, row: dict[str, Any]) -> tuple[Experiment, Any]:
         raise _Unsupported(str(exc)) from exc
 
 
-def _measure(cell: Cell, opts: MeasureOptions, row: dict[str, Any], started: float) -> None:
+def _measure(cell: Cell, opts: MeasureOptions, row: RowSoFar, started: float) -> None:
     exp, learner = _learner(cell, row)
     tasks = exp.sample()
-    row["agreement"] = check_agreement(exp, tasks, learner)
+    row.set(agreement=check_agreement(exp, tasks, learner))
     if opts.fd_directions and cell.peer is None and not exp.variant.first_order:  # python -m harness check
-        row["fd_rel_err"] = finite_difference_error(learner, tasks, directions=opts.fd_directions)
+        row.set(fd_rel_err=finite_difference_error(learner, tasks, directions=opts.fd_directions))
     step = StepRunner(learner, exp.sizes["outer_lr"], exp.sample, scaler=exp.new_scaler())
     cap = int(opts.cpu_mem_cap_mib * measure.MIB) if opts.cpu_mem_cap_mib is not None else None
     m = measure.measure(step, cell.device, warmup=opts.warmup, repeats=opts.repeats, nvml=opts.nvml, cap_bytes=cap)
-    row["time"] = m.pop("time")
-    row.update(memory=m, losses=step.losses, final_query_loss=step.losses[-1] if step.losses else None, status="ok")
+    timing = m.pop("time")
+    row.set(time=timing, memory=m, losses=step.losses, final_query_loss=step.losses[-1] if step.losses else None,
+            status="ok")
     # time / reference, alternating in this process, within most of the cell's limit (the rest: start-up)
-    p = row["paired"] = paired.measure_paired(cell, step, opts, deadline=started + PAIRED_SHARE * opts.timeout_s)
-    for warn in (measure.noise_warning(row["time"], cell.label()),
-                 p and p.get("error") and f"{cell.label()}: no paired ratio: {p['error']}",
-                 p and p.get("cut") and f"{cell.label()}: paired ratio from {p['cut']}"):
-        if warn:
-            row["warnings"].append(warn)
+    p = paired.measure_paired(cell, step, opts, deadline=started + PAIRED_SHARE * opts.timeout_s)
+    warnings = [w for w in (measure.noise_warning(timing, cell.label()),
+                            p and p.get("error") and f"{cell.label()}: no paired ratio: {p['error']}",
+                            p and p.get("cut") and f"{cell.label()}: paired ratio from {p['cut']}") if w]
+    row.set(paired=p, warnings=[*row.row.warnings, *warnings])
 
 
-def measure_cell_inline(cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
+def measure_cell_inline(cell: Cell, opts: MeasureOptions) -> CellRow:
     """Measure one cell in this process; never raises for a cell fault (the status says)."""
-    row: dict[str, Any] = base_row(cell)
+    row = RowSoFar(base_row(cell))
     t0 = time.perf_counter()
     if opts.threads:
         torch.set_num_threads(opts.threads)
     try:
         _measure(cell, opts, row, t0)
     except _Unsupported as exc:
-        row["status"], row["message"] = "unsupported", str(exc)
+        row.set(status="unsupported", message=str(exc))
     except UserCodeError as exc:  # the user's factory or sampler failed: their error, not a variant's refusal
-        row["status"], row["message"] = "error", str(exc)
+        row.set(status="error", message=str(exc))
     except ConfigError as exc:  # the variant refuses this model (vmaml on BatchNorm, ...): the reason, one line
-        row["status"], row["message"] = "unsupported", str(exc)
+        row.set(status="unsupported", message=str(exc))
     except Diverged as exc:
-        row["status"], row["message"] = "diverged", str(exc)
+        row.set(status="diverged", message=str(exc))
     except Exception as exc:  # noqa: BLE001 -- any fault of the measured code is the cell's status, not a crash
-        row["status"], row["message"] = failure_status(exc)
-        if row["status"] == "error":
-            row["traceback"] = traceback.format_exc(limit=8)
-    row["wall_s"] = time.perf_counter() - t0
-    row["env"] = cell_environment(cell.device)
-    return row
+        status, message = failure_status(exc)
+        row.set(status=status, message=message)
+        if status == "error":
+            row.set(traceback=traceback.format_exc(limit=8))
+    row.set(wall_s=time.perf_counter() - t0, env=cell_environment(cell.device))
+    return row.row
 
 
 def main(argv: list[str]) -> int:
@@ -164,8 +178,9 @@ def main(argv: list[str]) -> int:
     opts = MeasureOptions(**json.loads(Path(opts_path).read_text()))
     with distributed.session(cell.device) as group:  # one rank of a ``ranks=N`` cell (harness.bench.process)
         row = measure_cell_inline(cell, opts)
-        memory = row.get("memory") or {}
-        row["distributed"] = distributed.single_process_summary(memory) if group is None else group.summary(memory)
+        memory = row.memory or {}
+        row = replace(row, distributed=distributed.single_process_summary(memory) if group is None
+                      else group.summary(memory))
         if group is None or group.main:
             write_json(Path(out_path), row)
     return 0

@@ -20,7 +20,7 @@ import functools
 import sys
 import time
 from contextlib import closing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
@@ -31,6 +31,7 @@ from harness.bench.child import peer_precheck
 from harness.bench.process import CellExecutor, LocalExecutor, cell_environment, signals_as_interrupts
 from harness.bench.store import (LOCK_WAIT_S, RunDirBusy, check_claims, claim_cell, live_claim, merge_rows, read_rows,
                                  release_cell, run_dir_lock)
+from harness.reporting.schema import CellRow
 from harness.variants import get_variant
 
 __all__ = ["run_matrix", "measure_cell", "matrix_exit_code", "is_finished", "LOCAL", "BatchExecutor",
@@ -40,34 +41,32 @@ LOCAL = LocalExecutor()
 POLL_S = 0.5  # how often a run re-reads the file while another process measures one of its cells
 
 
-def matrix_exit_code(rows: Iterable[dict[str, Any]]) -> int:
+def matrix_exit_code(rows: Iterable[CellRow]) -> int:
     """0 when every cell is ``ok`` or ``unsupported``; 1 when any failed, diverged, timed out, was killed or
     ran out of memory (what ``bench`` and ``sweep`` exit with after writing their results)."""
-    return 0 if all(r.get("status") in PASSING_STATUSES for r in rows) else 1
+    return 0 if all(r.status in PASSING_STATUSES for r in rows) else 1
 
 
-def is_finished(row: dict[str, Any] | None, opts: MeasureOptions) -> bool:
+def is_finished(row: CellRow | None, opts: MeasureOptions) -> bool:
     """Whether ``row`` is this cell measured as ``opts`` would: same options but the time limit, and not a
     ``timeout`` under a shorter limit than ``opts``'s."""
     if row is None:
         return False
-    stored = dict(row.get("measure_opts") or {})
+    stored = dict(row.measure_opts or {})
     limit = stored.get("timeout_s")
     if MeasureOptions.identity_of(stored) != opts.identity():
         return False
-    return not (row.get("status") == "timeout" and (limit is None or opts.timeout_s > limit))
+    return not (row.status == "timeout" and (limit is None or opts.timeout_s > limit))
 
 
-def measure_cell(cell: Cell, opts: MeasureOptions, executor: CellExecutor = LOCAL) -> dict[str, Any]:
+def measure_cell(cell: Cell, opts: MeasureOptions, executor: CellExecutor = LOCAL) -> CellRow:
     """One cell's row: a peer cell that cannot run is ``unsupported`` without a process, others go to
     ``executor``."""
     why = peer_precheck(cell)
     if why is None:
         return executor.measure(cell, opts)
-    row = base_row(cell)
-    row.update(flags=get_variant(cell.base_variant).flags, status="unsupported", message=why, wall_s=0.0,
-               env=cell_environment(cell.device))
-    return row
+    return replace(base_row(cell), flags=get_variant(cell.base_variant).flags, status="unsupported", message=why,
+                   wall_s=0.0, env=cell_environment(cell.device))
 
 
 class BatchExecutor(Protocol):
@@ -78,16 +77,14 @@ class BatchExecutor(Protocol):
             gpu: bool = False) -> Iterator[tuple[Any, Any]]: ...
 
 
-def measure_here(opts_of: Callable[[Cell], MeasureOptions], cell: Cell) -> dict[str, Any]:
+def measure_here(opts_of: Callable[[Cell], MeasureOptions], cell: Cell) -> CellRow:
     """A batch executor's job: the cell measured where the job runs, exactly as ``local`` measures it."""
     return measure_cell(cell, opts_of(cell), LOCAL)
 
 
-def lost_cell_row(cell: Cell, reason: str) -> dict[str, Any]:
+def lost_cell_row(cell: Cell, reason: str) -> CellRow:
     """The ``error`` row of a cell its executor lost (its Ray worker died, say)."""
-    row = base_row(cell)
-    row.update(status="error", message=reason, wall_s=None, env=cell_environment(cell.device))
-    return row
+    return replace(base_row(cell), status="error", message=reason, wall_s=None, env=cell_environment(cell.device))
 
 
 @dataclass
@@ -105,7 +102,7 @@ class _Run:
     def lock(self):  # noqa: ANN201
         return run_dir_lock(self.run_dir, self.lock_wait_s)
 
-    def measure_unless_taken(self, cell: Cell) -> dict[str, Any] | str:
+    def measure_unless_taken(self, cell: Cell) -> CellRow | str:
         """The cell's new row; ``"done"`` if another process measured it meanwhile, ``"elsewhere"`` if
         another process is measuring it now."""
         key, opts = cell.key(), self.opts_of(cell)
@@ -115,8 +112,7 @@ class _Run:
             if claim_cell(self.run_dir, key, opts.timeout_s) is not None:
                 return "elsewhere"
         try:
-            row = measure_cell(cell, opts, self.executor)
-            row.update(run_id=self.run_dir.name, measure_opts=asdict(opts), **self.extra)
+            row = self.stamped(measure_cell(cell, opts, self.executor), opts)
             with self.lock():
                 merge_rows(self.run_dir, [row], self.order)
                 release_cell(self.run_dir, key)
@@ -141,8 +137,8 @@ class _Run:
             finished = self.executor.map(functools.partial(measure_here, self.opts_of), claimed,
                                          failed=lost_cell_row, gpu=any(c.device == "cuda" for c in claimed))
             with closing(finished):  # an exception here closes it: the executor cancels the rest
-                for cell, row in finished:
-                    row.update(run_id=self.run_dir.name, measure_opts=asdict(self.opts_of(cell)), **self.extra)
+                for cell, measured in finished:
+                    row = self.stamped(measured, self.opts_of(cell))
                     with self.lock():
                         merge_rows(self.run_dir, [row], self.order)
                         release_cell(self.run_dir, cell.key())
@@ -154,6 +150,10 @@ class _Run:
             for key in open_keys:
                 self._release_quietly(key)
         return elsewhere
+
+    def stamped(self, row: CellRow, opts: MeasureOptions) -> CellRow:
+        """A measured row with this run's id, the options it was measured with and the request's fields."""
+        return replace(row, run_id=self.run_dir.name, measure_opts=asdict(opts), **self.extra)
 
     def _release_quietly(self, key: str) -> None:
         try:
@@ -179,17 +179,17 @@ class _Run:
                         cells.append(c)
 
 
-def _report(bar: tqdm, cell: Cell, row: dict[str, Any]) -> None:
-    if row["status"] != "ok":
-        bar.write(f"{cell.label()}: {row['status']}" + (f" ({row['message']})" if row.get("message") else ""))
-    for w in row.get("warnings") or []:
+def _report(bar: tqdm, cell: Cell, row: CellRow) -> None:
+    if row.status != "ok":
+        bar.write(f"{cell.label()}: {row.status}" + (f" ({row.message})" if row.message else ""))
+    for w in row.warnings or []:
         bar.write(w)
 
 
 def run_matrix(cells: Iterable[Cell], run_dir: Path, opts: MeasureOptions | Callable[[Cell], MeasureOptions], *,
                force: bool = False, progress: bool = True, log: Callable[[str], None] | None = None,
                extra: dict[str, Any] | None = None, executor: CellExecutor | BatchExecutor = LOCAL,
-               lock_wait_s: float = LOCK_WAIT_S) -> list[dict[str, Any]]:
+               lock_wait_s: float = LOCK_WAIT_S) -> list[CellRow]:
     """Measure every cell not finished in ``run_dir/cells.jsonl`` (all of them with ``force``), each through
     ``executor``, merging each row into the file as it comes; returns the request's rows in its order.
 
@@ -223,7 +223,7 @@ def run_matrix(cells: Iterable[Cell], run_dir: Path, opts: MeasureOptions | Call
             bar.update(1)
             if result == "elsewhere":
                 elsewhere.append(cell)
-            elif isinstance(result, dict):
+            elif isinstance(result, CellRow):
                 _report(bar, cell, result)
         bar.close()
         run.await_others(elsewhere, log)

@@ -30,8 +30,7 @@ import os
 import statistics
 import time
 import weakref
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
@@ -43,7 +43,9 @@ import torch
 from harness.loop import distributed
 from harness.bench.cells import Cell, MeasureOptions, base_row
 from harness.bench.deathsig import LINUX, STOP_SIGNALS, arm_parent_death_signal, guarded
+from harness.reporting.files import read_row
 from harness.reporting.provenance import environment
+from harness.reporting.schema import CellRow
 
 __all__ = ["CellExecutor", "LocalExecutor", "Interrupted", "signals_as_interrupts", "measure_cell_isolated",
            "user_code_paths",
@@ -60,14 +62,14 @@ OOM_MARKERS = ("MemoryError", "bad_alloc", "can't allocate memory", "OutOfMemory
 class CellExecutor(Protocol):
     """How a cell's process is launched and awaited; returns the cell's row whatever happens to it."""
 
-    def measure(self, cell: Cell, opts: MeasureOptions) -> dict[str, Any]: ...
+    def measure(self, cell: Cell, opts: MeasureOptions) -> CellRow: ...
 
 
 @dataclass(frozen=True)
 class LocalExecutor:
     """One fresh subprocess per cell on this machine (:func:`measure_cell_isolated`)."""
 
-    def measure(self, cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
+    def measure(self, cell: Cell, opts: MeasureOptions) -> CellRow:
         return measure_cell_isolated(cell, opts)
 
 
@@ -161,10 +163,9 @@ def cell_environment(device: str) -> dict[str, Any]:
     return environment(device)
 
 
-def _finished_row(cell: Cell, status: str, message: str, t0: float) -> dict[str, Any]:
-    row = base_row(cell)
-    row.update(status=status, message=message, wall_s=time.perf_counter() - t0, env=cell_environment(cell.device))
-    return row
+def _finished_row(cell: Cell, status: str, message: str, t0: float) -> CellRow:
+    return replace(base_row(cell), status=status, message=message, wall_s=time.perf_counter() - t0,
+                   env=cell_environment(cell.device))
 
 
 def user_code_paths(cell: Cell) -> tuple[list[str], str]:
@@ -185,7 +186,7 @@ def user_code_paths(cell: Cell) -> tuple[list[str], str]:
     return extra, cwd
 
 
-def measure_cell_isolated(cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
+def measure_cell_isolated(cell: Cell, opts: MeasureOptions) -> CellRow:
     """Measure one cell in a fresh ``python -m harness.bench.child`` process with a time limit; always a row."""
     with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX) as tmp:
         tmpd = Path(tmp)
@@ -211,7 +212,7 @@ def measure_cell_isolated(cell: Cell, opts: MeasureOptions) -> dict[str, Any]:
                 stop_group(proc)
                 return _finished_row(cell, "timeout", f"cell exceeded its time limit of {opts.timeout_s:g} s", t0)
         if rc == 0 and out.exists():
-            return json.loads(out.read_text())
+            return read_row(out, CellRow)  # the child's row, validated as it is read
         tail = (tmpd / "stderr.txt").read_text(errors="replace").strip().splitlines()[-3:]
         return _finished_row(cell, *exit_status(rc, tail), t0)
 

@@ -19,6 +19,7 @@ from harness.bench.executors import ExecutorSpec, open_executor
 from harness.bench.matrix import matrix_exit_code, run_matrix
 from harness.core.config import ConfigError
 from harness.reporting import tables
+from harness.reporting.schema import CellRow
 from harness.settings import DATA_SETTINGS, check_ranks
 from harness.peers import PEERS, supports
 from harness.variants import CANONICAL, get_variant, registry
@@ -39,13 +40,13 @@ class MatrixRequest:
     caps: dict[str, float] = field(default_factory=dict)  # variant -> CPU memory cap (MiB), a test hook
     force: bool = False
     plots_dir: Path | None = None  # None: no plots
-    extra: dict[str, Any] | None = None  # written into every row (e.g. the swept parameter)
+    extra: dict[str, Any] | None = None  # CellRow fields written into every row (e.g. the swept parameter)
     executor: ExecutorSpec = ExecutorSpec()  # default: each cell in a local process
 
 
 @dataclass(frozen=True)
 class MatrixOutcome:
-    rows: list[dict[str, Any]]
+    rows: list[CellRow]
     summary: Path
     table: Path
     plots: list[Path]
@@ -55,7 +56,7 @@ class MatrixOutcome:
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for r in self.rows:
-            out[r["status"]] = out.get(r["status"], 0) + 1
+            out[r.status] = out.get(r.status, 0) + 1
         return out
 
     @property

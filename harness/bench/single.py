@@ -27,7 +27,7 @@ from harness.bench.measure import CudaPeaks, measure_cpu_memory, snapshot_meta_s
 from harness.loop.train import StepRunner
 from harness.reporting.files import write_json
 from harness.reporting.provenance import environment
-from harness.reporting.schema import SCHEMA_VERSION, RunResult
+from harness.reporting.schema import RunResult
 from harness.settings import check_memory_snapshot
 from harness.loop.agreement import check_agreement
 from harness.loop.spec import Experiment, RunSpec, default_threads
@@ -42,12 +42,12 @@ class SingleRun:
     """What ``run`` prints: the result as written and where (rank 0), or the failure of a rank."""
 
     path: Path | None  # None: not written (another rank than 0, or a rank failed)
-    result: dict[str, Any]
+    result: RunResult  # as written (rank 0), or a rank's failure (status error)
     main: bool = True  # rank 0, or a one-process run: the one that reports
 
     @property
     def ok(self) -> bool:
-        return self.result["status"] == "ok"
+        return self.result.status == "ok"
 
 
 def result_path(out: Path, spec: RunSpec, world: int | None = None) -> Path:
@@ -101,26 +101,24 @@ def _run(spec: RunSpec, out: Path, snapshot: Path | None, progress: bool | None,
     except Diverged as exc:
         status, message = "diverged", str(exc)
     except distributed.RankFailed as exc:  # every rank ends here at once; rank 0 says which rank failed
-        return SingleRun(None, {"status": "error", "message": str(exc)}, main)
+        return SingleRun(None, RunResult(status="error", message=str(exc)), main)
     finally:
         bar.close()
     wall_s = time.perf_counter() - stamps[0]
     memory.update(peaks.figures if peaks is not None else {})
     ranks_info = distributed.single_process_summary(memory) if group is None else group.summary(memory)
-    result = {
-        "schema": SCHEMA_VERSION, "kind": "run", "status": status, "message": message,
-        "spec": {**spec.fields(), **exp.sizes}, "settings": spec.settings.flat(),
-        "variant": {"name": exp.variant.name, **exp.variant.flags},
-        "agreement": agree, "query_loss": log.losses, "final_query_loss": log.losses[-1] if log.losses else None,
-        "skipped_steps": log.skipped_steps, "wall_s": wall_s, "memory": memory,
-        "time": time_stats([b - a for a, b in zip(stamps, stamps[1:])][1:]),  # the first meta-step: warm-up
-        "env": environment(spec.device), "distributed": ranks_info,
-        **{k: list(v) if k == "ckpt" else v for k, v in UserSpecs(spec.model, spec.tasks, spec.ckpt).fields().items()},
-    }
+    user = {k: list(v) if k == "ckpt" else v for k, v in UserSpecs(spec.model, spec.tasks, spec.ckpt).fields().items()}
+    result = RunResult(status=status, message=message, spec={**spec.fields(), **exp.sizes},
+                       variant={"name": exp.variant.name, **exp.variant.flags}, agreement=agree,
+                       query_loss=log.losses, final_query_loss=log.losses[-1] if log.losses else None,
+                       skipped_steps=log.skipped_steps, wall_s=wall_s, memory=memory,
+                       time=time_stats([b - a for a, b in zip(stamps, stamps[1:])][1:]),  # the first: warm-up
+                       env=environment(spec.device), settings=spec.settings.flat(), distributed=ranks_info,
+                       **user)
     if not main:
         return SingleRun(None, result, main)
     path = result_path(out, spec, None if group is None else group.world)
-    return SingleRun(write_json(path, RunResult.from_dict(result, "run result")), result)
+    return SingleRun(write_json(path, result), result)
 
 
 def _now(device: str) -> float:

@@ -41,10 +41,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from harness.core.config import ConfigError
-from harness.reporting.files import load_rows, write_atomic, write_cells
-from harness.reporting.schema import ResultsError
+from harness.reporting.files import read_cells, write_atomic, write_cells
+from harness.reporting.schema import CellRow, ResultsError
 
-__all__ = ["ResultsError", "RunDirBusy", "CELLS_FILE", "LOCK_WAIT_S", "load_rows", "read_rows", "run_dir_lock",
+__all__ = ["ResultsError", "RunDirBusy", "CELLS_FILE", "LOCK_WAIT_S", "read_rows", "run_dir_lock",
            "merge_rows", "check_claims", "claim_cell", "parse_claim", "release_cell", "live_claim", "pid_alive"]
 
 CELLS_FILE = "cells.jsonl"
@@ -61,12 +61,12 @@ class RunDirBusy(ConfigError):
     """Another process held a results directory's lock longer than we would wait (one line, exit 2)."""
 
 
-def read_rows(run_dir: Path) -> dict[str, dict[str, Any]]:
+def read_rows(run_dir: Path) -> dict[str, CellRow]:
     """``run_dir``'s rows by key, in file order; none yet is an empty dict (a bad file is :class:`ResultsError`)."""
     path = Path(run_dir) / CELLS_FILE
     if not path.exists():
         return {}
-    return {r["key"]: r for r in load_rows(path)}
+    return {r.key: r for r in read_cells(path)}
 
 
 def pid_alive(pid: int, host: str) -> bool:
@@ -142,13 +142,13 @@ def run_dir_lock(run_dir: Path, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
         os.close(fd)
 
 
-def merge_rows(run_dir: Path, new: list[dict[str, Any]], order: list[str]) -> dict[str, dict[str, Any]]:
+def merge_rows(run_dir: Path, new: list[CellRow], order: list[str]) -> dict[str, CellRow]:
     """Under the lock: re-read, replace rows by key, keep all others, replace atomically; returns all rows.
 
     The file lists ``order``'s keys first (the caller's matrix order), then the others in file order.
     """
     rows = read_rows(run_dir)
-    rows.update({r["key"]: r for r in new})
+    rows.update({r.key: r for r in new})
     ranked = {k: i for i, k in enumerate(order)}
     keys = sorted(rows, key=lambda k: ranked.get(k, len(ranked)))  # stable: the others keep file order
     write_cells(Path(run_dir) / CELLS_FILE, [rows[k] for k in keys])  # each row validated as a CellRow

@@ -45,33 +45,33 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         argv.append(f"--out {args.out}")
     done = run_diagnosis(device, args.amp, results_root(args.out), " ".join(argv))
-    result, json_path, md_path = done.result.to_dict(), done.json_path, done.md_path
+    result, json_path, md_path = done.result, done.json_path, done.md_path
 
-    width = max(len(v) for v in result["table"])
+    width = max(len(v) for v in result.table)
     if args.amp == "off":
-        print(f"diagnosis on {device} (float64, torch {result['env']['torch']}): meta-gradients vs the functional "
+        print(f"diagnosis on {device} (float64, torch {result.env['torch']}): meta-gradients vs the functional "
               "non-checkpointed reference")
     else:
         print(f"diagnosis on {device} (float32 + autocast {args.amp}"
-              + (" + GradScaler" if args.amp == "fp16" else "") + f", torch {result['env']['torch']}): "
+              + (" + GradScaler" if args.amp == "fp16" else "") + f", torch {result.env['torch']}): "
               f"meta-gradients vs the functional non-checkpointed reference at the same precision "
-              f"(ok: rel err <= {result['tolerance']:g}); [vs float64: ...] against the float64 reference")
+              f"(ok: rel err <= {result.tolerance:g}); [vs float64: ...] against the float64 reference")
     for engine in ENGINES:
         print(f"\n  {ENGINE_TITLES[engine]}:")
-        for variant, row in result["table"].items():
+        for variant, row in result.table.items():
             print(f"    {variant:<{width}}  {row[engine]['text']}")
-    diffs = result["differences"]
+    diffs = result.differences
     print("\nreproduces the team's table" if not diffs else "\ndifferences from the team's table:")
     for d in diffs:
         print(f"  {d}")
-    failed = [n for n, p in result["probes"].items() if not p.get("holds")]
-    if result["probes"]:
-        print(f"probes: {len(result['probes']) - len(failed)}/{len(result['probes'])} hold"
+    failed = [n for n, p in result.probes.items() if not p.get("holds")]
+    if result.probes:
+        print(f"probes: {len(result.probes) - len(failed)}/{len(result.probes)} hold"
               + (f"; NOT holding: {', '.join(failed)}" if failed else ""))
     else:
         print("probes: float64 only (run without --amp)")
     print()
     print(explanation(result))
     print(f"\nwrote {md_path} and {json_path}; full explanation in docs/diagnosis.md")
-    ok = not failed and all(row["functional"]["status"] == "ok" for row in result["table"].values())
+    ok = not failed and all(row["functional"]["status"] == "ok" for row in result.table.values())
     return EXIT_OK if ok else EXIT_FAILED

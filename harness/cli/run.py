@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     check_out_dir(result_path(out, spec).parent)
     res = run_single(spec, out, snapshot=snapshot)
     if res.main and res.path is None:  # a rank failed: nothing was written
-        print(f"error: {res.result['message']}", file=sys.stderr)
+        print(f"error: {res.result.message}", file=sys.stderr)
     elif res.main:
         for line in summary_lines(res):
             print(line)
@@ -69,23 +69,23 @@ def run(args: argparse.Namespace) -> int:
 
 def summary_lines(res: SingleRun) -> list[str]:
     r = res.result
-    spec, agree, losses, memory, timing = r["spec"], r["agreement"], r["query_loss"], r["memory"], r["time"]
+    spec, agree, losses, memory, timing = r.spec, r.agreement, r.query_loss, r.memory, r.time
     w, lr = agree["w_rel_err"], agree["lr_rel_err"]
-    lines = [f"{spec['variant']} on {spec['preset']} ({spec['device']}, {spec['dtype']}): status {r['status']}",
+    lines = [f"{spec['variant']} on {spec['preset']} ({spec['device']}, {spec['dtype']}): status {r.status}",
              f"  meta-gradient vs non-checkpointed reference: weights rel err {w:.3g}"
              + (f", LRs rel err {lr:.3g}" if lr is not None else ", no learnable LRs")]
     if "fp32_w_rel_err" in agree:
         lines.append(f"  vs the fp32 non-checkpointed reference: weights rel err {agree['fp32_w_rel_err']:.3g}, "
-                     f"cosine {agree['fp32_w_cosine']:.6f}; skipped meta-steps {r['skipped_steps']}")
+                     f"cosine {agree['fp32_w_cosine']:.6f}; skipped meta-steps {r.skipped_steps}")
     if losses:
         lines.append(f"  query loss {losses[0]:.4g} -> {losses[-1]:.4g} over {len(losses)} meta-steps "
-                     f"in {r['wall_s']:.2f} s")
+                     f"in {r.wall_s:.2f} s")
     mem = f"  memory: CPU peak live {memory['cpu_peak_alloc_mib']:.4g} MiB per meta-step (deterministic)"
     if "cuda_peak_alloc_mib" in memory:
         mem += (f"; CUDA peak allocated {memory['cuda_peak_alloc_mib']:.1f} MiB "
                 f"({memory['cuda_peak_alloc_above_base_mib']:.1f} above base)")
     lines.append(mem)
-    dist = r.get("distributed") or {}
+    dist = r.distributed or {}
     if (dist.get("world_size") or 1) > 1:
         lines.append(f"  {dist['world_size']} ranks ({dist['backend']}): per-rank CPU peak "
                      + ", ".join(f"{m:.4g}" for m in dist["rank_memory_mib"]) + " MiB")
@@ -97,7 +97,7 @@ def summary_lines(res: SingleRun) -> list[str]:
             lines.append(f"  {warn}")
     if memory.get("snapshot"):
         lines.append(f"  wrote CUDA memory snapshot {memory['snapshot']}")
-    if r["message"]:
-        lines.append(f"  {r['message']}")
+    if r.message:
+        lines.append(f"  {r.message}")
     lines.append(f"  wrote {res.path}")
     return lines

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     outcome = run_request(req)
     print(f"sweep {req.run_dir.name}: {len(outcome.rows)} cells in {outcome.wall_s:.1f} s")
     for r, f in zip(outcome.rows, flatten(outcome.rows)):
-        print(f"  {r['variant']:<18} {name}={r['settings'][name]:<4} {r['status']:<8} "
+        print(f"  {r.variant:<18} {name}={r.settings[name]:<4} {r.status:<8} "
               f"mem {fmt_number(f['mem_mib'])} MiB  time {fmt_number(f['time_median_ms'])} ms")
     print(f"  wrote {outcome.summary}, {outcome.table}"
           + (f", plots in {outcome.plots[0].parent}" if outcome.plots else ""))

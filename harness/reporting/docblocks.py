@@ -207,8 +207,7 @@ def markdown_table_of(root: Path, source: str, number: str = "1") -> list[str]:
 
 def check_table(root: Path, run: str) -> list[str]:
     """``python -m harness check``'s verdicts, one row per variant (:mod:`harness.reporting.verdicts`)."""
-    rows = [r.to_dict() for r in read_cells(root / run)]
-    return markdown_rows(["variant", "verdict"], [[f"`{v.variant}`", v.line] for v in verdicts(rows)])
+    return markdown_rows(["variant", "verdict"], [[f"`{v.variant}`", v.line] for v in verdicts(read_cells(root / run))])
 
 
 KINDS: dict[str, Callable[..., list[str]]] = {"variants": variants_table, "cells": cells_table, "check": check_table,

@@ -19,7 +19,7 @@ from typing import Any, BinaryIO, Callable, Iterable, TypeVar
 
 from harness.reporting.schema import CellRow, ResultsError, Row
 
-__all__ = ["by_identity", "cells_path", "load_rows", "read_cells", "read_row", "write_cells", "write_json", "write_jsonl",
+__all__ = ["by_identity", "cells_path", "read_cells", "read_row", "write_cells", "write_json", "write_jsonl",
            "write_atomic", "write_figure"]
 
 R = TypeVar("R", bound=Row)
@@ -98,10 +98,14 @@ def write_jsonl(path: Path, rows: Iterable[Any]) -> Path:
     return write_atomic(path, "".join(json.dumps(_clean(_plain(r))) + "\n" for r in rows))
 
 
-def write_cells(path: Path, rows: Iterable[CellRow | dict[str, Any]]) -> Path:
-    """``cells.jsonl``: each row validated as a :class:`CellRow` (a malformed row is a bug: it raises)."""
-    return write_jsonl(path, [r if isinstance(r, CellRow) else CellRow.from_dict(r, f"{path}: new row")
-                              for r in rows])
+def write_cells(path: Path, rows: Iterable[CellRow]) -> Path:
+    """``cells.jsonl``: each row a :class:`CellRow`, validated (anything else, or a malformed row, is a bug: it
+    raises)."""
+    rows = list(rows)
+    strays = sorted({type(r).__name__ for r in rows if not isinstance(r, CellRow)})
+    if strays:
+        raise TypeError(f"{path}: cells.jsonl holds CellRow rows, got {', '.join(strays)}")
+    return write_jsonl(path, rows)
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -135,11 +139,6 @@ def read_cells(path: Path) -> list[CellRow]:
     if not rows:
         raise ResultsError(f"{path}: empty results file")
     return rows
-
-
-def load_rows(path: Path) -> list[dict[str, Any]]:
-    """:func:`read_cells` as plain dicts (the form the cell runner keeps and rewrites)."""
-    return [r.to_dict() for r in read_cells(path)]
 
 
 def read_row(path: Path, row_type: type[R]) -> R:

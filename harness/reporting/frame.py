@@ -1,8 +1,11 @@
 """Cell rows -> one flat pandas DataFrame with the ratios the tables and plots show.
 
-One line per cell: identity, status, the memory figure, time statistics, gradient agreement, and the
+The one conversion: :func:`cells_frame` takes the typed rows (:class:`CellRow`, as
+:func:`harness.reporting.files.read_cells` or the matrix return them) and builds the frame once; the tables
+format it and the plots and Markdown sections iterate over its records (:func:`flatten`), never turning records
+back into a frame.  One line per cell: identity, status, the memory figure, time statistics, gradient agreement, and the
 ratios computed as joins on the same run's rows -- against ``maml`` in the same (preset, device, dtype,
-settings) group, against the best peer of the same computation (:func:`best_peers`), against the same
+settings) group, against the best peer of the same computation (:func:`best_peer_frame`), against the same
 variant's fp32 (``amp=off``) cell.  A ratio needs both figures finite and the denominator nonzero;
 otherwise it is missing (None), never a made-up number.
 
@@ -60,10 +63,6 @@ def mem_figure(row: CellRow) -> tuple[str, float | None]:
     return "cpu_peak_alloc_mib", m.get("cpu_peak_alloc_mib")
 
 
-def as_cell(row: CellRow | dict[str, Any]) -> CellRow:
-    return row if isinstance(row, CellRow) else CellRow.from_dict(row)
-
-
 def num(x: Any) -> float | None:
     """A finite number, or None (missing, NaN, inf, or not a number)."""
     if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x):
@@ -118,9 +117,9 @@ def _lookup(frame: pd.DataFrame, refs: pd.DataFrame, on: list[str], cols: list[s
     return out.astype(object).where(out.notna(), None)
 
 
-def cells_frame(rows: Iterable[CellRow | dict[str, Any]]) -> pd.DataFrame:
-    """The flat DataFrame of a run (object columns: ints stay ints, missing is None)."""
-    df = pd.DataFrame([_record(as_cell(r)) for r in rows], dtype=object)
+def cells_frame(rows: Iterable[CellRow]) -> pd.DataFrame:
+    """The flat DataFrame of a run's rows (object columns: ints stay ints, missing is None)."""
+    df = pd.DataFrame([_record(r) for r in rows], dtype=object)
     if df.empty:
         return df
     df["computes_first_order"] = df["first_order"].map(bool)
@@ -151,7 +150,7 @@ def best_peer_frame(df: pd.DataFrame) -> pd.DataFrame:
     return cand.sort_values(["_mem", "_time"], kind="mergesort").drop_duplicates(COMPUTATION, keep="first")
 
 
-def flatten(rows: Iterable[CellRow | dict[str, Any]]) -> list[dict[str, Any]]:
+def flatten(rows: Iterable[CellRow]) -> list[dict[str, Any]]:
     """:func:`cells_frame` as one dict per cell (what the Markdown sections and plots iterate over)."""
     return cells_frame(rows).to_dict("records")
 
@@ -163,14 +162,5 @@ def computation_key(f: dict[str, Any]) -> tuple:
             bool(f.get("learn_lr")))
 
 
-def best_peers(flat: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
-    """computation_key -> the best peer cell (see :func:`best_peer_frame`)."""
-    if not flat:
-        return {}
-    best = best_peer_frame(pd.DataFrame(flat, dtype=object))
-    return {computation_key(f): f for f in best.drop(columns=["_mem", "_time"]).to_dict("records")}
-
-
 __all__ = ["AMP_ORDER", "FP32_KEYS", "GROUP", "COMPUTATION", "PAIRED_COLUMNS", "paired_columns", "settings_str",
-           "user_str", "mem_figure", "as_cell", "num",
-           "cells_frame", "best_peer_frame", "flatten", "computation_key", "best_peers"]
+           "user_str", "mem_figure", "num", "cells_frame", "best_peer_frame", "flatten", "computation_key"]

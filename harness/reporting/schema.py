@@ -9,8 +9,9 @@ ranks measurement (:class:`ScalingResult`, ``results/<run-id>/scaling.json``).  
 more :class:`Row` subclass with a ``KIND`` and its fields, in :data:`ROW_TYPES`.  Every writer and reader
 goes through these types: :mod:`harness.reporting.files` writes them (validated, atomically) and reads them.
 
-Reading validates the field types from the dataclass annotations: a file that is truncated, of another
-schema or malformed (``"memory": "lots"``) is a :class:`ResultsError` naming file and line (exit 2).
+Reading first brings an older row up to :data:`SCHEMA_VERSION` (:func:`harness.reporting.versions.migrate`),
+then validates the field types from the dataclass annotations: a file that is truncated, of another schema or
+malformed (``"memory": "lots"``) is a :class:`ResultsError` naming file and line (exit 2).
 A figure (a float field, an entry of a ``list[float]`` field, or a figure-dict entry ending in ``_mib``,
 ``_ms``, ``_err``, ``_cosine``, ``_loss``) is a number, ``None`` (not measured) or NaN/inf (stored as
 ``"nan"``/``"inf"``: JSON has none).  Nested structures (``dict``/``list`` fields) are kept as written.
@@ -23,18 +24,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, TypeVar, Union
 
-from harness.core.config import ConfigError
+from harness.reporting.versions import MIGRATIONS, SCHEMA_VERSION, ResultsError, migrate, readable_versions
 
-SCHEMA_VERSION = 1  # one version for every row type; bump it when a field changes meaning or type
 FIGURE_SUFFIXES = ("_mib", "_ms", "_err", "_cosine", "_loss")
 Figure = Optional[float]  # a measured number; None: not measured; NaN/inf allowed
 R = TypeVar("R", bound="Row")
-
-
-class ResultsError(ConfigError):
-    """A results file is missing, truncated, of another schema or malformed (one line, exit 2)."""
-
-
 NONFINITE = ("nan", "inf", "-inf", "+inf", "infinity", "-infinity")
 
 
@@ -114,8 +108,7 @@ class Row:
         """Validate ``data`` against the field annotations; :class:`ResultsError` naming ``where``."""
         if not isinstance(data, dict):
             raise ResultsError(f"{where}: expected a JSON object, got {type(data).__name__}")
-        if data.get("schema") != SCHEMA_VERSION:
-            raise ResultsError(f"{where} has schema version {data.get('schema')!r}, expected {SCHEMA_VERSION}")
+        data = migrate(data, where)
         if data.get("kind", cls.KIND) != cls.KIND:
             raise ResultsError(f"{where}: kind {data.get('kind')!r}, expected {cls.KIND!r}")
         for k in cls.REQUIRED:
@@ -191,6 +184,7 @@ class CellRow(Row):
     tasks: Optional[str] = _opt()  # --tasks ...:sampler; absent: the preset's tasks
     ckpt: Optional[list] = _opt()  # --ckpt patterns (MetaConfig.ckpt_modules)
     fd_rel_err: Figure = _opt()  # `check`: finite differences vs the meta-gradient (harness.gradcheck)
+    distributed: Optional[dict] = _opt()  # the ranks' summary (harness.loop.distributed); absent: no process ran
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -224,6 +218,8 @@ class RunResult(Row):
     model: Optional[str] = _opt()  # as CellRow: the user's --model, --tasks, --ckpt when given
     tasks: Optional[str] = _opt()
     ckpt: Optional[list] = _opt()
+    settings: dict = field(default_factory=dict)  # the --set settings, as `key=value` names them
+    distributed: Optional[dict] = _opt()  # the ranks' summary (harness.loop.distributed)
     extra: dict = field(default_factory=dict)
 
 
@@ -342,5 +338,6 @@ ROW_TYPES: dict[str, type[Row]] = {t.KIND: t for t in (CellRow, RunResult, Diagn
                                                         AblationSummary, ScalingResult)}
 
 
-__all__ = ["SCHEMA_VERSION", "Figure", "ResultsError", "Row", "CellRow", "RunResult", "DiagnosisResult",
+__all__ = ["SCHEMA_VERSION", "MIGRATIONS", "readable_versions", "migrate", "Figure", "ResultsError", "Row", "CellRow",
+           "RunResult", "DiagnosisResult",
            "AblationCell", "AblationSummary", "ScalingResult", "ROW_TYPES"]

@@ -45,13 +45,9 @@ BEST_PEER_LEGEND = (
     "uses less. Unsupported peer cells are listed with their reason.")
 
 
-def _frame(flat: pd.DataFrame | list[dict[str, Any]]) -> pd.DataFrame:
-    return flat if isinstance(flat, pd.DataFrame) else pd.DataFrame(flat, dtype=object)
-
-
-def summary_csv(frame: pd.DataFrame | list[dict[str, Any]]) -> str:
-    """``summary.csv``: the :data:`COLUMNS` of the flat frame (or :func:`flatten`'s dicts), missing empty."""
-    return _frame(frame).reindex(columns=COLUMNS).to_csv(index=False, lineterminator="\n", na_rep="")
+def summary_csv(frame: pd.DataFrame) -> str:
+    """``summary.csv``: the :data:`COLUMNS` of the flat frame (:func:`cells_frame`), missing empty."""
+    return frame.reindex(columns=COLUMNS).to_csv(index=False, lineterminator="\n", na_rep="")
 
 
 def matrix_frame(frame: pd.DataFrame) -> pd.DataFrame:
@@ -68,9 +64,9 @@ def matrix_frame(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def table_md(frame: pd.DataFrame | list[dict[str, Any]], title: str) -> str:
-    """``table.md``: the matrix, notes on failed cells, the peers and precision sections when present."""
-    frame = _frame(frame)
+def table_md(frame: pd.DataFrame, title: str) -> str:
+    """``table.md`` of the flat frame (:func:`cells_frame`): the matrix, notes on failed cells, the peers and
+    precision sections when present."""
     flat = frame.to_dict("records")
     figs = sorted(set(frame["mem_figure"]))
     presets = sorted({f"{f['preset']} ({f['device']}, {f['dtype']}" + (f"; {f['user']}" if f.get("user") else "") + ")"

@@ -17,6 +17,7 @@ from typing import Any
 
 from harness.reporting.frame import flatten, num
 from harness.reporting.render import fmt, times
+from harness.reporting.schema import CellRow
 
 __all__ = ["AGREEMENT_TOL", "FD_TOL", "PASSING", "Verdict", "verdict", "verdicts"]
 
@@ -94,6 +95,6 @@ def verdict(f: dict[str, Any]) -> Verdict:
     return Verdict(name, "exact", f"exact ({_exact_text(f)}); {_cost_text(f)}")
 
 
-def verdicts(rows: list[dict[str, Any]]) -> list[Verdict]:
+def verdicts(rows: list[CellRow]) -> list[Verdict]:
     """:func:`verdict` of every row, in the matrix's order."""
     return [verdict(f) for f in flatten(rows)]

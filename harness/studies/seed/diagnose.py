@@ -13,14 +13,15 @@ explanation is docs/diagnosis.md.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from harness.reporting.files import write_json, write_atomic
 from harness.reporting.provenance import environment
-from harness.reporting.schema import SCHEMA_VERSION, DiagnosisResult
+from harness.reporting.schema import DiagnosisResult
 from harness.studies.seed.probes import run_probes
 from harness.studies.seed.report import explanation, markdown
 from harness.studies.seed.table import (AMP_TOL, ENGINE_TITLES, ENGINES, INPLACE, TOL, Setup, check_expectations,
@@ -31,15 +32,16 @@ __all__ = ["diagnose", "run_diagnosis", "Diagnosis", "Setup", "run_table", "run_
            "ENGINES", "ENGINE_TITLES", "INPLACE", "TOL", "AMP_TOL"]
 
 
-def diagnose(device: torch.device, setup: Setup | None = None) -> dict[str, Any]:
-    """The table, its differences from the team's, and (float64 only) the probes."""
+def diagnose(device: torch.device, setup: Setup | None = None) -> DiagnosisResult:
+    """The table, its differences from the team's, and (float64 only) the probes, as the result row (no
+    command or provenance yet: :func:`run_diagnosis` stamps them)."""
     setup = setup or Setup()
     table = run_table(setup, device)
-    return {"setup": setup.__dict__, "device": str(device), "dtype": str(setup.dtype).replace("torch.", ""),
-            "tolerance": setup.tol, "table": table,
-            "expected": {v: {e: expected(e, v) for e in ENGINES} for v in CANONICAL},
-            "differences": check_expectations(table),
-            "probes": run_probes(setup, device) if setup.amp == "off" else {}}
+    return DiagnosisResult(amp=setup.amp, setup=setup.__dict__, device=str(device),
+                           dtype=str(setup.dtype).replace("torch.", ""), tolerance=setup.tol, table=table,
+                           expected={v: {e: expected(e, v) for e in ENGINES} for v in CANONICAL},
+                           differences=check_expectations(table),
+                           probes=run_probes(setup, device) if setup.amp == "off" else {})
 
 
 class Diagnosis(NamedTuple):
@@ -52,10 +54,8 @@ class Diagnosis(NamedTuple):
 
 def run_diagnosis(device: torch.device, amp: str, out: Path, command: str) -> Diagnosis:
     """:func:`diagnose`, then ``<out>/diagnosis[-<amp>].json`` (a :class:`DiagnosisResult`) and ``.md``."""
-    result = DiagnosisResult.from_dict({"schema": SCHEMA_VERSION, "kind": DiagnosisResult.KIND, "command": command,
-                                        "amp": amp, **diagnose(device, Setup(amp=amp)),
-                                        "env": environment(device)}, "diagnosis result")
+    result = replace(diagnose(device, Setup(amp=amp)), command=command, env=environment(device))
     stem = "diagnosis" if amp == "off" else f"diagnosis-{amp}"
     json_path = write_json(out / f"{stem}.json", result)
-    md_path = write_atomic(out / f"{stem}.md", markdown(result.to_dict()))
+    md_path = write_atomic(out / f"{stem}.md", markdown(result))
     return Diagnosis(result, json_path, md_path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from harness.reporting.schema import DiagnosisResult
 from harness.studies.seed.table import ENGINE_TITLES, ENGINES
 
 __all__ = ["explanation", "markdown"]
@@ -15,9 +16,9 @@ __all__ = ["explanation", "markdown"]
 NOT_MEASURED = "not measured in this run"
 
 
-def _probe(result: dict[str, Any], name: str, *keys: str) -> Any:
-    """``result['probes'][name][keys...]``, or ``None`` when the run has no such measurement."""
-    node: Any = result.get("probes", {}).get(name)
+def _probe(result: DiagnosisResult, name: str, *keys: str) -> Any:
+    """``result.probes[name][keys...]``, or ``None`` when the run has no such measurement."""
+    node: Any = result.probes.get(name)
     for k in keys:
         if not isinstance(node, dict) or k not in node:
             return None
@@ -29,13 +30,13 @@ def _names(names: list[str] | None) -> str:
     return NOT_MEASURED if names is None else (", ".join(names) or "none")
 
 
-def _inplace_part(result: dict[str, Any]) -> list[str]:
+def _inplace_part(result: DiagnosisResult) -> list[str]:
     bumped = _probe(result, "inplace", "ckpt_reentrant_fixed_lr", "grad_accumulated_in_place")
     surfaced = _probe(result, "inplace", "ckpt_lr_reentrant", "error_in")
     surfaced_1 = _probe(result, "inplace", "ckpt_lr_reentrant_1_step", "error_in")
     bumped_2nd = _probe(result, "inplace", "lr_1_step", "grad_accumulated_in_place")
     blamed = _probe(result, "inplace", "ckpt_lr_reentrant", "anomaly_forward_lines")
-    k = result["setup"]["inner_steps"]
+    k = result.setup["inner_steps"]
     return [
         "(1) Why multiplying by a learnable LR breaks the backward only with checkpointing (probes `saved_tensor`, "
         "`inplace`):",
@@ -58,9 +59,9 @@ def _inplace_part(result: dict[str, Any]) -> list[str]:
     ]
 
 
-def _routes_part(result: dict[str, Any]) -> list[str]:
+def _routes_part(result: DiagnosisResult) -> list[str]:
     nested = _probe(result, "hook_routes", "block_leaf_hooks_fired_inside_checkpoint_backward")
-    ckpt = result["table"].get("ckpt", {}).get("seed_reentrant", {}).get("w_rel_err")
+    ckpt = result.table.get("ckpt", {}).get("seed_reentrant", {}).get("w_rel_err")
     after = _probe(result, "lr_pollution", "lr_rel_err_after_adding_inner_loss_grads")
     before = _probe(result, "lr_pollution", "lr_rel_err")
     return [
@@ -82,18 +83,18 @@ def _routes_part(result: dict[str, Any]) -> list[str]:
     ]
 
 
-def _fix_part(result: dict[str, Any]) -> list[str]:
-    cells = [row["functional"] for row in result["table"].values()]
+def _fix_part(result: DiagnosisResult) -> list[str]:
+    cells = [row["functional"] for row in result.table.values()]
     ok = sum(c["status"] == "ok" for c in cells)
     errs = [e for c in cells for e in (c.get("w_rel_err"), c.get("lr_rel_err")) if e is not None]
     worst = f"{max(errs):.2g}" if errs else "n/a"
     return ["Fix: the functional engine (fast weights as an explicit dict, torch.autograd.grad, harness.checkpoint "
             "with the",
             f"  weights as checkpoint inputs): this run, ok in {ok} of {len(cells)} cells, largest rel err {worst} "
-            f"(tolerance {result['tolerance']:g})."]
+            f"(tolerance {result.tolerance:g})."]
 
 
-def explanation(result: dict[str, Any]) -> str:
+def explanation(result: DiagnosisResult) -> str:
     """The short explanation of the seed report's failures, its figures read from ``result`` (a diagnosis)."""
     return "\n".join(_inplace_part(result) + _routes_part(result) + _fix_part(result))
 
@@ -102,10 +103,9 @@ def _fmt(v: Any) -> str:
     return v[:60] + "..." if isinstance(v, str) and len(v) > 60 else str(v)
 
 
-def markdown(result: dict[str, Any]) -> str:
+def markdown(result: DiagnosisResult) -> str:
     """``diagnosis.md``: the table, the differences from the team's, the probes, the explanation, provenance."""
-    table = result["table"]
-    amp = result.get("amp", "off")
+    table, amp = result.table, result.amp
     if amp == "off":
         precision = "float64"
         cells = ("Cells: meta-gradients (initial weights `w`, raw LRs `lr`) against the functional float64 "
@@ -117,26 +117,26 @@ def markdown(result: dict[str, Any]) -> str:
             if amp == "fp16" else "")
         cells = (f"Cells: meta-gradients (initial weights `w`, raw LRs `lr`) against the functional engine's "
                  f"non-checkpointed reference of the same variant at the same precision ({amp}"
-                 + (", gradients unscaled" if amp == "fp16" else "") + f"); `ok` = rel err <= {result['tolerance']:g}. "
+                 + (", gradients unscaled" if amp == "fp16" else "") + f"); `ok` = rel err <= {result.tolerance:g}. "
                  "[vs float64: ...] is the relative error against the functional float64 reference (same initial "
                  "weights and tasks): the precision's own error, for comparison.")
     lines = ["# Diagnosis: the seed's stateful MAML vs the functional engine"
              + (f" (mixed precision: {amp})" if amp != "off" else ""), "",
-             f"Command: `{result['command']}`  ", f"Device: {result['device']}, {precision}, "
-             f"{result['setup']['inner_steps']} inner steps, inner LR {result['setup']['inner_lr']}, "
-             f"meta-batch {result['setup']['meta_batch']}; torch {result['env']['torch']}", "",
+             f"Command: `{result.command}`  ", f"Device: {result.device}, {precision}, "
+             f"{result.setup['inner_steps']} inner steps, inner LR {result.setup['inner_lr']}, "
+             f"meta-batch {result.setup['meta_batch']}; torch {result.env['torch']}", "",
              cells, "",
              "| variant | " + " | ".join(ENGINE_TITLES[e] for e in ENGINES) + " |",
              "|---|" + "---|" * len(ENGINES)]
     for variant, row in table.items():
         lines.append(f"| `{variant}` | " + " | ".join(row[e]["text"].replace("|", "\\|") for e in ENGINES) + " |")
     lines += ["", "Differences from the team's table (torch 2.11/2.13): "
-              + ("none." if not result["differences"] else ""), *[f"- {d}" for d in result["differences"]], "",
+              + ("none." if not result.differences else ""), *[f"- {d}" for d in result.differences], "",
               "## Probes (each measured on this run)", ""]
-    if not result["probes"]:
+    if not result.probes:
         lines.append("Not run under mixed precision: the probes measure the mechanism in float64 "
                      "(`python -m harness diagnose`, results/diagnosis.md).")
-    for name, p in result["probes"].items():
+    for name, p in result.probes.items():
         flat = {k: v for k, v in p.items() if k != "holds" and not isinstance(v, dict)}
         lines.append(f"- `{name}`: {'holds' if p.get('holds') else 'DOES NOT HOLD'}"
                      + (" -- " + ", ".join(f"{k}={_fmt(v)}" for k, v in flat.items()) if flat else ""))
@@ -145,6 +145,6 @@ def markdown(result: dict[str, Any]) -> str:
                 lines.append(f"  - {k}: " + ", ".join(f"{kk}={_fmt(vv)}" for kk, vv in v.items()))
     lines += ["", "## Explanation (short; full version in docs/diagnosis.md)", "", "```", explanation(result), "```", "",
               "## Provenance", "", "```"]
-    lines += [f"{k}: {v}" for k, v in result["env"].items()]
+    lines += [f"{k}: {v}" for k, v in result.env.items()]
     lines += ["```", ""]
     return "\n".join(lines)
