@@ -1,3 +1,4 @@
+# long: the one set of rules for every option; parse_memory (issue 22) added past the limit
 """What a valid option is: one set of rules for ``run``, ``bench``, ``sweep`` and ``ablate``.
 
 Issue 13: the same value is valid or invalid for every command, and it is checked before anything
@@ -14,6 +15,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import re
 from dataclasses import replace
 from typing import Any, NamedTuple
 
@@ -26,7 +28,7 @@ from harness.zoo.user import model_keywords, resolve, takes_any_keyword
 
 __all__ = ["CPU_MEM_CAP_ENV", "DATA_SETTINGS", "DEVICES", "DIST_TIMEOUT_ENV", "DTYPES", "NAME_MAX_BYTES", "NUMBER_ENV",
            "check_environment", "env_number", "check_amp", "check_device", "parse_amps", "valid_amps", "check_folder_name", "ACCEPTED", "BOUNDS", "Bound", "CellSettings", "LAUNCH_SETTINGS", "MODEL_SETTINGS", "SEED_MAX", "SETTING_KEYS", "SPEC_SETTINGS",
-           "SWEEP_PARAMS", "VARIANT_SETTINGS", "check_int", "check_seconds", "dedupe", "variant_with",
+           "SWEEP_PARAMS", "VARIANT_SETTINGS", "MEMORY_UNITS", "parse_memory", "check_int", "check_seconds", "dedupe", "variant_with",
            "parse_param", "parse_settings", "parse_value", "split_settings", "validate_setting"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -64,6 +66,7 @@ BOUNDS: dict[str, Bound] = {
     "snapshots": Bound(0, 1_000, 100_000),  # binomial step checkpointing's stored states; 0: off
     "vectorize": Bound(0, 1, 1),
     "vmap_chunk": Bound(0, 100_000, 100_000_000),  # 0: all tasks at once
+    "memory_budget": Bound(1, 2 ** 50, 2 ** 50),  # bytes (parse_memory: 2GiB, 512MiB)
     "ranks": Bound(1, 64, 4_096),  # and at most the meta-batch (harness.loop.distributed.check_ranks)
     "ways": Bound(1, 1_000, 100_000),
     "shots": Bound(1, 1_000, 100_000),
@@ -82,12 +85,29 @@ SPEC_SETTINGS = ("inner_steps", "meta_batch")  # RunSpec fields
 MODEL_SETTINGS = ("depth", "width")  # model constructor keywords
 # step-checkpoint segment length (0: off), its rebuild (segment | step), binomial stored states (0: off);
 # vmap tasks (0/1); tasks per vmapped chunk (0: all)
-VARIANT_SETTINGS = ("step_ckpt", "step_rebuild", "snapshots", "vectorize", "vmap_chunk")
+VARIANT_SETTINGS = ("step_ckpt", "step_rebuild", "snapshots", "vectorize", "vmap_chunk", "memory_budget")
 LAUNCH_SETTINGS = ("ranks",)  # data-parallel ranks: the cell runs under torch.distributed.run (harness.loop.distributed)
 SWEEP_PARAMS = SPEC_SETTINGS + MODEL_SETTINGS + VARIANT_SETTINGS + LAUNCH_SETTINGS
 SETTING_KEYS = SWEEP_PARAMS + ("amp",)  # and model.<kw>, task.<kw>
 ACCEPTED = f"{', '.join(SETTING_KEYS)}, model.<kw> or task.<kw>"
 DATA_SETTINGS = ("task.data_root", "task.download")  # a real-data preset's tasks: --data-root, --download
+
+
+MEMORY_UNITS = {"B": 1, "KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": 2 ** 30, "TiB": 2 ** 40}  # binary units only
+
+
+def parse_memory(text: str, flag: str = "--memory-budget") -> int:
+    """``2GiB``, ``512MiB``, ``1.5GiB`` (binary units: B, KiB, MiB, GiB, TiB) -> bytes; a ConfigError naming the
+    accepted form for ``abc``, ``0``, a negative size, a bare number or a decimal unit (``GB``: 10**9 or 2**30?)."""
+    form = f"a positive size with a binary unit ({', '.join(MEMORY_UNITS)}), e.g. 2GiB or 512MiB"
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = {u.lower(): u for u in MEMORY_UNITS}.get(m.group(2).lower()) if m else None
+    if m is None or unit is None:
+        raise ConfigError(f"{flag} must be {form}; got {text!r}")
+    size = float(m.group(1)) * MEMORY_UNITS[unit]
+    if not (math.isfinite(size) and 1 <= size <= BOUNDS["memory_budget"].hi):
+        raise ConfigError(f"{flag} must be {form}, at least 1B and at most 1024TiB; got {text!r}")
+    return int(size)
 
 
 def _flag(name: str) -> str:
@@ -212,6 +232,8 @@ def validate_setting(key: str, text: str, preset: Preset, *, allow_huge: bool = 
     """One ``KEY=VALUE`` for ``preset``: the key must be one the preset's run, variant, model or task takes
     (with ``model``/``tasks``, a ``--model``/``--tasks`` spec: the keywords of the user's factory)."""
     what = f"{flag} {key}"
+    if key == "memory_budget":
+        return parse_memory(text, what)
     if key == "step_rebuild":
         if text not in STEP_REBUILDS:
             raise ConfigError(f"{what}={text}: valid choices: {', '.join(STEP_REBUILDS)}")
