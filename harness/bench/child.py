@@ -30,6 +30,7 @@ from harness.loop import distributed
 from harness.bench import measure, paired
 from harness.bench.cells import (BUILDERS, PLUGIN_ENV, Builder, Cell, MeasureOptions, base_row, load_cell_plugins,
                                  variant_for)
+from harness.bench.planner import plan_experiment
 from harness.bench.process import PARENT_ENV, TEMP_PREFIX, cell_environment, die_with_parent
 from harness.core.config import ConfigError
 from harness.gradcheck import finite_difference_error
@@ -94,13 +95,18 @@ def failure_status(exc: BaseException) -> tuple[str, str]:
     return "error", f"{type(exc).__name__}: {exc}"
 
 
-def _learner(cell: Cell, row: dict[str, Any]) -> tuple[Experiment, Any]:
+def _learner(cell: Cell, row: dict[str, Any], warmup: bool = True) -> tuple[Experiment, Any]:
     spec_kw, model_kw, task_kw = cell.overrides()
     variant = variant_for(cell)
     row["flags"] = variant.flags
+    if variant.memory_budget and cell.peer is not None:
+        raise _Unsupported(f"{cell.variant}: --memory-budget plans the harness's own engine; a peer runs as it is")
     spec = RunSpec(variant=cell.base_variant, preset=cell.preset, device=cell.device, dtype=cell.dtype,
                         seed=cell.seed, **spec_kw)
-    exp = Experiment(spec, variant=variant, model_overrides=model_kw or None, task_overrides=task_kw or None)
+    exp, plan = plan_experiment(Experiment(spec, variant=variant, model_overrides=model_kw or None,
+                                           task_overrides=task_kw or None), warmup=warmup)
+    if plan is not None:
+        row.update(flags=exp.variant.flags, **plan.fields())
     row["sizes"] = exp.sizes
     if cell.peer is None:
         return exp, exp.learner
@@ -113,7 +119,7 @@ def _learner(cell: Cell, row: dict[str, Any]) -> tuple[Experiment, Any]:
 
 
 def _measure(cell: Cell, opts: MeasureOptions, row: dict[str, Any], started: float) -> None:
-    exp, learner = _learner(cell, row)
+    exp, learner = _learner(cell, row, warmup=opts.warmup > 0)
     tasks = exp.sample()
     row["agreement"] = check_agreement(exp, tasks, learner)
     if opts.fd_directions and cell.peer is None and not exp.variant.first_order:  # python -m harness check

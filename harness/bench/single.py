@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from harness.loop import distributed
 from harness.bench.measure import CudaPeaks, measure_cpu_memory, snapshot_meta_step, time_stats
+from harness.bench.planner import plan_experiment
 from harness.loop.train import StepRunner
 from harness.core.config import ConfigError
 from harness.reporting.files import write_json
@@ -88,7 +89,7 @@ def run_single(spec: RunSpec, out: Path, *, settings: CellSettings | None = None
 
 def _run(spec: RunSpec, out: Path, settings: CellSettings | None, snapshot: Path | None, progress: bool | None,
          group: distributed.DataParallel | None) -> SingleRun:
-    exp = build(spec, settings)
+    exp, plan = plan_experiment(build(spec, settings), warmup=False)  # as side_measurements: no warm-up step
     main = group is None or group.main
     threads = default_threads(spec.device, exp.learner.model)
     if threads:
@@ -126,6 +127,7 @@ def _run(spec: RunSpec, out: Path, settings: CellSettings | None, snapshot: Path
         "time": time_stats([b - a for a, b in zip(stamps, stamps[1:])][1:]),  # the first meta-step: warm-up
         "env": environment(spec.device), "distributed": ranks_info,
         **{k: list(v) if k == "ckpt" else v for k, v in UserSpecs(spec.model, spec.tasks, spec.ckpt).fields().items()},
+        **(plan.fields() if plan is not None else {}),
     }
     if not main:
         return SingleRun(None, result, main)

@@ -191,6 +191,8 @@ class CellRow(Row):
     tasks: Optional[str] = _opt()  # --tasks ...:sampler; absent: the preset's tasks
     ckpt: Optional[list] = _opt()  # --ckpt patterns (MetaConfig.ckpt_modules)
     fd_rel_err: Figure = _opt()  # `check`: finite differences vs the meta-gradient (harness.gradcheck)
+    plan: Optional[str] = _opt()  # --memory-budget: the configuration the planner chose (harness.bench.planner)
+    predicted_peak_mib: Figure = _opt()  # --memory-budget: its predicted peak (measured: memory.cpu_peak_alloc_mib)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -224,6 +226,8 @@ class RunResult(Row):
     model: Optional[str] = _opt()  # as CellRow: the user's --model, --tasks, --ckpt when given
     tasks: Optional[str] = _opt()
     ckpt: Optional[list] = _opt()
+    plan: Optional[str] = _opt()  # as CellRow: --memory-budget's chosen configuration and predicted peak
+    predicted_peak_mib: Figure = _opt()
     extra: dict = field(default_factory=dict)
 
 
