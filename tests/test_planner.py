@@ -63,6 +63,15 @@ def test_weight_copies_are_the_ones_measured_on_cpu_bench() -> None:
     assert weight_copies(one_step_segments(32, 5)) == 10
 
 
+def test_first_order_copies_and_the_measured_segment_slope() -> None:
+    """First order (lr_fo, cpu-bench, K = 8, measured): no new adjoint per rebuild, one state per advance."""
+    assert [weight_copies(binomial(8, s), first_order=True) for s in (1, 2, 3)] == [1, 2, 3]
+    assert [weight_copies(one_step_segments(8, n), first_order=True) for n in (2, 4)] == [4, 3]
+    # a segment's extra steps cost segment_slope (measured), not step_slope, when the probe gives it
+    assert predict(Candidate(step_ckpt=2), {False: replace(COSTS, segment_slope=2.0)}, steps=4).peak_mib == (
+        pytest.approx(8 + max(0 + 2, 1 + 2)))
+
+
 def test_per_step_lrs_add_their_gradient_per_step() -> None:
     costs = {False: replace(COSTS, lr_step=0.5)}
     assert predict(Candidate(), costs, steps=4).peak_mib == pytest.approx(10 + 3 * 4 + 3 * 0.5)

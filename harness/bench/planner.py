@@ -129,7 +129,8 @@ def _lr_step_mib(learner: MetaLearner) -> float:
 def probe_costs(learner: MetaLearner, tasks: list[Task], layer_ckpt: bool, *, warmup: bool = True,
                 scaler: Any = None) -> StepCosts:
     """One inner step's costs on ``learner``'s model and ``tasks`` with per-layer checkpointing ``layer_ckpt``:
-    peaks at K = 1, 2 without step checkpointing and with segments of one step; seconds at K = 1 and
+    peaks at K = 1, 2 without step checkpointing and with segments of one step, at K = 2 with one segment of two;
+    seconds at K = 1 and
     :data:`TIMED_STEPS` without (their difference: the time of an inner step with its graph)."""
     def copy_at(k: int, segments: int) -> MetaLearner:
         return _copy(learner, inner_steps=k, layer_ckpt=layer_ckpt, step_ckpt=segments, snapshots=0,
@@ -137,13 +138,15 @@ def probe_costs(learner: MetaLearner, tasks: list[Task], layer_ckpt: bool, *, wa
 
     plain = {k: _peak(copy_at(k, 0), tasks, warmup, scaler) for k in (1, 2)}
     seg = {k: _peak(copy_at(k, 1), tasks, warmup, scaler) for k in (1, 2)}
+    two_step_segment = _peak(copy_at(2, 2), tasks, warmup, scaler)
     lr_step = _lr_step_mib(_copy(learner, inner_steps=2))
     one, many = _fastest([_runner(copy_at(1, 0), tasks, scaler), _runner(copy_at(TIMED_STEPS, 0), tasks, scaler)],
                          tasks)
     graph_s = max(many - one, 0.0) / (TIMED_STEPS - 1)
     return StepCosts(plain_first=plain[1], step_slope=plain[2] - plain[1] - lr_step, sched_first=seg[1],
                      weights=seg[2] - seg[1] - lr_step, graph_s=graph_s, values_s=_values_only_s(copy_at(1, 0), tasks),
-                     base_s=max(one - graph_s, 0.0), lr_step=lr_step)
+                     base_s=max(one - graph_s, 0.0), lr_step=lr_step, segment_slope=two_step_segment - seg[1] - lr_step,
+                     first_order=learner.cfg.first_order)
 
 
 def probe_vector(learner: MetaLearner, tasks: list[Task], *, warmup: bool = True, scaler: Any = None) -> VectorCosts:

@@ -9,9 +9,10 @@ segments of one step.  Their differences give what one more inner step adds with
 configuration's peak is then (MiB):
 
 * no step checkpointing: ``plain_first + (K - 1) * step_slope``;
-* segments of n (``step_ckpt=n``): ``sched_first + max_j (j * W + (L_j - 1) * step_slope)`` over the segments
-  j = 0, 1, ... of lengths L_j (segment j holds the inputs of the j segments after the first; its backward
-  rebuilds L_j steps' graphs at once);
+* segments of n (``step_ckpt=n``): ``sched_first + max_j (j * W + (L_j - 1) * segment_slope)`` over the
+  segments j = 0, 1, ... of lengths L_j (segment j holds the inputs of the j segments after the first; its
+  backward rebuilds L_j steps' graphs at once; ``segment_slope``, measured by a segment of two steps at K = 2,
+  is ``step_slope`` in second order and more than W in first order);
 * a schedule (``step_rebuild="step"`` or ``snapshots=s``): ``sched_first + copies(schedule) * W``, with
   :func:`weight_copies` the most weight-sized tensors alive at once beyond a one-step run (stored snapshots,
   the working state, the adjoint, a values-only step's input and output), walked over the schedule's actions;
@@ -49,6 +50,8 @@ class StepCosts:
     values_s: float  # seconds of one values-only inner step
     base_s: float = 0.0  # seconds of the rest of a meta-step (query loss, outer update)
     lr_step: float = 0.0  # per-step learnable LRs: their meta-gradient's MiB per inner step
+    segment_slope: float | None = None  # what each more step of a segment adds to its rebuild; None: step_slope
+    first_order: bool = False  # no double backward: a rebuild allocates no new adjoint, an advance no second state
 
 
 @dataclass(frozen=True)
@@ -108,12 +111,14 @@ def candidates(steps: int, *, layer_options: Iterable[bool] = (False, True), vec
     return out
 
 
-def weight_copies(schedule: Schedule) -> int:
+def weight_copies(schedule: Schedule, first_order: bool = False) -> int:
     """The most weight-sized tensors beyond a one-step run's alive at once under ``schedule``: the stored
     snapshots other than the initial one (the initial weights are alive anyway) with the working state at each
     rebuild, plus the adjoint propagated by every rebuild after the first (the incoming one stays alive through
     the whole backward: autograd holds it), and with a values-only step's input and output at each advance.
-    Matches the CPU figure on ``cpu-bench`` in every case measured (tests/test_planner.py)."""
+    First order (the adjoint passes through ``w - lr * g`` unchanged, and a step's activations, not its states,
+    are the transient): the stored snapshots with the state each rebuild or values-only step produces or starts
+    from.  Matches the CPU figure on ``cpu-bench`` in every case measured (tests/test_planner.py)."""
     held: set[int] = set()
     peak = 0
 
@@ -129,9 +134,9 @@ def weight_copies(schedule: Schedule) -> int:
                 held.discard(a.n)
             elif isinstance(a, Advance):
                 for j in range(a.n0, a.n1):
-                    count(0, j, j + 1)
+                    count(0, *((j + 1,) if first_order else (j, j + 1)))
             elif isinstance(a, Rebuild):
-                count(int(a.n < schedule.steps - 1), a.n)
+                count(int(a.n < schedule.steps - 1 and not first_order), a.n)
     return peak
 
 
@@ -160,11 +165,11 @@ def predict(c: Candidate, costs: dict[bool, StepCosts] | VectorCosts, steps: int
     if not (c.step_ckpt or c.snapshots):
         return Prediction(c, s.plain_first + (steps - 1) * s.step_slope + lrs, s.base_s + steps * s.graph_s)
     if c.step_rebuild == "segment" and not c.snapshots:
-        slope = s.step_slope / s.weights if s.weights > 0 else 0.0
+        slope = (s.step_slope if s.segment_slope is None else s.segment_slope) / s.weights if s.weights > 0 else 0.0
         copies, values_only = segment_copies(steps, c.step_ckpt, slope), steps
     else:
         schedule = _schedule(steps, c)
-        copies, values_only = weight_copies(schedule), schedule.values_only()
+        copies, values_only = weight_copies(schedule, s.first_order), schedule.values_only()
     return Prediction(c, s.sched_first + copies * s.weights + lrs, s.base_s + steps * s.graph_s + values_only * s.values_s)
 
 
