@@ -18,6 +18,7 @@ from harness.bench.child import measure_cell_inline
 from harness.bench.measure import measure_cpu_memory
 from harness.bench.planner import plan_experiment, plan_learner, probe_costs
 from harness.core.config import ConfigError, MetaConfig
+from harness.core.engine import MetaLearner
 from harness.core.plan import (Candidate, Prediction, StepCosts, VectorCosts, candidates, choose, predict,
                                segment_copies, weight_copies)
 from harness.core.schedules import binomial, one_step_segments
@@ -185,6 +186,13 @@ def test_vectorized_variants_plan_the_chunk() -> None:
     exp = _budgeted("vlr", 2, "1GiB", preset="quick", meta_batch=4)
     learner, plan = plan_learner(exp.learner, exp.sample(), parse_memory("1GiB"))
     assert plan.chosen.candidate.vmap_chunk >= 1 and learner.cfg.vmap_chunk == plan.chosen.candidate.vmap_chunk
+
+
+def test_per_step_lrs_are_refused_not_mispredicted() -> None:
+    exp = _budgeted("lr", 2, "1GiB", preset="quick")
+    learner = MetaLearner(exp.learner.model, replace(exp.learner.cfg, lr_per_step=True), exp.learner.loss_fn)
+    with pytest.raises(ConfigError, match="not planned for lr_per_step=True"):
+        plan_learner(learner, exp.sample(), parse_memory("1GiB"))
 
 
 # -- what the rows record -------------------------------------------------------------------------------------
