@@ -176,6 +176,9 @@ def plan_learner(learner: MetaLearner, tasks: list[Task], budget_bytes: int, *, 
     """The learner under the fastest exact configuration predicted to fit ``budget_bytes`` (same model and
     LRs), and the plan; a ConfigError naming the smallest possible peak when nothing fits."""
     cfg, state = learner.cfg, torch.random.get_rng_state()
+    if cfg.lr_per_step:  # measured: lr, element LRs per step, K = 16: predicted 18.9 MiB, measured 44.3
+        raise ConfigError("memory_budget is not planned for lr_per_step=True yet: the per-step LRs' gradients grow "
+                          "with K faster than the K = 1, 2 probe sees; valid: lr_per_step=False, or no memory budget")
     steps, budget = cfg.inner_steps, budget_bytes / MIB
     try:
         if cfg.vectorize:
