@@ -57,6 +57,7 @@ class Variant:
     vectorize: bool = False  # all tasks of a meta-batch at once (harness.core.vectorized)
     vmap_chunk: int = 0  # vectorize: at most this many tasks per vmapped chunk (memory); 0 = all at once
     description: str = ""
+    memory_budget: int = 0  # bytes a meta-step may take (the planner picks the checkpointing); 0 = none; not a flag
 
     @property
     def flags(self) -> dict[str, bool | int | str]:
@@ -86,12 +87,12 @@ class Variant:
             steps = kwargs.get("inner_steps", MetaConfig.inner_steps)
             snapshots = default_snapshots(int(steps))  # type: ignore[call-overload]
         return MetaConfig(**{**kwargs, **flags, "vmap_chunk": self.vmap_chunk or None,  # type: ignore[arg-type]
-                             "snapshots": snapshots})
+                             "snapshots": snapshots, "memory_budget": self.memory_budget or None})
 
     def reference(self) -> "Variant":
         """The same variant without checkpointing, task after task (the agreement oracle)."""
         return replace(self, name=self.name + "/ref", layer_ckpt=False, step_ckpt=0, step_rebuild="segment",
-                       snapshots=0, vectorize=False, vmap_chunk=0)
+                       snapshots=0, vectorize=False, vmap_chunk=0, memory_budget=0)
 
 
 def canonical_name(layer_ckpt: bool, learn_lr: bool, first_order: bool) -> str:

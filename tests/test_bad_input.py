@@ -234,7 +234,8 @@ def test_bench_accepts_every_key_cell_overrides_accepts(tmp_path: Path) -> None:
     assert cell.settings == {"step_ckpt": 1, "amp": "bf16", "width": 16, "task.tokens": 4}
     spec, model, task = cell.overrides()
     assert spec == {"amp": "bf16"} and model == {"width": 16} and task == {"tokens": 4}
-    every = [f"{k}={'step' if k == 'step_rebuild' else 1}" for k in SETTING_KEYS if k != "amp"]
+    every = [f"{k}={'step' if k == 'step_rebuild' else '1MiB' if k == 'memory_budget' else 1}" for k in SETTING_KEYS
+             if k != "amp"]
     assert set(split_settings(parse_settings(every, "cpu-bench")).spec) == {"inner_steps", "meta_batch"}
     with pytest.raises(ValueError, match="segment, step"):
         parse_settings(["step_rebuild=1"], "cpu-bench")

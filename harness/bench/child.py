@@ -31,6 +31,7 @@ from harness.loop import distributed
 from harness.bench import measure, paired
 from harness.bench.cells import (BUILDERS, PLUGIN_ENV, Builder, Cell, MeasureOptions, base_row,
                                  load_cell_plugins)
+from harness.bench.planner import plan_experiment
 from harness.bench.process import PARENT_ENV, TEMP_PREFIX, cell_environment, die_with_parent
 from harness.core.config import ConfigError
 from harness.gradcheck import finite_difference_error
@@ -107,11 +108,16 @@ class RowSoFar:
         self.row = replace(self.row, **fields)
 
 
-def _learner(cell: Cell, row: RowSoFar) -> tuple[Experiment, Any]:
+def _learner(cell: Cell, row: RowSoFar, warmup: bool = True) -> tuple[Experiment, Any]:
     spec = cell.run_spec()
-    row.set(flags=spec.variant_obj.flags)  # before the build: a cell that fails to build keeps its flags
-    exp = Experiment(spec)
+    variant = spec.variant_obj
+    row.set(flags=variant.flags)  # before the build: a cell that fails to build keeps its flags
+    if variant.memory_budget and cell.peer is not None:
+        raise _Unsupported(f"{cell.variant}: --memory-budget plans the harness's own engine; a peer runs as it is")
+    exp, plan = plan_experiment(Experiment(spec), warmup=warmup)
     variant = exp.variant
+    if plan is not None:
+        row.set(flags=variant.flags, **plan.fields())
     row.set(sizes=exp.sizes)
     if cell.peer is None:
         return exp, exp.learner
@@ -124,7 +130,7 @@ def _learner(cell: Cell, row: RowSoFar) -> tuple[Experiment, Any]:
 
 
 def _measure(cell: Cell, opts: MeasureOptions, row: RowSoFar, started: float) -> None:
-    exp, learner = _learner(cell, row)
+    exp, learner = _learner(cell, row, warmup=opts.warmup > 0)
     tasks = exp.sample()
     row.set(agreement=check_agreement(exp, tasks, learner))
     if opts.fd_directions and cell.peer is None and not exp.variant.first_order:  # python -m harness check

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from harness.loop import distributed
 from harness.bench.measure import CudaPeaks, measure_cpu_memory, snapshot_meta_step, time_stats
+from harness.bench.planner import plan_experiment
 from harness.loop.train import StepRunner
 from harness.reporting.files import write_json
 from harness.reporting.provenance import environment
@@ -78,7 +79,7 @@ def run_single(spec: RunSpec, out: Path, *, snapshot: Path | None = None, progre
 
 def _run(spec: RunSpec, out: Path, snapshot: Path | None, progress: bool | None,
          group: distributed.DataParallel | None) -> SingleRun:
-    exp = Experiment(spec)
+    exp, plan = plan_experiment(Experiment(spec), warmup=False)  # as side_measurements: no warm-up step
     main = group is None or group.main
     threads = default_threads(spec.device, exp.learner.model)
     if threads:
@@ -114,7 +115,7 @@ def _run(spec: RunSpec, out: Path, snapshot: Path | None, progress: bool | None,
                        skipped_steps=log.skipped_steps, wall_s=wall_s, memory=memory,
                        time=time_stats([b - a for a, b in zip(stamps, stamps[1:])][1:]),  # the first: warm-up
                        env=environment(spec.device), settings=spec.settings.flat(), distributed=ranks_info,
-                       **user)
+                       **user, **(plan.fields() if plan is not None else {}))
     if not main:
         return SingleRun(None, result, main)
     path = result_path(out, spec, None if group is None else group.world)

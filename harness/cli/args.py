@@ -22,8 +22,8 @@ from harness.core.config import AMP_MODES, ConfigError
 from harness.loop.spec import RunSpec
 from harness.reporting.paths import plots_root, results_root
 from harness.settings import (ACCEPTED, DEVICES, DTYPES, CellSettings, check_data_root, check_device,
-                              check_folder_name, check_int, check_seconds, dedupe, parse_amps, parse_settings,
-                              split_settings)
+                              check_folder_name, check_int, check_seconds, dedupe, parse_amps, parse_memory,
+                              parse_settings, split_settings)
 from harness.zoo.presets import DEFAULT_PRESET, get_preset
 from harness.zoo.user import SPEC_FORM, UserSpecs, check_setup, normalize_spec
 
@@ -79,6 +79,9 @@ def add_spec_arguments(p: argparse.ArgumentParser, *, variant_required: bool = T
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"cell setting: {ACCEPTED}")
     p.add_argument("--allow-huge", action="store_true",
                    help="raise the size limits that keep a typo from eating the machine")
+    p.add_argument("--memory-budget", default=None, type=nonempty, metavar="SIZE",
+                   help="run the fastest exact checkpointing predicted to fit SIZE (binary units: B, KiB, MiB, GiB, "
+                        "TiB, e.g. 2GiB) of the memory figure (cpu_peak_alloc_mib); --set memory_budget=SIZE")
     add_data_arguments(p)
     add_user_arguments(p)
 
@@ -210,7 +213,9 @@ def merge_flags(args: argparse.Namespace, settings: dict[str, Any], preset: str)
     settings (the same key twice must agree), and the one data rule: a preset that reads its tasks from disk
     (omniglot) needs a data root, every other preset takes none."""
     out = dict(settings)
+    budget = getattr(args, "memory_budget", None)
     flags = {"inner_steps": args.inner_steps, "meta_batch": args.meta_batch,
+             "memory_budget": None if budget is None else parse_memory(budget),
              "amp": None if getattr(args, "amp", "off") == "off" else args.amp,
              "task.data_root": getattr(args, "data_root", None),
              "task.download": getattr(args, "download", None) or None}

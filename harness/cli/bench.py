@@ -18,6 +18,7 @@ from harness.bench.request import (MatrixOutcome, MatrixRequest, add_peer_cells,
                                   resolve_variants, run_request)
 from harness.bench.executors import executor_spec
 from harness.settings import parse_mem_caps
+from harness.bench.planner import plan_cells
 from harness.cli.args import add_matrix_arguments, check_out_dir, matrix_options, nonempty, plots_root, run_dir
 
 __all__ = ["register", "request_from_args", "run"]
@@ -49,6 +50,7 @@ def request_from_args(args: argparse.Namespace) -> MatrixRequest:
     out_dir = run_dir(args.out, run_id)
     plots = None if args.no_plots else check_out_dir(plots_root(args.out) / run_id)
     cells = plan(variants, m.preset, m.device, args.dtype, args.seed, m.settings, m.amps, user=m.user)
+    plan_cells(cells, warmup=m.opts.warmup > 0)  # --memory-budget: a budget nothing fits is exit 2 before any cell
     return MatrixRequest(cells, out_dir, m.opts, caps=caps, force=args.force, plots_dir=plots,
                          executor=executor_spec(args))
 

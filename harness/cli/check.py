@@ -14,6 +14,7 @@ import argparse
 
 from harness.bench.check import AGREEMENT_TOL, DEFAULT_FD_DIRECTIONS, FD_TOL, check_request, run_check
 from harness.bench.executors import executor_spec
+from harness.bench.planner import plan_cells
 from harness.bench.request import user_suffix
 from harness.cli.args import (UsageError, add_matrix_arguments, check_out_dir, matrix_options, plots_root,
                               run_dir)
@@ -46,9 +47,11 @@ def request_from_args(args: argparse.Namespace):  # noqa: ANN201 -- a MatrixRequ
     run_id = args.run_id or f"check{user_suffix(m.user)}-{m.preset}-{m.device}-{args.dtype}"
     out_dir = run_dir(args.out, run_id)
     plots = None if args.no_plots else check_out_dir(plots_root(args.out) / run_id)
-    return check_request(m.user, m.preset, m.device, args.dtype, args.seed, m.settings, m.opts, out_dir,
-                         fd_directions=args.fd_directions, plots_dir=plots, force=args.force,
-                         executor=executor_spec(args))
+    req = check_request(m.user, m.preset, m.device, args.dtype, args.seed, m.settings, m.opts, out_dir,
+                        fd_directions=args.fd_directions, plots_dir=plots, force=args.force,
+                        executor=executor_spec(args))
+    plan_cells(req.cells, warmup=m.opts.warmup > 0)  # --memory-budget: a budget nothing fits is exit 2 before any cell
+    return req
 
 
 def run(args: argparse.Namespace) -> int:

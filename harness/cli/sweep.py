@@ -11,6 +11,7 @@ import argparse
 
 from harness.bench.request import MatrixRequest, plan, resolve_variants, run_request, user_suffix
 from harness.bench.executors import executor_spec
+from harness.bench.planner import plan_cells
 from harness.cli.args import (UsageError, add_matrix_arguments, check_out_dir, matrix_options, nonempty, plots_root,
                               run_dir)
 from harness.reporting.frame import flatten
@@ -42,6 +43,7 @@ def request_from_args(args: argparse.Namespace) -> MatrixRequest:
     plots = None if args.no_plots else check_out_dir(plots_root(args.out) / run_id)
     cells = plan(variants, m.preset, m.device, args.dtype, args.seed, m.settings, m.amps, sweep=(name, values),
                  user=m.user)
+    plan_cells(cells, warmup=m.opts.warmup > 0)  # --memory-budget: a budget nothing fits is exit 2 before any cell
     return MatrixRequest(cells, out_dir, m.opts, force=args.force, plots_dir=plots,
                          extra={"sweep_param": name}, executor=executor_spec(args))
 

@@ -59,6 +59,9 @@ class MetaConfig:
     vectorize: bool = False  # all tasks of a meta-batch at once (torch.func.vmap; harness.core.vectorized)
     vmap_chunk: int | None = None  # vectorize: at most this many tasks per vmapped chunk; None: all
     ckpt_modules: tuple[str, ...] = ()  # submodules (fnmatch on qualified names) checkpointed under layer_ckpt
+    # bytes a meta-step may allocate; None: no budget.  The harness plans it before running (run, bench,
+    # check: harness.bench.planner picks the fastest exact checkpointing predicted to fit); the engine ignores it
+    memory_budget: int | None = None
 
     def __post_init__(self) -> None:
         if self.inner_steps < 0:
@@ -76,6 +79,9 @@ class MetaConfig:
             raise ConfigError(f"adapt_last must be >= 1 or None (all), got {self.adapt_last}")
         if isinstance(self.ckpt_modules, str) or not all(isinstance(p, str) and p for p in self.ckpt_modules):
             raise ConfigError(f"ckpt_modules must be a tuple of module-name patterns, got {self.ckpt_modules!r}")
+        if self.memory_budget is not None and (isinstance(self.memory_budget, bool) or not isinstance(
+                self.memory_budget, int) or self.memory_budget < 1):
+            raise ConfigError(f"memory_budget must be a number of bytes >= 1 or None (no budget), got {self.memory_budget!r}")
         if self.vmap_chunk is not None and self.vmap_chunk < 1:
             raise ConfigError(f"vmap_chunk must be >= 1 or None (all tasks), got {self.vmap_chunk}")
         if self.vmap_chunk is not None and not self.vectorize:
@@ -103,4 +109,4 @@ class MetaConfig:
     def reference(self) -> "MetaConfig":
         """The same computation without any checkpointing, task after task: the agreement oracle."""
         return replace(self, layer_ckpt=False, step_ckpt=0, step_rebuild="segment", snapshots=0, vectorize=False,
-                       vmap_chunk=None)
+                       vmap_chunk=None, memory_budget=None)

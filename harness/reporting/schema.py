@@ -185,6 +185,8 @@ class CellRow(Row):
     ckpt: Optional[list] = _opt()  # --ckpt patterns (MetaConfig.ckpt_modules)
     fd_rel_err: Figure = _opt()  # `check`: finite differences vs the meta-gradient (harness.gradcheck)
     distributed: Optional[dict] = _opt()  # the ranks' summary (harness.loop.distributed); absent: no process ran
+    plan: Optional[str] = _opt()  # --memory-budget: the configuration the planner chose (harness.bench.planner)
+    predicted_peak_mib: Figure = _opt()  # --memory-budget: its predicted peak (measured: memory.cpu_peak_alloc_mib)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -220,6 +222,8 @@ class RunResult(Row):
     ckpt: Optional[list] = _opt()
     settings: dict = field(default_factory=dict)  # the --set settings, as `key=value` names them
     distributed: Optional[dict] = _opt()  # the ranks' summary (harness.loop.distributed)
+    plan: Optional[str] = _opt()  # as CellRow: --memory-budget's chosen configuration and predicted peak
+    predicted_peak_mib: Figure = _opt()
     extra: dict = field(default_factory=dict)
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any, NamedTuple
 
 import torch
 
 from harness.core.config import ConfigError
 
-__all__ = ["BOUNDS", "Bound", "CPU_MEM_CAP_ENV", "DEVICES", "DIST_TIMEOUT_ENV", "DTYPES", "NAME_MAX_BYTES",
+__all__ = ["BOUNDS", "MEMORY_UNITS", "parse_memory", "Bound", "CPU_MEM_CAP_ENV", "DEVICES", "DIST_TIMEOUT_ENV", "DTYPES", "NAME_MAX_BYTES",
            "NUMBER_ENV", "SEED_MAX", "check_environment", "check_folder_name", "check_int", "check_seconds",
            "env_number"]
 
@@ -50,6 +51,7 @@ BOUNDS: dict[str, Bound] = {
     "snapshots": Bound(0, 1_000, 100_000),  # binomial step checkpointing's stored states; 0: off
     "vectorize": Bound(0, 1, 1),
     "vmap_chunk": Bound(0, 100_000, 100_000_000),  # 0: all tasks at once
+    "memory_budget": Bound(1, 2 ** 50, 2 ** 50),  # bytes (parse_memory: 2GiB, 512MiB)
     "ranks": Bound(1, 64, 4_096),  # and at most the meta-batch (harness.settings.keys.check_ranks)
     "ways": Bound(1, 1_000, 100_000),
     "shots": Bound(1, 1_000, 100_000),
@@ -134,3 +136,18 @@ def check_environment() -> None:
         env_number(name)
 
 
+MEMORY_UNITS = {"B": 1, "KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": 2 ** 30, "TiB": 2 ** 40}  # binary units only
+
+
+def parse_memory(text: str, flag: str = "--memory-budget") -> int:
+    """``2GiB``, ``512MiB``, ``1.5GiB`` (binary units: B, KiB, MiB, GiB, TiB) -> bytes; a ConfigError naming the
+    accepted form for ``abc``, ``0``, a negative size, a bare number or a decimal unit (``GB``: 10**9 or 2**30?)."""
+    form = f"a positive size with a binary unit ({', '.join(MEMORY_UNITS)}), e.g. 2GiB or 512MiB"
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = {u.lower(): u for u in MEMORY_UNITS}.get(m.group(2).lower()) if m else None
+    if m is None or unit is None:
+        raise ConfigError(f"{flag} must be {form}; got {text!r}")
+    size = float(m.group(1)) * MEMORY_UNITS[unit]
+    if not (math.isfinite(size) and 1 <= size <= BOUNDS["memory_budget"].hi):
+        raise ConfigError(f"{flag} must be {form}, at least 1B and at most 1024TiB; got {text!r}")
+    return int(size)

@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Any, NamedTuple
 
 from harness.core.config import AMP_MODES, STEP_REBUILDS, ConfigError
-from harness.settings.bounds import BOUNDS, check_int
+from harness.settings.bounds import BOUNDS, check_int, parse_memory
 from harness.variants import Variant
 from harness.zoo.presets import Preset, get_preset
 from harness.zoo.user import model_keywords, reads_real_data, resolve, takes_any_keyword
@@ -24,7 +24,7 @@ SPEC_SETTINGS = ("inner_steps", "meta_batch")  # RunSpec fields
 MODEL_SETTINGS = ("depth", "width")  # model constructor keywords
 # step-checkpoint segment length (0: off), its rebuild (segment | step), binomial stored states (0: off);
 # vmap tasks (0/1); tasks per vmapped chunk (0: all)
-VARIANT_SETTINGS = ("step_ckpt", "step_rebuild", "snapshots", "vectorize", "vmap_chunk")
+VARIANT_SETTINGS = ("step_ckpt", "step_rebuild", "snapshots", "vectorize", "vmap_chunk", "memory_budget")
 LAUNCH_SETTINGS = ("ranks",)  # data-parallel ranks: the cell runs under torch.distributed.run (harness.loop.distributed)
 SWEEP_PARAMS = SPEC_SETTINGS + MODEL_SETTINGS + VARIANT_SETTINGS + LAUNCH_SETTINGS
 SETTING_KEYS = SWEEP_PARAMS + ("amp",)  # and model.<kw>, task.<kw>
@@ -84,6 +84,8 @@ def validate_setting(key: str, text: str, preset: Preset, *, allow_huge: bool = 
     """One ``KEY=VALUE`` for ``preset``: the key must be one the preset's run, variant, model or task takes
     (with ``model``/``tasks``, a ``--model``/``--tasks`` spec: the keywords of the user's factory)."""
     what = f"{flag} {key}"
+    if key == "memory_budget":
+        return parse_memory(text, what)
     if key == "step_rebuild":
         if text not in STEP_REBUILDS:
             raise ConfigError(f"{what}={text}: valid choices: {', '.join(STEP_REBUILDS)}")
