@@ -199,14 +199,14 @@ def test_per_step_lrs_are_refused_not_mispredicted() -> None:
 def test_a_bench_row_records_plan_predicted_and_measured_peak_and_checks_agreement() -> None:
     row = measure_cell_inline(Cell("lr", "cpu-bench", settings={**TINY, "inner_steps": 6,
                                                                 "memory_budget": parse_memory("1GiB")}), FAST)
-    assert row["status"] == "ok", row.get("message")
-    assert row["plan"] and row["predicted_peak_mib"] > 0 and row["memory"]["cpu_peak_alloc_mib"] > 0
-    assert row["agreement"]["w_rel_err"] < 1e-5  # the chosen configuration's agreement check, as today
+    assert row.status == "ok", row.message
+    assert row.plan and row.predicted_peak_mib > 0 and row.memory["cpu_peak_alloc_mib"] > 0
+    assert row.agreement["w_rel_err"] < 1e-5  # the chosen configuration's agreement check, as today
 
 
 def test_a_peer_cell_with_a_budget_is_unsupported() -> None:
     row = measure_cell_inline(Cell("higher:lr", "quick", settings={"memory_budget": MIB}), FAST)
-    assert row["status"] == "unsupported" and "memory-budget" in row["message"]
+    assert row.status == "unsupported" and "memory-budget" in row.message
 
 
 def test_run_prints_the_plan_in_one_line_and_records_it(capsys, tmp_path) -> None:
