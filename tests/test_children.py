@@ -207,7 +207,8 @@ def test_a_sigkilled_driver_of_a_two_rank_cell_leaves_no_rank_and_no_folder(tmp_
 def test_a_finished_two_rank_cell_leaves_nothing_in_the_temp_folder(tmp_path: Path) -> None:
     d = Driver(tmp_path, *[a if a != "hang:maml" else "maml" for a in HANG_CELL], "--set", "ranks=2",
                "--set", "meta_batch=2", "--out", str(tmp_path / "out"))
-    assert d.proc.wait(timeout=600) == 0, d.log()
+    rows = tmp_path / "out" / "r" / "cells.jsonl"
+    assert d.proc.wait(timeout=600) == 0, d.log() + (rows.read_text()[-3000:] if rows.exists() else "(no rows)")
     d.assert_nothing_left()  # no torchinductor_<user>, no torchelastic_*, no harness-cell-*
 
 

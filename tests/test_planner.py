@@ -219,3 +219,10 @@ def test_run_prints_the_plan_in_one_line_and_records_it(capsys, tmp_path) -> Non
     result = json.loads(path.read_text())
     assert result["plan"] and result["predicted_peak_mib"] == pytest.approx(
         result["memory"]["cpu_peak_alloc_mib"], rel=0.25)
+
+
+@pytest.mark.parametrize("variant, settings", [("ckpt_lr", {}), ("lr", {"step_ckpt": 2}), ("bckpt_lr", {})])
+def test_a_budget_on_checkpointing_already_chosen_is_refused_not_silently_replaced(variant, settings) -> None:
+    row = measure_cell_inline(Cell(variant, "cpu-bench", settings={**TINY, **settings, "memory_budget": parse_memory(
+        "1GiB")}), FAST)
+    assert row.status == "unsupported" and "memory_budget chooses the checkpointing itself" in row.message

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from harness.core.config import ConfigError
 from harness.loop.spec import RunSpec
-from harness.bench.store import ResultsError  # noqa: F401 -- its home is reporting.versions; kept importable here
+from harness.reporting.versions import ResultsError  # noqa: F401 -- kept importable here
 from harness.reporting.schema import CellRow
 from harness.settings import (LAUNCH_SETTINGS, MODEL_SETTINGS, SPEC_SETTINGS, SWEEP_PARAMS,  # the one list of keys
                               VARIANT_SETTINGS, parse_value, split_settings)

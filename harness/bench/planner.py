@@ -179,6 +179,12 @@ def plan_learner(learner: MetaLearner, tasks: list[Task], budget_bytes: int, *, 
     if cfg.lr_per_step:  # measured: lr, element LRs per step, K = 16: predicted 18.9 MiB, measured 44.3
         raise ConfigError("memory_budget is not planned for lr_per_step=True yet: the per-step LRs' gradients grow "
                           "with K faster than the K = 1, 2 probe sees; valid: lr_per_step=False, or no memory budget")
+    chosen_already = [f"{k}={v}" for k, v in (("layer_ckpt", cfg.layer_ckpt), ("step_ckpt", cfg.step_ckpt),
+                                               ("snapshots", cfg.snapshots), ("vmap_chunk", cfg.vmap_chunk)) if v]
+    if chosen_already:  # the planner chooses these itself: it would silently replace the ones given
+        raise ConfigError(f"memory_budget chooses the checkpointing itself, and this variant already sets "
+                          f"{', '.join(chosen_already)}; valid: a variant without checkpointing (maml, fo, lr, lr_fo, "
+                          "vmaml, ...) and no --set step_ckpt/snapshots/vmap_chunk, or no memory budget")
     steps, budget = cfg.inner_steps, budget_bytes / MIB
     try:
         if cfg.vectorize:

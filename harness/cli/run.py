@@ -86,8 +86,9 @@ def summary_lines(res: SingleRun) -> list[str]:
                 f"({memory['cuda_peak_alloc_above_base_mib']:.1f} above base)")
     lines.append(mem)
     if r.plan:
-        budget = r.settings["memory_budget"] / 2 ** 20
-        lines.append(f"  plan (memory budget {budget:.4g} MiB): {r.plan}, predicted peak {r.predicted_peak_mib:.4g} "
+        budget = r.settings.get("memory_budget")
+        budget_text = f"memory budget {budget / 2 ** 20:.4g} MiB" if budget else "memory budget"
+        lines.append(f"  plan ({budget_text}): {r.plan}, predicted peak {r.predicted_peak_mib:.4g} "
                      f"MiB, measured {memory['cpu_peak_alloc_mib']:.4g} MiB")
     dist = r.distributed or {}
     if (dist.get("world_size") or 1) > 1:
