@@ -18,7 +18,7 @@ from harness.reporting.render import (MISSING, fixed, fmt, fmt_ratio, markdown_r
 HARNESS = Path(__file__).resolve().parent.parent / "harness"
 # the modules whose output is a table, a report or a generated block (commands' one-line messages are not)
 TABLE_WRITERS = ["reporting/tables.py", "reporting/docblocks.py", "reporting/verdicts.py", "reporting/plots.py",
-                 "studies/ablation/tables.py", "studies/ablation/plots.py"]
+                 "studies/ablation/tables.py", "studies/ablation/plots.py", "reporting/compare.py"]
 FORMAT_SPEC = re.compile(r"\{[^{}]*:[+ ]?\.?\d*[fgeG%]\}")  # {x:.3f}, {x:+.1%}, {x:g}, ... inside an f-string
 
 

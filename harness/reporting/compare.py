@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 from harness.core.config import ConfigError
 from harness.reporting.files import by_identity, read_cells
 from harness.reporting.frame import mem_figure, num, settings_str
+from harness.reporting.render import fixed, fmt, percent
 from harness.reporting.schema import CellRow, ResultsError
 
 FAIL_KINDS = {"mem": "relative rise, e.g. mem:5% or mem:0.05", "grad": "absolute rel. error, e.g. grad:1e-6",
@@ -74,12 +75,12 @@ class Regression:
             what = {"mem": f"memory figure {self.figure}", "grad": f"{self.part} meta-gradient rel. error",
                     "time": "median time"}[self.kind]
             return f"{what} {'NaN' if isinstance(n, float) and math.isnan(n) else 'missing'} in the new run" + (
-                f" (baseline {b:.4g})" if num(b) is not None else "")
+                f" (baseline {fmt(float(b))})" if num(b) is not None else "")
         if self.kind == "mem":
-            return f"memory rose {(n - b) / b:+.2%} > {th:.2%} ({self.figure} {b:.4f} -> {n:.4f} MiB)"
+            return f"memory rose {percent((n - b) / b, 2, signed=True)} > {percent(th, 2)} ({self.figure} {fixed(b)} -> {fixed(n)} MiB)"
         if self.kind == "grad":
-            return f"{self.part} meta-gradient rel. error {n:.3g} > {th:g}"
-        return f"median time rose {(n - b) / b:+.1%} > {th:.1%}"
+            return f"{self.part} meta-gradient rel. error {fmt(float(n), 3)} > {fmt(float(th), 6)}"
+        return f"median time rose {percent((n - b) / b, signed=True)} > {percent(th)}"
 
 
 class Comparison(NamedTuple):
@@ -145,7 +146,7 @@ def _memory(b: CellRow, n: CellRow, th: Thresholds, label: str, parts: list[str]
         warnings.append(f"{label}: memory figures differ ({fb} vs {fn}); not compared")
         return
     if mn_num is None:
-        parts.append(f"mem {mb:.4f} -> {mn} MiB")
+        parts.append(f"mem {fixed(mb)} -> {mn} MiB")
         if th.mem is not None:
             bad.append(Regression("mem", label, mb, mn, th.mem, figure=fb))
         return
@@ -153,7 +154,7 @@ def _memory(b: CellRow, n: CellRow, th: Thresholds, label: str, parts: list[str]
         bad.append(Regression("invalid", label, mb, f"memory figure {fn} {mn_num} MiB is negative", th.mem))
         return
     rise = (mn_num - mb) / mb
-    parts.append(f"mem {mb:.4f} -> {mn_num:.4f} MiB ({rise:+.2%})")
+    parts.append(f"mem {fixed(mb)} -> {fixed(mn_num)} MiB ({percent(rise, 2, signed=True)})")
     if th.mem is not None and rise > th.mem:
         bad.append(Regression("mem", label, mb, mn_num, th.mem, figure=fn))
 
@@ -165,7 +166,7 @@ def _gradients(b: CellRow, n: CellRow, th: Thresholds, label: str, parts: list[s
             if eb is not None and th.grad is not None:
                 bad.append(Regression("grad", label, eb, None, th.grad, part=part))
             continue
-        parts.append(f"{part} grad err {eb if eb is None else f'{float(eb):.3g}'} -> {float(en):.3g}")
+        parts.append(f"{part} grad err {eb if eb is None else fmt(float(eb), 3)} -> {fmt(float(en), 3)}")
         if th.grad is None:
             continue
         if math.isnan(float(en)):
@@ -187,12 +188,12 @@ def _time(b: CellRow, n: CellRow, th: Thresholds, parts: list[str], bad: list[Re
     if not tb:
         return
     if num(tn) is None:
-        parts.append(f"time {tb:.1f} -> {tn} ms")
+        parts.append(f"time {fixed(tb, 1)} -> {tn} ms")
         if th.time is not None:
             bad.append(Regression("time", label, tb, tn, th.time))
         return
     trise = (tn - tb) / tb
-    parts.append(f"time {tb:.1f} -> {tn:.1f} ms ({trise:+.1%})")
+    parts.append(f"time {fixed(tb, 1)} -> {fixed(tn, 1)} ms ({percent(trise, signed=True)})")
     if th.time is not None and trise > th.time:
         bad.append(Regression("time", label, tb, tn, th.time))
 
