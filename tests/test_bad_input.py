@@ -227,13 +227,15 @@ def request(argv: list[str]) -> MatrixRequest:
     return {"bench": bench_cmd, "sweep": sweep_cmd}[argv[0]].request_from_args(build_parser().parse_args(argv))
 
 
-def test_bench_accepts_every_key_cell_overrides_accepts(tmp_path: Path) -> None:
+def test_bench_accepts_every_key_a_cells_run_spec_accepts(tmp_path: Path) -> None:
     req = request([*BASE["bench"], "--variants", "lr", "--set", "step_ckpt=1", "--set", "amp=bf16",
                    "--set", "width=16", "--set", "task.tokens=4", "--out", str(tmp_path)])
     (cell,) = req.cells
     assert cell.settings == {"step_ckpt": 1, "amp": "bf16", "width": 16, "task.tokens": 4}
-    spec, model, task = cell.overrides()
-    assert spec == {"amp": "bf16"} and model == {"width": 16} and task == {"tokens": 4}
+    spec = cell.run_spec()
+    assert spec.amp == "bf16" and spec.settings.spec == {"amp": "bf16"}
+    assert spec.settings.model == {"width": 16} and spec.settings.task == {"tokens": 4}
+    assert spec.settings.variant == {"step_ckpt": 1} and spec.variant_obj.step_ckpt == 1
     every = [f"{k}={'step' if k == 'step_rebuild' else '1MiB' if k == 'memory_budget' else 1}" for k in SETTING_KEYS
              if k != "amp"]
     assert set(split_settings(parse_settings(every, "cpu-bench")).spec) == {"inner_steps", "meta_batch"}
@@ -246,7 +248,7 @@ def test_the_parser_and_the_cells_refuse_the_same_keys(key: str) -> None:
     with pytest.raises(ValueError):
         parse_settings([f"{key}=1"], "cpu-bench")
     with pytest.raises(ValueError):
-        Cell("maml", "cpu-bench", settings={key: 1}).overrides()
+        Cell("maml", "cpu-bench", settings={key: 1}).run_spec()
 
 
 def test_duplicate_variants_and_values_are_one_cell_each(tmp_path: Path) -> None:

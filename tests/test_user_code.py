@@ -103,8 +103,8 @@ def test_the_user_specs_are_part_of_a_cells_identity_and_a_presets_key_is_unchan
     assert len(keys) == 4 and preset.compare_key() != own.compare_key()
     back = Cell(**json.loads(json.dumps(asdict(own))))  # as the cell's process reads it
     assert back == own and back.key() == own.key()
-    spec_kw, _, _ = Cell("ckpt", "quick", model=ABS_MODEL, tasks=ABS_TASKS, ckpt=["layers.*"]).overrides()
-    assert spec_kw == {"model": ABS_MODEL, "tasks": ABS_TASKS, "ckpt": ("layers.*",)}
+    spec = Cell("ckpt", "quick", model=ABS_MODEL, tasks=ABS_TASKS, ckpt=["layers.*"]).run_spec()
+    assert (spec.model, spec.tasks, spec.ckpt) == (ABS_MODEL, ABS_TASKS, ("layers.*",))
 
 
 def test_resume_never_takes_a_user_models_cell_for_the_presets(tmp_path: Path) -> None:

@@ -151,12 +151,6 @@ class Cell:
         return RunSpec(variant=self.base_variant, preset=self.preset, device=self.device, dtype=self.dtype,
                        seed=self.seed, **spec, **self.user(), settings=parts)
 
-    def overrides(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        """(run-spec kwargs, model overrides, task overrides); keys as harness.settings lists them.  The run-spec
-        kwargs carry the user's model, tasks and checkpoint patterns when the cell names them."""
-        spec, model, task, _, _ = split_settings(self.settings)  # variant: variant_for; launch: bench.process
-        return {**spec, **self.user()}, model, task
-
 
 def dedup_cells(cells: list[Cell]) -> list[Cell]:
     """The cells with duplicates (same :meth:`Cell.key`) collapsed, first occurrence's order kept."""
