@@ -8,8 +8,6 @@ from __future__ import annotations
 import csv
 import math
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,9 +19,8 @@ from harness.reporting.frame import flatten
 from harness.core.config import ConfigError
 from harness.reporting.files import write_jsonl
 from harness.reporting.schema import CellRow
-from tests.conftest import cli
+from tests.conftest import cli, harness
 
-REPO = Path(__file__).resolve().parent.parent
 ENV = {"python": "3.x", "torch": "2.x", "cuda": None, "cudnn": None, "gpu": None, "driver": None, "cpu": "x86_64",
        "threads": 2, "platform": "linux", "host": "h", "git_commit": "abc", "git_dirty": False, "utc": "now"}
 
@@ -43,11 +40,6 @@ def rows(mem: dict[str, float] | None = None, err: float = 0.0) -> list[dict]:
 def write_run(d: Path, rs: list[dict]) -> Path:
     write_jsonl(d / "cells.jsonl", rs)
     return d
-
-
-def harness(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
 
 
 def test_report_tables_and_plots(tmp_path: Path) -> None:
@@ -86,10 +78,10 @@ def test_compare_passes_on_identical_and_small_changes(tmp_path: Path) -> None:
     assert regressions == [] and warnings == [] and any("+4.50%" in ln for ln in lines)
 
 
-def test_compare_fails_when_memory_rises_more_than_5_percent(tmp_path: Path) -> None:
+def test_compare_fails_when_memory_rises_more_than_5_percent(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     base = write_run(tmp_path / "base", rows())
     new = write_run(tmp_path / "new", rows({"maml": 2.0, "fo": 1.06, "ckpt_fo": 0.8, "lr": 2.2}))
-    r = harness("compare", str(base), str(new), "--fail", "mem:5%", "--fail", "grad:1e-6")
+    r = cli(capsys, "compare", str(base), str(new), "--fail", "mem:5%", "--fail", "grad:1e-6")
     assert r.returncode == 1, r.stdout + r.stderr
     assert "FAIL fo on cpu-bench [width=16]" in r.stdout and "memory rose +6.00% > 5.00%" in r.stdout
     assert "ckpt_fo" not in r.stdout.split("REGRESSION")[1]
@@ -158,16 +150,16 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixt
         assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-def test_report_command_rebuilds(tmp_path: Path) -> None:
+def test_report_command_rebuilds(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run = write_run(tmp_path / "results" / "r2", rows())
-    r = harness("report", str(run), "--no-plots")
+    r = cli(capsys, "report", str(run), "--no-plots")
     assert r.returncode == 0, r.stderr
     assert "| maml |" in r.stdout and (run / "summary.csv").is_file()
 
 
-def test_sweep_command_writes_scaling_curves(tmp_path: Path) -> None:
+def test_sweep_command_writes_scaling_curves(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "results"
-    r = harness("sweep", "--variant", "sckpt_lr", "--param", "inner_steps=1,3", "--device", "cpu", "--set", "width=16",
+    r = cli(capsys, "sweep", "--variant", "sckpt_lr", "--param", "inner_steps=1,3", "--device", "cpu", "--set", "width=16",
                 "--set", "depth=2", "--set", "task.sequences=2", "--set", "task.tokens=8", "--warmup", "0",
                 "--repeats", "1", "--threads", "1", "--out", str(out), "--run-id", "sw")
     assert r.returncode == 0, r.stderr
@@ -178,7 +170,8 @@ def test_sweep_command_writes_scaling_curves(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("figure", ["nan", None])
-def test_compare_a_nan_or_missing_memory_figure_in_every_new_cell_is_a_regression(tmp_path: Path, figure) -> None:
+def test_compare_a_nan_or_missing_memory_figure_in_every_new_cell_is_a_regression(
+        tmp_path: Path, figure, capsys: pytest.CaptureFixture) -> None:
     base = write_run(tmp_path / "base", rows())
     new_rows = rows()
     for r in new_rows:
@@ -190,7 +183,7 @@ def test_compare_a_nan_or_missing_memory_figure_in_every_new_cell_is_a_regressio
     regressions, _, _ = compare(base, new, parse_fail(["mem:5%"]))
     assert [(r.kind, r.threshold, r.baseline) for r in regressions] == [("mem", 0.05, m) for m in (2.0, 1.0, 0.8, 2.2)]
     assert all((math.isnan(r.new) if figure else r.new is None) for r in regressions)
-    r = harness("compare", str(base), str(new), "--fail", "mem:5%")
+    r = cli(capsys, "compare", str(base), str(new), "--fail", "mem:5%")
     assert r.returncode == 1 and "REGRESSION: 4 problem(s)" in r.stdout, r.stdout + r.stderr
     assert ("NaN in the new run" if figure else "missing in the new run") in r.stdout
     assert compare(base, new, Thresholds())[0] == []  # memory not checked: nothing to fail
@@ -208,12 +201,13 @@ def test_compare_a_nan_time_fails_only_the_time_check(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("field, value", [("memory", "lots"), ("memory", {"cpu_peak_alloc_mib": "lots"}),
                                           ("status", 3), ("agreement", {"w_rel_err": [1]})])
-def test_compare_a_malformed_row_is_exit_2_naming_file_and_line(tmp_path: Path, field, value) -> None:
+def test_compare_a_malformed_row_is_exit_2_naming_file_and_line(
+        tmp_path: Path, field, value, capsys: pytest.CaptureFixture) -> None:
     good = write_run(tmp_path / "good", rows())
     bad_rows = rows()
     bad_rows[2][field] = value
     bad = write_run(tmp_path / "bad", bad_rows)
-    r = harness("compare", str(good), str(bad), "--fail", "mem:5%")
+    r = cli(capsys, "compare", str(good), str(bad), "--fail", "mem:5%")
     assert r.returncode == 2, r.stdout + r.stderr
     assert f"bad/cells.jsonl: line 3: field '{field}" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "Traceback" not in r.stderr
