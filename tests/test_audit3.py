@@ -368,7 +368,7 @@ def test_with_an_explicit_out_the_plots_go_under_it_and_two_outs_share_no_figure
 def test_ablate_with_an_explicit_out_keeps_its_learning_curves_under_it(tmp_path: Path, monkeypatch) -> None:  # 9
     monkeypatch.chdir(tmp_path)
     assert main(["ablate", "--preset", "quick", "--variants", "maml", "--meta-steps", "1", "--seeds", "2",
-                 "--eval-tasks", "1", "--no-progress", "--run-id", "abl", "--out", "runs/a"]) == 0
+                 "--eval-tasks", "1", "--no-progress", "--jobs", "1", "--run-id", "abl", "--out", "runs/a"]) == 0
     assert (tmp_path / "runs" / "a" / "plots" / "abl" / "learning_curves.png").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
 

@@ -40,7 +40,7 @@ def test_run_and_ablate_write_under_out(tmp_path: Path) -> None:
     assert main(["run", "--variant", "fo", "--device", "cpu", "--meta-steps", "2", "--out", str(out)]) == 0
     assert [p.name for p in (out / "runs").iterdir()] == ["fo_quick_cpu_float32_s0.json"]
     assert main(["ablate", "--preset", "quick", "--variants", "maml", "--meta-steps", "2", "--seeds", "2",
-                 "--eval-tasks", "2", "--no-progress", "--run-id", "a", "--out", str(out)]) == 0
+                 "--eval-tasks", "2", "--no-progress", "--jobs", "1", "--run-id", "a", "--out", str(out)]) == 0
     assert (out / "a" / "ablation.csv").is_file() and (out / "plots" / "a" / "learning_curves.png").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]
 

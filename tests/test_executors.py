@@ -183,6 +183,7 @@ def test_without_ray_the_ray_executor_is_one_line_naming_the_extra(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # a Ray instance plus two ablations, a minute or more: `make test-slow` (CI runs it)
 def test_ablation_cells_trained_as_ray_tasks_equal_local_ones(tmp_path: Path, ray_executor: RayExecutor) -> None:
     spec = AblationSpec(preset="quick", variants=("maml",), meta_steps=3, seeds=2, eval_tasks=3,
                         eval_every=2, run_id="tiny", jobs=1)

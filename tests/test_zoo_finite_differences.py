@@ -1,8 +1,10 @@
 """Claim: for every second-order registered variant, the meta-gradient the engine returns is the derivative
 of the meta-loss it computes: central finite differences in float64 (tests/zoo/oracle.py,
 ``finite_difference_error``: step 1e-5, two random directions over all initial weights and raw LRs) agree
-to 1e-7 relative, for K in {1, 3, 5} inner steps and step-checkpoint segments of 2 (which divides none of them);
-binomial variants with 2 stored states (K = 3, 5: steps recomputed from a snapshot).
+to 1e-7 relative, for K in {1, 5} inner steps and step-checkpoint segments of 2 (which does not divide 5: segments 2, 2, 1);
+binomial variants with 2 stored states (K = 5: steps recomputed from a snapshot).  K = 3 (segments 2, 1) was
+dropped from `make test` for time: it exercised no code path that K = 5 does not, and the engine equals the
+independent oracle at K = 3 in tests/test_zoo_oracle.py.
 
 Excluded zoo models, and why: spectral norm (hook and parametrization) and the user's running-centre layer
 update their buffers under ``no_grad`` from the weights (power iteration, running mean; so does the
@@ -39,7 +41,6 @@ SECOND_ORDER = [n for n, v in registry().items() if not v.first_order]
 WEIGHT_NORM = "torch._weight_norm's double backward is wrong upstream (tests/test_upstream.py)"
 OPEN_GAPS = {
     ("parametrize_symmetric_weight_norm", 1): f"1e-2 for every variant, maml included: {WEIGHT_NORM}",
-    ("parametrize_symmetric_weight_norm", 3): f"2e-2 for every variant, maml included: {WEIGHT_NORM}",
     ("parametrize_symmetric_weight_norm", 5): f"2e-2 for every variant, maml included: {WEIGHT_NORM}",
 }
 NOT_STRICT: set[tuple[str, int]] = set()
@@ -51,7 +52,7 @@ NOT_STRICT: set[tuple[str, int]] = set()
 # lr, ckpt_sckpt_lr and vlr (the engine equals the oracle to 1e-12 there), below 1e-7 at h = 1e-6.
 FD_STEP = {"conv_batchnorm": 1e-6, "batchnorm_momentum_none": 1e-6, "parameters_iterated_in_forward": 1e-6}
 CASES = [pytest.param(m, k, marks=pytest.mark.xfail(reason=OPEN_GAPS[(m, k)], strict=(m, k) not in NOT_STRICT))
-         if (m, k) in OPEN_GAPS else (m, k) for m in MODELS for k in (1, 3, 5)]
+         if (m, k) in OPEN_GAPS else (m, k) for m in MODELS for k in (1, 5)]
 
 
 @pytest.mark.parametrize(("model_name", "inner_steps"), CASES)
