@@ -43,7 +43,8 @@ def _edit_by_hand(readme: Path) -> None:
     readme.write_text(text.replace(fo, fo.replace("| `fo` | ok | ", "| `fo` | ok | 3.000 | ", 1)))
 
 
-def test_a_hand_edited_block_is_caught_and_rewritten(repo_copy: Path) -> None:
+def test_a_hand_edited_block_is_caught_and_rewritten(repo_copy: Path, capsys: pytest.CaptureFixture) -> None:
+    """``docs --check`` in a fresh process (its exit 1 as a user sees it); the rewrite and re-check in this one."""
     readme = repo_copy / "README.md"
     original = readme.read_text()
     _edit_by_hand(readme)
@@ -52,9 +53,9 @@ def test_a_hand_edited_block_is_caught_and_rewritten(repo_copy: Path) -> None:
     r = harness("docs", "--check", "--root", str(repo_copy))
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"README.md:{line}: generated block 'variants results/cpu-bench-peers' differs" in r.stdout
-    r = harness("docs", "--root", str(repo_copy))
+    r = cli(capsys, "docs", "--root", str(repo_copy))
     assert r.returncode == 0 and readme.read_text() == original
-    assert harness("docs", "--check", "--root", str(repo_copy)).returncode == 0
+    assert cli(capsys, "docs", "--check", "--root", str(repo_copy)).returncode == 0
 
 
 def test_a_changed_result_drifts_the_block_that_quotes_it(repo_copy: Path) -> None:
