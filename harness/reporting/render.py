@@ -4,6 +4,9 @@ Every table the harness prints or writes (``table.md``, the ablation's tables, t
 README and docs) formats its figures here, so one figure reads the same everywhere: :func:`fmt`
 (significant digits), :func:`fixed` (decimal places), :func:`percent`, :func:`times` and :func:`fmt_ratio`
 (multiples), :func:`paired_text` (a paired ratio with its quartiles).
+An absent figure is an empty cell (``fmt``, ``fixed``, ``percent``, ``times`` give "" for None); an absent
+ratio is ``—`` (:func:`fmt_ratio`, :func:`paired_text`): a ratio column always has a reference, so a missing
+one is worth a mark the reader sees.  Both forms are in committed tables; changing either rewrites them.
 Markdown comes from a DataFrame through :func:`markdown_table` (a dozen lines here rather than
 ``DataFrame.to_markdown``, which needs ``tabulate`` and pads every column to its widest cell: the committed
 tables keep the compact ``| a | b |`` form and no dependency is added).
