@@ -95,9 +95,9 @@ class MeasureOptions:
 class Cell:
     """A variant (``name`` or ``peer:name``) on a preset with settings.
 
-    ``settings`` keys: ``inner_steps``, ``meta_batch`` (run spec), ``depth``,
-    ``width`` and any other ``model.<kw>`` (model constructor), ``task.<kw>``
-    (task sampler), ``amp`` and ``step_ckpt``.
+    ``settings``: ``--set`` keys as parsed by :func:`harness.settings.keys.parse_settings` (the one list of them
+    is ``SETTING_KEYS`` there, plus ``model.<kw>`` and ``task.<kw>``); :meth:`run_spec` splits them by
+    destination (:func:`harness.settings.keys.split_settings`).
     """
 
     variant: str
