@@ -1,5 +1,9 @@
 """One cell in its own process: launched, awaited, killed, and never left behind.
 
+The process is forked from the pre-imported cell server (:mod:`harness.bench.forked`, Linux) or, as the
+fallback, a fresh ``python -m harness.bench.child``; everything below holds for both (a forked cell's death
+signal is armed to the server, which dies with the driver).
+
 Why a process per cell: an out-of-memory, a crash or a hang cannot take the matrix down, and every cell
 starts from the same allocator state.  What keeps no process or temp folder behind:
 
