@@ -39,6 +39,11 @@ baseline: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m harness bench --peers
 
+# The harness's own cost (issue 24): start-up of list/run against `import torch`, and the per-cell overhead of a
+# bench with cells forked from the cell server and started fresh, with the load; commit from a clean tree.
+overhead: $(STAMP)
+	$(PY) tests/benchmarks/startup_figures.py results/overhead-cpu
+
 # The per-variant meta-step micro-benchmarks (pytest-benchmark, tests/benchmarks), skipped by `make test`.
 bench-micro: $(STAMP)
 	HARNESS_BENCH_MICRO=1 $(PY) -m pytest tests/benchmarks --benchmark-only

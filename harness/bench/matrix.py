@@ -1,8 +1,8 @@
 """The matrix: many cells, each measured once, resumable, and safe to share between processes.
 
 :func:`run_matrix` measures every cell of a request that ``<run-dir>/cells.jsonl`` does not already hold,
-one at a time through an executor (today :class:`~harness.bench.process.LocalExecutor`: a fresh process per
-cell), and merges each row into the file under the directory's lock the moment it is measured
+one at a time through an executor (today :class:`~harness.bench.process.LocalExecutor`: a process per cell,
+forked from a pre-imported server, :mod:`harness.bench.forked`), and merges each row into the file under the directory's lock the moment it is measured
 (``harness.bench.store``).  So:
 
 * **duplicates** in one request (``--variants maml,maml``) are one cell;
@@ -34,10 +34,11 @@ from harness.bench.store import (LOCK_WAIT_S, RunDirBusy, check_claims, claim_ce
 from harness.reporting.schema import CellRow
 from harness.variants import get_variant
 
-__all__ = ["run_matrix", "measure_cell", "matrix_exit_code", "is_finished", "LOCAL", "BatchExecutor",
+__all__ = ["run_matrix", "measure_cell", "matrix_exit_code", "is_finished", "LOCAL", "FRESH", "BatchExecutor",
            "measure_here", "lost_cell_row"]
 
 LOCAL = LocalExecutor()
+FRESH = LocalExecutor(fork=False)  # a batch executor's worker is already a fresh process per cell: no server there
 POLL_S = 0.5  # how often a run re-reads the file while another process measures one of its cells
 
 
@@ -78,8 +79,9 @@ class BatchExecutor(Protocol):
 
 
 def measure_here(opts_of: Callable[[Cell], MeasureOptions], cell: Cell) -> CellRow:
-    """A batch executor's job: the cell measured where the job runs, exactly as ``local`` measures it."""
-    return measure_cell(cell, opts_of(cell), LOCAL)
+    """A batch executor's job: the cell measured where the job runs, as ``local`` measures it (in a fresh
+    interpreter: a fork server per Ray worker would cost what it saves)."""
+    return measure_cell(cell, opts_of(cell), FRESH)
 
 
 def lost_cell_row(cell: Cell, reason: str) -> CellRow:

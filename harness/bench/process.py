@@ -1,5 +1,9 @@
 """One cell in its own process: launched, awaited, killed, and never left behind.
 
+The process is forked from the pre-imported cell server (:mod:`harness.bench.forked`, Linux) or, as the
+fallback, a fresh ``python -m harness.bench.child``; everything below holds for both (a forked cell's death
+signal is armed to the server, which dies with the driver).
+
 Why a process per cell: an out-of-memory, a crash or a hang cannot take the matrix down, and every cell
 starts from the same allocator state.  What keeps no process or temp folder behind:
 
@@ -43,11 +47,13 @@ import torch
 from harness.loop import distributed
 from harness.bench.cells import Cell, MeasureOptions, base_row
 from harness.bench.deathsig import LINUX, STOP_SIGNALS, arm_parent_death_signal, guarded
+from harness.bench.forked import CELL_SERVER, ServerUnavailable
 from harness.reporting.files import read_row
 from harness.reporting.provenance import environment
 from harness.reporting.schema import CellRow
+from harness.settings import cell_start
 
-__all__ = ["CellExecutor", "LocalExecutor", "Interrupted", "signals_as_interrupts", "measure_cell_isolated",
+__all__ = ["CellExecutor", "LocalExecutor", "fork_cells", "Interrupted", "signals_as_interrupts", "measure_cell_isolated",
            "user_code_paths",
            "die_with_parent", "child_group", "stop_group", "exit_status", "cell_environment", "PARENT_ENV", "CHILD_MODULE", "STOP_GRACE_S", "TEMP_PREFIX"]
 
@@ -67,10 +73,13 @@ class CellExecutor(Protocol):
 
 @dataclass(frozen=True)
 class LocalExecutor:
-    """One fresh subprocess per cell on this machine (:func:`measure_cell_isolated`)."""
+    """One process per cell on this machine (:func:`measure_cell_isolated`): forked from the cell server when
+    ``fork`` (and :func:`fork_cells`), else a fresh interpreter."""
+
+    fork: bool = True
 
     def measure(self, cell: Cell, opts: MeasureOptions) -> CellRow:
-        return measure_cell_isolated(cell, opts)
+        return measure_cell_isolated(cell, opts, fork=self.fork)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -186,8 +195,10 @@ def user_code_paths(cell: Cell) -> tuple[list[str], str]:
     return extra, cwd
 
 
-def measure_cell_isolated(cell: Cell, opts: MeasureOptions) -> CellRow:
-    """Measure one cell in a fresh ``python -m harness.bench.child`` process with a time limit; always a row."""
+def measure_cell_isolated(cell: Cell, opts: MeasureOptions, fork: bool = True) -> CellRow:
+    """Measure one cell in a process of its own with a time limit; always a row.  The process is forked from the
+    pre-imported cell server (:mod:`harness.bench.forked`) when ``fork`` and :func:`fork_cells` allow it and the
+    cell has one rank, else a fresh ``python -m harness.bench.child``; the row is the same either way."""
     with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX) as tmp:
         tmpd = Path(tmp)
         (tmpd / "cell.json").write_text(json.dumps(asdict(cell)))
@@ -199,22 +210,58 @@ def measure_cell_isolated(cell: Cell, opts: MeasureOptions) -> CellRow:
         ranks = int(cell.settings.get("ranks", 1))
         if ranks > 1:  # the ranks' parent is torchrun's agent (in the cell's group), not this driver
             env.pop(PARENT_ENV)
-        cmd = distributed.launcher(ranks) + ["-m", CHILD_MODULE, str(tmpd / "cell.json"), str(tmpd / "opts.json"),
-                                             str(out)]
+        argv = [str(tmpd / "cell.json"), str(tmpd / "opts.json"), str(out)]
         t0 = time.perf_counter()
-        # its own session (process group), so a stop also ends anything the cell started; it dies with us, and
-        # a Ctrl-C / Interrupted stops it (child_group)
-        with open(tmpd / "stderr.txt", "wb") as err, \
-                child_group(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=cwd) as proc:
-            try:
-                rc = proc.wait(timeout=opts.timeout_s)
-            except subprocess.TimeoutExpired:
-                stop_group(proc)
-                return _finished_row(cell, "timeout", f"cell exceeded its time limit of {opts.timeout_s:g} s", t0)
+        rc = None
+        if fork and ranks == 1 and fork_cells():
+            rc = _wait_forked(argv, env, cwd, tmpd / "stderr.txt", opts.timeout_s)
+        if rc is None:  # not forked (the fallback): a fresh interpreter
+            rc = _wait_fresh(distributed.launcher(ranks) + ["-m", CHILD_MODULE, *argv], env, cwd,
+                             tmpd / "stderr.txt", opts.timeout_s)
+        if rc == "timeout":
+            return _finished_row(cell, "timeout", f"cell exceeded its time limit of {opts.timeout_s:g} s", t0)
         if rc == 0 and out.exists():
             return read_row(out, CellRow)  # the child's row, validated as it is read
         tail = (tmpd / "stderr.txt").read_text(errors="replace").strip().splitlines()[-3:]
         return _finished_row(cell, *exit_status(rc, tail), t0)
+
+
+def fork_cells() -> bool:
+    """Whether cells are forked from the cell server: on Linux unless ``HARNESS_CELL_START=fresh``."""
+    return CELL_SERVER is not None and cell_start() == "fork"
+
+
+def _wait_fresh(cmd: list[str], env: dict[str, str], cwd: str, stderr_path: Path, timeout_s: float) -> int | str:
+    """The exit code of ``cmd`` in its own session (process group), or ``"timeout"`` (its group stopped); it dies
+    with us, and a Ctrl-C / Interrupted stops it (:func:`child_group`)."""
+    with open(stderr_path, "wb") as err, \
+            child_group(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=cwd) as proc:
+        try:
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            stop_group(proc)
+            return "timeout"
+
+
+def _wait_forked(argv: list[str], env: dict[str, str], cwd: str, stderr_path: Path,
+                 timeout_s: float) -> int | str | None:
+    """As :func:`_wait_fresh`, the cell forked by :data:`~harness.bench.forked.CELL_SERVER`; ``None`` when the
+    server cannot fork it (the caller starts it fresh)."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        proc = CELL_SERVER.launch(argv, env, cwd, stderr_path, deadline)
+    except ServerUnavailable:
+        return None
+    except TimeoutError:  # the server was still importing at the cell's time limit
+        return "timeout"
+    try:
+        return proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        proc.stop(STOP_GRACE_S)
+        return "timeout"
+    except BaseException:  # a stop of the driver (Ctrl-C, Interrupted): the cell's group goes first
+        proc.stop(STOP_GRACE_S)
+        raise
 
 
 def _end_own_group(cleanup: Callable[[], None]) -> None:

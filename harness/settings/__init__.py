@@ -15,9 +15,9 @@ environment), :mod:`~harness.settings.keys` (``--set``, ``--param``, where a set
 """
 from __future__ import annotations
 
-from harness.settings.bounds import (BOUNDS, Bound, CPU_MEM_CAP_ENV, DEVICES, DIST_TIMEOUT_ENV, DTYPES,
+from harness.settings.bounds import (BOUNDS, Bound, CELL_START_ENV, CELL_STARTS, CPU_MEM_CAP_ENV, DEVICES, DIST_TIMEOUT_ENV, DTYPES,
                                      NAME_MAX_BYTES, NUMBER_ENV, SEED_MAX, MEMORY_UNITS, check_environment, check_folder_name,
-                                     check_int, check_seconds, env_number, parse_memory)
+                                     cell_start, check_int, check_seconds, env_number, parse_memory)
 from harness.settings.devices import check_amp, check_device, check_precision, parse_amps, valid_amps
 from harness.settings.devices import check_memory_snapshot
 from harness.settings.keys import (ACCEPTED, CellSettings, DATA_SETTINGS, LAUNCH_SETTINGS, MODEL_SETTINGS,
@@ -25,7 +25,7 @@ from harness.settings.keys import (ACCEPTED, CellSettings, DATA_SETTINGS, LAUNCH
                                    check_ranks, dedupe, parse_mem_caps, parse_param, parse_settings, parse_value,
                                    split_settings, validate_setting, variant_with)
 
-__all__ = ["ACCEPTED", "BOUNDS", "MEMORY_UNITS", "parse_memory", "Bound", "CPU_MEM_CAP_ENV", "CellSettings", "DATA_SETTINGS", "DEVICES",
+__all__ = ["ACCEPTED", "BOUNDS", "MEMORY_UNITS", "parse_memory", "Bound", "CELL_START_ENV", "CELL_STARTS", "CPU_MEM_CAP_ENV", "cell_start", "CellSettings", "DATA_SETTINGS", "DEVICES",
            "DIST_TIMEOUT_ENV", "DTYPES", "LAUNCH_SETTINGS", "MODEL_SETTINGS", "NAME_MAX_BYTES", "NUMBER_ENV",
            "SEED_MAX", "SETTING_KEYS", "SPEC_SETTINGS", "SWEEP_PARAMS", "VARIANT_SETTINGS", "check_amp",
            "check_data_root", "check_device", "check_environment", "check_memory_snapshot", "check_folder_name", "check_int",

@@ -12,7 +12,7 @@ import torch
 
 from harness.core.config import ConfigError
 
-__all__ = ["BOUNDS", "MEMORY_UNITS", "parse_memory", "Bound", "CPU_MEM_CAP_ENV", "DEVICES", "DIST_TIMEOUT_ENV", "DTYPES", "NAME_MAX_BYTES",
+__all__ = ["BOUNDS", "CELL_START_ENV", "CELL_STARTS", "MEMORY_UNITS", "cell_start", "parse_memory", "Bound", "CPU_MEM_CAP_ENV", "DEVICES", "DIST_TIMEOUT_ENV", "DTYPES", "NAME_MAX_BYTES",
            "NUMBER_ENV", "SEED_MAX", "check_environment", "check_folder_name", "check_int", "check_seconds",
            "env_number"]
 
@@ -65,6 +65,10 @@ CPU_MEM_CAP_ENV = "MAML_HARNESS_CPU_MEM_CAP_MIB"  # test hook: the CPU tracker r
 DIST_TIMEOUT_ENV = "HARNESS_DIST_TIMEOUT_S"  # the collective timeout of data-parallel ranks
 NUMBER_ENV: dict[str, tuple[str, float]] = {CPU_MEM_CAP_ENV: ("MiB", 2.0 ** 40),
                                             DIST_TIMEOUT_ENV: ("seconds", BOUNDS["timeout"].huge)}
+# how a bench cell's process starts (harness.bench.forked): forked from a server that has imported torch and the
+# harness (Linux; the default), or a fresh interpreter (today's way elsewhere, and the fallback)
+CELL_START_ENV = "HARNESS_CELL_START"
+CELL_STARTS = ("fork", "fresh")
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
@@ -130,10 +134,20 @@ def env_number(name: str) -> float | None:
     return value
 
 
+def cell_start() -> str:
+    """:data:`CELL_START_ENV`: ``fork`` (also when unset or empty) or ``fresh``; a ConfigError naming both otherwise."""
+    text = os.environ.get(CELL_START_ENV, "").strip()
+    if text and text not in CELL_STARTS:
+        raise ConfigError(f"environment variable {CELL_START_ENV}={text!r} must be one of {', '.join(CELL_STARTS)}; "
+                          "unset it for the default (fork)")
+    return text or CELL_STARTS[0]
+
+
 def check_environment() -> None:
-    """Every numeric environment variable the harness reads (:data:`NUMBER_ENV`), checked."""
+    """Every environment variable the harness reads (:data:`NUMBER_ENV`, :data:`CELL_START_ENV`), checked."""
     for name in NUMBER_ENV:
         env_number(name)
+    cell_start()
 
 
 MEMORY_UNITS = {"B": 1, "KiB": 2 ** 10, "MiB": 2 ** 20, "GiB": 2 ** 30, "TiB": 2 ** 40}  # binary units only
