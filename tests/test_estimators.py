@@ -18,6 +18,7 @@ from torch import nn
 
 from harness.core.config import ConfigError, MetaConfig, Task
 from harness.core.engine import MetaLearner
+from harness.core.estimators import conjugate_gradient
 from tests.zoo.models import ZOO, mse
 
 DIM, ALPHA, LAM = 4, 0.15, 2.0
@@ -172,3 +173,21 @@ def test_first_order_and_the_first_order_estimator_are_one_setting() -> None:
     assert MetaConfig(estimator="first_order").first_order is True
     assert MetaConfig().estimator == "exact" and MetaConfig().first_order is False
     assert MetaConfig(estimator="truncated").exact() == MetaConfig()
+
+
+def _matvec(matrix: np.ndarray):
+    return lambda v: [torch.from_numpy(matrix @ v[0].numpy())]
+
+
+def test_conjugate_gradient_solves_a_positive_definite_system_and_stops_at_negative_curvature() -> None:
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((DIM, DIM)))
+    b = [torch.from_numpy(rng.standard_normal(DIM))]
+    spd = q @ np.diag([0.5, 1.0, 2.0, 4.0]) @ q.T
+    x, residual = conjugate_gradient(_matvec(spd), b, DIM)
+    assert np.abs(x[0].numpy() - np.linalg.solve(spd, b[0].numpy())).max() < 1e-12 and residual < 1e-12
+    negative = q @ np.diag([-3.0, -2.0, -1.0, -0.5]) @ q.T  # b^T A b < 0 at the first iteration: x = b
+    x, residual = conjugate_gradient(_matvec(negative), b, DIM)
+    assert torch.equal(x[0], b[0])
+    want = np.linalg.norm(b[0].numpy() - negative @ b[0].numpy()) / np.linalg.norm(b[0].numpy())
+    assert abs(residual - want) < 1e-12 and residual > 1

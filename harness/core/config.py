@@ -145,6 +145,9 @@ class MetaConfig:
                "reptile": "reptile's direction theta - phi_K is not a gradient, so an inner LR has none"}[self.estimator]
         if self.learn_lr or self.lr_per_step:
             raise ConfigError(f"estimator {self.estimator!r} cannot learn inner LRs: {why}; valid: learn_lr=False")
+        if self.memory_budget is not None:
+            raise ConfigError(f"estimator {self.estimator!r} keeps no graph through the inner steps: a memory budget "
+                              "plans checkpointing of that graph; valid: no memory_budget")
         if self.step_ckpt or self.snapshots:
             raise ConfigError(f"estimator {self.estimator!r} keeps no graph through the inner steps, so there is no "
                               "step to checkpoint; valid: step_ckpt=0 and snapshots=0 (layer_ckpt composes)")

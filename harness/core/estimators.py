@@ -58,18 +58,28 @@ def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
 
 def conjugate_gradient(matvec: Callable[[list[Tensor]], list[Tensor]], b: Sequence[Tensor], steps: int
                        ) -> tuple[list[Tensor], float]:
-    """``steps`` CG iterations for ``A x = b`` (A symmetric positive definite, given by ``matvec``) from x = 0;
-    returns x and the relative residual |b - A x| / |b| of CG's recurrence (0 when b = 0)."""
+    """``steps`` CG iterations for ``A x = b`` (A symmetric, given by ``matvec``) from x = 0; returns x and the
+    relative residual |b - A x| / |b| of CG's recurrence (0 when b = 0).
+
+    A direction of non-positive curvature (p^T A p <= 0: A is not positive definite, as I + H/lambda is not when
+    the support loss has a Hessian eigenvalue below -lambda) stops the iterations there, as truncated-Newton CG
+    does; at the first iteration x is then b itself (A taken as I).  The residual reports how far off that is."""
     x = [torch.zeros_like(t) for t in b]
     r = [t.clone() for t in b]
     p = [t.clone() for t in b]
     b_norm = _dot(b, b).sqrt().item()
     rr = _dot(r, r)
-    for _ in range(steps):
+    for i in range(steps):
         if rr.item() == 0.0:
             break
         ap = matvec(p)
-        alpha = rr / _dot(p, ap)
+        curvature = _dot(p, ap)
+        if curvature.item() <= 0:
+            if i == 0:  # p = b, so the residual of x = b is b - A b
+                x, r = [t.clone() for t in b], [bi - ai for bi, ai in zip(b, ap)]
+                rr = _dot(r, r)
+            break
+        alpha = rr / curvature
         x = [xi + alpha * pi for xi, pi in zip(x, p)]
         r = [ri - alpha * api for ri, api in zip(r, ap)]
         rr_next = _dot(r, r)

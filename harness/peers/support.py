@@ -13,7 +13,7 @@ from harness.core.config import AMP_MODES, ConfigError
 if TYPE_CHECKING:  # pragma: no cover
     from harness.variants import Variant
 
-__all__ = ["NO_CKPT", "NO_FIRST_ORDER", "NO_FP16", "NO_LAYER_CKPT", "NO_LEARN_LR", "NO_LEARN_LR_TORCH_MAML",
+__all__ = ["NO_CKPT", "NO_ESTIMATOR", "NO_FIRST_ORDER", "NO_FP16", "NO_LAYER_CKPT", "NO_LEARN_LR", "NO_LEARN_LR_TORCH_MAML",
            "NO_SCHEDULE", "NO_VECTORIZE", "PEERS", "VERSIONS", "available", "cell_name", "cells", "check_peer",
            "supports"]
 
@@ -29,6 +29,8 @@ NO_SCHEDULE = ("no binomial or one-step-at-a-time step checkpointing (torch-maml
                "steps)")
 NO_FIRST_ORDER = ("no first order (torch-maml's detach=True detaches the updated weights themselves, so no gradient "
                   "reaches the initial weights)")
+NO_ESTIMATOR = ("no truncated, implicit or reptile estimator (the adapters differentiate the whole inner loop: "
+                "exact or first order only)")
 NO_FP16 = ("fp16 loss scaling through the peer's inner loop is not wired (higher could via grad_callback, "
            "torchopt via a custom transformation); bf16 autocast only")
 
@@ -53,6 +55,8 @@ def supports(peer: str, variant: "Variant", amp: str = "off") -> tuple[bool, str
     check_peer(peer)
     if amp not in AMP_MODES:
         raise ConfigError(f"unknown precision {amp!r}; valid choices: {', '.join(AMP_MODES)}")
+    if getattr(variant, "estimator", "exact") != "exact":
+        return False, NO_ESTIMATOR
     if peer == "torch_maml":
         return _supports_torch_maml(variant, amp)
     if variant.layer_ckpt or variant.step_ckpt or getattr(variant, "snapshots", 0):
