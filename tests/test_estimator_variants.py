@@ -107,3 +107,14 @@ def test_the_estimator_settings_travel_as_set_keys_into_the_variant_and_its_flag
 @pytest.mark.parametrize("variant", ["trunc", "imaml", "reptile"])
 def test_no_peer_claims_an_estimator(peer: str, variant: str) -> None:
     assert supports(peer, get_variant(variant)) == (False, NO_ESTIMATOR)
+
+
+def test_ablate_tests_each_estimator_against_exact_with_holm(capsys, tmp_path: Path) -> None:
+    ran = cli(capsys, "ablate", "--preset", "quick", "--variants", "maml,trunc,imaml", "--meta-steps", "2",
+              "--seeds", "2", "--eval-tasks", "2", "--eval-every", "2", "--jobs", "1", "--out", str(tmp_path),
+              "--no-progress")
+    assert ran.returncode == 0, ran.stderr
+    table = (tmp_path / "ablation-quick" / "table.md").read_text()
+    assert "| trunc | truncated |" in table and "| imaml | implicit |" in table
+    assert "| exact - truncated | maml - trunc |" in table and "| exact - implicit | maml - imaml |" in table
+    assert "Holm correction over the 2 effects" in table

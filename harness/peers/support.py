@@ -55,14 +55,14 @@ def supports(peer: str, variant: "Variant", amp: str = "off") -> tuple[bool, str
     check_peer(peer)
     if amp not in AMP_MODES:
         raise ConfigError(f"unknown precision {amp!r}; valid choices: {', '.join(AMP_MODES)}")
-    if getattr(variant, "estimator", "exact") != "exact":
-        return False, NO_ESTIMATOR
     if peer == "torch_maml":
         return _supports_torch_maml(variant, amp)
     if variant.layer_ckpt or variant.step_ckpt or getattr(variant, "snapshots", 0):
         return False, NO_CKPT
     if getattr(variant, "vectorize", False):
         return False, NO_VECTORIZE
+    if getattr(variant, "estimator", "exact") != "exact":
+        return False, NO_ESTIMATOR
     if peer == "torchopt" and (variant.learn_lr or variant.lr_per_step):
         return False, NO_LEARN_LR
     if amp == "fp16":
@@ -75,6 +75,7 @@ def _supports_torch_maml(variant: "Variant", amp: str) -> tuple[bool, str]:
     schedule = getattr(variant, "snapshots", 0) or getattr(variant, "step_rebuild", "segment") != "segment"
     for refused, reason in ((variant.layer_ckpt, NO_LAYER_CKPT), (schedule, NO_SCHEDULE),
                             (getattr(variant, "vectorize", False), NO_VECTORIZE),
+                            (getattr(variant, "estimator", "exact") != "exact", NO_ESTIMATOR),
                             (variant.learn_lr or variant.lr_per_step, NO_LEARN_LR_TORCH_MAML),
                             (variant.first_order, NO_FIRST_ORDER), (amp == "fp16", NO_FP16)):
         if refused:
