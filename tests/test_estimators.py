@@ -10,6 +10,7 @@ w -> M w + alpha b with M = I - alpha A.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -173,6 +174,8 @@ def test_first_order_and_the_first_order_estimator_are_one_setting() -> None:
     assert MetaConfig(estimator="first_order").first_order is True
     assert MetaConfig().estimator == "exact" and MetaConfig().first_order is False
     assert MetaConfig(estimator="truncated").exact() == MetaConfig()
+    fo = MetaConfig(first_order=True)
+    assert replace(fo, first_order=False) == MetaConfig() and replace(MetaConfig(), first_order=True) == fo
 
 
 def _matvec(matrix: np.ndarray):

@@ -49,7 +49,9 @@ class MetaConfig:
 
     inner_steps: int = 1
     inner_lr: float = 0.01
-    first_order: bool = False  # the same as estimator="first_order" (either spelling sets both)
+    # the same as estimator="first_order"; None: from the estimator.  Always a bool after construction, and when
+    # given it decides (replace(cfg, first_order=False) of a first-order config is exact, as before the estimators)
+    first_order: bool | None = None
     estimator: str = "exact"  # exact | first_order | truncated | implicit | reptile (harness.core.estimators)
     truncate_steps: int = 1  # truncated: back-propagate through the last min(T, K) inner steps only
     implicit_lambda: float = 1.0  # implicit: lambda of the proximal term lambda/2 |phi - theta|^2
@@ -121,8 +123,11 @@ class MetaConfig:
         if self.first_order and self.estimator not in ("exact", "first_order"):
             raise ConfigError(f"first_order=True is the first_order estimator, not {self.estimator!r}; valid: "
                               f"first_order=False with estimator={self.estimator!r}, or estimator='first_order'")
-        if self.first_order or self.estimator == "first_order":
-            object.__setattr__(self, "first_order", True)
+        if self.first_order is False and self.estimator == "first_order":
+            object.__setattr__(self, "estimator", "exact")
+        first = bool(self.first_order) or self.estimator == "first_order"
+        object.__setattr__(self, "first_order", first)
+        if first:
             object.__setattr__(self, "estimator", "first_order")
         if isinstance(self.truncate_steps, bool) or not isinstance(self.truncate_steps, int) or self.truncate_steps < 0:
             raise ConfigError(f"truncate_steps must be an integer >= 0 (the last T inner steps back-propagated), "
