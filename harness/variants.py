@@ -28,9 +28,10 @@ from types import ModuleType
 from harness.core.config import ConfigError, MetaConfig
 from harness.core.schedules import default_snapshots
 
-__all__ = ["AUTO_SNAPSHOTS", "CANONICAL", "ENTRY_POINT_GROUP", "PLUGIN_DIR", "RegistryError", "Variant", "build_registry",
+__all__ = ["AUTO_SNAPSHOTS", "CANONICAL", "ENTRY_POINT_GROUP", "ESTIMATOR_SETTINGS", "ESTIMATOR_TAGS", "PLUGIN_DIR", "RegistryError", "Variant", "build_registry",
            "canonical_name", "get_variant", "registry"]
 
+ESTIMATOR_SETTINGS = {"truncated": ("truncate_steps",), "implicit": ("implicit_lambda", "cg_steps")}  # what each reads
 AUTO_SNAPSHOTS = -1  # Variant.snapshots: binomial with ceil(log2 K) stored states (at least 1)
 
 ENTRY_POINT_GROUP = "maml_harness.variants"
@@ -56,14 +57,26 @@ class Variant:
     lr_per_step: bool = False
     vectorize: bool = False  # all tasks of a meta-batch at once (harness.core.vectorized)
     vmap_chunk: int = 0  # vectorize: at most this many tasks per vmapped chunk (memory); 0 = all at once
+    estimator: str = "exact"  # truncated | implicit | reptile (harness.core.estimators); first order: first_order
+    truncate_steps: int = 1  # truncated: the last T inner steps back-propagated
+    implicit_lambda: float = 1.0  # implicit: the proximal term's lambda
+    cg_steps: int = 5  # implicit: conjugate-gradient iterations
     description: str = ""
     memory_budget: int = 0  # bytes a meta-step may take (the planner picks the checkpointing); 0 = none; not a flag
 
     @property
-    def flags(self) -> dict[str, bool | int | str]:
+    def flags(self) -> dict[str, bool | int | float | str]:
         return {"layer_ckpt": self.layer_ckpt, "learn_lr": self.learn_lr, "first_order": self.first_order,
                 "step_ckpt": self.step_ckpt, "step_rebuild": self.step_rebuild, "snapshots": self.snapshots,
-                "lr_per_step": self.lr_per_step, "vectorize": self.vectorize, "vmap_chunk": self.vmap_chunk}
+                "lr_per_step": self.lr_per_step, "vectorize": self.vectorize, "vmap_chunk": self.vmap_chunk,
+                **self.estimator_flags}
+
+    @property
+    def estimator_flags(self) -> dict[str, str | int | float]:
+        """The estimator and the settings it reads; empty for ``exact`` and first order (flags as before)."""
+        if self.estimator == "exact":
+            return {}
+        return {"estimator": self.estimator, **{k: getattr(self, k) for k in ESTIMATOR_SETTINGS.get(self.estimator, ())}}
 
     @property
     def checkpointed(self) -> bool:
@@ -95,9 +108,13 @@ class Variant:
                        snapshots=0, vectorize=False, vmap_chunk=0, memory_budget=0)
 
 
-def canonical_name(layer_ckpt: bool, learn_lr: bool, first_order: bool) -> str:
-    """`ckpt`, `lr`, `fo` in that order, `maml` when none is set."""
-    parts = [p for p, on in (("ckpt", layer_ckpt), ("lr", learn_lr), ("fo", first_order)) if on]
+ESTIMATOR_TAGS = {"truncated": "trunc", "implicit": "imaml", "reptile": "reptile"}  # in a variant's name, for `fo`
+
+
+def canonical_name(layer_ckpt: bool, learn_lr: bool, first_order: bool, estimator: str = "exact") -> str:
+    """`ckpt`, `lr`, `fo` (or the estimator's tag: `trunc`, `imaml`, `reptile`) in that order, `maml` when none."""
+    parts = [p for p, on in (("ckpt", layer_ckpt), ("lr", learn_lr), ("fo", first_order),
+                             (ESTIMATOR_TAGS.get(estimator, ""), estimator in ESTIMATOR_TAGS)) if on]
     return "_".join(parts) or "maml"
 
 

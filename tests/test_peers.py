@@ -21,7 +21,7 @@ from harness.core.ckpt import layer_checkpointing
 from harness.core.config import ConfigError
 from harness.core.engine import MetaLearner
 from harness.core.grads import agreement
-from harness.peers import (NO_CKPT, NO_FIRST_ORDER, NO_LAYER_CKPT, NO_LEARN_LR_TORCH_MAML, NO_VECTORIZE,
+from harness.peers import (NO_CKPT, NO_ESTIMATOR, NO_FIRST_ORDER, NO_LAYER_CKPT, NO_LEARN_LR_TORCH_MAML, NO_VECTORIZE,
                                    PEERS, build_peer, cell_name, cells, peer_agreement, supports)
 from harness.variants import CANONICAL, Variant, registry
 from tests.conftest import small_experiment
@@ -190,10 +190,10 @@ def test_supports_marks_unsupported_cells_with_reasons() -> None:
         ok, reason = supports("torchopt", v)
         assert ok == (not v.learn_lr)
         assert ok or "learnable inner LR" in reason
-    for v in reg.values():  # step checkpointing and any plugin variant get an answer too
+    for v in reg.values():  # step checkpointing, the estimators and any plugin variant get an answer too
         ok, reason = supports("higher", v)
-        assert ok == (not v.checkpointed and not v.vectorize)
-        assert ok or reason == (NO_CKPT if v.checkpointed else NO_VECTORIZE)
+        assert ok == (not v.checkpointed and not v.vectorize and v.estimator == "exact")
+        assert ok or reason == (NO_CKPT if v.checkpointed else NO_VECTORIZE if v.vectorize else NO_ESTIMATOR)
     with pytest.raises(ConfigError, match="valid peers"):
         supports("learn2learn", reg["maml"])
 

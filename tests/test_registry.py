@@ -17,7 +17,9 @@ def test_names_follow_the_flag_order() -> None:
     for v in reg.registry().values():
         # vectorized ones: a 'v' before the name (vmaml, vlr_fo); step-checkpointed ones are named sckpt*, bckpt*
         if v.step_ckpt == 0 and not v.snapshots and not v.lr_per_step:
-            assert v.name == "v" * v.vectorize + canonical_name(v.layer_ckpt, v.learn_lr, v.first_order)
+            assert v.name == "v" * v.vectorize + canonical_name(v.layer_ckpt, v.learn_lr, v.first_order, v.estimator)
+    assert canonical_name(True, True, False, "truncated") == "ckpt_lr_trunc" and canonical_name(
+        False, False, False, "implicit") == "imaml"
 
 
 def test_duplicate_names_are_an_error() -> None:

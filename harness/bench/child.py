@@ -35,7 +35,7 @@ from harness.bench.planner import plan_experiment
 from harness.bench.process import PARENT_ENV, TEMP_PREFIX, cell_environment, die_with_parent
 from harness.core.config import ConfigError
 from harness.gradcheck import finite_difference_error
-from harness.loop.agreement import check_agreement
+from harness.loop.agreement import check_meta_gradients
 from harness.loop.spec import Experiment
 from harness.loop.train import Diverged, StepRunner
 from harness.reporting.files import write_json
@@ -132,8 +132,9 @@ def _learner(cell: Cell, row: RowSoFar, warmup: bool = True) -> tuple[Experiment
 def _measure(cell: Cell, opts: MeasureOptions, row: RowSoFar, started: float) -> None:
     exp, learner = _learner(cell, row, warmup=opts.warmup > 0)
     tasks = exp.sample()
-    row.set(agreement=check_agreement(exp, tasks, learner))
-    if opts.fd_directions and cell.peer is None and not exp.variant.first_order:  # python -m harness check
+    agree, fidelity = check_meta_gradients(exp, tasks, learner)
+    row.set(agreement=agree, fidelity=fidelity)
+    if opts.fd_directions and cell.peer is None and exp.learner.cfg.estimator == "exact":  # python -m harness check
         row.set(fd_rel_err=finite_difference_error(learner, tasks, directions=opts.fd_directions))
     step = StepRunner(learner, exp.sizes["outer_lr"], exp.sample, scaler=exp.new_scaler())
     cap = int(opts.cpu_mem_cap_mib * measure.MIB) if opts.cpu_mem_cap_mib is not None else None

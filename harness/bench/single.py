@@ -30,7 +30,7 @@ from harness.reporting.files import write_json
 from harness.reporting.provenance import environment
 from harness.reporting.schema import RunResult
 from harness.settings import check_memory_snapshot
-from harness.loop.agreement import check_agreement
+from harness.loop.agreement import check_meta_gradients
 from harness.loop.spec import Experiment, RunSpec, default_threads
 from harness.loop.train import Diverged, TrainLog, train
 from harness.zoo.user import UserSpecs, spec_name
@@ -84,7 +84,7 @@ def _run(spec: RunSpec, out: Path, snapshot: Path | None, progress: bool | None,
     threads = default_threads(spec.device, exp.learner.model)
     if threads:
         torch.set_num_threads(threads)
-    agree = check_agreement(exp, exp.sample())
+    agree, fidelity = check_meta_gradients(exp, exp.sample())
     memory = side_measurements(exp, snapshot)
     status, message, log, stamps = "ok", None, TrainLog([]), [time.perf_counter()]
     bar = tqdm(total=exp.sizes["meta_steps"], desc=f"{spec.variant} on {spec.preset}", unit="step", file=sys.stderr,
@@ -110,7 +110,7 @@ def _run(spec: RunSpec, out: Path, snapshot: Path | None, progress: bool | None,
     ranks_info = distributed.single_process_summary(memory) if group is None else group.summary(memory)
     user = {k: list(v) if k == "ckpt" else v for k, v in UserSpecs(spec.model, spec.tasks, spec.ckpt).fields().items()}
     result = RunResult(status=status, message=message, spec={**spec.fields(), **exp.sizes},
-                       variant={"name": exp.variant.name, **exp.variant.flags}, agreement=agree,
+                       variant={"name": exp.variant.name, **exp.variant.flags}, agreement=agree, fidelity=fidelity,
                        query_loss=log.losses, final_query_loss=log.losses[-1] if log.losses else None,
                        skipped_steps=log.skipped_steps, wall_s=wall_s, memory=memory,
                        time=time_stats([b - a for a, b in zip(stamps, stamps[1:])][1:]),  # the first: warm-up

@@ -95,7 +95,8 @@ def spec_from_args(args: argparse.Namespace) -> AblationSpec:
                                                             model=user.model, tasks=user.tasks), args.preset))
     if parts.variant or parts.launch or "amp" in parts.spec:
         raise UsageError("ablate compares the variants as registered: --set amp, step_ckpt, step_rebuild, snapshots, "
-                         "vectorize, vmap_chunk, memory_budget and ranks are not accepted")
+                         "vectorize, vmap_chunk, memory_budget, truncate_steps, implicit_lambda, cg_steps and ranks "
+                         "are not accepted")
     task, model = {**parts.task, **task}, {**parts.model, **model}
     variants = tuple(dedupe([v.strip() for v in args.variants.split(",") if v.strip()]))
     spec = AblationSpec(preset=args.preset, variants=variants, meta_steps=args.meta_steps, seeds=args.seeds,

@@ -1,4 +1,5 @@
-"""``python -m harness list``: the registered variants with their flags, and the presets."""
+"""``python -m harness list``: the registered variants with their flags (order: second, first, or the estimator),
+and the presets."""
 from __future__ import annotations
 
 import argparse
@@ -15,10 +16,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    print(f"{'variant':<18} {'ckpt':>5} {'lr':>5} {'order':>6} {'step_ckpt':>9} {'vmap':>5}  description")
-    for v in registry().values():
+    print(f"{'variant':<18} {'ckpt':>5} {'lr':>5} {'order':>9} {'step_ckpt':>9} {'vmap':>5}  description")
+    for v in registry().values():  # order: the meta-gradient (second, first, or the estimator: truncated, ...)
+        order = "first" if v.first_order else "second" if v.estimator == "exact" else v.estimator
         print(f"{v.name:<18} {'yes' if v.layer_ckpt else '-':>5} {'yes' if v.learn_lr else '-':>5} "
-              f"{'first' if v.first_order else 'second':>6} {v.step_ckpt or '-':>9} {'yes' if v.vectorize else '-':>5}"
+              f"{order:>9} {v.step_ckpt or '-':>9} {'yes' if v.vectorize else '-':>5}"
               f"  {v.description}")
     print()
     print(f"{'preset':<18} description")

@@ -77,6 +77,12 @@ def summary_lines(res: SingleRun) -> list[str]:
     if "fp32_w_rel_err" in agree:
         lines.append(f"  vs the fp32 non-checkpointed reference: weights rel err {agree['fp32_w_rel_err']:.3g}, "
                      f"cosine {agree['fp32_w_cosine']:.6f}; skipped meta-steps {r.skipped_steps}")
+    if r.fidelity:
+        f = r.fidelity
+        lines.append(f"  fidelity vs the exact meta-gradient: weights cosine {f['w_cosine']:.6f}, rel err "
+                     f"{f['w_rel_err']:.3g}" + (f"; LRs cosine {f['lr_cosine']:.6f}" if f.get("lr_cosine") is not None
+                                                else "") + (f"; CG residual {f['cg_residual']:.3g}"
+                                                            if f.get("cg_residual") is not None else ""))
     if losses:
         lines.append(f"  query loss {losses[0]:.4g} -> {losses[-1]:.4g} over {len(losses)} meta-steps "
                      f"in {r.wall_s:.2f} s")

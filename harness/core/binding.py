@@ -15,7 +15,18 @@ from typing import Any, Callable, Mapping
 from torch import Tensor, nn
 from torch.func import functional_call
 
-__all__ = ["call_with", "slots"]
+from harness.core.config import ConfigError
+
+__all__ = ["call_with", "refuse_meta_device", "slots"]
+
+
+def refuse_meta_device(model: nn.Module) -> None:
+    """A ConfigError when a parameter or buffer of ``model`` has no values to bind (the meta device)."""
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            if t.is_meta:
+                raise ConfigError(f"{kind} {name!r} is on the meta device (a shape without values); build the "
+                                  "model on a real device (or model.to_empty(device=...) and initialise it) first")
 
 
 def slots(module: nn.Module) -> tuple[dict[str, Tensor], dict[int, list[str]]]:

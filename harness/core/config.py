@@ -12,13 +12,16 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["AMP_MODES", "LR_GRANULARITIES", "STEP_REBUILDS", "ConfigError", "LossFn", "MetaConfig", "Task", "Weights"]
+__all__ = ["AMP_MODES", "ESTIMATORS", "LR_GRANULARITIES", "PATH_FREE_ESTIMATORS", "STEP_REBUILDS", "ConfigError", "LossFn", "MetaConfig", "Task", "Weights"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Weights = dict[str, Tensor]
 LR_GRANULARITIES = ("layer", "tensor", "element")
 AMP_MODES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 STEP_REBUILDS = ("segment", "step")  # a step_ckpt segment's backward: all its steps' graphs at once, or one at a time
+# the meta-gradient a meta-step computes (harness.core.estimators says what each one is)
+ESTIMATORS = ("exact", "first_order", "truncated", "implicit", "reptile")
+PATH_FREE_ESTIMATORS = ("implicit", "reptile")  # inner loop run for its values only, no graph through it
 
 
 class ConfigError(ValueError):
@@ -46,7 +49,13 @@ class MetaConfig:
 
     inner_steps: int = 1
     inner_lr: float = 0.01
-    first_order: bool = False
+    # the same as estimator="first_order"; None: from the estimator.  Always a bool after construction, and when
+    # given it decides (replace(cfg, first_order=False) of a first-order config is exact, as before the estimators)
+    first_order: bool | None = None
+    estimator: str = "exact"  # exact | first_order | truncated | implicit | reptile (harness.core.estimators)
+    truncate_steps: int = 1  # truncated: back-propagate through the last min(T, K) inner steps only
+    implicit_lambda: float = 1.0  # implicit: lambda of the proximal term lambda/2 |phi - theta|^2
+    cg_steps: int = 5  # implicit: conjugate-gradient iterations of (I + H/lambda) v = g
     learn_lr: bool = False
     lr_granularity: str = "layer"  # layer | tensor | element
     lr_per_step: bool = False  # MAML++ LSLR: a separate LR for every inner step
@@ -73,6 +82,7 @@ class MetaConfig:
         if self.step_ckpt < 0:
             raise ConfigError(f"step_ckpt must be >= 0 (0 = off), got {self.step_ckpt}")
         self._check_schedule()
+        self._check_estimator()
         if self.amp not in AMP_MODES:
             raise ConfigError(f"unknown precision {self.amp!r}; valid choices: {', '.join(AMP_MODES)}")
         if self.adapt_last is not None and self.adapt_last < 1:
@@ -105,6 +115,57 @@ class MetaConfig:
         if self.step_rebuild == "step" and not self.step_ckpt:
             raise ConfigError("step_rebuild='step' rebuilds step_ckpt segments one step at a time and needs "
                               "step_ckpt=n > 0; valid: step_rebuild='segment', or step_ckpt=n")
+
+    def _check_estimator(self) -> None:
+        """The estimator and its settings; the one place ``first_order`` and ``estimator="first_order"`` meet."""
+        if self.estimator not in ESTIMATORS:
+            raise ConfigError(f"unknown estimator {self.estimator!r}; valid choices: {', '.join(ESTIMATORS)}")
+        if self.first_order and self.estimator not in ("exact", "first_order"):
+            raise ConfigError(f"first_order=True is the first_order estimator, not {self.estimator!r}; valid: "
+                              f"first_order=False with estimator={self.estimator!r}, or estimator='first_order'")
+        if self.first_order is False and self.estimator == "first_order":
+            object.__setattr__(self, "estimator", "exact")
+        first = bool(self.first_order) or self.estimator == "first_order"
+        object.__setattr__(self, "first_order", first)
+        if first:
+            object.__setattr__(self, "estimator", "first_order")
+        if isinstance(self.truncate_steps, bool) or not isinstance(self.truncate_steps, int) or self.truncate_steps < 0:
+            raise ConfigError(f"truncate_steps must be an integer >= 0 (the last T inner steps back-propagated), "
+                              f"got {self.truncate_steps!r}")
+        if not (self.implicit_lambda > 0 and math.isfinite(self.implicit_lambda)):
+            raise ConfigError(f"implicit_lambda must be a positive number, got {self.implicit_lambda!r}")
+        if isinstance(self.cg_steps, bool) or not isinstance(self.cg_steps, int) or self.cg_steps < 1:
+            raise ConfigError(f"cg_steps must be an integer >= 1, got {self.cg_steps!r}")
+        if self.estimator in ("exact", "first_order"):
+            return
+        if self.vectorize:
+            raise ConfigError(f"estimator {self.estimator!r} runs task after task; valid: vectorize=0, or the "
+                              "exact/first_order estimator (vmaml, vfo, vlr, vlr_fo)")
+        if self.estimator in PATH_FREE_ESTIMATORS:
+            self._check_path_free()
+
+    def _check_path_free(self) -> None:
+        """implicit and reptile keep no graph through the inner loop: what needs one is refused."""
+        why = {"implicit": "the implicit meta-gradient does not depend on the inner path, so an inner LR has none",
+               "reptile": "reptile's direction theta - phi_K is not a gradient, so an inner LR has none"}[self.estimator]
+        if self.learn_lr or self.lr_per_step:
+            raise ConfigError(f"estimator {self.estimator!r} cannot learn inner LRs: {why}; valid: learn_lr=False")
+        if self.memory_budget is not None:
+            raise ConfigError(f"estimator {self.estimator!r} keeps no graph through the inner steps: a memory budget "
+                              "plans checkpointing of that graph; valid: no memory_budget")
+        if self.step_ckpt or self.snapshots:
+            raise ConfigError(f"estimator {self.estimator!r} keeps no graph through the inner steps, so there is no "
+                              "step to checkpoint; valid: step_ckpt=0 and snapshots=0 (layer_ckpt composes)")
+        if self.adapt_last is not None:
+            raise ConfigError(f"estimator {self.estimator!r} adapts every parameter (the meta-gradient of a "
+                              f"non-adapted one is not implemented); valid: adapt_last=None, got {self.adapt_last}")
+        if self.amp != "off":
+            raise ConfigError(f"estimator {self.estimator!r} runs in full precision only; valid: amp='off', "
+                              f"got {self.amp!r}")
+
+    def exact(self) -> "MetaConfig":
+        """The same computation with the exact estimator and no checkpointing: the fidelity reference."""
+        return replace(self.reference(), estimator="exact", first_order=False)
 
     def reference(self) -> "MetaConfig":
         """The same computation without any checkpointing, task after task: the agreement oracle."""

@@ -25,6 +25,9 @@ The four axes, all composable:
   weights are kept.  ``step_rebuild="step"`` rebuilds a segment one step at a time, ``snapshots=s`` runs
   a binomial schedule over all K steps (:mod:`harness.core.scheduled`).
 
+Beside ``first_order``, ``estimator`` picks an approximate meta-gradient (truncated, implicit, reptile):
+:mod:`harness.core.estimators` says what each computes.
+
 Library use, in one's own loop::
 
     learner = MetaLearner(model, MetaConfig(inner_steps=2, learn_lr=True, layer_ckpt=True), loss_fn)
@@ -41,9 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.core.binding import call_with
+from harness.core.binding import call_with, refuse_meta_device
 from harness.core.ckpt import matching_modules, modules_checkpointed
-from harness.core.config import AMP_MODES, ConfigError, LossFn, MetaConfig, Task, Weights
+from harness.core.config import AMP_MODES, PATH_FREE_ESTIMATORS, LossFn, MetaConfig, Task, Weights
+from harness.core.estimators import path_free_meta_gradients, second_order_step
 from harness.core.recompute import bound_forward, owned_generators
 from harness.core.scheduled import checkpoint_schedule
 from harness.core.segment import checkpoint_segment
@@ -147,14 +151,6 @@ class InnerLRs(nn.Module):
         return lr[step] if self.per_step else lr
 
 
-def _refuse_meta_device(model: nn.Module) -> None:
-    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        for name, t in named:
-            if t.is_meta:
-                raise ConfigError(f"{kind} {name!r} is on the meta device (a shape without values); build the "
-                                  "model on a real device (or model.to_empty(device=...) and initialise it) first")
-
-
 def _accumulate(total: dict[str, Tensor | None], params: Mapping[str, Tensor], owned: set[int],
                 grads: Sequence[Tensor | None]) -> None:
     """Add one task's ``grads`` into ``total`` in place; the caller's reference to ``grads`` is its last.
@@ -237,10 +233,11 @@ class MetaLearner(OuterLoop, nn.Module):
     def __init__(self, model: nn.Module, cfg: MetaConfig, loss_fn: LossFn) -> None:
         super().__init__()
         self.model, self.cfg, self.loss_fn = model, cfg, loss_fn
-        _refuse_meta_device(model)
+        refuse_meta_device(model)
         self.adapted = adapted_names(model, cfg.adapt_last)
         self.ckpt_modules = matching_modules(model, cfg.ckpt_modules) if cfg.ckpt_modules else []
         self.lrs = InnerLRs(model, self.adapted, cfg) if cfg.learn_lr else None
+        self.last_cg_residual: float | None = None  # implicit: the last meta_gradients' CG residual
 
     # -- pieces -------------------------------------------------------------
     def initial_weights(self) -> Weights:
@@ -283,12 +280,11 @@ class MetaLearner(OuterLoop, nn.Module):
         computes the values only (the forward of a step checkpoint).  A parameter the loss does not
         depend on has a zero inner gradient.
         """
-        create_graph = build_graph and not self.cfg.first_order
         for k in steps:
             loss = self.loss_with(weights, x, y, buffers=buffers)
             adapted = [weights[n] for n in self.adapted]
-            grads = torch.autograd.grad(loss * loss_scale if loss_scale != 1.0 else loss, adapted,
-                                        create_graph=create_graph, allow_unused=True, materialize_grads=True)
+            grads = torch.autograd.grad(loss * loss_scale if loss_scale != 1.0 else loss, adapted, allow_unused=True,
+                                        create_graph=build_graph and second_order_step(self.cfg, k), materialize_grads=True)
             if loss_scale != 1.0:
                 grads = tuple(g / loss_scale for g in grads)
             weights = sgd_update(weights, dict(zip(self.adapted, grads)),
@@ -334,7 +330,11 @@ class MetaLearner(OuterLoop, nn.Module):
         return self.loss_with(fast, task.query_x, task.query_y)
 
     def meta_gradients(self, tasks: Iterable[Task], loss_scale: float = 1.0) -> tuple[dict[str, Tensor], float]:
-        """Task after task (:class:`OuterLoop`), or all tasks at once under ``cfg.vectorize``."""
+        """Task after task (:class:`OuterLoop`), or all tasks at once under ``cfg.vectorize``; implicit and
+        reptile by :func:`path_free_meta_gradients` (the CG residual of implicit: ``last_cg_residual``)."""
+        if self.cfg.estimator in PATH_FREE_ESTIMATORS:
+            grads, loss, self.last_cg_residual = path_free_meta_gradients(self, list(tasks))
+            return grads, loss
         if self.cfg.vectorize:
             return vectorized_meta_gradients(self, list(tasks), loss_scale)
         return super().meta_gradients(tasks, loss_scale)

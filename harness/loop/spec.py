@@ -123,14 +123,16 @@ class Experiment:
         tasks = self.task.sample(self.sizes["meta_batch"], self.gen if gen is None else gen)
         return [t.to(self.device, self.spec.torch_dtype) for t in tasks]
 
-    def reference_learner(self, amp: str | None = None) -> MetaLearner:
-        """The same model, LRs and loss without checkpointing (and optionally another precision).
+    def reference_learner(self, amp: str | None = None, exact: bool = False) -> MetaLearner:
+        """The same model, LRs and loss without checkpointing (and optionally another precision; with ``exact``,
+        the exact estimator: the fidelity reference of an approximate one, ``MetaConfig.exact``).
 
         Shared, not copied: a hook or a closure in the model that reads its own module (``self``) reads the
         same tensors in the reference; a deep copy would leave it reading the original's.  Buffers the
         reference updates are the learner's: :func:`check_agreement` restores them between computations.
         """
-        cfg = replace(self.learner.cfg.reference(), amp=self.learner.cfg.amp if amp is None else amp)
+        cfg = self.learner.cfg.exact() if exact else self.learner.cfg.reference()
+        cfg = replace(cfg, amp=self.learner.cfg.amp if amp is None else amp)
         ref = MetaLearner(self.learner.model, cfg, self.learner.loss_fn)
         ref.lrs = self.learner.lrs
         return ref

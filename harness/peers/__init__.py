@@ -56,7 +56,7 @@ from dataclasses import replace
 from harness.core.config import ConfigError, Task
 from harness.peers.base import Peer
 from harness.peers.higher_peer import HigherPeer
-from harness.peers.support import (NO_CKPT, NO_FIRST_ORDER, NO_FP16, NO_LAYER_CKPT, NO_LEARN_LR,
+from harness.peers.support import (NO_CKPT, NO_ESTIMATOR, NO_FIRST_ORDER, NO_FP16, NO_LAYER_CKPT, NO_LEARN_LR,
                                            NO_LEARN_LR_TORCH_MAML, NO_VECTORIZE, PEERS, VERSIONS, available,
                                            cell_name, cells, supports)
 from harness.peers.torch_maml_peer import TorchMamlPeer
@@ -66,7 +66,7 @@ from harness.loop.spec import Experiment
 
 from harness.variants import Variant
 
-__all__ = ["NO_CKPT", "NO_FIRST_ORDER", "NO_FP16", "NO_LAYER_CKPT", "NO_LEARN_LR", "NO_LEARN_LR_TORCH_MAML",
+__all__ = ["NO_CKPT", "NO_ESTIMATOR", "NO_FIRST_ORDER", "NO_FP16", "NO_LAYER_CKPT", "NO_LEARN_LR", "NO_LEARN_LR_TORCH_MAML",
            "NO_VECTORIZE", "PEERS", "VERSIONS", "HigherPeer", "Peer", "TorchMamlPeer", "TorchoptPeer", "available",
            "build_peer", "cell_name", "cells", "peer_agreement", "supports"]
 

@@ -13,7 +13,7 @@ from harness.core.config import AMP_MODES, ConfigError
 if TYPE_CHECKING:  # pragma: no cover
     from harness.variants import Variant
 
-__all__ = ["NO_CKPT", "NO_FIRST_ORDER", "NO_FP16", "NO_LAYER_CKPT", "NO_LEARN_LR", "NO_LEARN_LR_TORCH_MAML",
+__all__ = ["NO_CKPT", "NO_ESTIMATOR", "NO_FIRST_ORDER", "NO_FP16", "NO_LAYER_CKPT", "NO_LEARN_LR", "NO_LEARN_LR_TORCH_MAML",
            "NO_SCHEDULE", "NO_VECTORIZE", "PEERS", "VERSIONS", "available", "cell_name", "cells", "check_peer",
            "supports"]
 
@@ -29,6 +29,8 @@ NO_SCHEDULE = ("no binomial or one-step-at-a-time step checkpointing (torch-maml
                "steps)")
 NO_FIRST_ORDER = ("no first order (torch-maml's detach=True detaches the updated weights themselves, so no gradient "
                   "reaches the initial weights)")
+NO_ESTIMATOR = ("no truncated, implicit or reptile estimator (the adapters differentiate the whole inner loop: "
+                "exact or first order only)")
 NO_FP16 = ("fp16 loss scaling through the peer's inner loop is not wired (higher could via grad_callback, "
            "torchopt via a custom transformation); bf16 autocast only")
 
@@ -59,6 +61,8 @@ def supports(peer: str, variant: "Variant", amp: str = "off") -> tuple[bool, str
         return False, NO_CKPT
     if getattr(variant, "vectorize", False):
         return False, NO_VECTORIZE
+    if getattr(variant, "estimator", "exact") != "exact":
+        return False, NO_ESTIMATOR
     if peer == "torchopt" and (variant.learn_lr or variant.lr_per_step):
         return False, NO_LEARN_LR
     if amp == "fp16":
@@ -71,6 +75,7 @@ def _supports_torch_maml(variant: "Variant", amp: str) -> tuple[bool, str]:
     schedule = getattr(variant, "snapshots", 0) or getattr(variant, "step_rebuild", "segment") != "segment"
     for refused, reason in ((variant.layer_ckpt, NO_LAYER_CKPT), (schedule, NO_SCHEDULE),
                             (getattr(variant, "vectorize", False), NO_VECTORIZE),
+                            (getattr(variant, "estimator", "exact") != "exact", NO_ESTIMATOR),
                             (variant.learn_lr or variant.lr_per_step, NO_LEARN_LR_TORCH_MAML),
                             (variant.first_order, NO_FIRST_ORDER), (amp == "fp16", NO_FP16)):
         if refused:

@@ -29,6 +29,7 @@ FP32_KEYS = ("fp32_w_rel_err", "fp32_w_cosine", "fp32_lr_rel_err", "fp32_lr_cosi
 MEMORY_KEYS = ("cpu_peak_alloc_mib", "cuda_peak_alloc_mib", "cuda_peak_alloc_above_base_mib",
                "cuda_peak_reserved_mib", "nvml_peak_mib")
 AGREEMENT_KEYS = ("w_rel_err", "w_cosine", "lr_rel_err", "lr_cosine")
+FIDELITY_KEYS = (*AGREEMENT_KEYS, "cg_residual")  # CellRow.fidelity: an approximate estimator vs the exact one
 GROUP = ["preset", "device", "dtype", "settings", "user"]  # cells compared with each other (user: --model/--tasks/--ckpt)
 COMPUTATION = [*GROUP, "computes_first_order", "computes_learn_lr"]  # what a peer must compute to compare
 PRECISION_GROUP = ["variant", "preset", "device", "dtype", "settings_noamp", "user"]
@@ -90,6 +91,8 @@ def _record(r: CellRow) -> dict[str, Any]:
         "peer": r.peer or (r.variant.split(":", 1)[0] if ":" in r.variant else None),
         "base_variant": r.base_variant or r.variant.split(":", 1)[-1], "amp": amp,
         "first_order": flags.get("first_order"), "learn_lr": flags.get("learn_lr"),
+        "estimator": flags.get("estimator") or ("first_order" if flags.get("first_order") else "exact"),
+        **{f"fidelity_{k}": (r.fidelity or {}).get(k) for k in FIDELITY_KEYS},  # vs the exact meta-gradient
         "settings_noamp": settings_str(settings), **{k: a.get(k) for k in FP32_KEYS},
         "variant": r.variant, "preset": r.preset, "device": r.device, "dtype": r.dtype,
         "settings": settings_str(r.settings), "user": user_str(r), "model": r.model, "tasks": r.tasks,
@@ -162,5 +165,5 @@ def computation_key(f: dict[str, Any]) -> tuple:
             bool(f.get("learn_lr")))
 
 
-__all__ = ["AMP_ORDER", "FP32_KEYS", "GROUP", "COMPUTATION", "PAIRED_COLUMNS", "paired_columns", "settings_str",
+__all__ = ["AMP_ORDER", "FIDELITY_KEYS", "FP32_KEYS", "GROUP", "COMPUTATION", "PAIRED_COLUMNS", "paired_columns", "settings_str",
            "user_str", "mem_figure", "num", "cells_frame", "best_peer_frame", "flatten", "computation_key"]

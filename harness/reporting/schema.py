@@ -187,6 +187,8 @@ class CellRow(Row):
     distributed: Optional[dict] = _opt()  # the ranks' summary (harness.loop.distributed); absent: no process ran
     plan: Optional[str] = _opt()  # --memory-budget: the configuration the planner chose (harness.bench.planner)
     predicted_peak_mib: Figure = _opt()  # --memory-budget: its predicted peak (measured: memory.cpu_peak_alloc_mib)
+    # an approximate estimator vs the exact meta-gradient: w_/lr_ rel_err and cosine, cg_residual (loop.agreement)
+    fidelity: Optional[dict] = field(default=None, metadata={"optional": True, "figures": True})
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -224,6 +226,7 @@ class RunResult(Row):
     distributed: Optional[dict] = _opt()  # the ranks' summary (harness.loop.distributed)
     plan: Optional[str] = _opt()  # as CellRow: --memory-budget's chosen configuration and predicted peak
     predicted_peak_mib: Figure = _opt()
+    fidelity: Optional[dict] = field(default=None, metadata={"optional": True, "figures": True})  # as CellRow
     extra: dict = field(default_factory=dict)
 
 

@@ -49,6 +49,11 @@ def _exact_text(f: dict[str, Any]) -> str:
         figures.append(f"LRs {_err(f['lr_rel_err'])}")
     if f.get("fd_rel_err") is not None:
         figures.append(f"finite differences {_err(f['fd_rel_err'])}")
+    elif f.get("estimator") not in (None, "exact", "first_order"):
+        fidelity = (f"{f['estimator']}: no finite differences; vs the exact meta-gradient cosine "
+                    f"{_err(f.get('fidelity_w_cosine'))}, rel err {_err(f.get('fidelity_w_rel_err'))}")
+        residual = f.get("fidelity_cg_residual")
+        figures.append(fidelity + (f", CG residual {_err(residual)}" if residual is not None else ""))
     elif f.get("first_order"):
         figures.append("first order: no finite differences")
     else:

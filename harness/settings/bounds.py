@@ -51,7 +51,9 @@ BOUNDS: dict[str, Bound] = {
     "snapshots": Bound(0, 1_000, 100_000),  # binomial step checkpointing's stored states; 0: off
     "vectorize": Bound(0, 1, 1),
     "vmap_chunk": Bound(0, 100_000, 100_000_000),  # 0: all tasks at once
-    "memory_budget": Bound(1, 2 ** 50, 2 ** 50),  # bytes (parse_memory: 2GiB, 512MiB)
+    "memory_budget": Bound(1, 2 ** 50, 2 ** 50),
+    "truncate_steps": Bound(0, 1_000, 100_000),  # truncated: the last T inner steps back-propagated
+    "cg_steps": Bound(1, 1_000, 100_000),  # implicit: conjugate-gradient iterations  # bytes (parse_memory: 2GiB, 512MiB)
     "ranks": Bound(1, 64, 4_096),  # and at most the meta-batch (harness.settings.keys.check_ranks)
     "ways": Bound(1, 1_000, 100_000),
     "shots": Bound(1, 1_000, 100_000),

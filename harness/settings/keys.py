@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from harness.core.config import AMP_MODES, STEP_REBUILDS, ConfigError
 from harness.settings.bounds import BOUNDS, check_int, parse_memory
-from harness.variants import Variant
+from harness.variants import ESTIMATOR_SETTINGS, Variant
 from harness.zoo.presets import Preset, get_preset
 from harness.zoo.user import model_keywords, reads_real_data, resolve, takes_any_keyword
 
@@ -24,7 +24,9 @@ SPEC_SETTINGS = ("inner_steps", "meta_batch")  # RunSpec fields
 MODEL_SETTINGS = ("depth", "width")  # model constructor keywords
 # step-checkpoint segment length (0: off), its rebuild (segment | step), binomial stored states (0: off);
 # vmap tasks (0/1); tasks per vmapped chunk (0: all)
-VARIANT_SETTINGS = ("step_ckpt", "step_rebuild", "snapshots", "vectorize", "vmap_chunk", "memory_budget")
+# the estimators' settings: truncated's T, implicit's lambda (a number > 0) and CG iterations
+VARIANT_SETTINGS = ("step_ckpt", "step_rebuild", "snapshots", "vectorize", "vmap_chunk", "memory_budget",
+                    "truncate_steps", "implicit_lambda", "cg_steps")
 LAUNCH_SETTINGS = ("ranks",)  # data-parallel ranks: the cell runs under torch.distributed.run (harness.loop.distributed)
 SWEEP_PARAMS = SPEC_SETTINGS + MODEL_SETTINGS + VARIANT_SETTINGS + LAUNCH_SETTINGS
 SETTING_KEYS = SWEEP_PARAMS + ("amp",)  # and model.<kw>, task.<kw>
@@ -86,6 +88,11 @@ def validate_setting(key: str, text: str, preset: Preset, *, allow_huge: bool = 
     what = f"{flag} {key}"
     if key == "memory_budget":
         return parse_memory(text, what)
+    if key == "implicit_lambda":
+        value = _typed(what, text, 1.0, key, allow_huge)
+        if value <= 0:
+            raise ConfigError(f"{what} must be a positive number, got {text!r}")
+        return value
     if key == "step_rebuild":
         if text not in STEP_REBUILDS:
             raise ConfigError(f"{what}={text}: valid choices: {', '.join(STEP_REBUILDS)}")
@@ -170,7 +177,7 @@ def split_settings(settings: dict[str, Any]) -> CellSettings:
         elif k == "amp":
             out.spec[k] = str(v)
         elif k in VARIANT_SETTINGS:
-            out.variant[k] = str(v) if k == "step_rebuild" else int(v)
+            out.variant[k] = str(v) if k == "step_rebuild" else float(v) if k == "implicit_lambda" else int(v)
         elif k in LAUNCH_SETTINGS:
             out.launch[k] = int(v)
         elif k in MODEL_SETTINGS:
@@ -186,8 +193,14 @@ def split_settings(settings: dict[str, Any]) -> CellSettings:
 
 def variant_with(variant: Variant, values: dict[str, Any]) -> Variant:
     """The one place settings become a Variant: VARIANT_SETTINGS in ``values`` (--set or JSON) checked, cast, applied."""
-    kw: dict[str, Any] = {k: str(v) if k == "step_rebuild" else check_int(k, int(v) if isinstance(v, bool) else v,
-                          allow_huge=True, flag=k) for k, v in values.items() if k in VARIANT_SETTINGS}
+    kw: dict[str, Any] = {k: str(v) if k == "step_rebuild" else float(v) if k == "implicit_lambda" else check_int(
+        k, int(v) if isinstance(v, bool) else v, allow_huge=True, flag=k) for k, v in values.items() if k in VARIANT_SETTINGS}
+    for key in kw.keys() & {k for keys in ESTIMATOR_SETTINGS.values() for k in keys}:
+        if key not in ESTIMATOR_SETTINGS.get(variant.estimator, ()):
+            users = [e for e, keys in ESTIMATOR_SETTINGS.items() if key in keys]
+            raise ConfigError(f"{key} is a setting of the {' and '.join(users)} estimator; variant {variant.name!r} "
+                              f"uses {variant.estimator if not variant.first_order else 'first_order'} (pick e.g. "
+                              f"{'trunc' if 'truncated' in users else 'imaml'}, or leave {key} out)")
     if "vectorize" in kw:
         kw["vectorize"] = bool(kw["vectorize"])
     return replace(variant, **kw) if kw else variant

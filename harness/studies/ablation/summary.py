@@ -91,6 +91,9 @@ def _effect_pairs(cells_plan: list[tuple[Variant, str]]) -> list[tuple[str, str,
 
     pairs = []
     for v in base.values():
+        exact = {k: x for k, x in v.flags.items() if k not in v.estimator_flags}  # the same variant, exact
+        if v.estimator_flags and (b := base.get(tuple(sorted(exact.items())))):
+            pairs.append(("estimator", f"exact - {v.estimator}", b, v))
         if not v.first_order and (b := partner(v, first_order=True)):
             pairs.append(("order", "second - first order", v, b))
         if v.learn_lr and (b := partner(v, learn_lr=False, lr_per_step=False)):

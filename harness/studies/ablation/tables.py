@@ -51,7 +51,7 @@ def variant_table(summary: dict[str, Any]) -> pd.DataFrame:
     for r in summary["rows"]:
         row = {"variant": r["variant"] + (" (counterpart)" if r["role"] == "counterpart" else "")
                + (" **diverged**" if r["status"] != "ok" else ""),
-               "order": "first" if r["first_order"] else "second",
+               "order": "first" if r["first_order"] else r.get("estimator") or "second",
                "inner LR": "learned" if r["learn_lr"] else "fixed", "ckpt": _ckpt(r), "seeds": r["seeds"]}
         for m in metrics:
             name = "loss" if m == "test_loss" else "accuracy"
