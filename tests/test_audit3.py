@@ -479,3 +479,14 @@ def test_the_readme_states_every_rule_these_tests_check() -> None:
                   "ranks started with different settings", "`write_atomic`", "`plots/<run-id>/memory.png` is replaced",
                   "--set model.in_dim=5", "--preset omniglot", "`results` too"):
         assert " ".join(words.split()) in section, words
+
+
+def test_a_claim_with_our_pid_from_another_host_is_not_ours(tmp_path: Path) -> None:
+    """A results folder shared between machines: a claim written by the same pid on another host is that
+    host's live claim, not ours (mutation: ``mine`` without the host check measured the cell twice)."""
+    assert claim_cell(tmp_path, "k", 10.0) is None  # ours, to get the claim file's name
+    (claim,) = (tmp_path / ".running").iterdir()
+    other = {"pid": os.getpid(), "host": HOST + "-other", "deadline": time.time() + 600}
+    claim.write_text(json.dumps(other))
+    assert live_claim(tmp_path, "k")["host"] == HOST + "-other"
+    assert claim_cell(tmp_path, "k", 10.0)["host"] == HOST + "-other"  # not taken over

@@ -129,3 +129,28 @@ def test_a_step_checkpoints_forward_saves_only_what_a_values_only_inner_loop_sav
     assert values_only.saved > 0
     assert checkpointed.alive == kept, (checkpointed.alive, kept)
     assert checkpointed.saved - kept == values_only.saved, (checkpointed.saved, kept, values_only.saved)
+
+
+def test_agreement_cosine_is_the_cosine_of_the_two_vectors() -> None:
+    """Exact small values: the cosine of (1, 5, 10, -4, 3) and (1, 2, 10, -4, 3), and of two parallel LR
+    vectors of unequal norm (a cosine over equal vectors is 1 whatever the denominator)."""
+    ref = {"w.a": torch.tensor([1.0, 2.0]), "w.b": torch.tensor([10.0, -4.0, 3.0]), "lr.x": torch.tensor(0.5)}
+    got = {"w.a": torch.tensor([1.0, 5.0]), "w.b": torch.tensor([10.0, -4.0, 3.0]), "lr.x": torch.tensor(2.0)}
+    a, b = [1.0, 5.0, 10.0, -4.0, 3.0], [1.0, 2.0, 10.0, -4.0, 3.0]
+    cosine = sum(x * y for x, y in zip(a, b)) / (math.hypot(*a) * math.hypot(*b))
+    out = agreement(got, ref)
+    assert out["w_cosine"] == pytest.approx(cosine, rel=1e-6) and out["w_cosine"] < 0.99, out
+    assert out["lr_cosine"] == pytest.approx(1.0), out
+
+
+def test_step_adds_to_a_grad_already_there_as_backward_does() -> None:
+    """Two ``step`` calls before the optimizer's step accumulate, as two ``backward`` calls would."""
+    torch.manual_seed(0)
+    learner = MetaLearner(LayerNormMLP().double(), registry()["lr"].config(inner_steps=1, inner_lr=0.1), mse)
+    first, second = (regression_tasks(torch.Generator().manual_seed(s), n=2) for s in (0, 1))
+    g1, _ = learner.meta_gradients(first)
+    g2, _ = learner.meta_gradients(second)
+    learner.step(first)
+    learner.step(second)
+    for k, p in learner.meta_parameters().items():
+        torch.testing.assert_close(p.grad, g1[k] + g2[k], rtol=1e-12, atol=1e-12, msg=k)
