@@ -25,6 +25,9 @@ Kinds (:data:`KINDS`):
 * ``check RUN`` -- the verdict of every variant of a ``python -m harness check`` run (exact / refused / WRONG /
   FAILED, with the errors, peak memory and time), as the command prints it.
 * ``md-table FILE.md N`` -- the N-th Markdown table of a committed Markdown result, verbatim.
+* ``horizon RUN memory|time|planner`` -- an ``inner_steps`` sweep with several schedules per variant (the
+  long-horizon run, ``make horizon``): peak MiB per K and schedule; the paired time against the cells' common
+  reference and against ``sckpt_lr``; the planner's cells (budget, plan, predicted and measured peak).
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ import pandas as pd
 
 from harness.core.config import ConfigError
 from harness.reporting.files import read_cells, read_row, write_atomic
-from harness.reporting.frame import cells_frame, num
+from harness.reporting.frame import cells_frame, line_labels, num, setting_text
 from harness.reporting.render import fixed, fmt, fmt_ratio, markdown_rows, markdown_table, paired_text, percent, times
 from harness.reporting.schema import DiagnosisResult, ResultsError, ScalingResult
 from harness.reporting.verdicts import verdicts
@@ -166,6 +169,59 @@ def sweep_memory_table(root: Path, run: str) -> list[str]:
     return markdown_rows([param, *(f"`{v}`" for v in variants), f"`{last}` / `{first}`"], body)
 
 
+def _horizon_frame(root: Path, run: str) -> tuple[pd.DataFrame, list[str]]:
+    """The sweep's cells with their K and line label, and the labels in the run's order."""
+    rows = read_cells(root / run)
+    if any(r.sweep_param != "inner_steps" for r in rows):
+        raise ResultsError(f"{root / run}: not an inner_steps sweep")
+    frame = cells_frame(rows)
+    frame["K"] = [int(r.settings["inner_steps"]) for r in rows]
+    frame["label"] = line_labels([r.variant for r in rows], [r.settings for r in rows], "inner_steps")
+    frame["budget"] = pd.Series([int(r.settings.get("memory_budget") or 0) for r in rows], dtype=object)
+    budgets = dict(zip(frame["label"], frame["budget"]))
+    order = ["lr", "sckpt_lr", "bckpt_lr"]  # then the planner's cells by budget, then the peers
+
+    def rank(label: str) -> tuple:
+        v = label.split()[0]
+        return ":" in v, budgets[label], order.index(v) if v in order else len(order), label
+    return frame, sorted(dict.fromkeys(frame["label"]), key=rank)
+
+
+def _pivot(frame: pd.DataFrame, labels: list[str], cell: Callable[[dict], str]) -> list[str]:
+    by = {(f["K"], f["label"]): f for f in frame.to_dict("records")}
+    body = [[str(k), *(cell(by[k, lab]) if (k, lab) in by else "—" for lab in labels)]
+            for k in sorted(set(frame["K"]))]
+    return markdown_rows(["K", *(f"`{lab}`" for lab in labels)], body)
+
+
+def horizon_table(root: Path, run: str, what: str) -> list[str]:
+    frame, labels = _horizon_frame(root, run)
+    ok = lambda f: f["status"] == "ok"  # noqa: E731
+    if what == "memory":
+        return _pivot(frame, labels, lambda f: fmt(f["mem_mib"]) if ok(f) else f["status"])
+    if what == "time":  # paired ratios against the common reference (lr), and divided by sckpt_lr's at that K
+        sckpt = {f["K"]: f for f in frame.to_dict("records") if f["label"] == "sckpt_lr" and ok(f)}
+
+        def ratio(f: dict) -> str:
+            r = num(f["time_vs_ref_paired"])
+            if not ok(f) or r is None:
+                return f["status"] if not ok(f) else "—"
+            base = sckpt.get(f["K"])
+            b = num(base["time_vs_ref_paired"]) if base is not None and base["paired_ref"] == f["paired_ref"] else None
+            return f"{times(r)} vs `{f['paired_ref']}`" + (f"; {times(r / b)} vs `sckpt_lr`" if b else "")
+        return _pivot(frame, labels, ratio)
+    if what == "planner":
+        body = []
+        for f in frame[frame["budget"] > 0].sort_values(["budget", "K"], kind="mergesort").to_dict("records"):
+            pred, meas, budget = num(f["predicted_peak_mib"]), num(f["mem_mib"]), f["budget"] / 2 ** 20
+            body.append([setting_text("memory_budget", f["budget"]).split("=")[1], str(f["K"]), f["plan"] or f["status"],
+                         fmt(pred), fmt(meas), percent(pred / meas - 1, signed=True) if pred and meas else "—",
+                         ("yes" if meas <= budget else "**no**") if meas is not None else "—"])
+        return markdown_rows(["budget", "K", "plan", "predicted MiB", "measured MiB", "predicted / measured",
+                              "within budget"], body)
+    raise ResultsError(f"horizon {run} {what}: expected memory, time or planner")
+
+
 def _diagnosis_cell(cell: dict) -> str:
     status = cell.get("status")
     if status == "raises":
@@ -213,7 +269,8 @@ def check_table(root: Path, run: str) -> list[str]:
 KINDS: dict[str, Callable[..., list[str]]] = {"variants": variants_table, "cells": cells_table, "check": check_table,
                                               "paired-stability": paired_stability_table,
                                               "sweep-memory": sweep_memory_table, "scaling": scaling_table,
-                                              "diagnosis": diagnosis_table, "md-table": markdown_table_of}
+                                              "diagnosis": diagnosis_table, "md-table": markdown_table_of,
+                                              "horizon": horizon_table}
 
 
 def render(block: Block, root: Path) -> str:
