@@ -65,6 +65,9 @@ def test_the_horizon_block_pivots_memory_and_checks_the_planner(tmp_path: Path) 
     assert all(line.endswith("| yes |") for line in planner[2:])
     time = horizon_table(root, "h", "time")
     assert "vs `sckpt_lr`" in time[2]
+    targets = horizon_table(root, "h", "targets")
+    assert targets[2] == "| planner: predicted / measured peak, worst of 2 cells | within ±10% | +5.0% (lr memory_budget=12MiB, K = 8) | yes |"
+    assert targets[3] == "| planner: cells over their budget | none | 0 | yes |"
 
 
 def test_a_sweep_over_decades_is_drawn_log_log(tmp_path: Path, monkeypatch) -> None:

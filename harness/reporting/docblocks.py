@@ -25,9 +25,9 @@ Kinds (:data:`KINDS`):
 * ``check RUN`` -- the verdict of every variant of a ``python -m harness check`` run (exact / refused / WRONG /
   FAILED, with the errors, peak memory and time), as the command prints it.
 * ``md-table FILE.md N`` -- the N-th Markdown table of a committed Markdown result, verbatim.
-* ``horizon RUN memory|time|planner`` -- an ``inner_steps`` sweep with several schedules per variant (the
+* ``horizon RUN memory|time|planner|targets`` -- an ``inner_steps`` sweep with several schedules per variant (the
   long-horizon run, ``make horizon``): peak MiB per K and schedule; the paired time against the cells' common
-  reference and against ``sckpt_lr``; the planner's cells (budget, plan, predicted and measured peak).
+  reference and against ``sckpt_lr``; the planner's cells (budget, plan, predicted and measured peak); issue 22's Done-when figures.
 """
 from __future__ import annotations
 
@@ -219,7 +219,42 @@ def horizon_table(root: Path, run: str, what: str) -> list[str]:
                          ("yes" if meas <= budget else "**no**") if meas is not None else "—"])
         return markdown_rows(["budget", "K", "plan", "predicted MiB", "measured MiB", "predicted / measured",
                               "within budget"], body)
-    raise ResultsError(f"horizon {run} {what}: expected memory, time or planner")
+    if what == "targets":  # issue 22's Done-when figures, from the run
+        return horizon_targets(frame)
+    raise ResultsError(f"horizon {run} {what}: expected memory, time, planner or targets")
+
+
+def horizon_targets(frame: pd.DataFrame) -> list[str]:
+    """Binomial at the largest K against sckpt_lr's peak (target <= 15%), binomial's growth from K = 64 (<= 2x), the
+    planner's predicted against measured peak (within 10% in every cell) and cells over their budget (none)."""
+    ok = frame[frame["status"] == "ok"]
+    peak = {(f["label"], f["K"]): num(f["mem_mib"]) for f in ok.to_dict("records")}
+    top = max((k for lab, k in peak if lab == "bckpt_lr"), default=None)
+    rows = []
+    if top is not None and ("sckpt_lr", top) in peak:
+        r = peak["bckpt_lr", top] / peak["sckpt_lr", top]
+        rows.append([f"`bckpt_lr` at K = {top} / `sckpt_lr` at K = {top}", "≤ 15%", percent(r), _holds(r <= 0.15)])
+    if top is not None and ("bckpt_lr", 64) in peak:
+        g = peak["bckpt_lr", top] / peak["bckpt_lr", 64]
+        rows.append([f"`bckpt_lr` growth K = 64 → {top}", "≤ 2×", times(g), _holds(g <= 2)])
+    planned = [f for f in ok.to_dict("records") if f["budget"] and num(f["predicted_peak_mib"])]
+    if planned:
+        worst = max(planned, key=lambda f: abs(f["predicted_peak_mib"] / f["mem_mib"] - 1))
+        err = worst["predicted_peak_mib"] / worst["mem_mib"] - 1
+        rows.append([f"planner: predicted / measured peak, worst of {len(planned)} cells", "within ±10%",
+                     f"{percent(err, signed=True)} ({worst['label']}, K = {worst['K']})", _holds(abs(err) <= 0.10)])
+        over = [f for f in planned if f["mem_mib"] > f["budget"] / 2 ** 20]
+        rows.append(["planner: cells over their budget", "none", str(len(over)), _holds(not over)])
+    budgeted = frame[frame["budget"] > 0]
+    failed = budgeted[budgeted["status"] != "ok"]
+    if len(failed):
+        rows.append(["planner: cells not measured", "none", ", ".join(f"K = {k} {s}" for k, s in
+                                                                     zip(failed["K"], failed["status"])), "**no**"])
+    return markdown_rows(["target (issue 22)", "target", "measured", "holds"], rows)
+
+
+def _holds(ok: bool) -> str:
+    return "yes" if ok else "**no**"
 
 
 def _diagnosis_cell(cell: dict) -> str:
