@@ -82,7 +82,7 @@ results: $(STAMP)
 # The long-horizon figures (issue 22, docs/checkpointing.md): K = 8..1024, second order, learnable LR, cpu-bench at
 # meta-batch 1 (half the time; the sequential engine's peak is per task), the CPU figure; one warm-up-free timed
 # step and one pair per cell (the memory figure is deterministic, the time ratios are paired).  Two halves that may
-# run at once (`make -j2 horizon`, as the committed run did), then the table and plots of the whole run.
+# run at once (`make -j2 horizon`), then the table and plots of the whole run.
 HORIZON := --device cpu --preset cpu-bench --meta-batch 1 --warmup 0 --repeats 1 --pairs 1 --timeout 3600 --allow-huge \
 	--run-id horizon-cpu --no-plots
 HORIZON_K := inner_steps=8,32,128,512,1024
