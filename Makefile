@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow bench bench-cpu bench-micro install clean regress baseline results
+.PHONY: test test-slow bench bench-cpu bench-micro install clean regress baseline results horizon horizon-a horizon-b
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -83,6 +83,24 @@ results: $(STAMP)
 	$(PY) -m harness diagnose --device cpu --amp bf16
 	$(PY) -m harness diagnose --device cpu --amp fp16
 	$(PY) -m harness docs
+
+# The long-horizon figures (issue 22, docs/checkpointing.md): K = 8..1024, second order, learnable LR, cpu-bench at
+# meta-batch 1 (half the time; the sequential engine's peak is per task), the CPU figure; one warm-up-free timed
+# step and one pair per cell (the memory figure is deterministic, the time ratios are paired).  Two halves that may
+# run at once (`make -j2 horizon`), then the table and plots of the whole run.
+HORIZON := --device cpu --preset cpu-bench --meta-batch 1 --warmup 0 --repeats 1 --pairs 1 --timeout 3600 --allow-huge \
+	--run-id horizon-cpu --no-plots
+HORIZON_K := inner_steps=8,32,128,512,1024
+horizon-a: $(STAMP)
+	$(PY) -m harness sweep $(HORIZON) --variant sckpt_lr,bckpt_lr --param $(HORIZON_K)
+	$(PY) -m harness sweep $(HORIZON) --variant bckpt_lr --param inner_steps=64
+	$(PY) -m harness sweep $(HORIZON) --variant lr,torch_maml:sckpt --param inner_steps=8,32,128
+horizon-b: $(STAMP)
+	$(PY) -m harness sweep $(HORIZON) --variant lr --memory-budget 12MiB --param $(HORIZON_K)
+	$(PY) -m harness sweep $(HORIZON) --variant lr --memory-budget 48MiB --param $(HORIZON_K)
+	$(PY) -m harness sweep $(HORIZON) --variant sckpt_lr --set step_ckpt=sqrt --set step_rebuild=step --param $(HORIZON_K)
+horizon: horizon-a horizon-b
+	$(PY) -m harness report results/horizon-cpu
 
 clean:
 	rm -rf $(VENV) build *.egg-info

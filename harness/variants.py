@@ -26,13 +26,14 @@ from pathlib import Path
 from types import ModuleType
 
 from harness.core.config import ConfigError, MetaConfig
-from harness.core.schedules import default_snapshots
+from harness.core.schedules import default_segment, default_snapshots
 
-__all__ = ["AUTO_SNAPSHOTS", "CANONICAL", "ENTRY_POINT_GROUP", "ESTIMATOR_SETTINGS", "ESTIMATOR_TAGS", "PLUGIN_DIR", "RegistryError", "Variant", "build_registry",
-           "canonical_name", "get_variant", "registry"]
+__all__ = ["AUTO_SEGMENT", "AUTO_SNAPSHOTS", "CANONICAL", "ENTRY_POINT_GROUP", "ESTIMATOR_SETTINGS", "ESTIMATOR_TAGS",
+           "PLUGIN_DIR", "RegistryError", "Variant", "build_registry", "canonical_name", "get_variant", "registry"]
 
 ESTIMATOR_SETTINGS = {"truncated": ("truncate_steps",), "implicit": ("implicit_lambda", "cg_steps")}  # what each reads
-AUTO_SNAPSHOTS = -1  # Variant.snapshots: binomial with ceil(log2 K) stored states (at least 1)
+AUTO_SNAPSHOTS = -1  # Variant.snapshots: binomial with ceil(log2 K) stored states (at least 1); --set snapshots=log2
+AUTO_SEGMENT = -1  # Variant.step_ckpt: segments of ceil(sqrt K) steps (at least 1); --set step_ckpt=sqrt
 
 ENTRY_POINT_GROUP = "maml_harness.variants"
 PLUGIN_PACKAGE = "variants"
@@ -51,7 +52,7 @@ class Variant:
     layer_ckpt: bool = False
     learn_lr: bool = False
     first_order: bool = False
-    step_ckpt: int = 0  # segments of n inner steps; 0 = off
+    step_ckpt: int = 0  # segments of n inner steps; 0 = off; AUTO_SEGMENT
     step_rebuild: str = "segment"  # step_ckpt: a segment's steps rebuilt at once ("segment") or one at a time ("step")
     snapshots: int = 0  # binomial over all K steps with at most this many stored states; 0 = off; AUTO_SNAPSHOTS
     lr_per_step: bool = False
@@ -80,7 +81,7 @@ class Variant:
 
     @property
     def checkpointed(self) -> bool:
-        return self.layer_ckpt or self.step_ckpt > 0 or self.snapshots != 0
+        return self.layer_ckpt or self.step_ckpt != 0 or self.snapshots != 0
 
     def config(self, **kwargs: object) -> MetaConfig:
         """A :class:`MetaConfig` with this variant's flags over the given sizes.
@@ -88,19 +89,19 @@ class Variant:
         A keyword that names a variant flag is applied when it agrees with the variant and refused
         (ConfigError naming the flag) when it does not: a variant's flags are what its name promises;
         ``dataclasses.replace(variant, step_ckpt=2)`` makes another variant.  ``AUTO_SNAPSHOTS`` becomes
-        ceil(log2 inner_steps), at least 1.
+        ceil(log2 inner_steps) and ``AUTO_SEGMENT`` ceil(sqrt inner_steps), each at least 1.
         """
         flags = self.flags
         for key in kwargs.keys() & flags.keys():
             if kwargs[key] != flags[key]:
                 raise ConfigError(f"variant {self.name!r} has {key}={flags[key]!r}; got {key}={kwargs[key]!r} "
                                   f"(pick a variant with {key}={kwargs[key]!r}, or leave {key} out)")
-        snapshots = self.snapshots
-        if snapshots == AUTO_SNAPSHOTS:
-            steps = kwargs.get("inner_steps", MetaConfig.inner_steps)
-            snapshots = default_snapshots(int(steps))  # type: ignore[call-overload]
+        steps = int(kwargs.get("inner_steps", MetaConfig.inner_steps))  # type: ignore[call-overload]
+        snapshots = default_snapshots(steps) if self.snapshots == AUTO_SNAPSHOTS else self.snapshots
+        step_ckpt = default_segment(steps) if self.step_ckpt == AUTO_SEGMENT else self.step_ckpt
         return MetaConfig(**{**kwargs, **flags, "vmap_chunk": self.vmap_chunk or None,  # type: ignore[arg-type]
-                             "snapshots": snapshots, "memory_budget": self.memory_budget or None})
+                             "step_ckpt": step_ckpt, "snapshots": snapshots,
+                             "memory_budget": self.memory_budget or None})
 
     def reference(self) -> "Variant":
         """The same variant without checkpointing, task after task (the agreement oracle)."""

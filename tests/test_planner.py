@@ -16,7 +16,8 @@ from tests.conftest import FAST, TINY, cli
 from harness.bench.cells import Cell
 from harness.bench.child import measure_cell_inline
 from harness.bench.measure import measure_cpu_memory
-from harness.bench.planner import plan_experiment, plan_learner, probe_costs
+from harness.bench import planner
+from harness.bench.planner import plan_cells, plan_experiment, plan_learner, probe_costs
 from harness.core.config import ConfigError, MetaConfig
 from harness.core.engine import MetaLearner
 from harness.core.plan import (Candidate, Prediction, StepCosts, VectorCosts, candidates, choose, predict,
@@ -202,6 +203,7 @@ def test_a_bench_row_records_plan_predicted_and_measured_peak_and_checks_agreeme
     assert row.status == "ok", row.message
     assert row.plan and row.predicted_peak_mib > 0 and row.memory["cpu_peak_alloc_mib"] > 0
     assert row.agreement["w_rel_err"] < 1e-5  # the chosen configuration's agreement check, as today
+    assert row.paired["reference"] == "lr"  # paired against its own variant unplanned, not maml
 
 
 def test_a_peer_cell_with_a_budget_is_unsupported() -> None:
@@ -226,3 +228,57 @@ def test_a_budget_on_checkpointing_already_chosen_is_refused_not_silently_replac
     row = measure_cell_inline(Cell(variant, "cpu-bench", settings={**TINY, **settings, "memory_budget": parse_memory(
         "1GiB")}), FAST)
     assert row.status == "unsupported" and "memory_budget chooses the checkpointing itself" in row.message
+
+
+# -- the driver's plan is the row's; ranks; per-K settings (review of issue 22) -------------------------------
+def test_the_row_records_the_plan_the_driver_printed_without_probing_again(monkeypatch, capsys) -> None:
+    cell = Cell("lr", "cpu-bench", settings={**TINY, "inner_steps": 6, "memory_budget": parse_memory("1GiB")})
+    [planned] = plan_cells([cell])
+    printed = capsys.readouterr().out
+    assert planned.memory_plan is not None and planned.key() == cell.key()  # the plan is not the cell's identity
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("the cell's process probed again")
+
+    monkeypatch.setattr(planner, "plan_learner", no_probe)
+    row = measure_cell_inline(planned, FAST)
+    assert row.status == "ok", row.message
+    assert f": {row.plan}, predicted peak" in printed
+    assert row.predicted_peak_mib == planned.memory_plan["peak_mib"]
+
+
+def test_the_cell_applies_the_given_plan_as_it_is() -> None:
+    """A plan the planner would not choose at 1 GiB (binomial, 2 snapshots) is what the cell runs and records."""
+    exp = _budgeted("lr", 6, "1GiB", preset="cpu-bench")
+    c = Candidate(layer_ckpt=True, snapshots=2)
+    given = planner.MemoryPlan(Prediction(c, 1.0, 0.0), 1024.0, 1)
+    cell = Cell("lr", "cpu-bench", settings={**TINY, "inner_steps": 6, "memory_budget": parse_memory("1GiB")},
+                memory_plan=given.to_json())
+    row = measure_cell_inline(cell, FAST)
+    assert row.status == "ok", row.message
+    assert row.plan == c.text() and row.predicted_peak_mib == 1.0
+    assert row.flags["snapshots"] == 2 and row.flags["layer_ckpt"] is True
+    planned, _ = plan_experiment(exp, given=given)
+    assert (planned.learner.cfg.snapshots, planned.learner.cfg.layer_ckpt) == (2, True)
+    assert planned.variant.config(inner_steps=6).snapshots == planned.learner.cfg.snapshots
+
+
+@pytest.mark.parametrize("c", [Candidate(True, step_ckpt=3), Candidate(step_ckpt=2, step_rebuild="step"),
+                               Candidate(snapshots=3), Candidate()])
+def test_the_planned_variant_and_the_planned_learner_agree(c: Candidate) -> None:
+    exp = _budgeted("lr", 6, "1GiB", preset="quick")
+    planned, _ = plan_experiment(exp, given=planner.MemoryPlan(Prediction(c, 1.0, 0.0), 1024.0, 1))
+    cfg = planned.learner.cfg
+    assert planned.variant.config(inner_steps=6, inner_lr=cfg.inner_lr, adapt_last=cfg.adapt_last,
+                                  amp=cfg.amp, ckpt_modules=cfg.ckpt_modules) == replace(cfg, memory_budget=cfg.memory_budget)
+    assert (cfg.layer_ckpt, cfg.step_ckpt, cfg.step_rebuild, cfg.snapshots) == (c.layer_ckpt, c.step_ckpt,
+                                                                                c.step_rebuild, c.snapshots)
+
+
+def test_a_budget_under_data_parallel_ranks_is_refused_exit_2(capsys, tmp_path) -> None:
+    ran = cli(capsys, "bench", "--variants", "lr", "--preset", "quick", "--device", "cpu", "--set", "ranks=2",
+              "--set", "meta_batch=2", "--memory-budget", "1GiB", "--run-id", "t", "--out", str(tmp_path))
+    assert ran.returncode == 2, ran.stderr
+    [line] = ran.stderr.strip().splitlines()
+    assert "not planned across data-parallel ranks (ranks=2)" in line and "valid: ranks=1" in line
+    assert not list(tmp_path.iterdir())

@@ -109,6 +109,9 @@ class Cell:
     model: str | None = None  # --model spec (harness.zoo.user); None: the preset's model
     tasks: str | None = None  # --tasks spec; None: the preset's tasks
     ckpt: tuple[str, ...] = ()  # --ckpt patterns (MetaConfig.ckpt_modules)
+    # --memory-budget: the driver's plan (harness.bench.planner.MemoryPlan.to_json), applied by the cell's process
+    # as it is; not part of the cell's identity (the budget, in settings, is)
+    memory_plan: dict[str, Any] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ckpt", tuple(self.ckpt))  # a list when read back from JSON

@@ -31,7 +31,7 @@ from harness.loop import distributed
 from harness.bench import measure, paired
 from harness.bench.cells import (BUILDERS, PLUGIN_ENV, Builder, Cell, MeasureOptions, base_row,
                                  load_cell_plugins)
-from harness.bench.planner import plan_experiment
+from harness.bench.planner import MemoryPlan, plan_experiment
 from harness.bench.process import PARENT_ENV, TEMP_PREFIX, cell_environment, die_with_parent
 from harness.core.config import ConfigError
 from harness.gradcheck import finite_difference_error
@@ -114,7 +114,8 @@ def _learner(cell: Cell, row: RowSoFar, warmup: bool = True) -> tuple[Experiment
     row.set(flags=variant.flags)  # before the build: a cell that fails to build keeps its flags
     if variant.memory_budget and cell.peer is not None:
         raise _Unsupported(f"{cell.variant}: --memory-budget plans the harness's own engine; a peer runs as it is")
-    exp, plan = plan_experiment(Experiment(spec), warmup=warmup)
+    given = MemoryPlan.from_json(cell.memory_plan) if cell.memory_plan else None  # the driver's, as it printed it
+    exp, plan = plan_experiment(Experiment(spec), warmup=warmup, given=given)
     variant = exp.variant
     if plan is not None:
         row.set(flags=variant.flags, **plan.fields())

@@ -19,7 +19,8 @@ another CPU-bound process runs beside the bench: docs/measurement.md, generated 
 The reference (:func:`reference_name`): a peer cell ``peer:v`` -> our ``v``; our variant -> the registered
 variant with the same order and LRs but no checkpointing and no vectorization (``ckpt_lr`` -> ``lr``,
 ``vmaml`` -> ``maml``, ``sckpt`` -> ``maml``); a variant that is already that (``fo``, ``lr``) -> ``maml``;
-``maml`` itself has none.
+``maml`` itself has none.  A cell with a memory budget (``--memory-budget``) is paired against its own variant
+unplanned (``lr`` under a budget -> ``lr``): what the chosen checkpointing costs.
 
 Run (a cell's row gets ``paired``; the tables a column ``time / ref (paired)``)::
 
@@ -124,7 +125,8 @@ def measure_paired(cell: Any, step: Any, opts: Any, deadline: float | None = Non
     ``None`` for a cell without a reference.  A reference that cannot be built or run (a ConfigError, a
     runtime or out-of-memory error) is kept as ``{"reference", "error"}`` and leaves the cell's figures
     alone; anything else is a bug and fails the cell."""
-    ref = reference_name(cell.variant, registry())
+    budgeted = cell.peer is None and cell.settings.get("memory_budget")
+    ref = cell.base_variant if budgeted else reference_name(cell.variant, registry())
     if ref is None:
         return None
     losses = getattr(step, "losses", None)

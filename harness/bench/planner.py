@@ -16,9 +16,10 @@ In one's own loop: ``learner, plan = plan_learner(learner, tasks, budget_bytes)`
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence, TextIO
 
 import torch
@@ -28,6 +29,7 @@ from harness.bench.measure import MIB, measure_cpu_memory
 from harness.core.config import ConfigError, MetaConfig, Task
 from harness.core.engine import MetaLearner
 from harness.core.plan import Candidate, Prediction, StepCosts, VectorCosts, candidates, choose, predict
+from harness.loop import distributed
 from harness.loop.spec import Experiment
 from harness.loop.train import StepRunner
 
@@ -61,6 +63,16 @@ class MemoryPlan:
     def fields(self) -> dict[str, Any]:
         """What the row records: ``plan`` and ``predicted_peak_mib``."""
         return {"plan": self.text, "predicted_peak_mib": self.chosen.peak_mib}
+
+    def to_json(self) -> dict[str, Any]:
+        """The plan as the driver hands it to the cell's process (``Cell.memory_plan``): applied there as it is."""
+        return {"candidate": asdict(self.chosen.candidate), "peak_mib": self.chosen.peak_mib,
+                "time_s": self.chosen.time_s, "budget_mib": self.budget_mib, "weighed": self.weighed}
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> "MemoryPlan":
+        return MemoryPlan(Prediction(Candidate(**d["candidate"]), d["peak_mib"], d["time_s"]), d["budget_mib"],
+                          d["weighed"])
 
 
 def _copy(learner: MetaLearner, **changes: Any) -> MetaLearner:
@@ -164,18 +176,14 @@ def probe_vector(learner: MetaLearner, tasks: list[Task], *, warmup: bool = True
     return VectorCosts(peaks, chunk_s=chunk_s, task_s=max(times[0] / (TIMED_STEPS * n) - chunk_s, 0.0))
 
 
-def _configured(cfg: MetaConfig, c: Candidate) -> MetaConfig:
-    if c.vmap_chunk:
-        return replace(cfg, vmap_chunk=c.vmap_chunk)
-    return replace(cfg, layer_ckpt=c.layer_ckpt, step_ckpt=c.step_ckpt, step_rebuild=c.step_rebuild,
-                   snapshots=c.snapshots)
+def _applied(learner: MetaLearner, c: Candidate) -> MetaLearner:
+    """The learner under ``c`` (same model and LRs)."""
+    out = MetaLearner(learner.model, replace(learner.cfg, **c.settings()), learner.loss_fn)
+    out.lrs = learner.lrs
+    return out
 
 
-def plan_learner(learner: MetaLearner, tasks: list[Task], budget_bytes: int, *, warmup: bool = True,
-                 scaler: Any = None) -> tuple[MetaLearner, MemoryPlan]:
-    """The learner under the fastest exact configuration predicted to fit ``budget_bytes`` (same model and
-    LRs), and the plan; a ConfigError naming the smallest possible peak when nothing fits."""
-    cfg, state = learner.cfg, torch.random.get_rng_state()
+def _refuse_unplannable(cfg: MetaConfig) -> None:
     if cfg.lr_per_step:  # measured: lr, element LRs per step, K = 16: predicted 18.9 MiB, measured 44.3
         raise ConfigError("memory_budget is not planned for lr_per_step=True yet: the per-step LRs' gradients grow "
                           "with K faster than the K = 1, 2 probe sees; valid: lr_per_step=False, or no memory budget")
@@ -185,6 +193,14 @@ def plan_learner(learner: MetaLearner, tasks: list[Task], budget_bytes: int, *, 
         raise ConfigError(f"memory_budget chooses the checkpointing itself, and this variant already sets "
                           f"{', '.join(chosen_already)}; valid: a variant without checkpointing (maml, fo, lr, lr_fo, "
                           "vmaml, ...) and no --set step_ckpt/snapshots/vmap_chunk, or no memory budget")
+
+
+def plan_learner(learner: MetaLearner, tasks: list[Task], budget_bytes: int, *, warmup: bool = True,
+                 scaler: Any = None) -> tuple[MetaLearner, MemoryPlan]:
+    """The learner under the fastest exact configuration predicted to fit ``budget_bytes`` (same model and
+    LRs), and the plan; a ConfigError naming the smallest possible peak when nothing fits."""
+    cfg, state = learner.cfg, torch.random.get_rng_state()
+    _refuse_unplannable(cfg)
     steps, budget = cfg.inner_steps, budget_bytes / MIB
     try:
         if cfg.vectorize:
@@ -204,36 +220,47 @@ def plan_learner(learner: MetaLearner, tasks: list[Task], budget_bytes: int, *, 
     predictions = [predict(c, costs, steps, len(tasks)) for c in weighed]
     chosen = choose(predictions, budget)
     plan = MemoryPlan(chosen, budget, len(predictions), predictions[-1] if cfg.vectorize else predictions[0])
-    out = MetaLearner(learner.model, _configured(cfg, chosen.candidate), learner.loss_fn)
-    out.lrs = learner.lrs
-    return out, plan
+    return _applied(learner, chosen.candidate), plan
 
 
 def planned_variant(exp: Experiment, c: Candidate) -> Any:
     """The experiment's variant with the chosen checkpointing (the row's ``flags``)."""
-    if c.vmap_chunk:
-        return replace(exp.variant, vmap_chunk=c.vmap_chunk)
-    return replace(exp.variant, layer_ckpt=c.layer_ckpt, step_ckpt=c.step_ckpt, step_rebuild=c.step_rebuild,
-                   snapshots=c.snapshots)
+    return replace(exp.variant, **c.settings())
 
 
-def plan_experiment(exp: Experiment, *, warmup: bool = True) -> tuple[Experiment, MemoryPlan | None]:
+def _ranks(exp: Experiment) -> int:
+    """The data-parallel ranks the experiment runs on: a cell's ``ranks`` setting, or torchrun's world."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) if distributed.launched() else 1
+    return max(int(exp.spec.settings.launch.get("ranks", 1)), launched)
+
+
+def plan_experiment(exp: Experiment, *, warmup: bool = True,
+                    given: MemoryPlan | None = None) -> tuple[Experiment, MemoryPlan | None]:
     """The experiment planned for its variant's memory budget (``(exp, None)`` without one), probed on one
-    meta-batch from a copy of its task stream."""
+    meta-batch from a copy of its task stream; with ``given`` (the driver's plan of a bench cell) its choice is
+    applied without probing, so the row records the plan the driver printed."""
     budget = exp.variant.memory_budget
     if not budget:
         return exp, None
-    gen = torch.Generator().manual_seed(0)
-    gen.set_state(exp.gen.get_state())
-    learner, plan = plan_learner(exp.learner, exp.sample(gen), budget, warmup=warmup, scaler=exp.new_scaler())
+    if _ranks(exp) > 1:  # each rank would probe and choose on its own shard of the meta-batch
+        raise ConfigError(f"memory_budget is not planned across data-parallel ranks (ranks={_ranks(exp)}): each rank "
+                          "would plan on its own shard; valid: ranks=1, or no memory budget")
+    if given is not None:
+        _refuse_unplannable(exp.learner.cfg)
+        learner, plan = _applied(exp.learner, given.chosen.candidate), given
+    else:
+        gen = torch.Generator().manual_seed(0)
+        gen.set_state(exp.gen.get_state())
+        learner, plan = plan_learner(exp.learner, exp.sample(gen), budget, warmup=warmup, scaler=exp.new_scaler())
     out = copy.copy(exp)
     out.learner, out.variant = learner.to(exp.device), planned_variant(exp, plan.chosen.candidate)
     return out, plan
 
 
 def plan_cell(cell: Cell, *, warmup: bool = True) -> MemoryPlan | None:
-    """A bench cell's plan, made in the driver before any cell runs (the cell's process makes the same one on
-    the CPU figure); ``None`` for a cell without a budget or a peer's cell (the cell records it unsupported)."""
+    """A bench cell's plan, made in the driver before any cell runs (handed to the cell's process in
+    ``Cell.memory_plan``); ``None`` for a cell without a budget or a peer's cell (the cell records it
+    unsupported)."""
     spec = cell.run_spec()
     if not spec.variant_obj.memory_budget or cell.peer is not None:
         return None
@@ -244,13 +271,15 @@ def plan_cell(cell: Cell, *, warmup: bool = True) -> MemoryPlan | None:
         raise ConfigError(f"{cell.label()}: {exc}") from None
 
 
-def plan_cells(cells: Sequence[Cell], *, warmup: bool = True, out: TextIO | None = None) -> list[MemoryPlan]:
-    """Every budgeted cell planned before any runs, one line each on ``out`` (stdout); the first budget that
+def plan_cells(cells: Sequence[Cell], *, warmup: bool = True, out: TextIO | None = None) -> list[Cell]:
+    """Every budgeted cell planned before any runs, one line each on ``out`` (stdout), and the cells with their
+    plan in ``memory_plan`` (the cell's process applies it without probing again); the first budget that
     nothing fits raises (exit 2, nothing written)."""
-    plans = []
+    planned = []
     for cell in cells:
         plan = plan_cell(cell, warmup=warmup)
         if plan is not None:
             print(plan.line(cell.label()), file=out or sys.stdout, flush=True)
-            plans.append(plan)
-    return plans
+            cell = replace(cell, memory_plan=plan.to_json())
+        planned.append(cell)
+    return planned

@@ -50,7 +50,7 @@ def request_from_args(args: argparse.Namespace) -> MatrixRequest:
     out_dir = run_dir(args.out, run_id)
     plots = None if args.no_plots else check_out_dir(plots_root(args.out) / run_id)
     cells = plan(variants, m.preset, m.device, args.dtype, args.seed, m.settings, m.amps, user=m.user)
-    plan_cells(cells, warmup=m.opts.warmup > 0)  # --memory-budget: a budget nothing fits is exit 2 before any cell
+    cells = tuple(plan_cells(cells, warmup=m.opts.warmup > 0))  # --memory-budget: exit 2 before any cell if nothing fits
     return MatrixRequest(cells, out_dir, m.opts, caps=caps, force=args.force, plots_dir=plots,
                          executor=executor_spec(args))
 

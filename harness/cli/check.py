@@ -11,6 +11,7 @@ refused, 1 when any is wrong or failed, 2 on bad input (checked before anything 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from harness.bench.check import AGREEMENT_TOL, DEFAULT_FD_DIRECTIONS, FD_TOL, check_request, run_check
 from harness.bench.executors import executor_spec
@@ -50,8 +51,8 @@ def request_from_args(args: argparse.Namespace):  # noqa: ANN201 -- a MatrixRequ
     req = check_request(m.user, m.preset, m.device, args.dtype, args.seed, m.settings, m.opts, out_dir,
                         fd_directions=args.fd_directions, plots_dir=plots, force=args.force,
                         executor=executor_spec(args))
-    plan_cells(req.cells, warmup=m.opts.warmup > 0)  # --memory-budget: a budget nothing fits is exit 2 before any cell
-    return req
+    # --memory-budget: exit 2 before any cell if nothing fits; each cell gets the driver's plan
+    return replace(req, cells=tuple(plan_cells(req.cells, warmup=m.opts.warmup > 0)))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -43,7 +43,7 @@ def request_from_args(args: argparse.Namespace) -> MatrixRequest:
     plots = None if args.no_plots else check_out_dir(plots_root(args.out) / run_id)
     cells = plan(variants, m.preset, m.device, args.dtype, args.seed, m.settings, m.amps, sweep=(name, values),
                  user=m.user)
-    plan_cells(cells, warmup=m.opts.warmup > 0)  # --memory-budget: a budget nothing fits is exit 2 before any cell
+    cells = tuple(plan_cells(cells, warmup=m.opts.warmup > 0))  # --memory-budget: exit 2 before any cell if nothing fits
     return MatrixRequest(cells, out_dir, m.opts, force=args.force, plots_dir=plots,
                          extra={"sweep_param": name}, executor=executor_spec(args))
 

@@ -24,6 +24,7 @@ Learnable per-step LRs add ``lr_step`` per inner step to every peak (their meta-
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -32,7 +33,7 @@ from harness.core.config import ConfigError
 from harness.core.schedules import Advance, Load, Rebuild, Schedule, Store, binomial, one_step_segments
 
 __all__ = ["Candidate", "Prediction", "StepCosts", "VectorCosts", "candidates", "choose", "predict",
-           "segment_copies", "snapshot_choices", "weight_copies"]
+           "schedule_counts", "segment_copies", "snapshot_choices", "weight_copies"]
 
 FEW_SNAPSHOTS = 12  # binomial: every s up to this, then a few more (Revolve's schedule is slow to build at large K)
 MORE_SNAPSHOTS = (16, 24, 32)
@@ -72,6 +73,13 @@ class Candidate:
     step_rebuild: str = "segment"
     snapshots: int = 0
     vmap_chunk: int = 0  # vectorized: tasks per vmapped chunk (0: the variant is not vectorized)
+
+    def settings(self) -> dict[str, bool | int | str]:
+        """The fields it sets, the same names on a Variant and a MetaConfig (vectorized: the chunk only)."""
+        if self.vmap_chunk:
+            return {"vmap_chunk": self.vmap_chunk}
+        return {"layer_ckpt": self.layer_ckpt, "step_ckpt": self.step_ckpt, "step_rebuild": self.step_rebuild,
+                "snapshots": self.snapshots}
 
     def text(self) -> str:
         if self.vmap_chunk:
@@ -146,8 +154,13 @@ def segment_copies(steps: int, length: int, slope_in_weights: float) -> float:
     return max(j + (min(start + length, steps) - start - 1) * slope_in_weights for j, start in enumerate(starts))
 
 
-def _schedule(steps: int, c: Candidate) -> Schedule:
-    return binomial(steps, c.snapshots) if c.snapshots else one_step_segments(steps, c.step_ckpt)
+@functools.lru_cache(maxsize=4096)
+def schedule_counts(steps: int, snapshots: int, step_ckpt: int, first_order: bool) -> tuple[int, int]:
+    """(weight copies, values-only steps) of binomial(``steps``, ``snapshots``) or, without snapshots, one-step
+    rebuilds of segments of ``step_ckpt``: pure, cached (walking Revolve's schedule at K = 1024 takes seconds, and
+    every layer option and budget of a run weighs the same schedules)."""
+    schedule = binomial(steps, snapshots) if snapshots else one_step_segments(steps, step_ckpt)
+    return weight_copies(schedule, first_order), schedule.values_only()
 
 
 def predict(c: Candidate, costs: dict[bool, StepCosts] | VectorCosts, steps: int, meta_batch: int = 1) -> Prediction:
@@ -168,8 +181,7 @@ def predict(c: Candidate, costs: dict[bool, StepCosts] | VectorCosts, steps: int
         slope = (s.step_slope if s.segment_slope is None else s.segment_slope) / s.weights if s.weights > 0 else 0.0
         copies, values_only = segment_copies(steps, c.step_ckpt, slope), steps
     else:
-        schedule = _schedule(steps, c)
-        copies, values_only = weight_copies(schedule, s.first_order), schedule.values_only()
+        copies, values_only = schedule_counts(steps, c.snapshots, c.step_ckpt, s.first_order)
     return Prediction(c, s.sched_first + copies * s.weights + lrs, s.base_s + steps * s.graph_s + values_only * s.values_s)
 
 

@@ -131,6 +131,12 @@ def default_snapshots(steps: int) -> int:
     return max(1, math.ceil(math.log2(steps))) if steps > 1 else 1
 
 
+def default_segment(steps: int) -> int:
+    """ceil(sqrt K), at least 1: the segment length ``step_ckpt=sqrt`` means (about the one that minimises
+    (K/n + n) weight copies)."""
+    return math.isqrt(steps - 1) + 1 if steps > 1 else 1
+
+
 @functools.lru_cache(maxsize=512)
 def binomial(steps: int, snapshots: int) -> Schedule:
     """Revolve over ``steps`` inner steps with at most ``snapshots`` stored states (the initial one included)."""

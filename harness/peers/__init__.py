@@ -92,7 +92,7 @@ def build_peer(peer: str, variant: "Variant", exp: "Experiment") -> Peer:
         raise ConfigError(f"{cell_name(peer, variant)}: lr_per_step={variant.lr_per_step} but the reference "
                           f"learner has lr_per_step={learner.cfg.lr_per_step}")
     cfg = replace(learner.cfg, first_order=variant.first_order, learn_lr=variant.learn_lr,
-                  layer_ckpt=False, step_ckpt=variant.step_ckpt if peer == "torch_maml" else 0, vectorize=False,
+                  layer_ckpt=False, step_ckpt=learner.cfg.step_ckpt if peer == "torch_maml" else 0, vectorize=False,
                   vmap_chunk=None)
     return _CLASSES[peer](learner, cfg)
 

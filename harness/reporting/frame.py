@@ -50,6 +50,27 @@ def settings_str(settings: dict[str, Any] | None) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted((settings or {}).items()))
 
 
+def setting_text(key: str, value: Any) -> str:
+    """``key=value`` as a label shows it (a memory budget in MiB, as it was given)."""
+    return f"{key}={value / 2 ** 20:g}MiB" if key == "memory_budget" and num(value) is not None else f"{key}={value}"
+
+
+def line_labels(variants: list[str], settings: list[dict[str, Any]], swept: str) -> list[str]:
+    """Each cell's line in a sweep: its variant, with the settings (but ``swept``) whose value differs between
+    the same variant's cells (``sckpt_lr step_ckpt=sqrt,step_rebuild=step``), and any memory budget
+    (``lr memory_budget=12MiB``: the planner's cells are never the variant's own)."""
+    rest = [{k: v for k, v in (s or {}).items() if k != swept} for s in settings]
+    values: dict[tuple[str, str], set[str]] = {}
+    for v, r in zip(variants, rest):
+        for k in {k for x, w in zip(rest, variants) if w == v for k in x}:
+            values.setdefault((v, k), set()).add(repr(r.get(k)))
+    out = []
+    for v, r in zip(variants, rest):
+        shown = [setting_text(k, r[k]) for k in sorted(r) if len(values[v, k]) > 1 or k == "memory_budget"]
+        out.append(f"{v} {','.join(shown)}" if shown else v)
+    return out
+
+
 def user_str(row: CellRow) -> str:
     """The user's ``--model``/``--tasks``/``--ckpt`` of a row as one text (``""``: the preset's model and tasks)."""
     parts = [("model", row.model), ("tasks", row.tasks), ("ckpt", ",".join(row.ckpt or []))]
@@ -103,6 +124,7 @@ def _record(r: CellRow) -> dict[str, Any]:
         **{k: a.get(k) for k in AGREEMENT_KEYS},
         "final_query_loss": r.final_query_loss, "message": r.message or "",
         **paired_columns(r.paired),  # time / reference from alternating pairs
+        "plan": r.plan, "predicted_peak_mib": r.predicted_peak_mib,  # --memory-budget
     }
 
 
@@ -165,5 +187,6 @@ def computation_key(f: dict[str, Any]) -> tuple:
             bool(f.get("learn_lr")))
 
 
-__all__ = ["AMP_ORDER", "FIDELITY_KEYS", "FP32_KEYS", "GROUP", "COMPUTATION", "PAIRED_COLUMNS", "paired_columns", "settings_str",
+__all__ = ["AMP_ORDER", "FIDELITY_KEYS", "FP32_KEYS", "GROUP", "COMPUTATION", "PAIRED_COLUMNS", "paired_columns",
+           "settings_str", "setting_text", "line_labels",
            "user_str", "mem_figure", "num", "cells_frame", "best_peer_frame", "flatten", "computation_key"]

@@ -17,11 +17,12 @@ import matplotlib.pyplot as plt  # noqa: E402 -- after selecting the file-only b
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 from harness.reporting.files import write_figure  # noqa: E402
-from harness.reporting.frame import AMP_ORDER, computation_key  # noqa: E402
+from harness.reporting.frame import AMP_ORDER, computation_key, line_labels  # noqa: E402
 from harness.reporting.render import fmt, times  # noqa: E402
 
 PEER_COLORS = {None: "tab:blue", "higher": "tab:orange", "torchopt": "tab:green"}
 ERROR_FLOOR = 1e-18  # exact agreement (0) drawn at this height on the log axis
+LOG_SPAN = 100  # a sweep whose values span this factor or more is drawn on log-log axes (inner_steps 8..1024)
 TIME_LABEL = "meta-step time, median (ms)"
 Save = Callable[[Any, str], None]
 
@@ -118,17 +119,24 @@ def pareto_plot(ok: list[dict[str, Any]], title: str, save: Save, fig_name: str)
 
 def sweep_plots(flat: list[dict[str, Any]], settings: list[dict[str, Any]], sweep: str, title: str, save: Save,
                 fig_name: str) -> None:
-    """sweep_memory.png and sweep_time.png: one line per variant against the swept parameter."""
+    """sweep_memory.png and sweep_time.png: one line per variant (and per other setting that differs between its
+    cells, :func:`line_labels`) against the swept parameter; log-log axes when the values span LOG_SPAN or more."""
     by_variant: dict[str, list[tuple[float, dict]]] = {}
-    for s, f in zip(settings, flat):
+    labels = line_labels([f["variant"] for f in flat], settings, sweep)
+    for s, f, label in zip(settings, flat, labels):
         if f["status"] == "ok":
-            by_variant.setdefault(f["variant"], []).append((float((s or {}).get(sweep, 0)), f))
+            by_variant.setdefault(label, []).append((float((s or {}).get(sweep, 0)), f))
+    xs = [x for pts in by_variant.values() for x, _ in pts if x > 0]
+    log = bool(xs) and max(xs) >= LOG_SPAN * min(xs)
     for metric, ylabel, name in (("mem_mib", f"peak memory (MiB, {fig_name})", "sweep_memory.png"),
                                  ("time_median_ms", TIME_LABEL, "sweep_time.png")):
         fig, ax = plt.subplots(figsize=(7, 5))
         for v, pts in by_variant.items():
             pts.sort(key=lambda p: p[0])
             ax.plot([p[0] for p in pts], [p[1][metric] for p in pts], marker="o", label=v)
+        if log:
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
         ax.set_xlabel(sweep)
         ax.set_ylabel(ylabel)
         ax.set_title(f"{title}: {ylabel.split(' (')[0]} vs {sweep}")

@@ -31,6 +31,7 @@ COLUMNS = ["variant", "preset", "device", "dtype", "settings", "status", "mem_mi
            "peer", "base_variant", "amp", "first_order", "learn_lr", "best_peer", "mem_vs_best_peer",
            "time_vs_best_peer", "mem_vs_fp32", "time_vs_fp32", "fp32_w_rel_err", "fp32_w_cosine", "fp32_lr_rel_err",
            "fp32_lr_cosine", *PAIRED_COLUMNS, "model", "tasks", "ckpt", "fd_rel_err"]  # issue 21: appended
+PLAN_COLUMNS = ["plan", "predicted_peak_mib"]  # --memory-budget (issue 22): appended when a run has a plan
 MATRIX_COLUMNS = {"variant": "variant", "settings": "settings", "status": "status", "mem_mib": "peak mem MiB",
                   "mem_vs_maml": "mem / maml", "time_median_ms": "median ms", "time_iqr_ms": "IQR ms",
                   "time_vs_maml": "time / maml", "time_vs_ref_paired_text": "time / ref (paired, IQR)",
@@ -46,8 +47,14 @@ BEST_PEER_LEGEND = (
 
 
 def summary_csv(frame: pd.DataFrame) -> str:
-    """``summary.csv``: the :data:`COLUMNS` of the flat frame (:func:`cells_frame`), missing empty."""
-    return frame.reindex(columns=COLUMNS).to_csv(index=False, lineterminator="\n", na_rep="")
+    """``summary.csv``: the :data:`COLUMNS` of the flat frame (:func:`cells_frame`), missing empty; the
+    :data:`PLAN_COLUMNS` too when a cell has a plan."""
+    columns = COLUMNS + (PLAN_COLUMNS if _planned(frame) else [])
+    return frame.reindex(columns=columns).to_csv(index=False, lineterminator="\n", na_rep="")
+
+
+def _planned(frame: pd.DataFrame) -> bool:
+    return "plan" in frame and frame["plan"].notna().any()
 
 
 def matrix_frame(frame: pd.DataFrame) -> pd.DataFrame:
@@ -56,6 +63,8 @@ def matrix_frame(frame: pd.DataFrame) -> pd.DataFrame:
     columns = dict(MATRIX_COLUMNS)
     if "fd_rel_err" in frame and frame["fd_rel_err"].notna().any():  # `check`: finite differences
         columns["fd_rel_err"] = "fd rel err"
+    if _planned(frame):  # --memory-budget: the plan and its predicted peak beside the measured one
+        columns.update({"plan": "plan", "predicted_peak_mib": "predicted peak MiB"})
     for col, head in columns.items():
         if col.endswith("vs_maml"):
             out[head] = frame[col].map(lambda v: fmt_ratio(v, missing=""))
@@ -199,5 +208,5 @@ def to_json(flat: list[dict[str, Any]]) -> str:
     return json.dumps(flat, indent=1)
 
 
-__all__ = ["flatten", "COLUMNS", "BEST_PEER_LEGEND", "summary_csv", "matrix_frame", "table_md", "peers_md",
+__all__ = ["flatten", "COLUMNS", "PLAN_COLUMNS", "BEST_PEER_LEGEND", "summary_csv", "matrix_frame", "table_md", "peers_md",
            "second_order_headlines", "precision_md", "build", "to_json"]

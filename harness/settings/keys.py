@@ -11,11 +11,11 @@ from typing import Any, NamedTuple
 
 from harness.core.config import AMP_MODES, STEP_REBUILDS, ConfigError
 from harness.settings.bounds import BOUNDS, check_int, parse_memory
-from harness.variants import ESTIMATOR_SETTINGS, Variant
+from harness.variants import AUTO_SEGMENT, AUTO_SNAPSHOTS, ESTIMATOR_SETTINGS, Variant
 from harness.zoo.presets import Preset, get_preset
 from harness.zoo.user import model_keywords, reads_real_data, resolve, takes_any_keyword
 
-__all__ = ["ACCEPTED", "CellSettings", "DATA_SETTINGS", "LAUNCH_SETTINGS", "MODEL_SETTINGS", "SETTING_KEYS",
+__all__ = ["ACCEPTED", "PER_K_WORDS", "CellSettings", "DATA_SETTINGS", "LAUNCH_SETTINGS", "MODEL_SETTINGS", "SETTING_KEYS",
            "SPEC_SETTINGS", "SWEEP_PARAMS", "VARIANT_SETTINGS", "check_data_root", "check_ranks", "dedupe",
            "parse_mem_caps", "parse_param", "parse_settings", "parse_value", "split_settings", "validate_setting",
            "variant_with"]
@@ -31,6 +31,8 @@ LAUNCH_SETTINGS = ("ranks",)  # data-parallel ranks: the cell runs under torch.d
 SWEEP_PARAMS = SPEC_SETTINGS + MODEL_SETTINGS + VARIANT_SETTINGS + LAUNCH_SETTINGS
 SETTING_KEYS = SWEEP_PARAMS + ("amp",)  # and model.<kw>, task.<kw>
 ACCEPTED = f"{', '.join(SETTING_KEYS)}, model.<kw> or task.<kw>"
+# per-K values, resolved where the config is built (Variant.config): segments of ceil(sqrt K), ceil(log2 K) snapshots
+PER_K_WORDS = {"step_ckpt": ("sqrt", AUTO_SEGMENT), "snapshots": ("log2", AUTO_SNAPSHOTS)}
 DATA_SETTINGS = ("task.data_root", "task.download")  # a real-data preset's tasks: --data-root, --download
 
 
@@ -97,8 +99,15 @@ def validate_setting(key: str, text: str, preset: Preset, *, allow_huge: bool = 
         if text not in STEP_REBUILDS:
             raise ConfigError(f"{what}={text}: valid choices: {', '.join(STEP_REBUILDS)}")
         return text
+    if key in PER_K_WORDS and text == PER_K_WORDS[key][0]:
+        return text
     if key in SPEC_SETTINGS + VARIANT_SETTINGS + LAUNCH_SETTINGS:
-        return _typed(what, text, 0, key, allow_huge)
+        try:
+            return _typed(what, text, 0, key, allow_huge)
+        except ConfigError as exc:
+            if key not in PER_K_WORDS:
+                raise
+            raise ConfigError(f"{exc}, or {PER_K_WORDS[key][0]} (per K)") from None
     if key == "amp":
         if text not in AMP_MODES:
             raise ConfigError(f"{what}={text}: unknown precision; valid choices: {', '.join(AMP_MODES)}")
@@ -177,7 +186,8 @@ def split_settings(settings: dict[str, Any]) -> CellSettings:
         elif k == "amp":
             out.spec[k] = str(v)
         elif k in VARIANT_SETTINGS:
-            out.variant[k] = str(v) if k == "step_rebuild" else float(v) if k == "implicit_lambda" else int(v)
+            out.variant[k] = (str(v) if k == "step_rebuild" or _per_k(k, v) else float(v) if k == "implicit_lambda"
+                              else int(v))
         elif k in LAUNCH_SETTINGS:
             out.launch[k] = int(v)
         elif k in MODEL_SETTINGS:
@@ -191,10 +201,26 @@ def split_settings(settings: dict[str, Any]) -> CellSettings:
     return out
 
 
+def _per_k(key: str, value: Any) -> bool:
+    """Whether ``value`` is the per-K word of ``key`` (``step_ckpt=sqrt``, ``snapshots=log2``)."""
+    return key in PER_K_WORDS and value == PER_K_WORDS[key][0]
+
+
+def _variant_value(key: str, value: Any) -> Any:
+    """One variant-level setting cast to its type (a per-K word to the Variant's AUTO value)."""
+    if key == "step_rebuild":
+        return str(value)
+    if key == "implicit_lambda":
+        return float(value)
+    if _per_k(key, value):
+        return PER_K_WORDS[key][1]
+    return check_int(key, int(value) if isinstance(value, bool) else value, allow_huge=True, flag=key)
+
+
 def variant_with(variant: Variant, values: dict[str, Any]) -> Variant:
-    """The one place settings become a Variant: VARIANT_SETTINGS in ``values`` (--set or JSON) checked, cast, applied."""
-    kw: dict[str, Any] = {k: str(v) if k == "step_rebuild" else float(v) if k == "implicit_lambda" else check_int(
-        k, int(v) if isinstance(v, bool) else v, allow_huge=True, flag=k) for k, v in values.items() if k in VARIANT_SETTINGS}
+    """The one place settings become a Variant: VARIANT_SETTINGS in ``values`` (--set or JSON) checked, cast, applied
+    (a per-K word becomes the Variant's AUTO value, resolved for K where the config is built)."""
+    kw: dict[str, Any] = {k: _variant_value(k, v) for k, v in values.items() if k in VARIANT_SETTINGS}
     for key in kw.keys() & {k for keys in ESTIMATOR_SETTINGS.values() for k in keys}:
         if key not in ESTIMATOR_SETTINGS.get(variant.estimator, ()):
             users = [e for e, keys in ESTIMATOR_SETTINGS.items() if key in keys]
