@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.reporting.docblocks import horizon_table
+from harness.reporting.horizon_tables import horizon_table
 from harness.reporting.files import read_cells, write_cells
 from harness.reporting.frame import cells_frame, line_labels
 from harness.reporting import plots
