@@ -17,7 +17,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from harness.core import recompute
+from harness.core import recompute, torch_routing
 from harness.core.config import ConfigError, MetaConfig, Task
 from harness.core.engine import MetaLearner
 from harness.loop.agreement import check_agreement
@@ -107,7 +107,7 @@ def test_torch_checkpoint_outside_the_engine_is_torchs_own() -> None:
     one gives torch's gradients (routing installed by the engine changes nothing outside its forward)."""
     model = SeedStyle(reentrant=True).double()
     _learner(model, layer_ckpt=True).meta_gradients(_tasks(1))  # installs the routing
-    assert torch.utils.checkpoint._checkpoint_impl is recompute._routed
+    assert torch_routing.routed()
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     with pytest.raises(RuntimeError, match="use_reentrant=True.*incompatible with .grad"):
         torch.autograd.grad(model(x).sum(), [x])

@@ -12,10 +12,10 @@ or a closure.
 
 The mechanism, one for every way a region can be started:
 
-* **Routing.**  ``torch.utils.checkpoint._checkpoint_impl`` -- the one function that
-  ``torch.utils.checkpoint.checkpoint`` (however it is imported: a module, a bound method, a closure,
-  ``functools.partial(checkpoint, use_reentrant=False)`` as Hugging Face models do, the decorator form) and
-  ``checkpoint_sequential`` call in torch 2.14 -- is replaced once, by :func:`_routed`.  Outside the engine's
+* **Routing.**  What ``torch.utils.checkpoint.checkpoint`` (however it is imported: a module, a bound method, a
+  closure, ``functools.partial(checkpoint, use_reentrant=False)`` as Hugging Face models do, the decorator form)
+  and ``checkpoint_sequential`` call when they run -- ``_checkpoint_impl`` in torch 2.14, the reentrant and
+  non-reentrant implementations before it (:mod:`harness.core.torch_routing`) -- is replaced once.  Outside the engine's
   forward it defers to torch, unchanged (a peer library's own checkpoints, torch-maml's step segments, stay
   torch's; ``layer_checkpointing(False)`` switches only :func:`harness.checkpoint`).
 * **One switch.**  Inside the engine's forward (:func:`bound_forward`) the variant's ``layer_ckpt`` decides
@@ -44,9 +44,9 @@ import weakref
 from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
-import torch.utils.checkpoint as _tuc
 from torch import Tensor, nn
 
+from harness.core import torch_routing
 from harness.core.config import ConfigError
 from harness.core.state import recompute_scope
 
@@ -104,30 +104,10 @@ def plain_checkpoints() -> Iterator[None]:
         yield
 
 
-# -- routing torch's checkpoint ---------------------------------------------------------------------------
-_TORCH_IMPL: Callable[..., Any] | None = getattr(_tuc, "_checkpoint_impl", None)
-_install_lock = threading.Lock()
-
-
-def _routed(function: Callable[..., Any], args: tuple, kwargs: dict, **options: Any) -> Any:
-    """What ``torch.utils.checkpoint.checkpoint`` does once routing is installed (see the module docstring)."""
-    frame = current_frame()
-    if frame is None:  # not the engine's forward: torch's checkpoint, unchanged (a peer's own, a user's loop)
-        return _TORCH_IMPL(function, args, kwargs, **options)  # type: ignore[misc]
-    if not frame.checkpointing:
-        return function(*args, **kwargs)
-    return checkpoint_region(frame.root, function, args, kwargs, **options)
-
-
+# -- routing torch's checkpoint (harness.core.torch_routing says where, per torch version) ------------------
 def install_routing() -> None:
-    """Route torch's checkpoint through :func:`_routed` (idempotent); needs torch's ``_checkpoint_impl``."""
-    if getattr(_tuc, "_checkpoint_impl", None) is _routed:
-        return
-    if _TORCH_IMPL is None:
-        raise RuntimeError(f"harness needs torch.utils.checkpoint._checkpoint_impl (torch >= 2.14) to keep "
-                           f"recomputations exact; this torch is {torch.__version__}")
-    with _install_lock:
-        _tuc._checkpoint_impl = _routed
+    """Route torch's checkpoint through :func:`current_frame`'s decision (idempotent)."""
+    torch_routing.install(current_frame, _region_contexts)
 
 
 # -- what a region read when it started --------------------------------------------------------------------
@@ -296,20 +276,26 @@ def checkpoint_region(root: nn.Module | None, function: Callable[..., Any], args
     """``function(*args, **kwargs)`` as a non-reentrant checkpoint whose recomputation sees ``root`` as the
     forward saw it (see the module docstring).  ``use_reentrant`` is accepted and ignored; the options of
     ``torch.utils.checkpoint.checkpoint`` are passed on."""
+    install_routing()
+    contexts = _region_contexts(Frame(root, True), context_fn, debug, options)
+    return torch_routing.torch_checkpoint(function, args, kwargs, context_fn=contexts, **options)
+
+
+def _region_contexts(frame: Frame, context_fn: Callable[[], tuple[Any, Any]] | None, debug: bool,
+                     options: dict) -> Callable[[], tuple[Any, Any]]:
+    """The context function of one region under ``frame.root``: ours around the user's (selective checkpointing)."""
     unknown = set(options) - set(_CHECKPOINT_OPTIONS)
     if unknown:
         raise TypeError(f"checkpoint got unexpected keyword arguments {sorted(unknown)}")
     if debug:
         raise ConfigError("checkpoint(debug=True) cannot be combined with the engine's exact recomputation "
                           "(torch allows no context_fn with debug); drop debug=True")
-    install_routing()
-    region = _Region(root, rng=options.get("preserve_rng_state", True))
+    region = _Region(frame.root, rng=options.get("preserve_rng_state", True))
 
     def contexts() -> tuple[Any, Any]:
         forward, recompute = context_fn() if context_fn is not None else (contextlib.nullcontext(),) * 2
         return _Chained(_recording_reads(region), forward), _Chained(_Rebind(region), recompute)
-
-    return _TORCH_IMPL(function, args, kwargs, use_reentrant=False, context_fn=contexts, **options)  # type: ignore[misc]
+    return contexts
 
 
 class _Chained:

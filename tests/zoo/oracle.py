@@ -71,10 +71,28 @@ def _plain(function, args, kwargs, **_options):  # noqa: ANN001, ANN202 - torch'
     return function(*args, **kwargs)
 
 
+def _plain_generator(fn, *args, **kwargs):  # noqa: ANN001, ANN202 - torch < 2.14's non-reentrant generator
+    yield  # torch's checkpoint body calls fn itself, between the generator's two steps
+
+
+class _PlainReentrant:  # torch < 2.14's CheckpointFunction, as checkpoint(use_reentrant=True) calls it
+    @staticmethod
+    def apply(function, _preserve_rng_state, *args):  # noqa: ANN001, ANN205
+        return function(*args)
+
+
 @contextlib.contextmanager
 def no_checkpoints() -> Iterator[None]:
-    """Every checkpoint a plain call: harness's by its switch, torch's (every form) by patching torch."""
-    with layer_checkpointing(False), mock.patch.object(torch.utils.checkpoint, "_checkpoint_impl", _plain):
+    """Every checkpoint a plain call: harness's by its switch, torch's (every form) by patching torch where its
+    checkpoint calls in (``_checkpoint_impl`` from torch 2.14, the reentrant and non-reentrant parts before)."""
+    tuc = torch.utils.checkpoint
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(layer_checkpointing(False))
+        if hasattr(tuc, "_checkpoint_impl"):
+            stack.enter_context(mock.patch.object(tuc, "_checkpoint_impl", _plain))
+        else:
+            stack.enter_context(mock.patch.object(tuc, "_checkpoint_without_reentrant_generator", _plain_generator))
+            stack.enter_context(mock.patch.object(tuc, "CheckpointFunction", _PlainReentrant))
         yield
 
 

@@ -10,6 +10,7 @@ the step's forward read the initial weights, and reentrant checkpoints cut the f
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -162,16 +163,21 @@ class Sequential(nn.Module):
         return checkpoint_sequential(self.seq, 3, x, use_reentrant=False)
 
 
+DECORATOR_FORM = inspect.signature(checkpoint).parameters["function"].default is None  # torch >= 2.14
+
+
 class Decorated(nn.Module):
-    """The decorator form, ``@torch.utils.checkpoint.checkpoint(use_reentrant=False)`` on a method."""
+    """The decorator form, ``@torch.utils.checkpoint.checkpoint(use_reentrant=False)`` on a method (torch >= 2.14;
+    before it, the zoo has no such model)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.a, self.head = nn.Linear(IN, HID), nn.Linear(HID, OUT)
 
-    @checkpoint(use_reentrant=False)
-    def block(self, x: Tensor) -> Tensor:
+    def _block(self, x: Tensor) -> Tensor:
         return torch.tanh(self.a(x))
+
+    block = checkpoint(use_reentrant=False)(_block) if DECORATOR_FORM else _block
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.block(x))
@@ -309,7 +315,7 @@ USER_WRITTEN = {
     "torch_ckpt_closure": (Closure, {}),
     "torch_ckpt_hugging_face_partial": (HuggingFaceStyle, {}),
     "torch_ckpt_sequential": (Sequential, {}),
-    "torch_ckpt_decorator": (Decorated, {}),
+    **({"torch_ckpt_decorator": (Decorated, {})} if DECORATOR_FORM else {}),
     "torch_ckpt_stateful": (StatefulBlocks, {}),
     "torch_ckpt_nested": (NestedTorch, {}),
     "torch_ckpt_nested_harness_closure": (NestedTorch, {"inner_closure": True}),
