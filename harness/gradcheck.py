@@ -9,7 +9,9 @@ second-order cell as ``fd_rel_err`` (float64, ``h = 1e-5``).
 Step ``h = 1e-5`` in float64: the truncation error is ``h^2 |L'''| / 6 ~ 1e-11`` and the rounding error
 ``eps |L| / h ~ 1e-11`` for O(1) losses, far below ``check``'s 1e-6 bound.  Buffers are restored and the
 global generator reseeded before every evaluation, so each one sees the running statistics and dropout masks
-of the gradient's own forward; the learner's parameters, buffers and the global RNG are left as found.
+of the gradient's own forward; the learner's parameters, buffers and the global RNG (the CPU's and the GPUs' the
+parameters live on) are left as found.  The directions are drawn on the CPU and moved to each parameter's device
+(the H200 session found them left on the CPU: every second-order ``check`` cell on CUDA failed).
 """
 from __future__ import annotations
 
@@ -47,14 +49,17 @@ def finite_difference_error(learner: Any, tasks: list[Task], *, directions: int 
     def meta_loss() -> float:
         return sum(learner.task_loss(t).item() for t in tasks) / len(tasks)
 
-    with torch.random.fork_rng(devices=[]):
+    # the global generators this function reseeds: the CPU's and those of the GPUs the parameters live on
+    gpus = sorted({p.device.index or 0 for p in params.values() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=gpus):
         try:
             reset()
             grads, _ = learner.meta_gradients(tasks)
             gen = torch.Generator().manual_seed(seed + 1)
             fd, gv = [], []
             for _ in range(directions):
-                v = {k: torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) for k, p in params.items()}
+                v = {k: torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.device, p.dtype)
+                     for k, p in params.items()}  # drawn on the CPU: the same directions on every device
                 reset(v, h)
                 plus = meta_loss()
                 reset(v, -h)

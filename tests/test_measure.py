@@ -109,6 +109,24 @@ def test_cuda_figures_and_snapshot(tmp_path) -> None:
     assert (tmp_path / "snap.pickle").stat().st_size > 0 and path
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_finite_differences_on_cuda_equal_the_cpus_and_leave_the_cuda_generator_as_found() -> None:
+    """The H200 session's bug: ``check``'s directions were drawn on the CPU and never moved to the GPU, so every
+    second-order cell on CUDA failed; and only the CPU's generator was restored afterwards."""
+    from harness.gradcheck import finite_difference_error
+    from harness.loop.spec import Experiment, RunSpec
+
+    errs = {}
+    for device in ("cpu", "cuda"):
+        exp = Experiment(RunSpec(variant="lr", preset="quick", device=device, dtype="float64"))
+        tasks = exp.sample(torch.Generator().manual_seed(3))
+        state = torch.cuda.get_rng_state()
+        errs[device] = finite_difference_error(exp.learner, tasks)
+        assert torch.equal(torch.cuda.get_rng_state(), state)
+    assert errs["cuda"] <= 1e-6 and abs(errs["cuda"] - errs["cpu"]) <= 1e-6, errs
+
+
 def test_tracker_cap_from_the_environment_and_tensors_without_bytes(monkeypatch) -> None:
     """The test hook MAML_HARNESS_CPU_MEM_CAP_MIB caps the tracker; empty and sparse tensors count nothing."""
     from harness.bench.measure import CAP_ENV
