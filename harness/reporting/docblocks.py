@@ -111,11 +111,12 @@ def variants_table(root: Path, run: str) -> list[str]:
 
 def cells_table(root: Path, run: str, names: str = "") -> list[str]:
     frame = cells_frame(read_cells(root / run)).set_index("variant", drop=False)
-    wanted = [n for n in names.split(",") if n] or list(frame.index)
+    wanted = list(dict.fromkeys(n for n in names.split(",") if n))
     missing = [n for n in wanted if n not in frame.index]
     if missing:
         raise ResultsError(f"{root / run}: no cell {', '.join(missing)}; cells: {', '.join(frame.index)}")
-    return markdown_table(_cell_columns(frame.loc[wanted], "cell", vs_maml=False, lr_err=False))
+    rows = frame.loc[wanted] if wanted else frame  # every cell once, in the run's order, when none are named
+    return markdown_table(_cell_columns(rows, "cell", vs_maml=False, lr_err=False))
 
 
 def paired_stability_table(root: Path, run_a: str, run_b: str) -> list[str]:
