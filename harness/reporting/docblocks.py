@@ -28,6 +28,8 @@ Kinds (:data:`KINDS`):
 * ``horizon RUN memory|time|planner|targets`` -- an ``inner_steps`` sweep with several schedules per variant (the
   long-horizon run, ``make horizon``): peak MiB per K and schedule; the paired time against the cells' common
   reference and against ``sckpt_lr``; the planner's cells (budget, plan, predicted and measured peak); issue 22's Done-when figures.
+* ``fidelity RUN`` -- an estimator run (issue 23): each estimator's cosine and relative error against the exact
+  meta-gradient per K, the CG residual, peak memory against ``maml``'s and the paired time.
 """
 from __future__ import annotations
 
@@ -171,6 +173,31 @@ def sweep_memory_table(root: Path, run: str) -> list[str]:
     return markdown_rows([param, *(f"`{v}`" for v in variants), f"`{last}` / `{first}`"], body)
 
 
+def fidelity_table(root: Path, run: str) -> list[str]:
+    """An estimator run (``sweep --param inner_steps=...`` over ``maml`` and the estimators): per variant and K the
+    cosine and relative error of its meta-gradient against the exact one, the CG residual (implicit), the peak
+    and its ratio to ``maml``'s at that K, and the paired time against the cell's reference."""
+    rows = read_cells(root / run)
+    frame = cells_frame(rows)
+    frame["K"] = [int(r.settings.get("inner_steps") or r.sizes["inner_steps"]) for r in rows]
+    exact = {f["K"]: f["mem_mib"] for f in frame.to_dict("records") if f["variant"] == "maml" and f["status"] == "ok"}
+    body = []
+    order = {v: i for i, v in enumerate(dict.fromkeys(frame["variant"]))}  # the run's order of variants, then K
+    for f in sorted(frame.to_dict("records"), key=lambda f: (order[f["variant"]], f["K"])):
+        if f["status"] != "ok":
+            body.append([f"`{f['variant']}`", str(f["K"]), f["status"], "", "", "", "", ""])
+            continue
+        is_exact = f["variant"] == "maml"
+        mem, ref = f["mem_mib"], exact.get(f["K"])
+        body.append([f"`{f['variant']}`", str(f["K"]),
+                     "1 (exact)" if is_exact else fmt(f["fidelity_w_cosine"], 6),
+                     "0 (exact)" if is_exact else fmt(f["fidelity_w_rel_err"], 2), fmt(f["fidelity_cg_residual"], 2),
+                     fmt(mem), fmt_ratio(mem / ref) if mem is not None and ref else "—",
+                     f["time_vs_ref_paired_text"] or "—"])
+    return markdown_rows(["variant", "K", "cosine vs exact", "rel err vs exact", "CG residual", "peak MiB",
+                          "peak / maml", "time / ref (paired, IQR)"], body)
+
+
 def _diagnosis_cell(cell: dict) -> str:
     status = cell.get("status")
     if status == "raises":
@@ -219,7 +246,7 @@ KINDS: dict[str, Callable[..., list[str]]] = {"variants": variants_table, "cells
                                               "paired-stability": paired_stability_table,
                                               "sweep-memory": sweep_memory_table, "scaling": scaling_table,
                                               "diagnosis": diagnosis_table, "md-table": markdown_table_of,
-                                              "horizon": horizon_table}
+                                              "horizon": horizon_table, "fidelity": fidelity_table}
 
 
 def render(block: Block, root: Path) -> str:
@@ -279,4 +306,5 @@ def update(root: Path, files: list[Path] | None = None) -> list[Path]:
 
 
 __all__ = ["START", "END", "KINDS", "Block", "Drift", "find_blocks", "render", "rewrite", "doc_files", "drifted",
-           "update", "variants_table", "cells_table", "paired_stability_table", "scaling_table", "sweep_memory_table", "diagnosis_table", "markdown_table_of"]
+           "update", "variants_table", "cells_table", "paired_stability_table", "scaling_table", "sweep_memory_table", "diagnosis_table", "markdown_table_of",
+           "fidelity_table"]

@@ -1,8 +1,9 @@
 """The PNG plots of a run, ``plots/<run-id>/*.png`` (``DIR/plots/<run-id>/`` for ``--out DIR``), from the flat cells of :mod:`harness.reporting.frame`.
 
 Peak memory per variant, time per variant, memory against time (Pareto view) and the gradient error;
-``peers.png`` (ours and the peers per computation) and ``precision.png`` (memory and time per
-precision) when the run has them; for sweeps, memory and time against the swept parameter.
+``peers.png`` (ours and the peers per computation), ``precision.png`` (memory and time per
+precision) and ``fidelity.png`` (an estimator's error against the exact meta-gradient, against memory and time:
+the fidelity frontier, docs/estimators.md) when the run has them; for sweeps, memory and time against the swept parameter.
 ``python -m harness report RUN`` draws them (``--no-plots`` skips them).
 """
 from __future__ import annotations
@@ -46,6 +47,8 @@ def make_plots(flat: list[dict[str, Any]], settings: list[dict[str, Any]], sweep
     if not ok:
         return written
     fig_name = ok[0]["mem_figure"]
+    if any(f.get("fidelity_w_rel_err") is not None for f in ok):
+        fidelity_plot(flat, settings, title, save, fig_name)
     if sweep:
         sweep_plots(flat, settings, sweep, title, save, fig_name)
         return written
@@ -230,5 +233,34 @@ def precision_plot(flat: list[dict[str, Any]], title: str, save: Save, fig_name:
     save(fig, "precision.png")
 
 
-__all__ = ["PEER_COLORS", "make_plots", "variant_plots", "pareto_plot", "sweep_plots",
+def fidelity_plot(flat: list[dict[str, Any]], settings: list[dict[str, Any]], title: str, save: Save,
+                  fig_name: str) -> None:
+    """fidelity.png: each estimator's relative error against the exact meta-gradient (log; the exact cells at the
+    floor) against peak memory and against time, one line per variant through its inner-step counts."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    lines: dict[str, list[tuple[Any, float, float, float]]] = {}
+    for f, raw in zip(flat, settings):
+        if f["status"] != "ok" or f["mem_mib"] is None or f["time_median_ms"] is None:
+            continue
+        err = f.get("fidelity_w_rel_err")
+        err = ERROR_FLOOR if err is None or err < ERROR_FLOOR else err  # no fidelity: the exact estimator itself
+        lines.setdefault(f["variant"], []).append((raw.get("inner_steps", ""), err, f["mem_mib"], f["time_median_ms"]))
+    for name, pts in lines.items():
+        pts.sort(key=lambda p: (p[2], p[3]))
+        for ax, i in ((axes[0], 2), (axes[1], 3)):
+            ax.plot([p[i] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            for p in pts:
+                ax.annotate(f"K={p[0]}", (p[i], p[1]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for ax, xlabel in ((axes[0], f"peak memory (MiB, {fig_name})"), (axes[1], TIME_LABEL)):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.tick_params(axis="x", which="minor", labelbottom=False)  # decades only: the minor labels overlap
+        ax.set_xlabel(xlabel)
+    axes[0].set_ylabel(f"rel. error vs the exact meta-gradient (exact at {fmt(ERROR_FLOOR)})")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{title}: fidelity frontier")
+    save(fig, "fidelity.png")
+
+
+__all__ = ["PEER_COLORS", "make_plots", "fidelity_plot", "variant_plots", "pareto_plot", "sweep_plots",
            "peers_plot", "precision_plot"]
