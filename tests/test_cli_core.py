@@ -24,9 +24,10 @@ def test_list_shows_the_eight_variants_with_their_flags(capsys: pytest.CaptureFi
     assert lines["fo"].split()[1:4] == ["-", "-", "first"]
 
 
-def test_run_quick_writes_a_result_with_agreement_and_provenance(tmp_path: Path) -> None:
-    out = harness("run", "--variant", "ckpt_lr", "--preset", "quick", "--device", "cpu",
-                  "--meta-steps", "3", "--out", str(tmp_path))
+def test_run_quick_writes_a_result_with_agreement_and_provenance(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """In this process: ``run``'s fresh-process canary is tests/test_startup_imports.py's checkpointing run."""
+    out = cli(capsys, "run", "--variant", "ckpt_lr", "--preset", "quick", "--device", "cpu",
+              "--meta-steps", "3", "--out", str(tmp_path))
     assert out.returncode == 0, out.stderr
     files = list((tmp_path / "runs").glob("*.json"))
     assert len(files) == 1
@@ -51,8 +52,8 @@ def test_run_quick_writes_a_result_with_agreement_and_provenance(tmp_path: Path)
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, args: list[str], needle: str,
                                                          capsys: pytest.CaptureFixture) -> None:
-    """In this process; the unknown command (the top-level parser's) in a fresh one.  ``run``'s fresh-process
-    canary is the quick run above."""
+    """In this process; the unknown command (the top-level parser's) in a fresh one, through ``python -m
+    harness``.  ``run``'s fresh-process canary is tests/test_startup_imports.py's checkpointing run."""
     argv = [*args, "--out", str(tmp_path)] if args[0] == "run" else args
     fresh = args == ["frobnicate"]
     out = harness(*argv) if fresh else cli(capsys, *argv)
