@@ -25,7 +25,7 @@ from harness.cli.main import build_parser, main
 from harness.settings import SEED_MAX, SETTING_KEYS, parse_settings, split_settings
 from harness.loop.spec import Experiment, RunSpec
 from harness.reporting.schema import CellRow
-from tests.conftest import REPO, TINY, harness
+from tests.conftest import REPO, TINY, cli, harness
 
 BASE = {  # each command on the same preset, so one bad value means the same thing everywhere
     "run": ["run", "--variant", "maml", "--preset", "cpu-bench", "--device", "cpu"],
@@ -153,8 +153,9 @@ def test_a_model_keyword_value_the_model_refuses_is_one_line_exit_2_and_nothing_
              "--out", str(tmp_path / "out")], capsys, tmp_path, "model.norm must be one of batch, group, none")
 
 
-def test_a_seed_too_large_is_one_line_exit_2_not_an_overflow_traceback(tmp_path: Path) -> None:
-    out = harness("run", "--variant", "maml", "--seed", "100000000000000000000000", "--out", str(tmp_path))
+def test_a_seed_too_large_is_one_line_exit_2_not_an_overflow_traceback(tmp_path: Path, capsys) -> None:
+    """In this process (run's fresh-process canary for bad input is the broken user factory above)."""
+    out = cli(capsys, "run", "--variant", "maml", "--seed", "100000000000000000000000", "--out", str(tmp_path))
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--seed" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr and not any(tmp_path.iterdir())
 

@@ -19,7 +19,7 @@ from harness.bench.matrix import measure_cell
 from harness.bench.request import add_peer_cells
 from harness.reporting.files import read_cells, write_jsonl
 from harness.variants import CANONICAL, get_variant
-from tests.conftest import FAST, TINY, cli, harness
+from tests.conftest import FAST, TINY, cli
 
 
 def row(variant: str, mem: float | None, ms: float | None = 10.0, status: str = "ok", amp: str = "off",
@@ -41,11 +41,13 @@ def test_peer_cells_for_every_canonical_variant() -> None:
     assert add_peer_cells(["sckpt", "vmaml"]) == ["sckpt", "vmaml", "torch_maml:sckpt"]
 
 
-def test_bench_peers_lists_unsupported_cells_with_reasons(tmp_path: Path) -> None:
+def test_bench_peers_lists_unsupported_cells_with_reasons(tmp_path: Path, capsys) -> None:
+    """The driver in this process (the cells in their own): bench's fresh-process runs are test_user_code's and
+    test_cells_runtime's."""
     sets = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
-    r = harness("bench", "--device", "cpu", "--peers", "--variants", "ckpt_fo", *sets, "--warmup", "0",
-                "--repeats", "1", "--threads", "1", "--out", str(tmp_path / "results"), "--run-id", "p",
-                "--no-plots")
+    r = cli(capsys, "bench", "--device", "cpu", "--peers", "--variants", "ckpt_fo", *sets, "--warmup", "0",
+            "--repeats", "1", "--threads", "1", "--out", str(tmp_path / "results"), "--run-id", "p",
+            "--no-plots")
     assert r.returncode == 0, r.stderr
     rows = {x.variant: x for x in read_cells(tmp_path / "results" / "p")}
     assert list(rows) == ["ckpt_fo", "higher:ckpt_fo", "torchopt:ckpt_fo", "torch_maml:ckpt_fo"]

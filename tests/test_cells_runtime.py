@@ -131,8 +131,10 @@ def test_a_claim_of_a_dead_process_is_taken_over_and_a_live_one_awaited(tmp_path
         claim_cell(run_dir, cells[1].key(), 60)
     monkeypatch.undo()
 
-    def finish_fo() -> None:  # the other process writes its row, then ends
-        time.sleep(2.0)
+    said: list[str] = []
+
+    def finish_fo() -> None:  # once this run waits for it, the other process writes its row, then ends
+        wait_for(lambda: said)
         row = replace(base_row(cells[1]), status="ok", env={}, measure_opts=FAST.__dict__ | {}, extra={"by": "other"})
         with run_dir_lock(run_dir):
             store.merge_rows(run_dir, [row], [])
@@ -140,7 +142,6 @@ def test_a_claim_of_a_dead_process_is_taken_over_and_a_live_one_awaited(tmp_path
         other.wait()
 
     threading.Thread(target=finish_fo).start()
-    said: list[str] = []
     rows = run_matrix(cells, run_dir, FAST, progress=False, executor=fake, log=said.append)
     assert said == [f"waiting for 1 cell(s) another process is measuring in {run_dir}"]
     assert fake.ran == ["maml"]  # the dead one's cell measured here; the live one's awaited, not re-measured

@@ -13,8 +13,9 @@ from harness.variants import CANONICAL
 from tests.conftest import REPO, cli, harness
 
 
-def test_list_shows_the_eight_variants_with_their_flags() -> None:
-    out = harness("list")
+def test_list_shows_the_eight_variants_with_their_flags(capsys: pytest.CaptureFixture) -> None:
+    """In this process: ``list`` in a fresh interpreter is the lazy-import test's first command (below)."""
+    out = cli(capsys, "list")
     assert out.returncode == 0
     lines = {line.split()[0]: line for line in out.stdout.splitlines() if line.strip()}
     for name in CANONICAL:
@@ -23,9 +24,10 @@ def test_list_shows_the_eight_variants_with_their_flags() -> None:
     assert lines["fo"].split()[1:4] == ["-", "-", "first"]
 
 
-def test_run_quick_writes_a_result_with_agreement_and_provenance(tmp_path: Path) -> None:
-    out = harness("run", "--variant", "ckpt_lr", "--preset", "quick", "--device", "cpu",
-                  "--meta-steps", "3", "--out", str(tmp_path))
+def test_run_quick_writes_a_result_with_agreement_and_provenance(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """In this process: ``run``'s fresh-process canary is tests/test_startup_imports.py's checkpointing run."""
+    out = cli(capsys, "run", "--variant", "ckpt_lr", "--preset", "quick", "--device", "cpu",
+              "--meta-steps", "3", "--out", str(tmp_path))
     assert out.returncode == 0, out.stderr
     files = list((tmp_path / "runs").glob("*.json"))
     assert len(files) == 1
@@ -50,9 +52,10 @@ def test_run_quick_writes_a_result_with_agreement_and_provenance(tmp_path: Path)
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, args: list[str], needle: str,
                                                          capsys: pytest.CaptureFixture) -> None:
-    """In this process; the first case (``run``'s canary) and the unknown command in a fresh one."""
+    """In this process; the unknown command (the top-level parser's) in a fresh one, through ``python -m
+    harness``.  ``run``'s fresh-process canary is tests/test_startup_imports.py's checkpointing run."""
     argv = [*args, "--out", str(tmp_path)] if args[0] == "run" else args
-    fresh = args in (["run", "--variant", "nope"], ["frobnicate"])
+    fresh = args == ["frobnicate"]
     out = harness(*argv) if fresh else cli(capsys, *argv)
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and needle in out.stderr, out.stderr

@@ -127,7 +127,7 @@ def kill_worker_of(variant: str, killed: dict[str, int], stop: threading.Event) 
 
 def test_a_cell_whose_worker_is_killed_is_an_error_and_the_others_are_ok(
         tmp_path: Path, ray_executor: RayExecutor) -> None:
-    cells = [Cell(v, "cpu-bench", settings=TINY) for v in ("fo", "maml", "ckpt")]
+    cells = [Cell(v, "cpu-bench", settings=TINY) for v in ("fo", "maml")]  # the killed one and one other
     slow = lambda c: replace(FAST, repeats=100_000) if c.variant == "maml" else FAST  # noqa: E731
     killed: dict[str, int] = {}
     stop = threading.Event()
@@ -140,8 +140,8 @@ def test_a_cell_whose_worker_is_killed_is_an_error_and_the_others_are_ok(
         stop.set()
     assert killed, "the maml cell never started"
     assert rows["maml"].status == "error" and "Ray worker" in rows["maml"].message
-    assert rows["fo"].status == rows["ckpt"].status == "ok"
-    assert len(read_cells(tmp_path / "k")) == 3
+    assert rows["fo"].status == "ok"
+    assert len(read_cells(tmp_path / "k")) == 2
     for _ in range(40):  # the cell's process ends with its worker (harness.bench.process.die_with_parent)
         if not psutil.pid_exists(killed["cell"]) or psutil.Process(killed["cell"]).status() == psutil.STATUS_ZOMBIE:
             break

@@ -126,7 +126,8 @@ def test_parse_fail() -> None:
 
 
 def test_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """In this process; the first case of each command (its canary) in a fresh one."""
+    """In this process; the first case of report and sweep (their canaries) in a fresh one.  compare's fresh-process
+    canary is `make regress` (part of `make test`: ``python -m harness compare`` on the committed baseline)."""
     good = write_run(tmp_path / "good", rows())
     trunc = tmp_path / "trunc"
     trunc.mkdir()
@@ -141,7 +142,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixt
         (["compare", str(good), str(good), "--fail", "mem=5"], "accepted --fail expressions"),
         (["sweep", "--variant", "fo", "--param", "heads=1,2"], "accepted: inner_steps, meta_batch, depth, width"),
     ]
-    canaries = set()
+    canaries = {"compare"}
     for args, needle in cases:
         fresh = args[0] not in canaries
         canaries.add(args[0])
