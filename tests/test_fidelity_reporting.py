@@ -60,3 +60,15 @@ def test_the_frontier_is_drawn_only_for_a_run_with_fidelity(tmp_path: Path) -> N
     written = plots.make_plots(cells_frame(plain).to_dict("records"), [r.settings for r in plain], "step_ckpt",
                                tmp_path / "q", "t")
     assert not (tmp_path / "q" / "fidelity.png").exists() and written
+
+
+def test_fidelity_columns_appear_only_when_a_run_has_an_approximation(tmp_path: Path) -> None:
+    from harness.reporting.tables import COLUMNS, FIDELITY_COLUMNS, summary_csv, table_md
+
+    frame = cells_frame(read_cells(_estimator_run(tmp_path) / "f"))
+    header, first_trunc = summary_csv(frame).splitlines()[0], summary_csv(frame).splitlines()[2]
+    assert header.split(",") == COLUMNS + FIDELITY_COLUMNS
+    assert first_trunc.endswith(",0.25,0.98,,,")  # w_rel_err, w_cosine, no LR errors, no CG residual
+    assert "| rel err vs exact | cosine vs exact | CG residual |" in table_md(frame, "f")
+    plain = cells_frame(read_cells(RUN))
+    assert summary_csv(plain).splitlines()[0].split(",") == COLUMNS and "vs exact" not in table_md(plain, "p")

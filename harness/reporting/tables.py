@@ -17,8 +17,8 @@ from typing import Any
 
 import pandas as pd
 
-from harness.reporting.frame import (AMP_ORDER, FP32_KEYS, PAIRED_COLUMNS, cells_frame, computation_key, flatten,
-                                    num)
+from harness.reporting.frame import (AMP_ORDER, FIDELITY_KEYS, FP32_KEYS, PAIRED_COLUMNS, cells_frame,
+                                    computation_key, flatten, num)
 from harness.reporting.plots import make_plots
 from harness.reporting.paths import plots_dir_for
 from harness.reporting.render import fmt, fmt_ratio, markdown_rows, markdown_table, times
@@ -32,6 +32,7 @@ COLUMNS = ["variant", "preset", "device", "dtype", "settings", "status", "mem_mi
            "time_vs_best_peer", "mem_vs_fp32", "time_vs_fp32", "fp32_w_rel_err", "fp32_w_cosine", "fp32_lr_rel_err",
            "fp32_lr_cosine", *PAIRED_COLUMNS, "model", "tasks", "ckpt", "fd_rel_err"]  # issue 21: appended
 PLAN_COLUMNS = ["plan", "predicted_peak_mib"]  # --memory-budget (issue 22): appended when a run has a plan
+FIDELITY_COLUMNS = [f"fidelity_{k}" for k in FIDELITY_KEYS]  # issue 23: appended when a cell is an approximation
 MATRIX_COLUMNS = {"variant": "variant", "settings": "settings", "status": "status", "mem_mib": "peak mem MiB",
                   "mem_vs_maml": "mem / maml", "time_median_ms": "median ms", "time_iqr_ms": "IQR ms",
                   "time_vs_maml": "time / maml", "time_vs_ref_paired_text": "time / ref (paired, IQR)",
@@ -49,12 +50,17 @@ BEST_PEER_LEGEND = (
 def summary_csv(frame: pd.DataFrame) -> str:
     """``summary.csv``: the :data:`COLUMNS` of the flat frame (:func:`cells_frame`), missing empty; the
     :data:`PLAN_COLUMNS` too when a cell has a plan."""
-    columns = COLUMNS + (PLAN_COLUMNS if _planned(frame) else [])
+    columns = COLUMNS + (PLAN_COLUMNS if _planned(frame) else []) + (FIDELITY_COLUMNS if _approximate(frame) else [])
     return frame.reindex(columns=columns).to_csv(index=False, lineterminator="\n", na_rep="")
 
 
 def _planned(frame: pd.DataFrame) -> bool:
     return "plan" in frame and frame["plan"].notna().any()
+
+
+def _approximate(frame: pd.DataFrame) -> bool:
+    """Whether a cell carries a fidelity (an approximate estimator measured against the exact meta-gradient)."""
+    return "fidelity_w_rel_err" in frame and frame["fidelity_w_rel_err"].notna().any()
 
 
 def matrix_frame(frame: pd.DataFrame) -> pd.DataFrame:
@@ -65,6 +71,9 @@ def matrix_frame(frame: pd.DataFrame) -> pd.DataFrame:
         columns["fd_rel_err"] = "fd rel err"
     if _planned(frame):  # --memory-budget: the plan and its predicted peak beside the measured one
         columns.update({"plan": "plan", "predicted_peak_mib": "predicted peak MiB"})
+    if _approximate(frame):  # issue 23: an estimator's error against the exact meta-gradient
+        columns.update({"fidelity_w_rel_err": "rel err vs exact", "fidelity_w_cosine": "cosine vs exact",
+                        "fidelity_cg_residual": "CG residual"})
     for col, head in columns.items():
         if col.endswith("vs_maml"):
             out[head] = frame[col].map(lambda v: fmt_ratio(v, missing=""))
