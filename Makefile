@@ -34,8 +34,8 @@ test-torch-compat: $(STAMP)
 	@if ! $(COMPAT)/bin/python -m pip install -q --no-deps "torch==$(OLD_TORCH)+cpu" 2>/dev/null; then \
 		echo "test-torch-compat: SKIPPED, torch==$(OLD_TORCH)+cpu cannot be installed here"; exit 0; fi; \
 	$(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > \
-		"$$($(COMPAT)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_harness_venv.pth"; \
-	$(COMPAT)/bin/python -c 'import torch; assert torch.__version__.startswith("$(OLD_TORCH)"), torch.__version__'; \
+		"$$($(COMPAT)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_harness_venv.pth" && \
+	$(COMPAT)/bin/python -c 'import torch; assert torch.__version__.startswith("$(OLD_TORCH)"), torch.__version__' && \
 	$(COMPAT)/bin/python -m pytest -n auto --dist worksteal -p no:cacheprovider tests/test_recompute.py \
 		tests/test_user_code.py tests/test_zoo_oracle.py
 

@@ -44,13 +44,15 @@ def finite_difference_error(learner: Any, tasks: list[Task], *, directions: int 
                 b.copy_(buffers[n])
             for k, p in params.items():
                 p.copy_(origin[k] if offset is None else origin[k] + scale * offset[k])
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # only the generators fork_rng restores (not every GPU's)
+        for i in gpus:
+            torch.cuda.default_generators[i].manual_seed(seed)
 
     def meta_loss() -> float:
         return sum(learner.task_loss(t).item() for t in tasks) / len(tasks)
 
     # the global generators this function reseeds: the CPU's and those of the GPUs the parameters live on
-    gpus = sorted({p.device.index or 0 for p in params.values() if p.device.type == "cuda"})
+    gpus = sorted({p.device.index for p in params.values() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=gpus):
         try:
             reset()

@@ -66,6 +66,7 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+    gc.collect()  # the earlier tests' garbage first (cheap: the frozen objects are not walked), never frozen
     gc.freeze()  # what earlier tests imported lazily (torch's functorch, dispatch tables): see below
     yield
 

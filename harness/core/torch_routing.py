@@ -36,11 +36,16 @@ _lock = threading.Lock()
 _hooks: list[Callable[..., Any]] = []  # [frame_of, region_contexts], set by install
 
 
-def _generator_names() -> list[str]:
-    """The generator's parameters between ``fn`` and ``*args`` (torch 2.11: preserve_rng_state, context_fn,
-    determinism_check, debug, early_stop)."""
-    params = list(inspect.signature(_GENERATOR).parameters.values())[1:]  # type: ignore[arg-type]
-    return [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+def _generator_parameters() -> dict[str, Any]:
+    """The generator's parameters between ``fn`` and ``*args`` with their defaults (torch 2.11: preserve_rng_state,
+    context_fn, determinism_check, debug, early_stop); read once, not per region."""
+    if _GENERATOR is None:
+        return {}
+    params = list(inspect.signature(_GENERATOR).parameters.values())[1:]
+    return {p.name: p.default for p in params if p.kind is p.POSITIONAL_OR_KEYWORD}
+
+
+_GENERATOR_DEFAULTS = _generator_parameters()
 
 
 def _unsupported() -> RuntimeError:
@@ -54,14 +59,19 @@ def torch_checkpoint(function: Callable[..., Any], args: tuple, kwargs: dict, **
         return _IMPL(function, args, kwargs, use_reentrant=False, **options)
     if _GENERATOR is None:
         raise _unsupported()
-    names = _generator_names()
-    unknown = set(options) - set(names)
+    unknown = set(options) - set(_GENERATOR_DEFAULTS)
     if unknown:
         raise TypeError(f"torch {torch.__version__}'s checkpoint takes no {', '.join(sorted(unknown))}")
-    defaults = inspect.signature(_GENERATOR).parameters
-    gen = _GENERATOR(function, *(options.get(n, defaults[n].default) for n in names), *args, **kwargs)
-    next(gen)  # torch's body, as in torch 2.11: the pre-forward logic, the forward, the post-forward logic
-    out = function(*args, **kwargs)
+    gen = _GENERATOR(function, *(options.get(n, d) for n, d in _GENERATOR_DEFAULTS.items()), *args, **kwargs)
+    next(gen)  # torch's body, as in torch 2.13: the pre-forward logic, the forward, the post-forward logic
+    try:
+        out = function(*args, **kwargs)
+    except BaseException as exc:  # the generator leaves its hooks and contexts, as torch's body does
+        try:
+            gen.throw(exc)
+        except StopIteration:
+            pass
+        raise
     try:
         next(gen)
     except StopIteration:
@@ -96,14 +106,13 @@ def _routed_generator(fn: Callable[..., Any], *rest: Any, **kwargs: Any) -> Iter
     if not frame.checkpointing:
         yield
         return
-    names = _generator_names()
+    names = list(_GENERATOR_DEFAULTS)
     given = dict(zip(names, rest))
     args = rest[len(names):]
     options = {n: given[n] for n in names if n in given and n not in ("context_fn", "debug")}
     contexts = _hooks[1](frame, None if given.get("context_fn", _NOOP) is _NOOP else given["context_fn"],
                          bool(given.get("debug", False)), options)
-    defaults = inspect.signature(_GENERATOR).parameters  # type: ignore[arg-type]
-    values = {**{n: defaults[n].default for n in names}, **given, "context_fn": contexts}
+    values = {**_GENERATOR_DEFAULTS, **given, "context_fn": contexts}
     yield from _GENERATOR(fn, *(values[n] for n in names), *args, **kwargs)  # type: ignore[misc]
 
 
@@ -112,6 +121,8 @@ class _RoutedReentrant(_REENTRANT):  # type: ignore[misc,valid-type]
 
     @classmethod
     def apply(cls, function: Callable[..., Any], preserve_rng_state: bool, *args: Any) -> Any:  # type: ignore[override]
+        if cls is not _RoutedReentrant:  # a user's subclass of CheckpointFunction made after routing: its own apply
+            return super(_REENTRANT, cls).apply(function, preserve_rng_state, *args)
         frame = _hooks[0]()
         if frame is None:
             return _REENTRANT.apply(function, preserve_rng_state, *args)
