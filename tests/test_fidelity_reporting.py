@@ -27,7 +27,7 @@ def _estimator_run(tmp_path: Path) -> Path:
         cells.append(replace(base, variant="maml", settings=settings, key=f"m{k}",
                              memory={**base.memory, "cpu_peak_alloc_mib": mem * scale}))
         cells.append(replace(base, variant="trunc", settings=settings, key=f"t{k}", fidelity={
-            "w_rel_err": 0.125 * k, "w_cosine": 1 - 0.01 * k, "lr_rel_err": None, "lr_cosine": None,
+            "w_rel_err": 0.125 * k, "w_cosine": 1 - 9e-6 * k,  # 6 digits tell it from 1 "lr_rel_err": None, "lr_cosine": None,
             "cg_residual": None}, memory={**base.memory, "cpu_peak_alloc_mib": mem / 2}))
     cells.append(replace(base, variant="imaml", settings={"inner_steps": 2}, key="i2", fidelity={
         "w_rel_err": 0.5, "w_cosine": 0.75, "lr_rel_err": None, "lr_cosine": None, "cg_residual": 3e-4}))
@@ -45,8 +45,8 @@ def test_the_fidelity_block_on_exact_small_values(tmp_path: Path) -> None:
     assert [(r[0], r[1]) for r in rows] == [("| `maml`", "2"), ("| `maml`", "8"), ("| `trunc`", "2"),
                                             ("| `trunc`", "8"), ("| `imaml`", "2")]  # the run's order, then K
     assert rows[0][2:4] == ["1 (exact)", "0 (exact)"]
-    assert rows[2][2:4] == ["0.98", "0.25"] and rows[2][6] == "0.500x"  # half maml's peak at K = 2
-    assert rows[3][2:4] == ["0.92", "1"] and rows[3][6] == "0.125x"  # maml's peak at K = 8 is 4x
+    assert rows[2][2:4] == ["0.999982", "0.25"] and rows[2][6] == "0.500x"  # half maml's peak at K = 2
+    assert rows[3][2:4] == ["0.999928", "1"] and rows[3][6] == "0.125x"  # maml's peak at K = 8 is 4x
     assert rows[4][2:5] == ["0.75", "0.5", "0.0003"] and rows[4][6] == "1.000x"
 
 
@@ -68,7 +68,8 @@ def test_fidelity_columns_appear_only_when_a_run_has_an_approximation(tmp_path: 
     frame = cells_frame(read_cells(_estimator_run(tmp_path) / "f"))
     header, first_trunc = summary_csv(frame).splitlines()[0], summary_csv(frame).splitlines()[2]
     assert header.split(",") == COLUMNS + FIDELITY_COLUMNS
-    assert first_trunc.endswith(",0.25,0.98,,,")  # w_rel_err, w_cosine, no LR errors, no CG residual
-    assert "| rel err vs exact | cosine vs exact | CG residual |" in table_md(frame, "f")
+    assert first_trunc.endswith(",0.25,0.999982,,,")  # w_rel_err, w_cosine, no LR errors, no CG residual
+    md = table_md(frame, "f")
+    assert "| rel err vs exact | cosine vs exact | CG residual |" in md and "| 0.25 | 0.999982 |" in md
     plain = cells_frame(read_cells(RUN))
     assert summary_csv(plain).splitlines()[0].split(",") == COLUMNS and "vs exact" not in table_md(plain, "p")

@@ -246,8 +246,8 @@ def fidelity_plot(flat: list[dict[str, Any]], settings: list[dict[str, Any]], ti
         err = ERROR_FLOOR if err is None or err < ERROR_FLOOR else err  # no fidelity: the exact estimator itself
         lines.setdefault(f["variant"], []).append((raw.get("inner_steps", ""), err, f["mem_mib"], f["time_median_ms"]))
     for name, pts in lines.items():
-        pts.sort(key=lambda p: (p[2], p[3]))
         for ax, i in ((axes[0], 2), (axes[1], 3)):
+            pts.sort(key=lambda p, i=i: p[i])  # each panel's line in the order of its own axis
             ax.plot([p[i] for p in pts], [p[1] for p in pts], marker="o", label=name)
             for p in pts:
                 ax.annotate(f"K={p[0]}", (p[i], p[1]), fontsize=6, xytext=(3, 3), textcoords="offset points")

@@ -78,7 +78,8 @@ def matrix_frame(frame: pd.DataFrame) -> pd.DataFrame:
         if col.endswith("vs_maml"):
             out[head] = frame[col].map(lambda v: fmt_ratio(v, missing=""))
         else:
-            out[head] = frame[col].map(lambda v, d=3 if "err" in col else 4: fmt(v, d))
+            digits = 3 if "err" in col else 6 if "cosine" in col else 4  # a cosine of 0.99999 must not read "1"
+            out[head] = frame[col].map(lambda v, d=digits: fmt(v, d))
     return out
 
 
