@@ -38,6 +38,9 @@ def finite_difference_error(learner: Any, tasks: list[Task], *, directions: int 
     buffers = {n: b.clone() for n, b in learner.model.named_buffers()}
     origin = {k: p.detach().clone() for k, p in params.items()}
 
+    # the global generators this function reseeds: the CPU's and those of the GPUs the parameters live on
+    gpus = sorted({p.device.index for p in params.values() if p.device.type == "cuda"})
+
     def reset(offset: Mapping[str, Tensor] | None = None, scale: float = 0.0) -> None:
         with torch.no_grad():
             for n, b in learner.model.named_buffers():
@@ -51,8 +54,6 @@ def finite_difference_error(learner: Any, tasks: list[Task], *, directions: int 
     def meta_loss() -> float:
         return sum(learner.task_loss(t).item() for t in tasks) / len(tasks)
 
-    # the global generators this function reseeds: the CPU's and those of the GPUs the parameters live on
-    gpus = sorted({p.device.index for p in params.values() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=gpus):
         try:
             reset()

@@ -79,9 +79,14 @@ def torch_checkpoint(function: Callable[..., Any], args: tuple, kwargs: dict, **
     raise AssertionError("torch's checkpoint generator yielded more than twice")
 
 
+def _contexts(frame: Any, context_fn: Any, debug: bool, options: dict) -> Callable[..., Any]:
+    """The region's context function (install's ``region_contexts``; torch's no-op one passed on as none)."""
+    return _hooks[1](frame, None if context_fn is _NOOP else context_fn, debug, options)
+
+
 def _region(frame: Any, function: Callable[..., Any], args: tuple, kwargs: dict, context_fn: Any, debug: bool,
             options: dict) -> Any:
-    contexts = _hooks[1](frame, None if context_fn is _NOOP else context_fn, debug, options)
+    contexts = _contexts(frame, context_fn, debug, options)
     return torch_checkpoint(function, args, kwargs, context_fn=contexts, **options)
 
 
@@ -110,8 +115,7 @@ def _routed_generator(fn: Callable[..., Any], *rest: Any, **kwargs: Any) -> Iter
     given = dict(zip(names, rest))
     args = rest[len(names):]
     options = {n: given[n] for n in names if n in given and n not in ("context_fn", "debug")}
-    contexts = _hooks[1](frame, None if given.get("context_fn", _NOOP) is _NOOP else given["context_fn"],
-                         bool(given.get("debug", False)), options)
+    contexts = _contexts(frame, given.get("context_fn", _NOOP), bool(given.get("debug", False)), options)
     values = {**_GENERATOR_DEFAULTS, **given, "context_fn": contexts}
     yield from _GENERATOR(fn, *(values[n] for n in names), *args, **kwargs)  # type: ignore[misc]
 
